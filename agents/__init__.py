@@ -1,0 +1,1 @@
+"""Agents: ppo (workhorse), and agents built on it."""

@@ -1,0 +1,1 @@
+"""Throughput scripts (not tests)."""

@@ -1,0 +1,87 @@
+"""Environment registry: ``envs.make(name, **kwargs) -> (env, env_params)``.
+
+Every gymnax environment is available by its gymnax id (``CartPole-v1``, ``Pendulum-v1``, ``DeepSea-bsuite``...).
+Returned envs follow the 6-value gymnax 1.0 step (see :mod:`envs.wrappers`), auto-reset, report episode statistics
+in ``info`` and have flat float32 observations. Other modules add envs with :func:`register`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Callable
+
+import gymnax
+from gymnax.environments import spaces
+
+from envs import wrappers
+from envs.wrappers import (AutoReset, ClipAction, EpisodeStats, FlattenObservation, NormalizeObservation,
+                           NormalizeReward)
+
+__all__ = ["make", "register", "registered", "spec", "EnvSpec", "wrappers"]
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register(name: str, factory: Callable) -> None:
+    """Registers ``factory(**kwargs) -> (base_env, env_params)``; the base env provides ``step_env``/``reset_env``."""
+    _REGISTRY[name] = factory
+
+
+def registered() -> list[str]:
+    return sorted(set(gymnax.registered_envs) | set(_REGISTRY))
+
+
+def _base(name: str, kwargs: dict):
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    if name not in gymnax.registered_envs:
+        close = difflib.get_close_matches(name, registered(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"env_name: unknown environment {name!r}.{hint} Known: {', '.join(registered())}")
+    env, params = gymnax.make(name)
+    fields = {f.name for f in dataclasses.fields(params)}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise ValueError(f"env kwargs: {sorted(unknown)} are not parameters of {name}; valid: {sorted(fields)}")
+    return env, params.replace(**kwargs)
+
+
+def make(name: str, *, normalize_obs: bool = False, normalize_reward: bool = False, gamma: float = 0.99,
+         **kwargs):
+    """Builds a wrapped env. ``kwargs`` override fields of the env's params (e.g. ``max_steps_in_episode=200``)."""
+    env, params = _base(name, kwargs)
+    env = AutoReset(env)
+    if isinstance(env.observation_space(params), spaces.Box):
+        env = FlattenObservation(env)
+    if isinstance(env.action_space(params), spaces.Box):
+        env = ClipAction(env)
+    env = EpisodeStats(env)  # inside the normalisers: reports the true return
+    if normalize_obs:
+        env = NormalizeObservation(env)
+    if normalize_reward:
+        env = NormalizeReward(env, gamma=gamma)
+    return env, params
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """Static description of an env's interface, enough to build networks."""
+    obs_shape: tuple
+    discrete: bool
+    num_actions: int  # discrete: number of actions; continuous: action dimension
+    action_low: tuple | None = None
+    action_high: tuple | None = None
+
+
+def spec(env, params) -> EnvSpec:
+    import numpy as np
+    obs_shape = tuple(env.observation_space(params).shape)
+    space = env.action_space(params)
+    if isinstance(space, spaces.Discrete):
+        return EnvSpec(obs_shape, True, int(space.n))
+    if isinstance(space, spaces.Box):
+        low = np.broadcast_to(np.asarray(space.low, np.float32), space.shape)
+        high = np.broadcast_to(np.asarray(space.high, np.float32), space.shape)
+        dim = int(np.prod(space.shape)) if space.shape else 1
+        return EnvSpec(obs_shape, False, dim, tuple(low.reshape(-1).tolist()), tuple(high.reshape(-1).tolist()))
+    raise TypeError(f"unsupported action space {type(space).__name__}")

@@ -1,0 +1,199 @@
+"""Functional environment wrappers written for the gymnax 1.0 step signature.
+
+Every env here exposes::
+
+    reset(key, params) -> (obs, state)
+    step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)
+
+``terminated`` means the MDP reached a terminal state (no bootstrapping); ``truncated`` means the episode
+was cut by a time limit (bootstrap from the value of ``info["final_obs"]``, the true last observation).
+After either, the returned ``obs``/``state`` already belong to the next episode (auto-reset).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from gymnax.environments import spaces
+
+
+class Wrapper:
+    """Base wrapper: forwards unknown attributes to the wrapped env."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    @property
+    def unwrapped(self):
+        return getattr(self._env, "unwrapped", self._env)
+
+
+class AutoReset(Wrapper):
+    """Turns a gymnax ``step_env``/``reset_env`` pair into an auto-resetting 6-tuple step.
+
+    Owns the episode-boundary semantics instead of relying on the wrapped env's ``step``: the time-limit check
+    is the env's ``is_truncated`` (gymnax 1.0) and is reported separately from natural termination.
+    """
+
+    def reset(self, key, params):
+        return self._env.reset_env(key, params)
+
+    def step(self, key, state, action, params):
+        key_step, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, terminated, info = self._env.step_env(key_step, state, action, params)
+        terminated = jnp.asarray(terminated, dtype=bool)
+        truncated = jnp.logical_and(jnp.asarray(self._env.is_truncated(state_st, params), bool), ~terminated)
+        done = terminated | truncated
+        obs_re, state_re = self._env.reset_env(key_reset, params)
+        pick = lambda a, b: jax.lax.select(done, a, b)
+        state = jax.tree.map(pick, state_re, state_st)
+        obs = jax.tree.map(pick, obs_re, obs_st)
+        info = dict(info)
+        info.pop("discount", None)
+        info["final_obs"] = obs_st
+        return obs, state, jnp.reshape(jnp.asarray(reward, jnp.float32), ()), terminated, truncated, info
+
+
+class FlattenObservation(Wrapper):
+    """Flattens array observations to float32 vectors (the final observation too)."""
+
+    def observation_space(self, params):
+        space = self._env.observation_space(params)
+        if not isinstance(space, spaces.Box):
+            raise TypeError(f"FlattenObservation needs a Box observation space, got {type(space).__name__}")
+        return spaces.Box(jnp.reshape(space.low, (-1,)) if np.ndim(space.low) else space.low,
+                          jnp.reshape(space.high, (-1,)) if np.ndim(space.high) else space.high,
+                          (int(np.prod(space.shape)),), jnp.float32)
+
+    def reset(self, key, params):
+        obs, state = self._env.reset(key, params)
+        return _flat(obs), state
+
+    def step(self, key, state, action, params):
+        obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, params)
+        info = {**info, "final_obs": _flat(info["final_obs"])}
+        return _flat(obs), state, reward, terminated, truncated, info
+
+
+def _flat(x):
+    return jnp.reshape(x, (-1,)).astype(jnp.float32)
+
+
+@struct.dataclass
+class EpisodeStatsState:
+    env_state: Any
+    episode_return: jax.Array
+    episode_length: jax.Array
+
+
+class EpisodeStats(Wrapper):
+    """Tracks undiscounted episode return and length of the *unmodified* reward.
+
+    ``info["episode_done"]`` is True on the step an episode ended (terminated or truncated), with
+    ``info["episode_return"]`` / ``info["episode_length"]`` holding that episode's totals (0 otherwise).
+    Place it inside reward-changing wrappers so it reports the true task return.
+    """
+
+    def reset(self, key, params):
+        obs, env_state = self._env.reset(key, params)
+        return obs, EpisodeStatsState(env_state, jnp.float32(0.0), jnp.int32(0))
+
+    def step(self, key, state, action, params):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        done = terminated | truncated
+        ret = state.episode_return + reward
+        length = state.episode_length + 1
+        info = {**info, "episode_done": done,
+                "episode_return": jnp.where(done, ret, 0.0),
+                "episode_length": jnp.where(done, length, 0)}
+        new = EpisodeStatsState(env_state, jnp.where(done, 0.0, ret), jnp.where(done, 0, length))
+        return obs, new, reward, terminated, truncated, info
+
+
+class ClipAction(Wrapper):
+    """Clips continuous actions to the Box bounds before they reach the env (the policy keeps the raw sample)."""
+
+    def step(self, key, state, action, params):
+        space = self._env.action_space(params)
+        return self._env.step(key, state, jnp.clip(action, space.low, space.high), params)
+
+
+@struct.dataclass
+class RunningMoments:
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def create(cls, shape=()):
+        return cls(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.float32(1e-4))
+
+    def update(self, x):
+        """Per-env update with one sample ``x`` (running mean/var, Welford merge with a batch of 1)."""
+        delta = x - self.mean
+        count = self.count + 1.0
+        mean = self.mean + delta / count
+        m2 = self.var * self.count + delta * delta * self.count / count
+        return RunningMoments(mean, m2 / count, count)
+
+
+@struct.dataclass
+class NormObsState:
+    env_state: Any
+    moments: RunningMoments
+
+
+class NormalizeObservation(Wrapper):
+    """Normalises observations with running mean/std kept in the (per-env) state; clips to +-``clip``."""
+
+    def __init__(self, env, clip: float = 10.0):
+        super().__init__(env)
+        self.clip = clip
+
+    def _norm(self, m, obs):
+        return jnp.clip((obs - m.mean) / jnp.sqrt(m.var + 1e-8), -self.clip, self.clip)
+
+    def reset(self, key, params):
+        obs, env_state = self._env.reset(key, params)
+        m = RunningMoments.create(obs.shape).update(obs)
+        return self._norm(m, obs), NormObsState(env_state, m)
+
+    def step(self, key, state, action, params):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        m = state.moments.update(obs)
+        info = {**info, "final_obs": self._norm(m, info["final_obs"])}
+        return self._norm(m, obs), NormObsState(env_state, m), reward, terminated, truncated, info
+
+
+@struct.dataclass
+class NormRewState:
+    env_state: Any
+    moments: RunningMoments
+    discounted_return: jax.Array
+
+
+class NormalizeReward(Wrapper):
+    """Scales rewards by the running std of the discounted return (as in common PPO implementations)."""
+
+    def __init__(self, env, gamma: float = 0.99, clip: float = 10.0):
+        super().__init__(env)
+        self.gamma, self.clip = gamma, clip
+
+    def reset(self, key, params):
+        obs, env_state = self._env.reset(key, params)
+        return obs, NormRewState(env_state, RunningMoments.create(), jnp.float32(0.0))
+
+    def step(self, key, state, action, params):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        ret = state.discounted_return * self.gamma + reward
+        m = state.moments.update(ret)
+        done = terminated | truncated
+        scaled = jnp.clip(reward / jnp.sqrt(m.var + 1e-8), -self.clip, self.clip)
+        new = NormRewState(env_state, m, jnp.where(done, 0.0, ret))
+        return obs, new, scaled, terminated, truncated, info

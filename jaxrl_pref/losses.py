@@ -1,0 +1,57 @@
+"""Advantage estimation and policy-gradient losses (time-major arrays ``[T, ...]``)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gae(rewards, values, next_values, terminated, done, gamma, lam):
+    """Generalised advantage estimation with separate termination and episode-end flags.
+
+    Args:
+      rewards, values: ``[T, ...]`` reward r_t and value V(s_t).
+      next_values: ``[T, ...]`` value of the true next observation s'_t (for a truncated step the value of the
+        final observation, not of the reset observation that follows it).
+      terminated: ``[T, ...]`` True where s'_t is terminal: no bootstrapping from it.
+      done: ``[T, ...]`` True where the episode ended (terminated or truncated): the advantage recursion stops.
+    Returns:
+      (advantages, returns) each ``[T, ...]``; returns = advantages + values (the value-function targets).
+    """
+    not_term = 1.0 - terminated.astype(jnp.float32)
+    not_done = 1.0 - done.astype(jnp.float32)
+    deltas = rewards + gamma * not_term * next_values - values
+    decay = gamma * lam * not_done
+
+    def step(carry, x):
+        delta, d = x
+        adv = delta + d * carry
+        return adv, adv
+
+    _, adv = jax.lax.scan(step, jnp.zeros_like(deltas[0]), (deltas, decay), reverse=True)
+    return adv, adv + values
+
+
+def ppo_loss(new_log_prob, old_log_prob, advantages, entropy, new_value, old_value, returns, *, clip_eps,
+             vf_coef, ent_coef, clip_value: bool = True, normalize_advantages: bool = True):
+    """PPO clipped-surrogate loss. Returns (total, metrics dict)."""
+    if normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    log_ratio = new_log_prob - old_log_prob
+    ratio = jnp.exp(log_ratio)
+    pg_loss = -jnp.minimum(ratio * advantages,
+                           jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages).mean()
+    v_err = jnp.square(new_value - returns)
+    if clip_value:
+        v_clipped = old_value + jnp.clip(new_value - old_value, -clip_eps, clip_eps)
+        v_err = jnp.maximum(v_err, jnp.square(v_clipped - returns))
+    v_loss = 0.5 * v_err.mean()
+    ent = entropy.mean()
+    total = pg_loss + vf_coef * v_loss - ent_coef * ent
+    metrics = {
+        "loss/policy": pg_loss,
+        "loss/value": v_loss,
+        "loss/entropy": ent,
+        "loss/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+        "loss/clip_frac": (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32).mean(),
+    }
+    return total, metrics

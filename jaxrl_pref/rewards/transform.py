@@ -1,0 +1,70 @@
+"""The reward-transform seam: what an agent learns from is ``transform(state, traj)``, not the raw env reward.
+
+A transform owns a pytree ``state`` (reward-model parameters, optimiser state, normalisation statistics...) that
+lives in the agent's runner state. Each iteration the agent calls, in this order::
+
+    state, m1 = transform.update(state, traj, key, axis_name)   # learn the reward model (may be a no-op)
+    reward, m2 = transform(state, traj)                          # [T, N] reward used for advantages
+
+``traj`` is the time-major :class:`jaxrl_pref.rollout.Transition` batch; ``traj.reward`` is the env reward.
+Metrics returned by both are logged with the agent's metrics (``reward/...``).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class RewardTransform(Protocol):
+    def init(self, key: jax.Array, spec: Any) -> Any: ...
+
+    def update(self, state: Any, traj, key: jax.Array, axis_name: str | None = None) -> tuple[Any, dict]: ...
+
+    def __call__(self, state: Any, traj) -> tuple[jax.Array, dict]: ...
+
+
+class IdentityReward:
+    """Plain RL: the learning reward is the env reward."""
+
+    def init(self, key, spec):
+        return ()
+
+    def update(self, state, traj, key, axis_name=None):
+        return state, {}
+
+    def __call__(self, state, traj):
+        return traj.reward, {}
+
+
+class ScaledSum:
+    """``r = ext_coef * r_ext + int_coef * normalise(r_int)`` around any intrinsic transform.
+
+    ``intrinsic`` is itself a :class:`RewardTransform` (a reward model); its output is divided by a running
+    std of its values when ``normalize`` is set. Extrinsic and intrinsic per-step means are logged separately.
+    """
+
+    def __init__(self, intrinsic: RewardTransform, ext_coef: float = 1.0, int_coef: float = 1.0,
+                 normalize: bool = True, momentum: float = 0.99):
+        self.intrinsic, self.ext_coef, self.int_coef = intrinsic, ext_coef, int_coef
+        self.normalize, self.momentum = normalize, momentum
+
+    def init(self, key, spec):
+        return {"model": self.intrinsic.init(key, spec), "var": jnp.float32(1.0)}
+
+    def update(self, state, traj, key, axis_name=None):
+        model, metrics = self.intrinsic.update(state["model"], traj, key, axis_name)
+        r_int, _ = self.intrinsic(model, traj)
+        var = jnp.mean(jnp.square(r_int - r_int.mean()))
+        if axis_name is not None:
+            var = jax.lax.pmean(var, axis_name)
+        var = self.momentum * state["var"] + (1 - self.momentum) * var
+        return {"model": model, "var": var}, metrics
+
+    def __call__(self, state, traj):
+        r_int, metrics = self.intrinsic(state["model"], traj)
+        if self.normalize:
+            r_int = r_int / jnp.sqrt(state["var"] + 1e-8)
+        reward = self.ext_coef * traj.reward + self.int_coef * r_int
+        return reward, {**metrics, "reward/extrinsic": traj.reward.mean(), "reward/intrinsic": r_int.mean()}

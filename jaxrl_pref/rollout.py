@@ -1,0 +1,100 @@
+"""In-jit rollout over a vector of JAX envs, and the Transition pytree every agent learns from."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Transition:
+    """One step for a batch of envs. Leaves are ``[num_envs, ...]`` per step, ``[T, num_envs, ...]`` stacked.
+
+    ``final_obs`` is the true observation the step led to (before any auto-reset); for steps that did not
+    end an episode it equals the next observation. ``info`` carries what reward models need (episode
+    statistics, messages, reward factors...).
+    """
+    obs: Any
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    final_obs: Any
+    info: dict
+
+    @property
+    def done(self):
+        return self.terminated | self.truncated
+
+
+PolicyFn = Callable[[Any, jax.Array], tuple]  # (obs, key) -> (action, log_prob, value)
+
+
+def vector_reset(env, env_params, key, num_envs: int):
+    return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), env_params)
+
+
+def collect(env, env_params, policy: PolicyFn, env_state, obs, key, num_steps: int,
+            keep_info: tuple[str, ...] | None = None):
+    """Steps ``num_envs`` envs for ``num_steps`` steps with ``policy`` inside ``lax.scan``.
+
+    Returns ``(env_state, obs, traj)`` with ``traj`` a time-major :class:`Transition`. ``keep_info`` selects the
+    info keys stored (default: all except ``final_obs``, which is stored as a field).
+    """
+    num_envs = jax.tree.leaves(obs)[0].shape[0]
+    step_env = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def step(carry, key):
+        env_state, obs = carry
+        k_act, k_env = jax.random.split(key)
+        action, log_prob, value = policy(obs, k_act)
+        next_obs, env_state, reward, terminated, truncated, info = step_env(
+            jax.random.split(k_env, num_envs), env_state, action, env_params)
+        final_obs = info.pop("final_obs")
+        if keep_info is not None:
+            info = {k: info[k] for k in keep_info}
+        tr = Transition(obs, action, log_prob, value, reward, terminated, truncated, final_obs, info)
+        return (env_state, next_obs), tr
+
+    (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), jax.random.split(key, num_steps))
+    return env_state, obs, traj
+
+
+def next_values(traj: Transition, last_value, value_fn: Callable | None):
+    """Value of the true next observation for every step of ``traj`` (``[T, N]``).
+
+    Non-final steps use the next step's stored value; the last step uses ``last_value``; truncated steps use
+    ``value_fn(final_obs)`` (one batched call for the whole rollout) when given, else the reset observation's
+    value is *not* used and the bootstrap falls back to 0 (as for termination). Terminated steps are zeroed by
+    the advantage code, so their entry does not matter.
+    """
+    nxt = jnp.concatenate([traj.value[1:], last_value[None]], axis=0)
+    if value_fn is None:
+        return jnp.where(traj.truncated, 0.0, nxt)
+    return jnp.where(traj.truncated, value_fn(traj.final_obs), nxt)
+
+
+def episode_metrics(info: dict, axis_name: str | None = None) -> dict:
+    """Mean return/length of the episodes that finished in ``info`` (NaN when none did)."""
+    done = info["episode_done"].astype(jnp.float32)
+    sums = {"n": done.sum(), "r": (info["episode_return"] * done).sum(),
+            "l": (info["episode_length"] * done).sum()}
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    n = sums["n"]
+    safe = jnp.maximum(n, 1.0)
+    nan = jnp.float32(jnp.nan)
+    out = {"episode_return": jnp.where(n > 0, sums["r"] / safe, nan),
+           "episode_length": jnp.where(n > 0, sums["l"] / safe, nan),
+           "episodes": n}
+    for k in info:
+        if k.startswith("episode_") and k not in ("episode_done", "episode_return", "episode_length"):
+            v = (info[k] * done).sum()
+            if axis_name is not None:
+                v = jax.lax.psum(v, axis_name)
+            out[k] = jnp.where(n > 0, v / safe, nan)
+    return out

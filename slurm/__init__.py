@@ -1,0 +1,1 @@
+"""Slurm launch helpers."""
