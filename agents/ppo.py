@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from flax import struct
 
 import envs
@@ -33,7 +34,7 @@ from jaxrl_pref.config import ConfigError, in_range, positive, require
 from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, distribution
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
-from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values, vector_reset
+from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,7 @@ class PPO:
     def init(self, key, hp: HParams) -> TrainState:
         obs = jnp.zeros((1,) + tuple(self.spec.obs_shape), jnp.float32)
         params = self.network.init(key, obs)
-        return TrainState(params, self.optimizer(hp).init(params))
+        return TrainState(params, self.optimizer(hp).init(ravel_pytree(params)[0]))
 
     def act(self, params, obs, key):
         """Samples actions: returns (action, log_prob, value) for a batch of observations."""
@@ -220,29 +221,53 @@ class PPO:
                             clip_eps=hp.clip_eps, vf_coef=hp.vf_coef, ent_coef=hp.ent_coef,
                             clip_value=cfg.clip_value, normalize_advantages=cfg.normalize_advantages)
 
-        def minibatch_step(state, mb):
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+        # The optimiser works on one flat parameter vector: a handful of fused elementwise ops per step instead
+        # of a few per parameter leaf, which dominates small-network updates on CPU.
+        flat0, unravel = ravel_pytree(state.params)
+
+        def minibatch_step(carry, mb):
+            flat, opt_state = carry
+            (_, metrics), grads = jax.value_and_grad(lambda f: loss_fn(unravel(f), mb), has_aux=True)(flat)
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+            updates, opt_state = tx.update(grads, opt_state, flat)
+            return (flat + updates, opt_state), metrics
 
-        def epoch(state, key):
-            perm = jax.random.permutation(key, n)
+        def epoch(carry, key):
+            perm = shuffle_indices(key, n)
             mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape(
                 (cfg.num_minibatches, -1) + x.shape[1:]), batch)
-            return jax.lax.scan(minibatch_step, state, mbs)
+            return jax.lax.scan(minibatch_step, carry, mbs)
 
-        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, cfg.update_epochs))
+        (flat, opt_state), metrics = jax.lax.scan(epoch, (flat0, state.opt_state),
+                                                  jax.random.split(key, cfg.update_epochs))
+        state = TrainState(unravel(flat), opt_state)
         metrics = jax.tree.map(jnp.mean, metrics)
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
         return state, metrics
 
 
-def make_env(cfg: Config):
-    return envs.make(cfg.env_name, normalize_obs=cfg.normalize_obs, normalize_reward=cfg.normalize_reward,
-                     gamma=cfg.gamma)
+def shuffle_indices(key, n: int):
+    """A uniformly random permutation of ``range(n)``.
+
+    For n <= 2**16 it sorts one uint32 array holding random high bits and the index in the low bits (ties among
+    the random parts, rare, keep index order): one single-operand sort, ~4x cheaper on CPU than
+    ``jax.random.permutation``'s multi-round key/value sorts.
+    """
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > 16:
+        return jax.random.permutation(key, n)
+    mask = jnp.uint32((1 << index_bits) - 1)
+    packed = (jax.random.bits(key, (n,), jnp.uint32) & ~mask) | jnp.arange(n, dtype=jnp.uint32)
+    return (jnp.sort(packed) & mask).astype(jnp.int32)
+
+
+def make_env(cfg: Config, num_envs: int | None = None):
+    """The env stack for ``cfg``; ``num_envs`` defaults to the per-device share of ``cfg.num_envs``."""
+    n = cfg.num_envs // cfg.num_devices if num_envs is None else num_envs
+    return envs.make(cfg.env_name, num_envs=n, normalize_obs=cfg.normalize_obs,
+                     normalize_reward=cfg.normalize_reward, gamma=cfg.gamma)
 
 
 LogFn = Callable[[Any, dict], None]  # (update_step, metrics) -> None, called on the host
@@ -272,7 +297,7 @@ class Trainer:
             k_env = jax.random.fold_in(k_env, jax.lax.axis_index(self.axis))
             k_run = jax.random.fold_in(k_run, jax.lax.axis_index(self.axis))
         train_state = self.agent.init(k_params, hp)
-        obs, env_state = vector_reset(self.env, self.env_params, k_env, self.cfg.num_envs // self.cfg.num_devices)
+        obs, env_state = self.env.reset(k_env, self.env_params)
         return RunnerState(train_state, env_state, obs, self.reward.init(k_reward, self.spec), k_run,
                            jnp.int32(0))
 

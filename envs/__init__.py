@@ -46,11 +46,15 @@ def _base(name: str, kwargs: dict):
     return env, params.replace(**kwargs)
 
 
-def make(name: str, *, normalize_obs: bool = False, normalize_reward: bool = False, gamma: float = 0.99,
-         **kwargs):
-    """Builds a wrapped env. ``kwargs`` override fields of the env's params (e.g. ``max_steps_in_episode=200``)."""
+def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False, normalize_reward: bool = False,
+         gamma: float = 0.99, **kwargs):
+    """Builds a wrapped env. ``kwargs`` override fields of the env's params (e.g. ``max_steps_in_episode=200``).
+
+    ``num_envs=None`` gives one env (``vmap`` it yourself); ``num_envs=N`` gives a batch of N envs whose
+    ``reset(key, params)``/``step(key, state, actions, params)`` take one key and carry a leading ``[N]`` axis.
+    """
     env, params = _base(name, kwargs)
-    env = AutoReset(env)
+    env = AutoReset(env, num_envs)
     if isinstance(env.observation_space(params), spaces.Box):
         env = FlattenObservation(env)
     if isinstance(env.action_space(params), spaces.Box):

@@ -21,7 +21,7 @@ from gymnax.environments import spaces
 
 
 class Wrapper:
-    """Base wrapper: forwards unknown attributes to the wrapped env."""
+    """Base wrapper: forwards unknown attributes (``batch_shape``, spaces...) to the wrapped env."""
 
     def __init__(self, env):
         self._env = env
@@ -38,26 +38,51 @@ class AutoReset(Wrapper):
     """Turns a gymnax ``step_env``/``reset_env`` pair into an auto-resetting 6-tuple step.
 
     Owns the episode-boundary semantics instead of relying on the wrapped env's ``step``: the time-limit check
-    is the env's ``is_truncated`` (gymnax 1.0) and is reported separately from natural termination.
+    is the env's ``is_truncated`` (gymnax 1.0), reported separately from natural termination (``truncated`` is
+    False whenever ``terminated`` is True).
+
+    With ``num_envs`` set, the env is a batch of ``num_envs`` envs (leading axis on obs, state, reward, flags and
+    actions) and ``step``/``reset`` take one key for the whole batch. The reset branch then runs only when some
+    env finished (``lax.cond``), which on CPU is most of the cost of stepping cheap envs. Under ``vmap`` over
+    seeds the cond becomes a select and both branches run, as in the unbatched form.
     """
 
+    def __init__(self, env, num_envs: int | None = None):
+        super().__init__(env)
+        self.num_envs = num_envs
+        self.batch_shape = () if num_envs is None else (num_envs,)
+
+    def _map(self, fn, in_axes):
+        return fn if self.num_envs is None else jax.vmap(fn, in_axes=in_axes)
+
+    def _keys(self, key):
+        return key if self.num_envs is None else jax.random.split(key, self.num_envs)
+
     def reset(self, key, params):
-        return self._env.reset_env(key, params)
+        return self._map(self._env.reset_env, (0, None))(self._keys(key), params)
 
     def step(self, key, state, action, params):
         key_step, key_reset = jax.random.split(key)
-        obs_st, state_st, reward, terminated, info = self._env.step_env(key_step, state, action, params)
+        obs_st, state_st, reward, terminated, info = self._map(self._env.step_env, (0, 0, 0, None))(
+            self._keys(key_step), state, action, params)
         terminated = jnp.asarray(terminated, dtype=bool)
-        truncated = jnp.logical_and(jnp.asarray(self._env.is_truncated(state_st, params), bool), ~terminated)
+        truncated = jnp.asarray(self._map(self._env.is_truncated, (0, None))(state_st, params), bool) & ~terminated
         done = terminated | truncated
-        obs_re, state_re = self._env.reset_env(key_reset, params)
-        pick = lambda a, b: jax.lax.select(done, a, b)
-        state = jax.tree.map(pick, state_re, state_st)
-        obs = jax.tree.map(pick, obs_re, obs_st)
+
+        def with_reset(_):
+            obs_re, state_re = self.reset(key_reset, params)
+            pick = lambda a, b: jnp.where(jnp.reshape(done, done.shape + (1,) * (a.ndim - done.ndim)), a, b)
+            return jax.tree.map(pick, obs_re, obs_st), jax.tree.map(pick, state_re, state_st)
+
+        if self.num_envs is None:
+            obs, state = with_reset(None)
+        else:
+            obs, state = jax.lax.cond(done.any(), with_reset, lambda _: (obs_st, state_st), None)
         info = dict(info)
         info.pop("discount", None)
         info["final_obs"] = obs_st
-        return obs, state, jnp.reshape(jnp.asarray(reward, jnp.float32), ()), terminated, truncated, info
+        reward = jnp.reshape(jnp.asarray(reward, jnp.float32), self.batch_shape)
+        return obs, state, reward, terminated, truncated, info
 
 
 class FlattenObservation(Wrapper):
@@ -71,18 +96,17 @@ class FlattenObservation(Wrapper):
                           jnp.reshape(space.high, (-1,)) if np.ndim(space.high) else space.high,
                           (int(np.prod(space.shape)),), jnp.float32)
 
+    def _flat(self, x):
+        return jnp.reshape(x, self.batch_shape + (-1,)).astype(jnp.float32)
+
     def reset(self, key, params):
         obs, state = self._env.reset(key, params)
-        return _flat(obs), state
+        return self._flat(obs), state
 
     def step(self, key, state, action, params):
         obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, params)
-        info = {**info, "final_obs": _flat(info["final_obs"])}
-        return _flat(obs), state, reward, terminated, truncated, info
-
-
-def _flat(x):
-    return jnp.reshape(x, (-1,)).astype(jnp.float32)
+        info = {**info, "final_obs": self._flat(info["final_obs"])}
+        return self._flat(obs), state, reward, terminated, truncated, info
 
 
 @struct.dataclass
@@ -102,7 +126,8 @@ class EpisodeStats(Wrapper):
 
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
-        return obs, EpisodeStatsState(env_state, jnp.float32(0.0), jnp.int32(0))
+        zeros = jnp.zeros(self.batch_shape, jnp.float32)
+        return obs, EpisodeStatsState(env_state, zeros, zeros.astype(jnp.int32))
 
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
@@ -187,7 +212,8 @@ class NormalizeReward(Wrapper):
 
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
-        return obs, NormRewState(env_state, RunningMoments.create(), jnp.float32(0.0))
+        return obs, NormRewState(env_state, RunningMoments.create(self.batch_shape),
+                                 jnp.zeros(self.batch_shape, jnp.float32))
 
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)

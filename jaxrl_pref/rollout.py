@@ -34,33 +34,27 @@ class Transition:
 PolicyFn = Callable[[Any, jax.Array], tuple]  # (obs, key) -> (action, log_prob, value)
 
 
-def vector_reset(env, env_params, key, num_envs: int):
-    return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), env_params)
-
-
 def collect(env, env_params, policy: PolicyFn, env_state, obs, key, num_steps: int,
             keep_info: tuple[str, ...] | None = None):
-    """Steps ``num_envs`` envs for ``num_steps`` steps with ``policy`` inside ``lax.scan``.
+    """Steps a batched env (``envs.make(..., num_envs=N)``) for ``num_steps`` steps with ``policy`` in ``lax.scan``.
 
     Returns ``(env_state, obs, traj)`` with ``traj`` a time-major :class:`Transition`. ``keep_info`` selects the
     info keys stored (default: all except ``final_obs``, which is stored as a field).
     """
-    num_envs = jax.tree.leaves(obs)[0].shape[0]
-    step_env = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
-    def step(carry, key):
+    def step(carry, keys):
         env_state, obs = carry
-        k_act, k_env = jax.random.split(key)
-        action, log_prob, value = policy(obs, k_act)
-        next_obs, env_state, reward, terminated, truncated, info = step_env(
-            jax.random.split(k_env, num_envs), env_state, action, env_params)
+        action, log_prob, value = policy(obs, keys[0])
+        next_obs, env_state, reward, terminated, truncated, info = env.step(keys[1], env_state, action, env_params)
         final_obs = info.pop("final_obs")
         if keep_info is not None:
             info = {k: info[k] for k in keep_info}
         tr = Transition(obs, action, log_prob, value, reward, terminated, truncated, final_obs, info)
         return (env_state, next_obs), tr
 
-    (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), jax.random.split(key, num_steps))
+    # All of the rollout's keys in one vectorised split: per-step splitting costs about as much as a cheap env step.
+    keys = jax.random.split(key, (num_steps, 2))
+    (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), keys)
     return env_state, obs, traj
 
 
@@ -75,7 +69,9 @@ def next_values(traj: Transition, last_value, value_fn: Callable | None):
     nxt = jnp.concatenate([traj.value[1:], last_value[None]], axis=0)
     if value_fn is None:
         return jnp.where(traj.truncated, 0.0, nxt)
-    return jnp.where(traj.truncated, value_fn(traj.final_obs), nxt)
+    # Evaluated only when some step was truncated (a real branch unless vmapped, where both sides run).
+    final_v = jax.lax.cond(traj.truncated.any(), value_fn, lambda o: jnp.zeros_like(nxt), traj.final_obs)
+    return jnp.where(traj.truncated, final_v, nxt)
 
 
 def episode_metrics(info: dict, axis_name: str | None = None) -> dict:
