@@ -278,6 +278,11 @@ class Trainer:
 
     Both are pure and jittable (``n`` static). With ``cfg.num_devices > 1`` they run under ``shard_map`` over a
     1-D device mesh: envs are split across devices, parameters are replicated, gradients averaged.
+
+    Seeds and hyperparameters: ``jax.vmap`` over ``init``/``run`` (or ``make_train``) with ``num_devices == 1``.
+    With ``num_devices > 1`` run seeds one after another: vmapping a shard_map'd trainer is rejected by jax 0.10's
+    varying-axes checker, and vmapping inside the device map deadlocks XLA:CPU's in-process all-reduce on
+    forced host devices (seen with 4 devices on 2 cores).
     """
 
     def __init__(self, cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1):

@@ -83,7 +83,7 @@ class Logger:
         self._lock = threading.Lock()
         self._pending: dict[int, list[dict]] = {}
         self._last_t, self._last_step = time.perf_counter(), start_update
-        self._last_print = -math.inf
+        self._last_print, self._last_printed_step = -math.inf, None
         self._latest: dict = {}
         self.writer = None
         if run_dir is not None and tensorboard:
@@ -153,8 +153,10 @@ class Logger:
         elif self._mode == "lines":
             now = time.perf_counter()
             last = self.total_updates is not None and step >= self.total_updates
+            if step == self._last_printed_step:
+                return
             if force or last or now - self._last_print >= self.print_every_s:
-                self._last_print = now
+                self._last_print, self._last_printed_step = now, step
                 total = f"/{self.total_updates}" if self.total_updates else ""
                 info = self._info()
                 print(f"update {step}{total} | env steps {step * self.steps_per_update:,}"
@@ -183,9 +185,8 @@ class Logger:
                         v = float(a2[s, j])
                         if not math.isnan(v):
                             self.writer.add_scalar(f"seed_{s}/{k}", v, u * self.steps_per_update)
-        if self._mode == "bar":
-            with self._lock:
-                self._bar.update(self._task, completed=first_update + n)
+        with self._lock:
+            self._show(first_update + n)
 
     def message(self, text: str) -> None:
         """Prints ``text`` without breaking the progress bar."""
