@@ -31,7 +31,7 @@ from flax import struct
 import envs
 from jaxrl_pref import distributed
 from jaxrl_pref.config import ConfigError, in_range, positive, require
-from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, distribution
+from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, distribution
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
 from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
@@ -166,9 +166,15 @@ class PPO:
     All methods are pure; ``axis_name`` names the device axis to average gradients over (data-parallel).
     """
 
-    def __init__(self, cfg: Config, spec: envs.EnvSpec):
+    def __init__(self, cfg: Config, spec: envs.EnvSpec, network=None):
+        """``network`` maps a batch of observations to (policy parameters, value); default: an MLP
+        :class:`ActorCritic` for array observations, a :class:`NetHackEncoder` one for dict observations."""
         self.cfg, self.spec = cfg, spec
-        self.network = ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation)
+        if network is None and isinstance(spec.obs_shape, dict):
+            network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
+        if network is None:
+            network = ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation)
+        self.network = network
 
     def optimizer(self, hp: HParams) -> optax.GradientTransformation:
         cfg = self.cfg
@@ -183,8 +189,7 @@ class PPO:
         return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr, eps=1e-5))
 
     def init(self, key, hp: HParams) -> TrainState:
-        obs = jnp.zeros((1,) + tuple(self.spec.obs_shape), jnp.float32)
-        params = self.network.init(key, obs)
+        params = self.network.init(key, self.spec.dummy_obs())
         return TrainState(params, self.optimizer(hp).init(ravel_pytree(params)[0]))
 
     def act(self, params, obs, key):
@@ -211,7 +216,7 @@ class PPO:
         tx = self.optimizer(hp)
         batch = (traj.obs, traj.action, traj.log_prob, traj.value, advantages, returns)
         batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
-        n = batch[0].shape[0]
+        n = jax.tree.leaves(batch)[0].shape[0]
 
         def loss_fn(params, mb):
             obs, action, old_log_prob, old_value, adv, ret = mb

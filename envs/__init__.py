@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable
+from typing import Any, Callable
 
 import gymnax
 from gymnax.environments import spaces
@@ -69,12 +69,24 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
-    """Static description of an env's interface, enough to build networks."""
-    obs_shape: tuple
+    """Static description of an env's interface, enough to build networks.
+
+    ``obs_shape`` is a shape tuple for array observations or a dict ``{key: shape}`` for dict observations
+    (host envs such as NetHack), with ``obs_dtype`` matching (a dtype name or a dict of them).
+    """
+    obs_shape: Any
     discrete: bool
     num_actions: int  # discrete: number of actions; continuous: action dimension
     action_low: tuple | None = None
     action_high: tuple | None = None
+    obs_dtype: Any = "float32"
+
+    def dummy_obs(self, batch: int = 1):
+        """Zeros shaped like a batch of observations (for network initialisation)."""
+        import jax.numpy as jnp
+        if isinstance(self.obs_shape, dict):
+            return {k: jnp.zeros((batch,) + tuple(s), self.obs_dtype[k]) for k, s in self.obs_shape.items()}
+        return jnp.zeros((batch,) + tuple(self.obs_shape), self.obs_dtype)
 
 
 def spec(env, params) -> EnvSpec:

@@ -60,3 +60,52 @@ def distribution(pi, discrete: bool) -> distrax.Distribution:
         return distrax.Categorical(logits=pi)
     mean, log_std = pi
     return distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
+
+
+class NetHackEncoder(nn.Module):
+    """Encoder for NetHack/MiniHack observation dicts.
+
+    Keys used (whichever are present): ``glyphs_crop`` ``[..., H, W]`` int glyph ids around the agent
+    (embedding + small CNN), ``blstats`` ``[..., 27]`` bottom-line stats (log-scaled MLP), ``message``
+    ``[..., 256]`` uint8 bytes (byte embedding, 1-D conv, max-pool). Returns a feature vector ``[..., features]``.
+    """
+    num_glyphs: int = 5991
+    glyph_dim: int = 16
+    channels: int = 32
+    features: int = 256
+
+    @nn.compact
+    def __call__(self, obs: dict):
+        parts = []
+        if "glyphs_crop" in obs:
+            g = obs["glyphs_crop"].astype(jnp.int32)
+            lead = g.shape[:-2]
+            x = nn.Embed(self.num_glyphs, self.glyph_dim, name="glyph_embed")(g.reshape((-1,) + g.shape[-2:]))
+            for i in range(2):
+                x = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", name=f"glyph_conv{i}")(x))
+            parts.append(x.reshape(lead + (-1,)))
+        if "blstats" in obs:
+            b = obs["blstats"].astype(jnp.float32)
+            b = jnp.sign(b) * jnp.log1p(jnp.abs(b))
+            parts.append(nn.relu(_dense(64, np.sqrt(2))(b)))
+        if "message" in obs:
+            m = obs["message"].astype(jnp.int32)
+            lead = m.shape[:-1]
+            x = nn.Embed(256, 16, name="byte_embed")(m.reshape((-1, m.shape[-1])))
+            x = nn.relu(nn.Conv(self.channels, (5,), padding="SAME", name="msg_conv")(x))
+            x = jnp.max(x, axis=-2)  # a message's features do not depend on where words sit
+            parts.append(x.reshape(lead + (-1,)))
+        if not parts:
+            raise ValueError(f"NetHackEncoder: none of glyphs_crop/blstats/message in obs keys {sorted(obs)}")
+        return nn.relu(_dense(self.features, np.sqrt(2))(jnp.concatenate(parts, axis=-1)))
+
+
+class EncoderActorCritic(nn.Module):
+    """Shared encoder (e.g. :class:`NetHackEncoder`) with linear actor and critic heads (discrete actions)."""
+    num_actions: int
+    encoder: nn.Module
+
+    @nn.compact
+    def __call__(self, obs):
+        h = self.encoder(obs)
+        return _dense(self.num_actions, 0.01)(h), _dense(1, 1.0)(h)[..., 0]
