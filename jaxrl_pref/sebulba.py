@@ -1,0 +1,176 @@
+"""Host-side (Sebulba) training loop: envs stepped outside jit (a process pool), the same jitted PPO learner.
+
+A host env is any object with::
+
+    num_envs: int; num_actions: int
+    observation_spec() -> {key: (shape, dtype)}          # per-env shapes
+    reset() -> obs                                       # dict of numpy arrays [N, ...]
+    step(actions) -> (obs, reward, terminated, truncated, info)
+        # numpy [N]; info: "final_obs" (dict like obs: the true last observation where an episode ended),
+        # "episode_done", "episode_return", "episode_length" and any other "episode_*" statistics, [N] each
+    close()
+
+Each iteration: collect ``num_steps`` steps with the jitted ``act`` -> one jitted ``learn`` (reward-model update,
+reward transform, advantages, PPO epochs). With ``overlap=True`` the next rollout is collected with the
+previous parameters while ``learn`` runs in a background thread (one update of policy lag, corrected by PPO's
+importance ratio since the behaviour log-probs are stored).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from envs import EnvSpec
+from jaxrl_pref.rewards import IdentityReward
+from jaxrl_pref.rollout import Transition, episode_metrics
+
+
+def host_spec(env) -> EnvSpec:
+    spec = env.observation_spec()
+    return EnvSpec({k: tuple(s) for k, (s, _) in spec.items()}, True, int(env.num_actions),
+                   obs_dtype={k: np.dtype(d).name for k, (_, d) in spec.items()})
+
+
+@struct.dataclass
+class HostState:
+    """What the host loop carries between updates (device side); a checkpoint is this pytree."""
+    train_state: Any
+    reward_state: Any
+    key: jax.Array
+    update_step: jax.Array
+
+
+class HostTrainer:
+    """PPO on a host env. ``init(key) -> HostState``; ``run(state, num_updates) -> (state, metrics)`` where
+    metrics is a dict of ``[num_updates]`` numpy arrays (same keys as the Anakin trainer's)."""
+
+    def __init__(self, cfg, env, reward=None, log_fn: Optional[Callable] = None, log_every: int = 1,
+                 overlap: bool = False, network=None):
+        from agents import ppo  # agents depend on jaxrl_pref, not the reverse: imported lazily
+        self.cfg, self.env = cfg, env
+        self.spec = host_spec(env)
+        self.agent = ppo.PPO(cfg, self.spec, network)
+        self.hp = ppo.hparams(cfg)
+        self.reward = reward if reward is not None else IdentityReward()
+        self.log_fn, self.log_every, self.overlap = log_fn, log_every, overlap
+        self._act = jax.jit(self.agent.act)
+        self._learn = jax.jit(self._learn_fn)
+        self._obs = None
+        self._pending = None
+
+    def init(self, key) -> HostState:
+        k_params, k_reward, k_run = jax.random.split(key, 3)
+        return HostState(self.agent.init(k_params, self.hp), self.reward.init(k_reward, self.spec), k_run,
+                         jnp.int32(0))
+
+    def _learn_fn(self, state: HostState, traj: Transition, last_obs):
+        key, k_reward, k_upd = jax.random.split(state.key, 3)
+        reward_state, m1 = self.reward.update(state.reward_state, traj, k_reward)
+        reward, m2 = self.reward(reward_state, traj)
+        params = state.train_state.params
+        adv, ret = self.agent.targets(params, self.hp, traj, reward, last_obs)
+        train_state, m3 = self.agent.update(state.train_state, self.hp, traj, adv, ret, k_upd)
+        metrics = {**episode_metrics(traj.info), **m3, **m1, **m2}
+        return HostState(train_state, reward_state, key, state.update_step + 1), metrics
+
+    def collect(self, params, key):
+        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs)."""
+        env, T = self.env, self.cfg.num_steps
+        if self._obs is None:
+            self._obs = env.reset()
+        obs = self._obs
+        buf = {"obs": [], "action": [], "log_prob": [], "value": [], "reward": [], "terminated": [],
+               "truncated": [], "final_obs": [], "info": []}
+        keys = jax.random.split(key, T)
+        for t in range(T):
+            action, log_prob, value = self._act(params, obs, keys[t])
+            action = np.asarray(action)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            done = np.logical_or(terminated, truncated)
+            final = info.pop("final_obs")
+            final_obs = jax.tree.map(lambda f, n: np.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), f, n),
+                                     final, next_obs)
+            for k, v in (("obs", obs), ("action", action), ("log_prob", log_prob), ("value", value),
+                         ("reward", reward), ("terminated", terminated), ("truncated", truncated),
+                         ("final_obs", final_obs), ("info", {k: v for k, v in info.items() if k.startswith("episode_")})):
+                buf[k].append(v)
+            obs = next_obs
+        self._obs = obs
+        stack = lambda xs: jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *xs)
+        traj = Transition(stack(buf["obs"]), stack(buf["action"]), stack(buf["log_prob"]), stack(buf["value"]),
+                          stack(buf["reward"]).astype(np.float32), stack(buf["terminated"]).astype(bool),
+                          stack(buf["truncated"]).astype(bool), stack(buf["final_obs"]), stack(buf["info"]))
+        return traj, obs
+
+    def run(self, state: HostState, num_updates: int):
+        history = []
+        t0 = time.perf_counter()
+        for _ in range(num_updates):
+            k_roll = jax.random.fold_in(state.key, 7)
+            if self.overlap and self._pending is not None:
+                traj, last_obs = self._pending
+            else:
+                traj, last_obs = self.collect(state.train_state.params, k_roll)
+            self._pending = None
+            if self.overlap:
+                box = {}
+                th = threading.Thread(target=lambda: box.update(out=jax.block_until_ready(
+                    self._learn(state, traj, last_obs))))
+                th.start()
+                self._pending = self.collect(state.train_state.params, jax.random.fold_in(k_roll, 1))
+                th.join()
+                state, metrics = box["out"]
+            else:
+                state, metrics = self._learn(state, traj, last_obs)
+            metrics = jax.tree.map(np.asarray, metrics)
+            metrics["env_steps_per_s"] = np.float32(self.cfg.num_steps * self.env.num_envs /
+                                                    max(time.perf_counter() - t0, 1e-9))
+            t0 = time.perf_counter()
+            history.append(metrics)
+            step = int(state.update_step)
+            if self.log_fn is not None and step % self.log_every == 0:
+                self.log_fn(step, metrics)
+        stacked = {k: np.stack([m[k] for m in history]) for k in history[0]} if history else {}
+        return state, stacked
+
+
+class JaxHostEnv:
+    """A batched JAX env (``envs.make(name, num_envs=N)``) behind the host-env interface: numpy in, numpy out.
+
+    For testing the host loop against the in-jit loop, and for running JAX envs next to host-only ones.
+    """
+
+    def __init__(self, name: str, num_envs: int, seed: int = 0, **kwargs):
+        import envs
+        self.env, self.params = envs.make(name, num_envs=num_envs, **kwargs)
+        spec = envs.spec(self.env, self.params)
+        if not spec.discrete:
+            raise ValueError(f"JaxHostEnv: {name} has continuous actions; the host loop supports discrete ones")
+        self.num_envs, self.num_actions, self._spec = num_envs, spec.num_actions, spec
+        self._key = jax.random.PRNGKey(seed)
+        self._step = jax.jit(self.env.step)
+        self._state = None
+
+    def observation_spec(self):
+        return {"obs": (tuple(self._spec.obs_shape), np.float32)}
+
+    def reset(self):
+        self._key, k = jax.random.split(self._key)
+        obs, self._state = jax.jit(self.env.reset)(k, self.params)
+        return {"obs": np.asarray(obs)}
+
+    def step(self, actions):
+        self._key, k = jax.random.split(self._key)
+        obs, self._state, r, te, tr, info = self._step(k, self._state, jnp.asarray(actions), self.params)
+        info = jax.tree.map(np.asarray, info)
+        info["final_obs"] = {"obs": info["final_obs"]}
+        return {"obs": np.asarray(obs)}, np.asarray(r), np.asarray(te), np.asarray(tr), info
+
+    def close(self):
+        pass
