@@ -71,7 +71,7 @@ class AutoReset(Wrapper):
 
         def with_reset(_):
             obs_re, state_re = self.reset(key_reset, params)
-            pick = lambda a, b: jnp.where(jnp.reshape(done, done.shape + (1,) * (a.ndim - done.ndim)), a, b)
+            pick = lambda a, b: jnp.where(jnp.reshape(done, done.shape + (1,) * (jnp.ndim(a) - done.ndim)), a, b)
             return jax.tree.map(pick, obs_re, obs_st), jax.tree.map(pick, state_re, state_st)
 
         if self.num_envs is None:
