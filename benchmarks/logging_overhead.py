@@ -18,8 +18,12 @@ import time
 import jax
 import numpy as np
 
-from agents import ppo
-from jaxrl_pref.logging import Logger
+from jaxrl_pref.runner import use_sync_cpu_dispatch
+
+use_sync_cpu_dispatch()  # as the experiment CLIs do (jax#25861); applies to both variants alike
+
+from agents import ppo  # noqa: E402
+from jaxrl_pref.logging import Logger  # noqa: E402
 
 
 def build(cfg: ppo.Config, num_seeds: int, log_fn=None, log_every: int = 1):

@@ -24,9 +24,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from agents import ppo
-from jaxrl_pref.checkpoint import CheckpointError
-from jaxrl_pref.config import ConfigError, cli, require
+from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+
+use_sync_cpu_dispatch()  # before anything creates the CPU backend (jax#25861: callbacks + async dispatch can hang)
+
+from agents import ppo  # noqa: E402 -- after the dispatch setting
+from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
+from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
 _RESUME_HERE = ""  # value of a bare --resume: the run in --run-dir
@@ -164,8 +168,6 @@ def parse(argv: Optional[Sequence[str]] = None) -> Options:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parse(argv)
-    from jaxrl_pref.runner import DivergenceError, run_experiment
-
     if opts.resume and opts.run_dir and Path(opts.resume).resolve() != Path(opts.run_dir).resolve():
         print(f"error: {ConfigError('run_dir', f'--resume {opts.resume} and --run-dir {opts.run_dir} differ', 'pass only --resume RUN_DIR, or --run-dir RUN_DIR with a bare --resume')}",
               file=sys.stderr)

@@ -11,7 +11,9 @@ into place only once complete, so a job killed mid-save never leaves a half-writ
   (the run's config, the number of updates done...).
 * ``history`` -- optional host-side arrays (e.g. the per-update metrics collected so far), restored as numpy.
 
-Restoring gives back exactly what was saved: same tree structure, shapes and dtypes (raw ``uint32`` PRNG keys,
+Once a save is final, a background thread records the size and CRC32 of every file of the step
+(``jaxrl_pref_manifest.json``); restoring verifies them first, so silent corruption (same size, different bytes) is
+caught too. Restoring gives back exactly what was saved: same tree structure, shapes and dtypes (raw ``uint32`` PRNG keys,
 ``int32`` counters; typed ``jax.random.key`` arrays are stored as their key data and re-wrapped), same shardings as
 the template's arrays. If the newest checkpoint cannot be read, :meth:`Checkpointer.restore` warns and falls back to
 the previous intact one.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 import time
 import warnings
 import zlib
@@ -154,9 +157,14 @@ class Checkpointer:
             item_names=("state", "meta", "history"),
         )
         self._unsealed: list[int] = []  # saved steps whose checksum manifest is not written yet
+        self._sealer: Optional[threading.Thread] = None
+        self._seal_error: Optional[BaseException] = None
 
     # -- queries ---------------------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
+        """Steps on disk, including this object's pending asynchronous saves (waited for)."""
+        if self._unsealed:
+            self.wait()
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
@@ -190,13 +198,32 @@ class Checkpointer:
             raise CheckpointError(self.step_dir(step), "orbax refused to save this step",
                                   "check that the directory is writable and not shared with another run")
         self._unsealed.append(step)
+        # checksum the step as soon as orbax has finalised it, while the caller goes on training
+        self._sealer = threading.Thread(target=self._seal, name="checkpoint-sealer", daemon=True)
+        self._sealer.start()
+
+    def _seal(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+            for step in list(self._unsealed):
+                _write_manifest(self.step_dir(step))
+        except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
+            self._seal_error = e
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk (and checksummed)."""
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
         self._manager.wait_until_finished()
         for step in self._unsealed:
-            _write_manifest(self.step_dir(step))
+            if not (self.step_dir(step) / MANIFEST).exists():
+                _write_manifest(self.step_dir(step))
         self._unsealed.clear()
+        err, self._seal_error = self._seal_error, None
+        if err is not None:
+            raise CheckpointError(self.directory, f"saving a checkpoint failed ({type(err).__name__}: {err})",
+                                  "check free disk space and permissions") from err
 
     # -- restore ---------------------------------------------------------------------------------------------
     def read_meta(self, step: int) -> dict:

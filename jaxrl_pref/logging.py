@@ -5,7 +5,9 @@
 in no guaranteed seed order -- and, because a batched ``lax.cond`` runs both branches, possibly on every update
 rather than every ``log_every``. The logger therefore filters by ``log_every`` itself, buffers the calls of one
 update until it has ``num_seeds`` of them, and writes order-independent statistics across seeds (the mean, NaN-aware).
-Exact per-seed curves come from the chunk outputs instead (:meth:`Logger.log_chunk`), where the seed index is known.
+A call may also carry all seeds at once (``step`` and every metric with a leading seed axis), as a
+``custom_vmap``-based log hook would send. Exact per-seed curves come from the chunk outputs instead
+(:meth:`Logger.log_chunk`), where the seed index is known.
 
 Files: :func:`write_metrics` saves per-update metrics of all seeds as ``metrics.csv`` and ``metrics.jsonl``
 (one row per seed and update; NaN -> ``nan`` in CSV, ``null`` in JSON), :func:`read_metrics` loads them back, and
@@ -108,13 +110,19 @@ class Logger:
 
     # -- the log_fn -------------------------------------------------------------------------------------------
     def __call__(self, step, metrics: Mapping[str, Any]) -> None:
-        step = int(np.asarray(step).reshape(-1)[0])
+        step_arr = np.asarray(step)
+        step = int(step_arr.reshape(-1)[0])
         if step % self.log_every:
             return
-        row = {k: _scalar(v) for k, v in metrics.items()}
+        if step_arr.ndim == 0:  # one seed's values (a per-seed callback under vmap, or an unbatched run)
+            rows = [{k: _scalar(v) for k, v in metrics.items()}]
+        else:  # all seeds in one call: leaves carry the seed axes of ``step`` in front
+            lead = step_arr.size
+            flat = {k: np.asarray(v, np.float64).reshape(lead, -1)[:, 0] for k, v in metrics.items()}
+            rows = [{k: float(a[i]) for k, a in flat.items()} for i in range(lead)]
         with self._lock:
             calls = self._pending.setdefault(step, [])
-            calls.append(row)
+            calls.extend(rows)
             if len(calls) < self.num_seeds:
                 return
             del self._pending[step]

@@ -45,7 +45,20 @@ from jaxrl_pref.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.logging import Logger, plot_learning_curve, write_metrics
 
-__all__ = ["run_experiment", "RunResult", "DivergenceError", "chunk_bounds", "seed_keys"]
+__all__ = ["run_experiment", "RunResult", "DivergenceError", "chunk_bounds", "seed_keys", "use_sync_cpu_dispatch"]
+
+
+def use_sync_cpu_dispatch() -> bool:
+    """Works around jax#25861: with asynchronous CPU dispatch, programs that call back into Python (the trainers'
+    ``log_fn`` through ``jax.debug.callback``) occasionally hang for good -- seen here with vmapped seeds on a
+    2-core machine. Synchronous dispatch costs nothing for one long program per chunk.
+
+    Only takes effect before the CPU backend exists, i.e. before the first array, ``jax.devices()`` or
+    ``import gymnax``/``envs``/``agents`` (gymnax creates arrays at import): entry points call it first thing.
+    Returns whether it took effect."""
+    from jax._src import xla_bridge  # private, only to report whether the flag can still matter
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return "cpu" not in getattr(xla_bridge, "_backends", {})
 
 # run settings that change the numbers: a resumed run must use the same ones
 IDENTITY_KEYS = ("num_seeds", "seed", "checkpoint_every", "num_updates", "hp")
