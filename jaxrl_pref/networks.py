@@ -5,14 +5,48 @@ from typing import Sequence
 
 import distrax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
+def orthogonal(scale: float = 1.0, column_axis: int = -1):
+    """Orthogonal initialiser (Haar-distributed, like ``flax.linen.initializers.orthogonal``) computed with
+    Gram-Schmidt in plain JAX ops instead of a LAPACK QR.
+
+    Why: under ``vmap`` (seeds, sweeps) the QR becomes a batched LAPACK custom call whose kernel splits the batch
+    over XLA's intra-op thread pool and blocks a pool thread waiting for the pieces. With as many concurrent
+    kernels as pool threads (2 on a 2-core machine) every thread waits and the program hangs for good (seen
+    with 8 vmapped CartPole seeds in jaxlib 0.10.2: all ``tf_XLAEigen`` threads in ``ParallelBatchMap`` of
+    ``lapack_sgeqrf``). Matrix-vector products have no such problem, and initialisation runs once.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        shape = tuple(shape)
+        n_cols = shape[column_axis]
+        n_rows = int(np.prod(shape)) // n_cols
+        tall = n_rows >= n_cols
+        rows, cols = (n_rows, n_cols) if tall else (n_cols, n_rows)
+        a = jax.random.normal(key, (rows, cols), jnp.float32)
+
+        def column(j, q):
+            v = a[:, j]
+            for _ in range(2):  # twice is enough (Kahan-Parlett); unfilled columns of q are zero
+                v = v - q @ (q.T @ v)
+            return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+        q = jax.lax.fori_loop(0, cols, column, jnp.zeros((rows, cols), jnp.float32))
+        if not tall:
+            q = q.T
+        q = q.reshape(tuple(np.delete(np.array(shape), column_axis)) + (n_cols,))
+        return (scale * jnp.moveaxis(q, -1, column_axis)).astype(dtype)
+
+    return init
+
+
 def _dense(features: int, scale: float) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros)
+    return nn.Dense(features, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros)
 
 
 class MLP(nn.Module):
