@@ -101,3 +101,9 @@ def spec(env, params) -> EnvSpec:
         dim = int(np.prod(space.shape)) if space.shape else 1
         return EnvSpec(obs_shape, False, dim, tuple(low.reshape(-1).tolist()), tuple(high.reshape(-1).tolist()))
     raise TypeError(f"unsupported action space {type(space).__name__}")
+
+
+# The sparse-reward suite (envs/sparse.py): DeepSea-N, Sparse* classic control, KeyDoor-N, SparseFourRooms-v0.
+from envs import sparse as _sparse  # noqa: E402
+
+_sparse.register_all(register)
