@@ -27,6 +27,13 @@ from typing import Optional, Sequence
 from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()  # before anything creates the CPU backend (jax#25861: callbacks + async dispatch can hang)
+if __name__ == "__main__":  # --distributed: join the other processes before anything creates the backend
+    from jaxrl_pref import distributed as _distributed
+    try:
+        _distributed.initialize_if_requested(sys.argv[1:])
+    except ValueError as _e:  # ConfigError
+        print(f"error: {_e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 from agents import ppo  # noqa: E402 -- after the dispatch setting
 from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
@@ -59,6 +66,19 @@ class Options(ppo.Config):
     """Show a progress bar (plain lines when stdout is not a terminal or CI=true)."""
     per_seed: bool = False
     """Also write per-seed curves (seed_<i>/...) to tensorboard."""
+    hp_values: Optional[str] = None
+    """Vmapped hyperparameter sweep inside one run: JSON {field: [one value per seed]} for fields in
+    ppo.HPARAM_FIELDS, e.g. '{"learning_rate": [1e-4, 3e-4]}' with --num-seeds 2 (seed i uses value i)."""
+    distributed: bool = False
+    """Multi-process data parallelism: call jax.distributed.initialize (coordinator/process count/id from the
+    Slurm environment, or --coordinator/--num-processes/--process-id) and use --num-devices devices across all
+    processes. Process 0 writes logs and metrics; every process writes its checkpoint shards."""
+    coordinator: Optional[str] = None
+    """host:port of process 0 for --distributed (default: from Slurm)."""
+    num_processes: Optional[int] = None
+    """Number of processes for --distributed (default: from Slurm)."""
+    process_id: Optional[int] = None
+    """This process's index for --distributed (default: from Slurm)."""
 
     def validate(self) -> None:
         super().validate()
@@ -69,12 +89,31 @@ class Options(ppo.Config):
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
         require(not (self.no_resume and self.resume is not None), "no_resume",
                 "--resume and --no-resume contradict each other", "pass only one of them")
+        if self.hp_values is not None:
+            self.hp_overrides()  # validates
         import jax
         n = len(jax.devices())
         require(self.num_devices <= n, "num_devices",
                 f"asked for {self.num_devices} devices but JAX sees {n} ({jax.devices()[0].platform})",
                 "lower --num-devices, or on CPU start Python with "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={self.num_devices}")
+
+    def hp_overrides(self) -> dict:
+        """``--hp-values`` parsed and checked: {field: [num_seeds floats]}."""
+        try:
+            vals = json.loads(self.hp_values)
+        except ValueError as e:
+            raise ConfigError("hp_values", f"is not JSON ({e})", """pass e.g. '{"learning_rate": [1e-4, 3e-4]}'""") from None
+        require(isinstance(vals, dict) and bool(vals), "hp_values", f"must be a JSON object, got {self.hp_values!r}",
+                """pass e.g. '{"learning_rate": [1e-4, 3e-4]}'""")
+        for k, v in vals.items():
+            require(k in ppo.HPARAM_FIELDS, "hp_values", f"{k!r} cannot be vmapped",
+                    f"use fields among {list(ppo.HPARAM_FIELDS)}; other fields need separate runs")
+            require(isinstance(v, list) and len(v) == self.num_seeds
+                    and all(isinstance(x, (int, float)) for x in v), "hp_values",
+                    f"{k} needs one number per seed ({self.num_seeds}), got {v!r}",
+                    f"give {self.num_seeds} values or set --num-seeds {len(v) if isinstance(v, list) else 1}")
+        return {k: [float(x) for x in v] for k, v in vals.items()}
 
     def agent_config(self) -> ppo.Config:
         return ppo.Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ppo.Config)})
@@ -122,7 +161,7 @@ def _preprocess(argv: Sequence[str]) -> tuple[list[str], Optional[str]]:
         elif a.startswith("--resume="):
             out.append(a)
             resume_path = a.split("=", 1)[1] or None
-        elif a in ("--no-resume", "--progress", "--per-seed") and bare:
+        elif a in ("--no-resume", "--progress", "--per-seed", "--distributed") and bare:
             out += [a, "True"]
         else:
             out.append(a)
@@ -150,6 +189,11 @@ def _replay_saved(resume_path: str) -> list[str]:
     for k in ("num_seeds", "seed", "checkpoint_every", "log_every"):
         if k in run:
             tokens += _as_args(k, run[k])
+    if run.get("hp_batched") and isinstance(run.get("hp"), dict):  # a --hp-values run: replay the varied fields
+        varied = {k.lstrip("."): v for k, v in run["hp"].items()
+                  if isinstance(v, list) and len(set(v)) > 1 and k.lstrip(".") in ppo.HPARAM_FIELDS}
+        if varied:
+            tokens += ["--hp-values", json.dumps(varied)]
     return tokens + ["--run-dir", str(resume_path)]
 
 
@@ -167,6 +211,13 @@ def parse(argv: Optional[Sequence[str]] = None) -> Options:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from jaxrl_pref import distributed
+    try:  # before parsing: validation looks at jax.devices(), which must already be the global device list
+        distributed.initialize_if_requested(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     opts = parse(argv)
     if opts.resume and opts.run_dir and Path(opts.resume).resolve() != Path(opts.run_dir).resolve():
         print(f"error: {ConfigError('run_dir', f'--resume {opts.resume} and --run-dir {opts.run_dir} differ', 'pass only --resume RUN_DIR, or --run-dir RUN_DIR with a bare --resume')}",
@@ -175,10 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = opts.agent_config()
     run_dir = opts.run_dir or f"runs/ppo-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = True if opts.resume is not None else (False if opts.no_resume else None)
+    hp = ppo.hparams(cfg, **opts.hp_overrides()) if opts.hp_values is not None else None
     try:
         result = run_experiment(ppo.make_trainer, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
                                 log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, per_seed=opts.per_seed, agent="ppo")
+                                progress=opts.progress, per_seed=opts.per_seed, agent="ppo",
+                                hp=hp, hp_batched=hp is not None)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

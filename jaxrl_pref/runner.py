@@ -244,6 +244,8 @@ def run_experiment(make_trainer: Callable, cfg, *, run_dir, num_seeds: int = 1, 
     :class:`DivergenceError` on NaN losses.
     """
     # -- settings ------------------------------------------------------------------------------------------------
+    if jax.process_count() > 1 and jax.process_index() != 0:  # multi-process (jax.distributed): process 0 logs
+        tensorboard, plot, progress = False, False, False
     for name, v, example in (("num_seeds", num_seeds, 1), ("log_every", log_every, 10),
                              ("checkpoint_every", checkpoint_every, 100)):
         if not isinstance(v, (int, np.integer)) or v < 1:
