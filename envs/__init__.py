@@ -28,7 +28,7 @@ def register(name: str, factory: Callable) -> None:
 
 
 def registered() -> list[str]:
-    return sorted(set(gymnax.registered_envs) | set(_REGISTRY))
+    return sorted(set(gymnax.registered_envs) | set(_REGISTRY) | set(_nethack.registered()))
 
 
 def _base(name: str, kwargs: dict):
@@ -52,7 +52,17 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
 
     ``num_envs=None`` gives one env (``vmap`` it yourself); ``num_envs=N`` gives a batch of N envs whose
     ``reset(key, params)``/``step(key, state, actions, params)`` take one key and carry a leading ``[N]`` axis.
+
+    Host envs (``NetHack*-v0``, ``MiniHack-*``; extra ``nle``) return ``(pool, None)``: an
+    :class:`envs.nethack.NLEPool` of ``num_envs`` envs (default 1) stepped by worker processes, with the numpy
+    host-env interface of :mod:`jaxrl_pref.sebulba` (not jittable); ``kwargs`` are the pool's (``seed``,
+    ``num_workers``, ``obs_keys``, ``env_kwargs``...). Close it with ``pool.close()``.
     """
+    if _nethack.is_host_env(name):
+        if normalize_obs or normalize_reward:
+            raise ValueError(f"normalize_obs/normalize_reward: not supported for the host env {name}. "
+                             "Fix: leave them False")
+        return _nethack.make(name, num_envs=num_envs, **kwargs), None
     env, params = _base(name, kwargs)
     env = AutoReset(env, num_envs)
     if isinstance(env.observation_space(params), spaces.Box):
@@ -107,3 +117,18 @@ def spec(env, params) -> EnvSpec:
 from envs import sparse as _sparse  # noqa: E402
 
 _sparse.register_all(register)
+
+# NetHack/MiniHack host envs (envs/nethack.py): importing it does not import nle.
+from envs import nethack as _nethack  # noqa: E402
+
+
+def _register_factor_envs() -> None:
+    """JAX envs that report HERON reward factors in ``info`` (see :mod:`jaxrl_pref.rewards.factors`)."""
+    from functools import partial
+
+    from jaxrl_pref.rewards.factors import FACTOR_ENVS, make_factor_env
+    for name, (base, factor_set) in FACTOR_ENVS.items():
+        register(name, partial(make_factor_env, base, factor_set))
+
+
+_register_factor_envs()

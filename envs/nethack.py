@@ -1,0 +1,380 @@
+"""NetHack and MiniHack through ``nle``: a batched host env backed by a pool of worker processes.
+
+``envs.make("NetHackScore-v0", num_envs=8)`` (or any ``MiniHack-*`` id) returns ``(NLEPool, None)``: a host env
+with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, auto-reset, ``final_obs`` and
+``episode_*`` statistics in ``info``), not a jittable gymnax env. Its keyword arguments are :class:`NLEPool`'s.
+
+* ``num_workers`` processes (default: one per CPU core, at most one per env) each step ``num_envs / num_workers``
+  envs. Workers are plain ``python envs/nle_worker.py`` processes: they never import JAX, start in well under a
+  second and are never forked from a process running JAX threads.
+* Observations are written by the workers into one shared-memory segment; a step sends one byte to each worker
+  and gets one byte back -- nothing is pickled per step. ``step`` returns copies, so earlier results stay valid.
+* Observations (``obs_keys``): ``glyphs_crop`` (``crop`` window of glyph ids centred on the agent, padded with
+  ``nle.nethack.MAX_GLYPH``), ``glyphs`` (the full 21x79 map), ``chars``/``chars_crop``, ``blstats`` (27 int32)
+  and ``message`` (the 256 raw message bytes, uint8, for reward models).
+* Episodes end by termination (death, task success) or truncation (NLE's step limit, ``StepStatus.ABORTED``).
+  ``info`` holds, per env, ``episode_done`` and for finished episodes ``episode_return``, ``episode_length``,
+  ``episode_depth`` (deepest dungeon level reached), ``episode_score`` (in-game score at the end) and, for tasks
+  that define success (``NetHackStaircase*``, ``NetHackOracle``, MiniHack), ``episode_success``.
+* Seeding: episode ``e`` of env ``i`` uses NetHack seeds :func:`envs.nle_worker.episode_seeds` ``(seed, i, e)``
+  (no anti-TAS reseeding), so a pool's batch equals the same envs stepped one by one.
+* Worker death (killed, crashed, or silent past ``step_timeout``) is noticed within the step: the worker is
+  restarted with fresh envs, its envs' episodes are reported as truncated (``final_obs`` = the last observation
+  the pool returned, reward 0, the statistics of the cut episode) and the run goes on (``restarts`` counts them).
+* ``close()`` (also called by a finaliser at interpreter exit or when the pool is garbage collected) stops the
+  workers and unlinks the segment. If the host is killed outright, the workers see their socket close and exit,
+  and Python's resource tracker unlinks the segment.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import weakref
+from multiprocessing import connection, shared_memory
+from typing import Optional, Sequence
+
+import numpy as np
+
+from envs import nle_worker as W
+
+NETHACK_TASKS = ("NetHackScore-v0", "NetHackStaircase-v0", "NetHackStaircasePet-v0", "NetHackOracle-v0",
+                 "NetHackGold-v0", "NetHackEat-v0", "NetHackScout-v0", "NetHackChallenge-v0", "NetHack-v0")
+INSTALL_HINT = 'install the NetHack extra: pip install -e ".[nle]"  (pip packages nle and minihack)'
+
+__all__ = ["NLEPool", "make", "is_host_env", "registered", "require_nle", "NETHACK_TASKS"]
+
+
+def require_nle(task: str = "NetHack-v0"):
+    """Imports nle (and minihack for ``MiniHack-*``) or raises an ImportError saying which extra to install."""
+    try:
+        import nle  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{task} needs the `nle` package, which is not installed; {INSTALL_HINT}") from e
+    if W.is_minihack(task):
+        try:
+            import minihack  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"{task} needs the `minihack` package, which is not installed; {INSTALL_HINT}") from e
+
+
+_MINIHACK_IDS: Optional[tuple] = None
+
+
+def minihack_tasks() -> tuple:
+    """Registered MiniHack ids (empty when minihack is not installed)."""
+    global _MINIHACK_IDS
+    if _MINIHACK_IDS is None:
+        try:
+            import gymnasium
+            import minihack  # noqa: F401
+            _MINIHACK_IDS = tuple(sorted(k for k in gymnasium.registry if k.startswith("MiniHack-")))
+        except ImportError:
+            _MINIHACK_IDS = ()
+    return _MINIHACK_IDS
+
+
+def is_host_env(name: str) -> bool:
+    """Whether ``envs.make(name)`` builds this module's pool (by name only; nothing is imported)."""
+    return name in NETHACK_TASKS or W.is_minihack(name)
+
+
+def registered() -> list[str]:
+    return list(NETHACK_TASKS) + list(minihack_tasks())
+
+
+def _check_task(task: str) -> None:
+    require_nle(task)
+    if task in NETHACK_TASKS:
+        return
+    if task not in minihack_tasks():
+        close = difflib.get_close_matches(task, registered(), n=3)
+        raise ValueError(f"env_name: unknown NetHack/MiniHack task {task!r}."
+                         + (f" Did you mean {', '.join(close)}?" if close else "")
+                         + " Known MiniHack tasks: python -c 'import envs.nethack as n; print(n.minihack_tasks())'")
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start (bad task or env kwargs): carries the worker's traceback."""
+
+
+class _Worker:
+    def __init__(self, index: int, start: int, count: int):
+        self.index, self.start, self.count = index, start, count
+        self.proc: Optional[subprocess.Popen] = None
+        self.conn: Optional[connection.Connection] = None
+
+    @property
+    def slice(self):
+        return slice(self.start, self.start + self.count)
+
+
+def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
+    """Stops workers (politely, then SIGKILL) and unlinks the segment; safe to call twice."""
+    for w in workers:
+        if w.conn is not None:
+            try:
+                w.conn.send_bytes(b"C")
+            except OSError:
+                pass
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        if w.proc is not None:
+            try:
+                w.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            w.proc = None
+        if w.conn is not None:
+            w.conn.close()
+            w.conn = None
+    while shm_box:
+        shm = shm_box.pop()
+        try:
+            shm.close()
+        except BufferError:  # a view is still alive somewhere: the unlink below still frees the name
+            pass
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class NLEPool:
+    """A batch of ``num_envs`` NetHack/MiniHack envs stepped by worker processes (see the module docstring).
+
+    Args:
+      task: ``NetHackScore-v0`` ... or a ``MiniHack-*`` id.
+      num_envs: envs in the batch.
+      num_workers: worker processes (default ``min(num_envs, os.cpu_count())``); envs are split evenly, in order.
+      seed: pool seed; env ``i`` is seeded from ``(seed, i, episode)``.
+      obs_keys: observation keys (see the module docstring).
+      crop: ``(height, width)`` of the crops (odd numbers).
+      env_kwargs: passed to ``gymnasium.make`` in the workers (e.g. ``max_episode_steps``, ``character``).
+        Default ``fix_moon_phase=True`` (moon phase and Friday 13th from the seed: reproducible episodes).
+      step_timeout: seconds a worker may take for one step before it counts as hung.
+      start_timeout: seconds a worker may take to start.
+      max_restarts: total worker restarts after which the pool gives up (RuntimeError).
+    """
+
+    def __init__(self, task: str, num_envs: int = 8, num_workers: Optional[int] = None, seed: int = 0,
+                 obs_keys: Sequence[str] = ("glyphs_crop", "blstats", "message"), crop: Sequence[int] = (9, 9),
+                 env_kwargs: Optional[dict] = None, step_timeout: float = 60.0, start_timeout: float = 120.0,
+                 max_restarts: int = 100):
+        _check_task(task)
+        if num_envs < 1:
+            raise ValueError(f"num_envs: must be >= 1, got {num_envs}. Fix: pass num_envs=8")
+        bad = [k for k in obs_keys if k not in W.OBS_KEYS]
+        if bad or not obs_keys:
+            raise ValueError(f"obs_keys: {bad or 'empty'} not available. Fix: choose from {W.OBS_KEYS}")
+        crop = tuple(int(c) for c in crop)
+        if len(crop) != 2 or any(c < 1 or c % 2 == 0 for c in crop):
+            raise ValueError(f"crop: must be two odd positive sizes, got {crop}. Fix: pass crop=(9, 9)")
+        num_workers = min(num_envs, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        if not 1 <= num_workers <= num_envs:
+            raise ValueError(f"num_workers: must be in [1, num_envs={num_envs}], got {num_workers}. "
+                             "Fix: pass fewer workers than envs")
+        self.task, self.num_envs, self.num_workers, self.seed = task, int(num_envs), num_workers, int(seed)
+        self.obs_keys, self.crop = tuple(obs_keys), crop
+        self.env_kwargs = {"fix_moon_phase": True, **(env_kwargs or {})}
+        self.step_timeout, self.start_timeout, self.max_restarts = step_timeout, start_timeout, max_restarts
+        self.restarts = 0
+        self._spec = W.obs_spec(self.obs_keys, crop)
+
+        lay, size = W.layout(num_envs, self.obs_keys, crop)
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        self._shm_box = [shm]
+        self._v = W.views(shm.buf, lay)
+        self._v["episode_index"][:] = 0
+        sizes = [num_envs // num_workers + (i < num_envs % num_workers) for i in range(num_workers)]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._workers = [_Worker(i, int(s), int(c)) for i, (s, c) in enumerate(zip(starts, sizes))]
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._shm_box)
+        self._last_obs = None
+        self.num_actions = None
+        self.has_success = False
+        try:
+            for w in self._workers:
+                self._launch(w)
+            for w in self._workers:
+                hello = self._handshake(w)
+                self.num_actions, self.has_success = hello["num_actions"], hello["has_success"]
+        except BaseException:
+            self.close()
+            raise
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def _launch(self, w: _Worker) -> None:
+        parent, child = socket.socketpair()
+        cfg = {"shm": self._shm_box[0].name, "num_envs": self.num_envs, "obs_keys": list(self.obs_keys),
+               "crop": list(self.crop), "start": w.start, "count": w.count, "task": self.task,
+               "env_kwargs": self.env_kwargs, "seed": self.seed}
+        try:
+            w.proc = subprocess.Popen([sys.executable, W.__file__, str(child.fileno()), json.dumps(cfg)],
+                                      pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        w.conn = connection.Connection(parent.detach())
+
+    def _handshake(self, w: _Worker) -> dict:
+        reply = self._recv(w, self.start_timeout)
+        if reply is None or not reply.startswith(b"K"):
+            why = (reply[1:].decode(errors="replace") if reply else
+                   f"exited with status {w.proc.poll()}" if w.proc.poll() is not None else "did not answer")
+            raise WorkerError(f"NLEPool worker {w.index} ({self.task}) failed to start:\n{why}")
+        return json.loads(reply[1:])
+
+    def _recv(self, w: _Worker, timeout: float) -> Optional[bytes]:
+        """One reply from ``w``, or None if it died or stayed silent for ``timeout`` seconds."""
+        try:
+            if not w.conn.poll(timeout):
+                return None
+            return w.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+
+    def _kill(self, w: _Worker) -> None:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.kill()
+        if w.proc is not None:
+            w.proc.wait()
+        if w.conn is not None:
+            w.conn.close()
+        w.proc = w.conn = None
+
+    def _restart(self, w: _Worker, why: str) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise RuntimeError(f"NLEPool: worker {w.index} failed ({why}) and the pool already restarted "
+                               f"{self.max_restarts} workers; giving up. Fix: check the env, or raise max_restarts")
+        warnings.warn(f"NLEPool: worker {w.index} (envs {w.start}..{w.start + w.count - 1}) {why}; restarting it "
+                      "with fresh envs and reporting their episodes as truncated", RuntimeWarning, stacklevel=3)
+        self._kill(w)
+        self._v["episode_index"][w.slice] += 1  # the cut episodes count as played: fresh seeds for the new ones
+        self._launch(w)
+        self._handshake(w)
+
+    def _command(self, cmd: bytes) -> list[tuple[_Worker, str]]:
+        """Sends ``cmd`` to every worker and waits for all; returns the workers that failed and why."""
+        failed, waiting = [], {}
+        for w in self._workers:
+            try:
+                w.conn.send_bytes(cmd)
+                waiting[w.conn] = w
+            except OSError:
+                failed.append((w, "died (could not send)"))
+        deadline = time.monotonic() + self.step_timeout
+        while waiting:
+            ready = connection.wait(list(waiting), timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                failed += [(w, f"did not answer within step_timeout={self.step_timeout}s") for w in waiting.values()]
+                break
+            for c in ready:
+                w = waiting.pop(c)
+                try:
+                    reply = c.recv_bytes()
+                except (EOFError, OSError):
+                    code = w.proc.wait() if w.proc is not None else None
+                    failed.append((w, f"died (exit status {code})"))
+                    continue
+                if reply[:1] != b"K":
+                    failed.append((w, "raised an error:\n" + reply[1:].decode(errors="replace")))
+        return failed
+
+    # -- host-env interface ----------------------------------------------------------------------------------
+    def observation_spec(self) -> dict:
+        return {k: (tuple(s), np.dtype(d)) for k, (s, d) in self._spec.items()}
+
+    @property
+    def worker_pids(self) -> list[Optional[int]]:
+        return [w.proc.pid if w.proc is not None else None for w in self._workers]
+
+    @property
+    def shm_name(self) -> Optional[str]:
+        return self._shm_box[0].name if self._shm_box else None
+
+    def _obs(self, prefix: str) -> dict:
+        return {k: self._v[prefix + k].copy() for k in self.obs_keys}
+
+    def reset(self) -> dict:
+        """Starts a new episode in every env (episode counters go on, so seeds are fresh) and returns the batch."""
+        self._check_open()
+        v = self._v
+        if self._last_obs is not None:
+            v["episode_index"] += 1
+        for w, why in self._command(b"R"):
+            self._restart(w, why)
+        self._last_obs = self._obs("obs/")
+        return {k: x.copy() for k, x in self._last_obs.items()}
+
+    def step(self, actions):
+        """Steps every env; returns ``(obs, reward, terminated, truncated, info)`` as numpy arrays ``[num_envs]``."""
+        self._check_open()
+        if self._last_obs is None:
+            raise RuntimeError("NLEPool.step called before reset(). Fix: call reset() first")
+        v = self._v
+        actions = np.asarray(actions).reshape(-1)
+        if actions.shape[0] != self.num_envs:
+            raise ValueError(f"actions: expected {self.num_envs} actions, got shape {np.shape(actions)}")
+        if actions.min() < 0 or actions.max() >= self.num_actions:
+            raise ValueError(f"actions: must lie in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
+        v["action"][:] = actions
+        failed = self._command(b"S")
+        cut = []
+        for w, why in failed:  # keep what the cut episodes had reached before the new worker overwrites it
+            s = w.slice
+            cut.append((s, v["run_return"][s].copy(), v["run_length"][s].copy(), v["run_depth"][s].copy()))
+            self._restart(w, why)
+        obs = self._obs("obs/")
+        final = self._obs("final/")
+        reward = v["reward"].copy()
+        terminated, truncated = v["terminated"].copy(), v["truncated"].copy()
+        info = {k: v[k].copy() for k in ("episode_done",) + W.STAT_KEYS}
+        for s, ret, length, depth in cut:
+            for k in self.obs_keys:
+                final[k][s] = self._last_obs[k][s]
+            reward[s], terminated[s], truncated[s] = 0.0, False, True
+            info["episode_done"][s] = True
+            info["episode_return"][s], info["episode_length"][s], info["episode_depth"][s] = ret, length, depth
+            score = self._last_obs["blstats"][s, W.BL_SCORE] if "blstats" in self._last_obs else 0
+            info["episode_score"][s], info["episode_success"][s] = score, False
+        if not self.has_success:
+            del info["episode_success"]
+        info = {k: x.astype(np.float32) if k != "episode_done" else x for k, x in info.items()}
+        info["final_obs"] = final
+        self._last_obs = obs
+        return {k: x.copy() for k, x in obs.items()}, reward, terminated, truncated, info
+
+    def _check_open(self):
+        if not self._shm_box:
+            raise RuntimeError("NLEPool is closed")
+
+    def close(self) -> None:
+        """Stops the workers and frees the shared memory (idempotent)."""
+        self._v = {}
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"NLEPool({self.task!r}, num_envs={self.num_envs}, num_workers={self.num_workers}, "
+                f"obs_keys={self.obs_keys})")
+
+
+def make(name: str, num_envs: Optional[int] = None, **kwargs) -> NLEPool:
+    """The pool for ``envs.make``: ``num_envs=None`` means one env (still batched ``[1, ...]``)."""
+    return NLEPool(name, num_envs=1 if num_envs is None else num_envs, **kwargs)
