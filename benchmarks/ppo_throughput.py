@@ -79,7 +79,9 @@ class FiveValueStep:
     def __init__(self, env):
         self._env = env
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for names not found on the adapter itself
+        if name == "_env":  # during copy/unpickling, before __init__ ran
+            raise AttributeError(name)
         return getattr(self._env, name)
 
     def step(self, key, state, action, params=None):
