@@ -1,0 +1,256 @@
+"""Annotation backends: turn (task, messages) into labels, and (task, message pairs) into preferences.
+
+A backend has ``name``, ``model``, ``batch_size`` (how many items one call takes) and
+
+* ``label(prompt, messages) -> [Reply]``: ``Reply.label`` is 1.0 (helpful) / 0.0, or None when the reply did not
+  parse (the service retries those, then records them unlabeled);
+* ``compare(prompt, pairs) -> [Reply]``: ``Reply.label`` is P(first message preferred): 1.0, 0.0 or 0.5 (tie).
+
+Transport failures (connection refused, timeouts, HTTP errors) raise :class:`BackendError`; the service retries
+them with backoff and leaves the work pending, so nothing is lost while a server is down.
+
+Backends:
+
+* :class:`OpenAIBackend` -- any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, llama.cpp server,
+  Ollama...), chosen by base URL and model name. The API key is read from an environment variable (default
+  ``OPENAI_API_KEY``; none needed for local servers) and never logged or stored. Replies must end with exactly one
+  ``\\boxed{...}`` answer (strict parsing: zero or several answers, unknown values, empty or oversized replies are
+  parse failures, never a silent 0).
+* :class:`EmbeddedBackend` -- the offline default (no GPU, no network): embeds the message with the packaged
+  all-MiniLM-L6-v2 (:mod:`jaxrl_pref.annotation.encoder`) and compares it with the task's *progress* and
+  *neutral* descriptions in the prompt file: ``score = max cos(message, progress) - max cos(message, neutral)``;
+  label 1 when ``score > margin``; for pairs the higher score wins unless the scores are within ``tie_margin``.
+  **Limits**: this is semantic similarity, not judgement -- it rewards messages that *read like* the listed
+  progress examples (a message saying "You do not find a hidden passage" resembles "You find a hidden passage"),
+  knows nothing of game state, and is only as good as the hand-written descriptions; use an LLM backend for
+  faithful ONI labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+MAX_REPLY_BYTES = 64 * 1024
+
+
+class BackendError(RuntimeError):
+    """The backend could not be reached or answered with an error (retryable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    label: Optional[float]
+    raw: str
+    error: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A versioned per-task prompt file ``prompts/<task>.v<N>.txt`` with ``## section`` blocks: ``description``,
+    ``system``, ``label`` (uses ``{description}``, ``{message}``), ``compare`` (``{message_1}``, ``{message_2}``),
+    ``progress`` / ``neutral`` (one example message per line, for the embedded backend)."""
+    task: str
+    version: str
+    sections: dict
+
+    @property
+    def progress(self) -> list[str]:
+        return [s for s in self.sections.get("progress", "").splitlines() if s.strip()]
+
+    @property
+    def neutral(self) -> list[str]:
+        return [s for s in self.sections.get("neutral", "").splitlines() if s.strip()]
+
+    def label_messages(self, message: str) -> list[dict]:
+        user = self.sections["label"].format(description=self.sections.get("description", ""), message=message)
+        return [{"role": "system", "content": self.sections["system"]}, {"role": "user", "content": user}]
+
+    def compare_messages(self, a: str, b: str) -> list[dict]:
+        user = self.sections["compare"].format(description=self.sections.get("description", ""),
+                                               message_1=a, message_2=b)
+        return [{"role": "system", "content": self.sections["system"]}, {"role": "user", "content": user}]
+
+    @classmethod
+    def parse(cls, task: str, version: str, text: str) -> "Prompt":
+        sections, name, lines = {}, None, []
+        for line in text.splitlines():
+            m = re.match(r"^## (\w+)\s*$", line)
+            if m:
+                if name:
+                    sections[name] = "\n".join(lines).strip()
+                name, lines = m.group(1), []
+            elif name:
+                lines.append(line)
+        if name:
+            sections[name] = "\n".join(lines).strip()
+        missing = {"system", "label", "compare"} - set(sections)
+        if missing:
+            raise ValueError(f"prompt {task} v{version}: missing sections {sorted(missing)}")
+        return cls(task, version, sections)
+
+    @classmethod
+    def load(cls, task: str, version: Optional[str] = None, directory=None) -> "Prompt":
+        """The newest version of ``task``'s prompt (or ``version``) from ``directory`` (default: packaged)."""
+        d = Path(directory) if directory else PROMPTS_DIR
+        found = {}
+        for p in d.glob(f"{task}.v*.txt"):
+            m = re.fullmatch(re.escape(task) + r"\.v(\d+)\.txt", p.name)
+            if m:
+                found[m.group(1)] = p
+        if not found:
+            known = sorted({p.name.split(".v")[0] for p in d.glob("*.v*.txt")})
+            raise ValueError(f"no prompt file for task {task!r} in {d}; known tasks: {known}")
+        v = version if version is not None else max(found, key=int)
+        if v not in found:
+            raise ValueError(f"prompt {task!r} has versions {sorted(found, key=int)}, not {v!r}")
+        return cls.parse(task, v, found[v].read_text())
+
+
+def task_for_env(env_name: str) -> str:
+    """Prompt task for an env id: NetHackScore -> nethack_score, NetHackStaircase* -> nethack_staircase,
+    NetHackOracle -> nethack_oracle, anything else (MiniHack-*, test envs) -> minihack."""
+    n = env_name.lower()
+    for key, task in (("score", "nethack_score"), ("staircase", "nethack_staircase"), ("oracle", "nethack_oracle")):
+        if n.startswith("nethack") and key in n:
+            return task
+    return "minihack"
+
+
+_BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
+
+
+def parse_boxed(text: str, allowed: dict) -> Optional[float]:
+    """The value of the single ``\\boxed{x}`` in ``text`` mapped through ``allowed`` (e.g. {"1": 1.0, "0": 0.0});
+    None when there is none, several different ones, or an unknown value."""
+    found = {m.group(1) for m in _BOXED.finditer(text or "")}
+    if len(found) != 1:
+        return None
+    return allowed.get(found.pop())
+
+
+LABELS = {"1": 1.0, "0": 0.0}
+PREFS = {"1": 1.0, "2": 0.0, "0": 0.5}
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP with urllib (no client library). One request per item; the service runs up to
+    ``max_concurrency`` of them at once."""
+    name = "openai"
+    batch_size = 1
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.1,
+                 max_tokens: int = 256, timeout: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.model, self.temperature, self.max_tokens, self.timeout = model, temperature, max_tokens, timeout
+        self.api_key_env = api_key_env
+        self._key = os.environ.get(api_key_env) or None  # kept private: never logged, never stored
+
+    def __repr__(self):
+        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def _chat(self, messages: list[dict]) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key
+        req = urllib.request.Request(self.base_url + "/chat/completions", body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                data = resp.read(MAX_REPLY_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            raise BackendError(f"HTTP {e.code} from {self.base_url}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+            raise BackendError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}") from None
+        if len(data) > MAX_REPLY_BYTES:
+            return "\x00oversized reply"
+        return data.decode("utf-8", "replace")
+
+    @staticmethod
+    def _content(raw: str) -> tuple[Optional[str], Optional[str]]:
+        if raw.startswith("\x00"):
+            return None, raw[1:]
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None, "reply is not a chat completion"
+        if not isinstance(content, str) or not content.strip():
+            return None, "empty reply"
+        return content, None
+
+    def _ask(self, messages: list[dict], allowed: dict) -> Reply:
+        raw = self._chat(messages)
+        content, err = self._content(raw)
+        if content is None:
+            return Reply(None, raw[:2000], err)
+        label = parse_boxed(content, allowed)
+        return Reply(label, content[:4000], None if label is not None else "no single valid \\boxed{} answer")
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        return [self._ask(prompt.label_messages(m), LABELS) for m in messages]
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        return [self._ask(prompt.compare_messages(a, b), PREFS) for a, b in pairs]
+
+
+class EmbeddedBackend:
+    """Offline labels from MiniLM sentence similarity to the prompt's progress/neutral examples (see module doc)."""
+    name = "embedded"
+    model = "all-MiniLM-L6-v2"
+    batch_size = 64
+
+    def __init__(self, margin: float = 0.0, tie_margin: float = 0.05, encoder=None):
+        from jaxrl_pref.annotation.encoder import SentenceEncoder
+        self.margin, self.tie_margin = margin, tie_margin
+        self.encoder = encoder if encoder is not None else SentenceEncoder.load()
+        self._refs: dict = {}
+
+    def _ref(self, prompt: Prompt):
+        key = (prompt.task, prompt.version)
+        if key not in self._refs:
+            if not prompt.progress or not prompt.neutral:
+                raise ValueError(f"prompt {prompt.task} v{prompt.version} needs 'progress' and 'neutral' sections "
+                                 "for the embedded backend")
+            self._refs[key] = (self.encoder.embed(prompt.progress), self.encoder.embed(prompt.neutral))
+        return self._refs[key]
+
+    def scores(self, prompt: Prompt, messages: Sequence[str]):
+        import numpy as np
+        pos, neg = self._ref(prompt)
+        e = self.encoder.embed(list(messages))
+        s = (e @ pos.T).max(-1) - (e @ neg.T).max(-1)
+        return np.where([bool(m.strip()) for m in messages], s, -1.0)  # empty message: never progress
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        s = self.scores(prompt, messages)
+        return [Reply(float(v > self.margin), f"embedded score={v:.4f}") for v in s]
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        if not pairs:
+            return []
+        s = self.scores(prompt, [m for p in pairs for m in p]).reshape(-1, 2)
+        out = []
+        for sa, sb in s:
+            pref = 0.5 if abs(sa - sb) <= self.tie_margin else float(sa > sb)
+            out.append(Reply(pref, f"embedded scores={sa:.4f},{sb:.4f}"))
+        return out
+
+
+def make_backend(kind: str, **kw):
+    """``kind`` "embedded" or "openai" (kw: base_url, model, api_key_env, temperature, ...)."""
+    if kind == "embedded":
+        return EmbeddedBackend(**{k: v for k, v in kw.items() if k in ("margin", "tie_margin")})
+    if kind == "openai":
+        if not kw.get("base_url") or not kw.get("model"):
+            raise ValueError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1) and --model")
+        return OpenAIBackend(**{k: v for k, v in kw.items()
+                                if k in ("base_url", "model", "api_key_env", "temperature", "max_tokens", "timeout")})
+    raise ValueError(f"unknown backend {kind!r}: use 'embedded' or 'openai'")

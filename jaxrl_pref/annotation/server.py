@@ -1,0 +1,319 @@
+"""The annotator service: ``python -m jaxrl_pref.annotation.server --store labels.db --backend embedded``.
+
+An HTTP service bound to 127.0.0.1 (JSON in, JSON out):
+
+* ``POST /submit``  ``{"task": t, "messages": [...], "pairs": [[a, b], ...]}`` -> ``{"new": n}``: messages and pairs
+  not already in the store become pending work (dedup against everything ever seen);
+* ``GET /changes?task=t&since=seq`` -> ``{"labels": [[text, label]], "pairs": [[a, b, pref]], "seq": s}``: answers
+  stored after ``seq`` (label null = could not be labelled);
+* ``GET /metrics`` -> queue depth, labels/s, parse failures, backend errors, latency, store counts;
+* ``GET /health`` -> ``{"ok": true}``.
+
+Work is taken from the store's pending rows (so pending work survives crashes), in batches of the backend's
+``batch_size``, at most ``max_concurrency`` batches at once. Backend errors are retried with exponential backoff
+(``max_retries`` times, then the items stay pending and are tried again after ``cooldown`` seconds). Replies that do
+not parse are asked again up to ``parse_retries`` times, then recorded as unlabeled -- never a crash, never a silent 0.
+
+``--port 0`` picks a free port; ``--port-file`` receives it (the run that starts the service reads it there).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs, urlparse
+
+from jaxrl_pref.annotation.backends import BackendError, Prompt, make_backend
+from jaxrl_pref.annotation.store import LabelStore
+from jaxrl_pref.config import ConfigError, require
+
+MAX_BODY = 32 * 1024 * 1024
+
+
+class Annotator:
+    """The service's engine: pulls pending work from ``store``, asks ``backend``, records answers. Runs in
+    background threads (``start``/``stop``); usable in-process for tests."""
+
+    def __init__(self, store: LabelStore, backend, *, max_concurrency: int = 4, max_retries: int = 3,
+                 parse_retries: int = 2, backoff: float = 0.5, cooldown: float = 5.0, prompt_dir=None,
+                 prompt_version: Optional[str] = None, poll: float = 0.05):
+        self.store, self.backend = store, backend
+        self.max_concurrency, self.max_retries, self.parse_retries = max_concurrency, max_retries, parse_retries
+        self.backoff, self.cooldown, self.poll = backoff, cooldown, poll
+        self.prompt_dir, self.prompt_version = prompt_dir, prompt_version
+        self._prompts: dict = {}
+        self._inflight: set = set()
+        self._cool: dict = {}  # item id -> time before which it is not retried (backend kept failing)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="annotate")
+        self._slots = threading.Semaphore(max_concurrency)
+        self._thread: Optional[threading.Thread] = None
+        self.started = time.time()
+        self.m = collections.Counter()
+        self._latency = collections.deque(maxlen=1000)
+        self._done_times = collections.deque(maxlen=10000)
+
+    def prompt(self, task: str) -> Prompt:
+        if task not in self._prompts:
+            self._prompts[task] = Prompt.load(task, self.prompt_version, self.prompt_dir)
+        return self._prompts[task]
+
+    # -- intake ----------------------------------------------------------------------------------------------------
+    def submit(self, task: str, messages=(), pairs=()) -> int:
+        self.prompt(task)  # unknown task -> ValueError before anything is stored
+        n = self.store.add(task, messages, pairs)
+        self.m["submitted"] += n
+        self._wake.set()
+        return n
+
+    # -- work loop ---------------------------------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="annotator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, wait: bool = True):
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def _loop(self):
+        bs = max(1, int(self.backend.batch_size))
+        while not self._stop.is_set():
+            now = time.time()
+            with self._lock:
+                busy = set(self._inflight) | {i for i, t in self._cool.items() if t > now}
+            items = self.store.pending(limit=bs * self.max_concurrency, exclude=busy)
+            groups = collections.defaultdict(list)
+            for it in items:
+                groups[(it["task"], it["kind"])].append(it)
+            launched = 0
+            for (task, kind), its in groups.items():
+                for s in range(0, len(its), bs):
+                    if not self._slots.acquire(timeout=0.5):
+                        break
+                    if self._stop.is_set():
+                        self._slots.release()
+                        return
+                    batch = its[s:s + bs]
+                    with self._lock:
+                        self._inflight.update(it["id"] for it in batch)
+                    self._pool.submit(self._work, task, kind, batch)
+                    launched += 1
+            if not launched:
+                self._wake.wait(self.poll)
+                self._wake.clear()
+
+    def _work(self, task: str, kind: str, batch: list):
+        ids = [it["id"] for it in batch]
+        try:
+            prompt = self.prompt(task)
+            t0 = time.time()
+            replies = None
+            for attempt in range(self.max_retries + 1):
+                try:
+                    if kind == "label":
+                        replies = self.backend.label(prompt, [it["a"] for it in batch])
+                    else:
+                        replies = self.backend.compare(prompt, [(it["a"], it["b"]) for it in batch])
+                    if len(replies) != len(batch):
+                        raise BackendError(f"backend returned {len(replies)} replies for {len(batch)} items")
+                    break
+                except BackendError as e:
+                    self.m["backend_errors"] += 1
+                    self.last_error = str(e)
+                    replies = None
+                    if attempt < self.max_retries and not self._stop.is_set():
+                        self._stop.wait(self.backoff * 2 ** attempt)
+            if replies is None:  # the backend is down: leave the work pending, try again later
+                with self._lock:
+                    until = time.time() + self.cooldown
+                    self._cool.update({i: until for i in ids})
+                return
+            dt = time.time() - t0
+            results = []
+            for it, r in zip(batch, replies):
+                final = r.label is not None or it["attempts"] + 1 > self.parse_retries
+                if r.label is None:
+                    self.m["parse_failures"] += 1
+                    if final:
+                        self.m["unlabeled"] += 1
+                results.append(dict(id=it["id"], label=r.label, final=final, raw_reply=r.raw, error=r.error,
+                                    backend=self.backend.name, model=self.backend.model,
+                                    prompt_version=f"{prompt.task}.v{prompt.version}"))
+            self.store.record(results)
+            done = sum(1 for r in results if r["label"] is not None)
+            self.m["labeled"] += done
+            now = time.time()
+            self._done_times.extend([now] * done)
+            self._latency.append(dt / max(len(batch), 1))
+        except Exception as e:  # never let one batch kill the service
+            self.m["internal_errors"] += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            with self._lock:
+                until = time.time() + self.cooldown
+                self._cool.update({i: until for i in ids})
+        finally:
+            with self._lock:
+                self._inflight.difference_update(ids)
+            self._slots.release()
+            self._wake.set()
+
+    def metrics(self) -> dict:
+        now = time.time()
+        recent = [t for t in list(self._done_times) if t > now - 10.0]
+        window = min(10.0, max(now - self.started, 1e-3))
+        lat = sorted(self._latency)
+        counts = self.store.counts()
+        return {"queue_depth": counts["pending"], "labeled_total": counts["labeled"],
+                "unlabeled_total": counts["unlabeled"], "in_flight": len(self._inflight),
+                "labels_per_s": len(recent) / window, "labeled_this_run": self.m["labeled"],
+                "parse_failures": self.m["parse_failures"], "backend_errors": self.m["backend_errors"],
+                "internal_errors": self.m["internal_errors"], "submitted": self.m["submitted"],
+                "latency_s_mean": sum(lat) / len(lat) if lat else 0.0,
+                "latency_s_p90": lat[int(0.9 * (len(lat) - 1))] if lat else 0.0,
+                "last_error": getattr(self, "last_error", None)}
+
+
+def make_http_server(annotator: Annotator, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet: requests are frequent
+            pass
+
+        def _send(self, code: int, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            u = urlparse(self.path)
+            q = parse_qs(u.query)
+            try:
+                if u.path == "/health":
+                    return self._send(200, {"ok": True, "backend": annotator.backend.name})
+                if u.path == "/metrics":
+                    return self._send(200, annotator.metrics())
+                if u.path == "/changes":
+                    task = q.get("task", [""])[0]
+                    since = int(q.get("since", ["0"])[0])
+                    return self._send(200, annotator.store.changes_since(task, since))
+                self._send(404, {"error": f"no route {u.path}"})
+            except (ValueError, KeyError) as e:
+                self._send(400, {"error": str(e)})
+
+        def do_POST(self):
+            u = urlparse(self.path)
+            if u.path != "/submit":
+                return self._send(404, {"error": f"no route {u.path}"})
+            try:
+                n = int(self.headers.get("Content-Length", 0))
+                if n > MAX_BODY:
+                    return self._send(413, {"error": "request too large"})
+                req = json.loads(self.rfile.read(n) or b"{}")
+                msgs = [str(m) for m in req.get("messages", [])]
+                pairs = [(str(a), str(b)) for a, b in req.get("pairs", [])]
+                self._send(200, {"new": annotator.submit(str(req["task"]), msgs, pairs)})
+            except (ValueError, KeyError, TypeError) as e:
+                self._send(400, {"error": str(e)})
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Annotator service options."""
+    store: str = "labels.db"
+    """SQLite label store (created if missing; reused across restarts: nothing is asked twice)."""
+    backend: str = "embedded"
+    """'embedded' (offline MiniLM similarity) or 'openai' (any OpenAI-compatible chat-completions server)."""
+    base_url: str = ""
+    """openai backend: server base URL, e.g. http://127.0.0.1:8000/v1."""
+    model: str = ""
+    """openai backend: model name, e.g. meta-llama/Llama-3.1-8B-Instruct."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: name of the environment variable holding the API key (the key itself is never logged)."""
+    temperature: float = 0.1
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port (see --port-file)."""
+    port_file: str = ""
+    """Write the bound port here once listening."""
+    max_concurrency: int = 4
+    max_retries: int = 3
+    parse_retries: int = 2
+    backoff: float = 0.5
+    cooldown: float = 5.0
+    prompt_dir: str = ""
+    """Directory of <task>.v<N>.txt prompt files (default: the packaged ones)."""
+
+    def __post_init__(self):
+        require(self.backend in ("embedded", "openai"), "backend", f"unknown backend {self.backend!r}",
+                "use --backend embedded or --backend openai")
+        if self.backend == "openai":
+            require(bool(self.base_url), "base_url", "the openai backend needs a server URL",
+                    "pass e.g. --base-url http://127.0.0.1:8000/v1")
+            require(bool(self.model), "model", "the openai backend needs a model name",
+                    "pass e.g. --model meta-llama/Llama-3.1-8B-Instruct")
+        for f in ("max_concurrency", "backoff"):
+            require(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}", f"pass a positive --{f.replace('_', '-')}")
+        for f in ("max_retries", "parse_retries", "port"):
+            require(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}", f"pass --{f.replace('_', '-')} 0 or more")
+
+
+def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
+    backend = make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
+                           temperature=cfg.temperature)
+    store = LabelStore(cfg.store)
+    ann = Annotator(store, backend, max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
+                    parse_retries=cfg.parse_retries, backoff=cfg.backoff, cooldown=cfg.cooldown,
+                    prompt_dir=cfg.prompt_dir or None).start()
+    httpd = make_http_server(ann, cfg.host, cfg.port)
+    port = httpd.server_address[1]
+    if cfg.port_file:
+        tmp = Path(cfg.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(cfg.port_file)
+    print(f"annotator: {backend!r} on http://{cfg.host}:{port} store={cfg.store} "
+          f"pending={store.counts()['pending']}", flush=True)
+    stop = lambda *a: threading.Thread(target=httpd.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if ready is not None:
+        ready.set()
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        ann.stop(wait=False)
+        httpd.server_close()
+
+
+def main(argv=None) -> int:
+    from jaxrl_pref.config import cli
+    cfg = cli(ServerConfig, argv, description=__doc__.split("\n\n")[0])
+    try:
+        serve(cfg)
+    except (ValueError, ImportError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

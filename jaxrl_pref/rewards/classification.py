@@ -1,0 +1,116 @@
+"""ONI-Classification: message bytes -> P(helpful), trained online with BCE on the annotator's labels.
+
+The model (:class:`MessageNet`) embeds a message as a bag of hashed byte n-grams (bigrams and trigrams: the mean
+of learned embeddings over the message's n-grams) followed by an MLP. It is cheap enough to score every step of
+a rollout inside ``jit`` and generalises to messages never annotated that share words with annotated ones
+("You kill the jackal!" after "You kill the newt!" was labelled).
+
+Training data is a fixed-size buffer of labelled messages held in the reward state (``bytes``, ``label``,
+``valid``), filled by the host as labels arrive (:meth:`Classification.buffer_from`); ``update`` runs
+``steps`` Adam steps on random minibatches of it, inside ``jit``, between PPO updates.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NGRAM_BUCKETS = 1 << 14
+
+
+def ngram_ids(msgs, buckets: int = NGRAM_BUCKETS):
+    """Hashed byte bigram and trigram ids ``int32[..., 2L]`` and their mask (n-grams inside the message)."""
+    m = msgs.astype(jnp.uint32)
+    nonpad = msgs != 0
+    b0, b1 = m, jnp.roll(m, -1, -1)
+    b2 = jnp.roll(m, -2, -1)
+    bi = (b0 * jnp.uint32(0x9E3779B1) ^ b1 * jnp.uint32(0x85EBCA6B)) % jnp.uint32(buckets)
+    tri = (b0 * jnp.uint32(0x27D4EB2F) ^ b1 * jnp.uint32(0x165667B1) ^ b2 * jnp.uint32(0xC2B2AE3D)) % jnp.uint32(buckets)
+    L = msgs.shape[-1]
+    pos = jnp.arange(L)
+    m_bi = nonpad & jnp.roll(nonpad, -1, -1) & (pos < L - 1)
+    m_tri = m_bi & jnp.roll(nonpad, -2, -1) & (pos < L - 2)
+    ids = jnp.concatenate([bi, tri], -1).astype(jnp.int32)
+    return ids, jnp.concatenate([m_bi | (nonpad & (pos == 0)), m_tri], -1)
+
+
+class MessageNet(nn.Module):
+    """``uint8[..., L]`` messages -> one logit / score per message."""
+    dim: int = 32
+    hidden: int = 64
+    max_len: int = 128  # NetHack messages rarely exceed this; later bytes are ignored
+
+    @nn.compact
+    def __call__(self, msgs):
+        msgs = msgs[..., :self.max_len]
+        ids, mask = ngram_ids(msgs)
+        e = nn.Embed(NGRAM_BUCKETS, self.dim, embedding_init=nn.initializers.normal(0.1))(ids)
+        w = mask.astype(jnp.float32)[..., None]
+        x = (e * w).sum(-2) / jnp.maximum(w.sum(-2), 1.0)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(1)(x)[..., 0]
+
+
+def bce_loss(logits, labels, weights):
+    l = optax.sigmoid_binary_cross_entropy(logits, labels)
+    return (l * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+class Classification:
+    """P(helpful | message); ``state = {"params", "opt", "data": {"bytes", "label", "valid"}}``."""
+    name = "classification"
+
+    def __init__(self, capacity: int = 4096, message_len: int = 256, steps: int = 4, batch_size: int = 256,
+                 learning_rate: float = 3e-3, net: MessageNet | None = None):
+        self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
+        self.net = net if net is not None else MessageNet()
+        self.tx = optax.adam(learning_rate)
+
+    def empty_data(self) -> dict:
+        return {"bytes": jnp.zeros((self.capacity, self.message_len), jnp.uint8),
+                "label": jnp.zeros((self.capacity,), jnp.float32), "valid": jnp.zeros((self.capacity,), bool)}
+
+    def buffer_from(self, msgs: np.ndarray, labels: np.ndarray) -> dict:
+        """Device buffer holding the newest ``capacity`` labelled messages (host arrays in, padded)."""
+        msgs, labels = np.asarray(msgs)[-self.capacity:], np.asarray(labels, np.float32)[-self.capacity:]
+        n = len(labels)
+        b = np.zeros((self.capacity, self.message_len), np.uint8)
+        b[:n, :msgs.shape[1]] = msgs[:, :self.message_len]
+        lab = np.zeros(self.capacity, np.float32)
+        lab[:n] = labels
+        return {"bytes": jnp.asarray(b), "label": jnp.asarray(lab), "valid": jnp.asarray(np.arange(self.capacity) < n)}
+
+    def init(self, key):
+        params = self.net.init(key, jnp.zeros((1, self.message_len), jnp.uint8))
+        return {"params": params, "opt": self.tx.init(params), "data": self.empty_data()}
+
+    def loss(self, params, data, idx):
+        logits = self.net.apply(params, data["bytes"][idx])
+        return bce_loss(logits, data["label"][idx], data["valid"][idx].astype(jnp.float32)), logits
+
+    def update(self, state, key):
+        data = state["data"]
+        n = data["valid"].sum()
+        p = data["valid"].astype(jnp.float32) / jnp.maximum(n, 1)
+
+        def step(carry, k):
+            params, opt = carry
+            idx = jax.random.choice(k, self.capacity, (self.batch_size,), p=jnp.where(n > 0, p, 1.0 / self.capacity))
+            (l, logits), g = jax.value_and_grad(self.loss, has_aux=True)(params, data, idx)
+            upd, opt = self.tx.update(g, opt, params)
+            acc = ((logits > 0) == (data["label"][idx] > 0.5)).mean()
+            return (optax.apply_updates(params, upd), opt), (l, acc)
+
+        (params, opt), (l, acc) = jax.lax.scan(step, (state["params"], state["opt"]), jax.random.split(key, self.steps))
+        # no data yet: keep the initial parameters (an all-masked loss has zero gradient anyway, Adam's state not)
+        params = jax.tree.map(lambda a, b: jnp.where(n > 0, a, b), params, state["params"])
+        return {**state, "params": params, "opt": opt}, {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
+                                                         "reward_model/examples": n.astype(jnp.float32)}
+
+    def prob(self, state, msgs):
+        return jax.nn.sigmoid(self.net.apply(state["params"], msgs))
+
+    def score(self, state, msgs, table):
+        return self.prob(state, msgs)

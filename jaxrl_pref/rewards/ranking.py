@@ -1,0 +1,89 @@
+"""ONI-Ranking: a scalar reward r(message) from pairwise LLM preferences with the Bradley-Terry model.
+
+Each annotated pair ``(a, b, p)`` says ``a`` is preferred with probability ``p`` (1, 0, or 0.5 for a tie). The
+model is trained with ``-[p log s(r(a) - r(b)) + (1 - p) log s(r(b) - r(a))]`` (s = sigmoid), Motif-style, on a
+fixed-size buffer of pairs in the reward state, refreshed by the host (:meth:`Ranking.buffer_from`).
+
+The score is ``r(message) - r(empty message)``: BT rewards are defined up to a constant, so "nothing was said"
+is the zero point and the shaping threshold means "better than silence by this much". Include the empty message
+in the pairs the learner asks about (the ONI agent does) so that anchor is learned.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrl_pref.rewards.classification import MessageNet
+
+
+def bt_loss(ra, rb, pref, weights):
+    """Bradley-Terry negative log-likelihood of soft preferences ``pref`` = P(a preferred over b)."""
+    d = ra - rb
+    nll = -(pref * jax.nn.log_sigmoid(d) + (1 - pref) * jax.nn.log_sigmoid(-d))
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+class Ranking:
+    name = "ranking"
+
+    def __init__(self, capacity: int = 8192, message_len: int = 256, steps: int = 4, batch_size: int = 256,
+                 learning_rate: float = 3e-3, net: MessageNet | None = None):
+        self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
+        self.net = net if net is not None else MessageNet()
+        self.tx = optax.adam(learning_rate)
+
+    def empty_data(self) -> dict:
+        z = jnp.zeros((self.capacity, self.message_len), jnp.uint8)
+        return {"a": z, "b": z, "pref": jnp.zeros((self.capacity,), jnp.float32),
+                "valid": jnp.zeros((self.capacity,), bool)}
+
+    def buffer_from(self, a: np.ndarray, b: np.ndarray, pref: np.ndarray) -> dict:
+        a, b, pref = np.asarray(a)[-self.capacity:], np.asarray(b)[-self.capacity:], np.asarray(pref)[-self.capacity:]
+        n = len(pref)
+        out = {}
+        for k, v in (("a", a), ("b", b)):
+            buf = np.zeros((self.capacity, self.message_len), np.uint8)
+            buf[:n, :v.shape[1]] = v[:, :self.message_len]
+            out[k] = jnp.asarray(buf)
+        p = np.zeros(self.capacity, np.float32)
+        p[:n] = pref
+        out["pref"], out["valid"] = jnp.asarray(p), jnp.asarray(np.arange(self.capacity) < n)
+        return out
+
+    def init(self, key):
+        params = self.net.init(key, jnp.zeros((1, self.message_len), jnp.uint8))
+        return {"params": params, "opt": self.tx.init(params), "data": self.empty_data()}
+
+    def reward(self, params, msgs):
+        return self.net.apply(params, msgs)
+
+    def loss(self, params, data, idx):
+        ra = self.reward(params, data["a"][idx])
+        rb = self.reward(params, data["b"][idx])
+        return bt_loss(ra, rb, data["pref"][idx], data["valid"][idx].astype(jnp.float32)), (ra, rb)
+
+    def update(self, state, key):
+        data = state["data"]
+        n = data["valid"].sum()
+        p = data["valid"].astype(jnp.float32) / jnp.maximum(n, 1)
+
+        def step(carry, k):
+            params, opt = carry
+            idx = jax.random.choice(k, self.capacity, (self.batch_size,), p=jnp.where(n > 0, p, 1.0 / self.capacity))
+            (l, (ra, rb)), g = jax.value_and_grad(self.loss, has_aux=True)(params, data, idx)
+            upd, opt = self.tx.update(g, opt, params)
+            pref = data["pref"][idx]
+            decided = (pref != 0.5).astype(jnp.float32)
+            acc = (((ra > rb) == (pref > 0.5)) * decided).sum() / jnp.maximum(decided.sum(), 1.0)
+            return (optax.apply_updates(params, upd), opt), (l, acc)
+
+        (params, opt), (l, acc) = jax.lax.scan(step, (state["params"], state["opt"]), jax.random.split(key, self.steps))
+        params = jax.tree.map(lambda a, b: jnp.where(n > 0, a, b), params, state["params"])
+        return {**state, "params": params, "opt": opt}, {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
+                                                         "reward_model/examples": n.astype(jnp.float32)}
+
+    def score(self, state, msgs, table):
+        empty = jnp.zeros((1, msgs.shape[-1]), msgs.dtype)
+        return self.reward(state["params"], msgs) - self.reward(state["params"], empty)[0]

@@ -1,0 +1,59 @@
+"""Intrinsic reward from a message reward model, shaped as in the ONI / Motif line of work.
+
+For each step, with ``m`` the message the step produced (``traj.final_obs["message"]``, the observation the
+action led to) and ``s(m)`` the reward model's score (:class:`~jaxrl_pref.rewards.retrieval.Retrieval` label,
+:class:`~jaxrl_pref.rewards.classification.Classification` probability or
+:class:`~jaxrl_pref.rewards.ranking.Ranking` reward)::
+
+    r_int = 1[s(m) > threshold] * s(m) / N(m) ** beta          (0 for the empty message)
+
+``N(m)`` is how often the learner has seen ``m`` so far (counted on the host into the message table, so it
+includes the current rollout); ``beta = 0`` turns the decay off. Normalisation (running std) and the intrinsic /
+extrinsic coefficients are :class:`~jaxrl_pref.rewards.transform.ScaledSum`'s job; wrap this in it::
+
+    ScaledSum(ShapedIntrinsic(Classification()), ext_coef=10.0, int_coef=0.4)
+
+State: ``{"table": message table arrays, "model": the reward model's state}``. Both are refreshed from the host
+between updates (new labels -> table / training buffer); the model's own training (a few optimiser steps) runs
+inside the jitted update. Logged terms: ``intrinsic/score`` (raw model output), ``intrinsic/thresholded``,
+``intrinsic/decay`` (mean of 1/N^beta), ``intrinsic/reward`` (after shaping), ``intrinsic/active_frac``
+(fraction of steps with a non-zero reward), ``intrinsic/known_frac`` (steps whose message has a label).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_pref.rewards.retrieval import MessageTable, lookup
+
+
+class ShapedIntrinsic:
+    """A :class:`~jaxrl_pref.rewards.transform.RewardTransform` around a message reward model."""
+
+    def __init__(self, model, threshold: float = 0.5, beta: float = 0.5, table_capacity: int = 1 << 16,
+                 message_key: str = "message"):
+        self.model, self.threshold, self.beta = model, threshold, beta
+        self.table_capacity, self.message_key = table_capacity, message_key
+
+    def init(self, key, spec):
+        return {"table": MessageTable.empty_device(self.table_capacity), "model": self.model.init(key)}
+
+    def update(self, state, traj, key, axis_name=None):
+        model, metrics = self.model.update(state["model"], key)
+        return {**state, "model": model}, metrics
+
+    def shape(self, score, count, empty):
+        kept = jnp.where(score > self.threshold, score, 0.0)
+        decay = jnp.maximum(count, 1.0) ** (-self.beta)
+        return jnp.where(empty, 0.0, kept * decay), kept, decay
+
+    def __call__(self, state, traj):
+        msgs = traj.final_obs[self.message_key]
+        score = self.model.score(state["model"], msgs, state["table"])
+        label, count, found = lookup(state["table"], msgs)
+        empty = (msgs == 0).all(-1)
+        r, kept, decay = self.shape(score, count, empty)
+        metrics = {"intrinsic/score": score.mean(), "intrinsic/thresholded": kept.mean(),
+                   "intrinsic/decay": decay.mean(), "intrinsic/reward": r.mean(),
+                   "intrinsic/active_frac": (r != 0).mean(), "intrinsic/known_frac": (~jnp.isnan(label) & found).mean()}
+        return r, metrics
