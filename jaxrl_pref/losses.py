@@ -55,3 +55,46 @@ def ppo_loss(new_log_prob, old_log_prob, advantages, entropy, new_value, old_val
         "loss/clip_frac": (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32).mean(),
     }
     return total, metrics
+
+
+# -- fitted-Q regression targets (SQIRL) --------------------------------------------------------------------------
+
+def discounted_returns(rewards, terminal, gamma):
+    """Monte-Carlo returns ``G_t = r_t + gamma * (1 - terminal_t) * G_{t+1}`` of time-major ``[T, ...]`` rewards.
+
+    ``terminal`` marks the last step of each episode (terminated, truncated, or the end of a finite horizon): the
+    return restarts there. The step after ``T - 1`` counts as terminal.
+    """
+    cont = 1.0 - terminal.astype(jnp.float32)
+
+    def step(g, x):
+        r, c = x
+        g = r + gamma * c * g
+        return g, g
+
+    _, ret = jax.lax.scan(step, jnp.zeros_like(rewards[0], jnp.float32), (rewards.astype(jnp.float32), cont),
+                          reverse=True)
+    return ret
+
+
+def fitted_q_targets(mc_return, reward, terminal, next_q, gamma):
+    """Regression targets for a stack of Q-functions ``Q_1..Q_k`` (SQIRL's k heads; fitted-Q iteration).
+
+    Args:
+      mc_return: ``[B]`` Monte-Carlo return of the random continuation (target of ``Q_1``, i.e. ``Q^random``).
+      reward, terminal: ``[B]`` one-step reward and whether the next state ends the episode (no bootstrapping).
+      next_q: ``[k, B, A]`` the heads' values at the next observation (treated as constants).
+    Returns:
+      ``[k, B]``: row 0 is ``mc_return``; row ``j > 0`` is ``r + gamma * (1 - terminal) * max_a next_q[j-1, :, a]``
+      (one Bellman-optimality backup of the previous head).
+    """
+    next_q = jax.lax.stop_gradient(next_q)
+    cont = 1.0 - terminal.astype(jnp.float32)
+    backups = reward[None] + gamma * cont[None] * next_q[:-1].max(axis=-1)
+    return jnp.concatenate([mc_return[None].astype(jnp.float32), backups], axis=0)
+
+
+def huber(x, delta: float = 1.0):
+    """Huber (smooth-L1) loss of the error ``x``: ``x^2/2`` for ``|x| <= delta``, linear beyond."""
+    a = jnp.abs(x)
+    return jnp.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
