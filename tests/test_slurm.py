@@ -1,0 +1,362 @@
+"""Sweeps: expansion, job script, report -- and end to end on a real single-node Slurm started by a fixture.
+
+The ``slurm`` fixture (session scope) starts ``munged``, ``slurmctld`` and ``slurmd`` with a generated
+``slurm.conf`` in a temporary directory (node = this host on 127.0.0.1, ports on localhost, proctrack/linuxproc,
+select/cons_tres), points the Slurm clients at it through ``SLURM_CONF``, and stops the daemons it started by pid.
+It installs ``slurm-wlm`` and ``munge`` with apt-get when they are missing and we are root (``.ci/run`` does that
+up front); otherwise the real-Slurm tests are skipped with the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxrl_pref.config import ConfigError
+from jaxrl_pref.logging import write_metrics
+from slurm import report, submit, sweep as sw
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# -- expansion, script, report (no Slurm) ----------------------------------------------------------------------------
+def _sweep(**over):
+    raw = {"experiment": "ppo", "name": "t", "fixed": {"env_name": "CartPole-v1", "total-timesteps": 2048},
+           "grid": {"learning_rate": [1e-3, 3e-3], "ent_coef": [0.0, 0.01]}, "seeds": 3}
+    raw.update(over)
+    return sw.from_dict(raw)
+
+
+def test_expand_one_task_per_point_and_seed():
+    pts, tasks = sw.expand(_sweep())
+    assert [p.params for p in pts] == [{"learning_rate": 1e-3, "ent_coef": 0.0}, {"learning_rate": 1e-3, "ent_coef": 0.01},
+                                       {"learning_rate": 3e-3, "ent_coef": 0.0}, {"learning_rate": 3e-3, "ent_coef": 0.01}]
+    assert len(tasks) == 12 and [t.index for t in tasks] == list(range(12))
+    t = tasks[5]  # point 1, seed 2
+    assert t.members == [{"point": 1, "seed": 2, "row": 0}]
+    assert "--learning-rate=0.001" in t.args and "--ent-coef=0.01" in t.args and "--total-timesteps=2048" in t.args
+    assert t.args[-4:] == ["--seed", "2", "--num-seeds", "1"]
+    assert len({t.run_dir for t in tasks}) == 12
+
+
+def test_expand_vmapped_seeds_and_hparams():
+    _, tasks = sw.expand(_sweep(vmap_seeds=True))
+    assert len(tasks) == 4 and all(len(t.members) == 3 for t in tasks)
+    assert tasks[0].args[-4:] == ["--seed", "0", "--num-seeds", "3"]
+    _, tasks = sw.expand(_sweep(vmap_seeds=True, vmap_hparams=["learning_rate"], zip=[{"num_envs": 4}, {"num_envs": 8}]))
+    # groups: (ent_coef, num_envs) -> 4 tasks, each 2 learning rates x 3 seeds = 6 members
+    assert len(tasks) == 4 and all(len(t.members) == 6 for t in tasks)
+    hp = json.loads(tasks[0].args[tasks[0].args.index("--hp-values") + 1])
+    assert hp == {"learning_rate": [1e-3] * 3 + [3e-3] * 3}
+    assert [m["row"] for m in tasks[0].members] == list(range(6))
+    assert "--learning-rate" not in " ".join(tasks[0].args)
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"grid": {"learning_rate": 0.1}}, "grid.learning_rate"),
+    ({"seeds": 0}, "seeds"),
+    ({"fixed": {"seed": 3}}, "seed"),
+    ({"vmap_hparams": ["learning_rate"]}, "vmap_hparams"),
+    ({"vmap_seeds": True, "seeds": [0, 2]}, "seeds"),
+    ({"slurm": {"time": "soon"}}, "slurm.time"),
+    ({"slurm": {"gpu": 1}}, "slurm.gpu"),
+    ({"bogus": 1}, "bogus"),
+    ({"fixed": {"ent_coef": 0.1}}, "ent_coef"),
+])
+def test_sweep_file_errors_name_the_field(over, field):
+    with pytest.raises(ConfigError) as e:
+        _sweep(**over)
+    assert e.value.field == field and "Fix:" in str(e.value)
+
+
+def test_array_spec():
+    assert sw.array_spec(range(8), 4) == "0-7%4"
+    assert sw.array_spec([1, 2, 3, 7, 9, 10], None) == "1-3,7,9-10"
+    assert submit.parse_indices("1,3-5") == [1, 3, 4, 5]
+
+
+def test_dry_run_prints_script_and_writes_nothing(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text("experiment: ppo\nname: dry\nfixed: {env_name: CartPole-v1}\ngrid: {learning_rate: [0.001, 0.01]}\n"
+                 "seeds: 2\nslurm: {partition: gpu, time: '02:00:00', gpus_per_task: 1, cpus_per_task: 4, throttle: 3, "
+                 "mem: 8G, extra: ['--qos=low'], setup: ['module load cuda']}\n")
+    assert submit.main([str(f), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00",
+                 "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=8G", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@120", "#SBATCH --qos=low", "module load cuda", "-m slurm.task"):
+        assert line in out, line
+    assert out.count("-m experiments.ppo") == 4 and "--resume" in out
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_sweep(tmp_path, broken=()):
+    """A 2-point x 3-seed sweep whose runs are written directly (no training): return = 10 * point + seed."""
+    s = _sweep(grid={"learning_rate": [1e-3, 3e-3]})
+    pts, tasks = sw.expand(s)
+    sw.write_manifest(tmp_path, s, pts, tasks, {"python": PY})
+    for t in tasks:
+        if t.index in broken:
+            continue
+        run = tmp_path / t.run_dir
+        (m,) = t.members
+        ret = np.full((1, 10), np.nan, np.float32)
+        ret[0, 1::2] = 10 * m["point"] + m["seed"]
+        write_metrics(run, {"episode_return": ret, "loss": np.zeros((1, 10), np.float32)}, 100)
+        (run / "config.json").write_text(json.dumps({"run": {"num_updates": 10}}))
+        (run / "status.json").write_text(json.dumps({"state": "done", "exit_code": 0}))
+    return pts, tasks
+
+
+def test_report_table_ci_plots_and_missing(tmp_path):
+    _fake_sweep(tmp_path, broken=(4,))
+    data = report.write_report(tmp_path)
+    rows = {r["point"]: r for r in data["rows"]}
+    assert rows[0]["n"] == 3 and rows[0]["mean"] == pytest.approx(1.0)      # seeds 0, 1, 2
+    # 95% CI of {0, 1, 2}: t(0.975, 2) * 1 / sqrt(3)
+    assert rows[0]["ci95"] == pytest.approx(4.302652729911275 / 3 ** 0.5, rel=1e-6)
+    assert rows[1]["n"] == 2 and rows[1]["mean"] == pytest.approx(11.0)     # task 4 (point 1, seed 1) missing
+    assert data["failed"] == [4]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "task 4" in md and f"--rerun {tmp_path.resolve()} --tasks 4" in md
+    for f in ("learning_curves.png", "final_vs_learning_rate.png", "summary.csv"):
+        assert (tmp_path / "report" / f).stat().st_size > 0
+    assert report.main([str(tmp_path), "--no-plots"]) == 3
+
+
+# -- real Slurm ------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install_if_missing() -> str | None:
+    """Reason to skip, or None when munged/slurmctld/slurmd/sbatch are available (installing them if root)."""
+    need = ("munged", "slurmctld", "slurmd", "sbatch")
+    if all(shutil.which(b) or os.path.exists(f"/usr/sbin/{b}") for b in need):
+        return None
+    if os.geteuid() != 0:
+        return "slurm-wlm/munge are not installed and we are not root (apt-get install -y slurm-wlm munge)"
+    if not shutil.which("apt-get"):
+        return "slurm-wlm/munge are not installed and there is no apt-get here"
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"], capture_output=True, text=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+    if r.returncode != 0:
+        return f"apt-get install slurm-wlm munge failed: {r.stderr.strip()[-300:]}"
+    return None
+
+
+class LocalSlurm:
+    """munged + slurmctld + slurmd for one node (this host), all state under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.pids: list[int] = []
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+
+    def sbin(self, name):
+        return shutil.which(name) or f"/usr/sbin/{name}"
+
+    def start(self) -> None:
+        r = self.root
+        for d in ("state", "spool", "log", "munge"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        sock = r / "munge" / "munge.socket"
+        subprocess.run([self.sbin("munged"), "--force", f"--socket={sock}", f"--key-file={key}",
+                        f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
+                        f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True, timeout=30)
+        self.pids.append(self._pid(r / "munge" / "munged.pid"))
+        cpus = os.cpu_count() or 1
+        mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+        conf = f"""ClusterName=jaxrltest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}
+SlurmctldPidFile={r / 'slurmctld.pid'}
+SlurmdPidFile={r / 'slurmd.pid'}
+SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
+SlurmdLogFile={r / 'log' / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+JobRequeue=1
+ReturnToService=2
+KillWait=60
+MinJobAge=300
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+        (r / "slurm.conf").write_text(conf)
+        for daemon in ("slurmctld", "slurmd"):
+            p = subprocess.run([self.sbin(daemon), "-f", str(r / "slurm.conf")], env=self.env, capture_output=True,
+                               text=True, timeout=60)
+            if p.returncode != 0:
+                raise RuntimeError(f"{daemon} did not start: {p.stderr.strip()} {self.log(daemon)}")
+            self.pids.append(self._pid(r / f"{daemon}.pid"))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = self.run("sinfo", "-h", "-o", "%t").stdout.strip()
+            if out in ("idle", "mix", "alloc"):
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the node did not come up (sinfo: {out!r}); {self.log('slurmctld')}")
+
+    def _pid(self, path: Path, wait_s: float = 15) -> int:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if path.exists() and path.read_text().strip():
+                return int(path.read_text().strip())
+            time.sleep(0.1)
+        raise RuntimeError(f"no pid file {path}")
+
+    def log(self, daemon: str) -> str:
+        p = self.root / "log" / f"{daemon}.log"
+        return p.read_text()[-1500:] if p.exists() else ""
+
+    def run(self, *cmd, check=False) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60, check=check)
+
+    def stop(self) -> None:
+        for pid in reversed(self.pids):  # slurmd, slurmctld, munged: only the daemons started here
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+
+    def job_states(self, job_id: str) -> dict[str, str]:
+        """``{"<job>_<task>": state}`` for the array's tasks still known to slurmctld."""
+        out = self.run("squeue", "-h", "-r", "-j", job_id, "-o", "%i %T").stdout
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def wait_done(self, job_id: str, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if not self.job_states(job_id):
+                return
+            time.sleep(2)
+        raise AssertionError(f"job {job_id} still queued/running after {timeout_s} s: {self.job_states(job_id)}")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = _install_if_missing()
+    if reason:
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd for a test cluster needs root (SlurmUser=root)")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+        cluster.stop()
+        pytest.skip(f"could not start a local Slurm: {e}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]  # for slurm.submit's sbatch in this process
+    yield cluster
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    cluster.stop()
+
+
+TINY = {"env_name": "CartPole-v1", "num_envs": 4, "num_steps": 32, "hidden": [16], "update_epochs": 1,
+        "num_minibatches": 1}
+
+
+def _write_sweep(path: Path, name: str, fixed: dict, grid: dict, seeds, **more) -> Path:
+    raw = {"experiment": "ppo", "name": name, "fixed": fixed, "grid": grid, "seeds": seeds,
+           "slurm": {"time": "00:10:00", "cpus_per_task": 1}, "python": PY, **more}
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_sweep_on_real_slurm(slurm, tmp_path):
+    f = _write_sweep(tmp_path / "tiny.json", "tiny", {**TINY, "total_timesteps": 4 * 32 * 4, "checkpoint_every": 2},
+                     {"learning_rate": [1e-3, 3e-3]}, 1)
+    out = tmp_path / "sweep"
+    submit.submit(f, out=str(out))
+    m = sw.read_manifest(out)
+    job = m["submissions"][0]["job_id"]
+    slurm.wait_done(job, 600)
+    for t in m["tasks"]:
+        st = report.task_state(out, t)
+        log = "".join(p.read_text() for p in (out / "logs").glob("*"))
+        assert st["state"] == "done", (t, st["status"], log[-2000:])
+        run = out / t["run_dir"]
+        assert st["updates"] == 4
+        assert (run / "checkpoints").is_dir() and (run / "config.json").exists()
+        assert json.loads((run / "git.json").read_text())["commit"]
+        status = json.loads((run / "status.json").read_text())
+        assert status["slurm_array_job_id"] == job and status["exit_code"] == 0
+    assert len(list((out / "logs").glob(f"{job}_*.out"))) == 2
+    data = report.write_report(out)
+    assert data["failed"] == [] and all(r["n"] == 1 for r in data["rows"])
+    assert (out / "report" / "learning_curves.png").exists()
+
+
+def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
+    # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there
+    f = _write_sweep(tmp_path / "long.json", "long", {**TINY, "total_timesteps": 4 * 32 * 400,
+                                                       "checkpoint_every": 20},
+                     {"learning_rate": [1e-3]}, 1)
+    out = tmp_path / "sweep"
+    submit.submit(f, out=str(out))
+    m = sw.read_manifest(out)
+    job = m["submissions"][0]["job_id"]
+    run = out / m["tasks"][0]["run_dir"]
+    deadline = time.time() + 400
+    while not list((run / "checkpoints").glob("[0-9]*")) if (run / "checkpoints").exists() else True:
+        assert time.time() < deadline, "no checkpoint appeared"
+        assert slurm.job_states(job), "the job ended before it could be requeued"
+        time.sleep(1)
+    r = slurm.run("scontrol", "requeue", f"{job}_0")
+    assert r.returncode == 0, r.stderr
+    slurm.wait_done(job, 900)
+    log = "".join(p.read_text() for p in (out / "logs").glob("*"))
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["attempt"] == 2, (status, log[-3000:])
+    assert status["slurm_restart_count"] == 1
+    assert "resumed" in log and "received SIGTERM" in log, log[-3000:]
+    resumed_at = int(log.split("resumed ")[1].split(" at update ")[1].split("/")[0])
+    assert 0 < resumed_at < 400
+    st = report.task_state(out, m["tasks"][0])
+    assert st["state"] == "done" and st["updates"] == 400
+    np.testing.assert_array_equal(st["metrics"]["update"], np.arange(1, 401))
