@@ -51,7 +51,7 @@ class HostTrainer:
     metrics is a dict of ``[num_updates]`` numpy arrays (same keys as the Anakin trainer's)."""
 
     def __init__(self, cfg, env, reward=None, log_fn: Optional[Callable] = None, log_every: int = 1,
-                 overlap: bool = False, network=None):
+                 overlap: bool = False, network=None, host_hook: Optional[Callable] = None):
         from agents import ppo  # agents depend on jaxrl_pref, not the reverse: imported lazily
         self.cfg, self.env = cfg, env
         self.spec = host_spec(env)
@@ -59,6 +59,10 @@ class HostTrainer:
         self.hp = ppo.hparams(cfg)
         self.reward = reward if reward is not None else IdentityReward()
         self.log_fn, self.log_every, self.overlap = log_fn, log_every, overlap
+        # host_hook(state, traj) -> (state, host_metrics): runs on the host after each rollout, before its update
+        # (e.g. ONI: send new messages to the annotator, load new labels into state.reward_state). Its metrics
+        # (plain floats) are logged with the update's.
+        self.host_hook = host_hook
         self._act = jax.jit(self.agent.act)
         self._learn = jax.jit(self._learn_fn)
         self._obs = None
@@ -118,6 +122,9 @@ class HostTrainer:
             else:
                 traj, last_obs = self.collect(state.train_state.params, k_roll)
             self._pending = None
+            host_metrics = {}
+            if self.host_hook is not None:
+                state, host_metrics = self.host_hook(state, traj)
             if self.overlap:
                 box = {}
                 th = threading.Thread(target=lambda: box.update(out=jax.block_until_ready(
@@ -129,6 +136,7 @@ class HostTrainer:
             else:
                 state, metrics = self._learn(state, traj, last_obs)
             metrics = jax.tree.map(np.asarray, metrics)
+            metrics.update({k: np.float32(v) for k, v in host_metrics.items()})
             metrics["env_steps_per_s"] = np.float32(self.cfg.num_steps * self.env.num_envs /
                                                     max(time.perf_counter() - t0, 1e-9))
             t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-NGRAM_BUCKETS = 1 << 14
+NGRAM_BUCKETS = 1 << 13
 
 
 def ngram_ids(msgs, buckets: int = NGRAM_BUCKETS):

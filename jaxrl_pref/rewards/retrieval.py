@@ -185,7 +185,7 @@ class Retrieval:
     def init(self, key):
         return ()
 
-    def update(self, state, data, key):
+    def update(self, state, key):
         return state, {}
 
     def score(self, state, msgs, table):

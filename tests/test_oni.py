@@ -1,0 +1,205 @@
+"""ONI reward models (retrieval, classification, ranking), shaping, and the agent end to end on a message env."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents import oni, ppo
+from jaxrl_pref.networks import MLP, EncoderActorCritic
+from jaxrl_pref.rewards.classification import Classification
+from jaxrl_pref.rewards.ranking import Ranking
+from jaxrl_pref.rewards.retrieval import MessageTable, TableFull, decode_messages, encode_messages, lookup
+from jaxrl_pref.rewards.shaping import ShapedIntrinsic
+from jaxrl_pref.rollout import Transition
+
+
+# -- retrieval ------------------------------------------------------------------------------------------------------
+def test_hash_table_exact_in_jit():
+    rng = np.random.default_rng(0)
+    texts = list(dict.fromkeys("".join(rng.choice(list("abcdefgh !."), rng.integers(1, 60))) for _ in range(3000)))
+    known, unknown = texts[:2000], texts[2000:]
+    labels = rng.integers(0, 2, len(known)).astype(np.float32)
+    t = MessageTable(1 << 13)
+    assert t.add(encode_messages(known), counts=np.ones(len(known)), labels=labels) == len(known)
+    t.add(encode_messages(known[:10]), counts=np.full(10, 2.0))
+    lab, cnt, found = jax.jit(lookup)(t.device(), jnp.asarray(encode_messages(known + unknown)))
+    np.testing.assert_array_equal(np.asarray(lab[:2000]), labels)
+    assert bool(found[:2000].all()) and not bool(found[2000:].any()) and np.isnan(np.asarray(lab[2000:])).all()
+    np.testing.assert_array_equal(np.asarray(cnt[:12]), [3.0] * 10 + [1.0] * 2)
+    assert decode_messages(encode_messages(["You kill the newt!"])) == ["You kill the newt!"]
+    with pytest.raises(TableFull):
+        MessageTable(1024).add(encode_messages([f"m{i}" for i in range(600)]))
+
+
+def test_shaping_threshold_decay_and_terms():
+    model = oni.make_model(oni.ONIOptions(reward_model="retrieval"))
+    shaped = ShapedIntrinsic(model, threshold=0.5, beta=0.5, table_capacity=1024)
+    t = MessageTable(1024)
+    t.add(encode_messages(["good", "bad", "unlabeled"]), counts=np.array([4.0, 1.0, 1.0]),
+          labels=np.array([1.0, 0.0, np.nan]))
+    state = {**shaped.init(jax.random.PRNGKey(0), None), "table": t.device()}
+    msgs = encode_messages(["good", "bad", "unlabeled", "never seen", ""]).reshape(5, 1, -1)
+    traj = Transition(None, None, None, None, jnp.zeros((5, 1)), None, None, {"message": jnp.asarray(msgs)}, {})
+    r, m = shaped(state, traj)
+    np.testing.assert_allclose(np.asarray(r[:, 0]), [1.0 / 2.0, 0, 0, 0, 0])  # 1 / sqrt(4)
+    assert {"intrinsic/score", "intrinsic/thresholded", "intrinsic/decay", "intrinsic/reward",
+            "intrinsic/active_frac", "intrinsic/known_frac"} <= set(m)
+    assert float(m["intrinsic/known_frac"]) == pytest.approx(2 / 5)
+
+
+# -- classification ----------------------------------------------------------------------------------------------------
+MONSTERS = ["newt", "jackal", "grid bug", "kobold", "lichen", "fox", "sewer rat", "gnome lord", "hill orc",
+            "giant bat", "acid blob", "coyote", "floating eye", "gecko", "yellow mold", "homunculus"]
+ITEMS = ["a dagger", "3 gold pieces", "a scroll labeled FOOBIE BLETCH", "an amulet", "a wand", "2 food rations",
+         "a ring", "a potion", "a lamp", "a key"]
+
+
+def _cls_data(monsters, items):
+    pos = [f"You kill the {m}!" for m in monsters] + [f"You see here {i}." for i in items] + \
+          [f"You pick up {i}." for i in items]
+    neg = [f"You miss the {m}." for m in monsters] + [f"The {m} bites!" for m in monsters] + \
+          [f"You hear {i} fall." for i in items]
+    return pos + neg, np.array([1.0] * len(pos) + [0.0] * len(neg), np.float32)
+
+
+def test_classifier_generalises_to_held_out_messages():
+    train_x, train_y = _cls_data(MONSTERS[:11], ITEMS[:7])
+    test_x, test_y = _cls_data(MONSTERS[11:], ITEMS[7:])
+    model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
+    state = model.init(jax.random.PRNGKey(0))
+    state = {**state, "data": model.buffer_from(encode_messages(train_x), train_y)}
+    state, m = jax.jit(model.update)(state, jax.random.PRNGKey(1))
+    assert float(m["reward_model/train_acc"]) > 0.95
+    p = np.asarray(model.prob(state, jnp.asarray(encode_messages(test_x))))
+    acc = ((p > 0.5) == (test_y > 0.5)).mean()
+    assert acc >= 0.9, (acc, list(zip(test_x, p.round(2))))
+
+
+# -- ranking ---------------------------------------------------------------------------------------------------------
+def test_bradley_terry_recovers_known_order():
+    msgs = ["It's solid stone.", "You hear some noises.", "You see a door.", "The door opens.",
+            "You pick up the key.", "There is a staircase down here."]  # true utility = index
+    rng = np.random.default_rng(0)
+    a, b, p = [], [], []
+    for _ in range(400):
+        i, j = rng.choice(len(msgs), 2, replace=False)
+        prob = 1 / (1 + np.exp(-(i - j) * 1.5))
+        a.append(msgs[i]), b.append(msgs[j]), p.append(float(rng.random() < prob))
+    model = Ranking(capacity=512, steps=150, batch_size=64, learning_rate=2e-2)
+    state = {**model.init(jax.random.PRNGKey(0)),
+             "data": model.buffer_from(encode_messages(a), encode_messages(b), np.array(p, np.float32))}
+    state, m = jax.jit(model.update)(state, jax.random.PRNGKey(1))
+    r = np.asarray(model.reward(state["params"], jnp.asarray(encode_messages(msgs))))
+    assert list(np.argsort(r)) == list(range(len(msgs))), r
+
+
+# -- agent end to end ---------------------------------------------------------------------------------------------------
+MESSAGES = ["It's a wall.", "You hear some noises.", "You find a hidden passage.", "Nothing happens."]
+
+
+class MessageBandit:
+    """Host env: action a prints MESSAGES[a]; no extrinsic reward; episodes of 8 steps (truncated)."""
+    num_actions = len(MESSAGES)
+
+    def __init__(self, num_envs, horizon=8):
+        self.num_envs, self.horizon = num_envs, horizon
+        self.t = np.zeros(num_envs, np.int32)
+        self.ret = np.zeros(num_envs, np.float32)
+        self.bytes = encode_messages(MESSAGES)
+
+    def observation_spec(self):
+        return {"obs": ((2,), np.float32), "message": ((256,), np.uint8)}
+
+    def _obs(self, msg_ids=None):
+        m = np.zeros((self.num_envs, 256), np.uint8) if msg_ids is None else self.bytes[msg_ids]
+        return {"obs": np.ones((self.num_envs, 2), np.float32), "message": m}
+
+    def reset(self):
+        self.t[:] = 0
+        return self._obs()
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        obs = self._obs(actions)
+        self.t += 1
+        done = self.t >= self.horizon
+        info = {"final_obs": {k: v.copy() for k, v in obs.items()}, "episode_done": done,
+                "episode_return": np.zeros(self.num_envs, np.float32),
+                "episode_length": self.t.astype(np.float32)}
+        self.t[done] = 0
+        obs["message"][done] = 0
+        return obs, np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool), done, info
+
+    def close(self):
+        pass
+
+
+class InstantClient:
+    """In-process stand-in for the annotator client: answers from a dict / a score table at once."""
+
+    def __init__(self, labels=None, scores=None):
+        self.labels, self.scores = labels or {}, scores or {}
+        self.out_l, self.out_p, self.asked = {}, [], []
+
+    def submit(self, messages=(), pairs=()):
+        self.asked += list(messages)
+        for m in messages:
+            self.out_l[m] = self.labels.get(m, 0.0)
+        for a, b in pairs:
+            sa, sb = self.scores.get(a, 0.0), self.scores.get(b, 0.0)
+            self.out_p.append((a, b, 0.5 if sa == sb else float(sa > sb)))
+
+    def poll(self):
+        l, p = self.out_l, self.out_p
+        self.out_l, self.out_p = {}, []
+        return l, p
+
+    def metrics(self):
+        return {"annotator/connected": 1.0}
+
+
+class DictMLP(nn.Module):
+    @nn.compact
+    def __call__(self, obs):
+        return MLP((32,))(obs["obs"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg(ppo.Config, oni.ONIOptions):
+    pass
+
+
+def _run(reward_model, client, updates=24, **kw):
+    cfg = Cfg(env_name="CartPole-v1", num_envs=8, num_steps=16, total_timesteps=8 * 16 * updates,
+              learning_rate=3e-3, update_epochs=2, num_minibatches=2, ent_coef=0.003,
+              reward_model=reward_model, ext_coef=0.0, int_coef=1.0, count_beta=0.0, rm_capacity=64,
+              pairs_per_update=8, table_capacity=1024, **kw)
+    env = MessageBandit(cfg.num_envs)
+    tr = oni.make_trainer(cfg, env, client, network=EncoderActorCritic(env.num_actions, DictMLP()))
+    state = tr.init(jax.random.PRNGKey(0))
+    state, metrics = tr.run(state, cfg.num_updates)
+    traj, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(5))
+    return (np.asarray(traj.action) == 2).mean(), metrics, tr
+
+
+@pytest.mark.parametrize("reward_model", ["retrieval", pytest.param("classification", marks=pytest.mark.slow)])
+def test_agent_learns_to_produce_the_helpful_message(reward_model):
+    """Only "You find a hidden passage." (action 2) is labelled helpful and there is no extrinsic reward: ONI's
+    intrinsic reward alone must teach the agent to produce it (random play: 25%)."""
+    client = InstantClient(labels={"You find a hidden passage.": 1.0})
+    frac, metrics, tr = _run(reward_model, client)
+    assert frac > 0.8, frac
+    assert sorted(client.asked) == sorted(MESSAGES)  # each distinct message asked once
+    assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
+    assert metrics["intrinsic/active_frac"][-1] > 0.5 and "reward/intrinsic" in metrics
+
+
+@pytest.mark.slow
+def test_agent_learns_from_pairwise_preferences():
+    client = InstantClient(scores={"You find a hidden passage.": 1.0})
+    frac, metrics, tr = _run("ranking", client, updates=40)
+    assert frac > 0.8, frac
+    assert metrics["labels/pairs"][-1] >= 5
