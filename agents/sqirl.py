@@ -38,7 +38,7 @@ Differences from the paper / reference (``effective_horizon/sb3/algorithms/sqirl
 
 * Fixed shapes for ``jit``: every iteration runs exactly ``episodes_per_timestep`` episodes of ``H`` env steps
   (steps after an episode ended are computed and masked); the reference collects variable-length episodes.
-  ``env_steps`` counts only the steps of those first episodes, as the reference does.
+  ``experience_steps`` counts only the steps of those first episodes, as the reference does.
 * A finite horizon ``H``: the last step inside ``H`` is treated as terminal for returns and backups (as in the
   paper's finite-horizon setting); with ``H`` equal to the env's time limit this is the reference's behaviour (it
   treats time-limit truncation as ``done``, i.e. no bootstrapping).
@@ -80,6 +80,15 @@ from jaxrl_pref.config import ConfigError, in_range, positive, require
 from jaxrl_pref.losses import discounted_returns, fitted_q_targets, huber
 from jaxrl_pref.networks import ACTIVATIONS, MLP, NetHackEncoder, orthogonal
 from jaxrl_pref.rollout import episode_metrics
+
+
+def is_host_env(name: str) -> bool:
+    """Whether ``name`` is a host-side (NetHack/MiniHack pool) env rather than a JAX env."""
+    try:
+        from envs import nethack
+    except ImportError:
+        return False
+    return nethack.is_host_env(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +136,10 @@ class Config:
                 f"use one of {sorted(ACTIVATIONS)}")
         require(all(h > 0 for h in self.hidden), "hidden", f"layer sizes must be positive, got {self.hidden}",
                 "pass e.g. --hidden 64 64")
+        if is_host_env(self.env_name):  # NetHack/MiniHack pool: checked when the pool starts
+            require(self.horizon is not None, "horizon", f"{self.env_name} is a host env with no time limit to "
+                    "read", "pass --horizon H (e.g. 50)")
+            return
         try:
             env, params = envs.make(self.env_name)
         except ValueError as e:
@@ -141,7 +154,7 @@ class Config:
                 f"{self.env_name} has no max_steps_in_episode to take the horizon from", "pass --horizon H")
 
     def resolved_horizon(self) -> int:
-        if self.horizon is not None:
+        if self.horizon is not None or is_host_env(self.env_name):
             return int(self.horizon)
         return int(envs.make(self.env_name)[1].max_steps_in_episode)
 
@@ -416,7 +429,7 @@ class SQIRL:
         steps = state.env_steps + alive.sum().astype(jnp.float32)
         explore = episode_metrics({**ro.info, "episode_done": ro.info["episode_done"] & alive})
         metrics.update({f"explore/{k}": v for k, v in explore.items()})
-        metrics.update({"env_steps": steps, "timestep": (t + 1).astype(jnp.float32),
+        metrics.update({"experience_steps": steps, "timestep": (t + 1).astype(jnp.float32),
                         "replay/valid_transitions": (weights > 0).sum().astype(jnp.float32)})
         return SQIRLState(params, opt_state, policies, buf, t + 1, key, steps), metrics
 
