@@ -113,4 +113,5 @@ class Classification:
         return jax.nn.sigmoid(self.net.apply(state["params"], msgs))
 
     def score(self, state, msgs, table):
-        return self.prob(state, msgs)
+        """P(helpful); 0 until the first label arrives (an untrained classifier's ~0.5 is not a label)."""
+        return jnp.where(state["data"]["valid"].any(), self.prob(state, msgs), 0.0)

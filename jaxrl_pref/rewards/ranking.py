@@ -86,4 +86,5 @@ class Ranking:
 
     def score(self, state, msgs, table):
         empty = jnp.zeros((1, msgs.shape[-1]), msgs.dtype)
-        return self.reward(state["params"], msgs) - self.reward(state["params"], empty)[0]
+        r = self.reward(state["params"], msgs) - self.reward(state["params"], empty)[0]
+        return jnp.where(state["data"]["valid"].any(), r, 0.0)  # 0 until the first preference arrives
