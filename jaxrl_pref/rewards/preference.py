@@ -16,7 +16,8 @@ agent's ``lax.scan``). Each call of :meth:`PreferenceReward.update` (once per RL
    ``sigma_mult`` as absolute margins -- optionally randomised per comparison;
 3. runs ``rm_updates`` Adam steps, each on all ``B (B-1) / 2`` pairs of ``B = rm_batch_size`` segments drawn
    from the buffer (one vmapped comparison; ``B`` network passes, not ``B^2``);
-4. updates the running mean/std of the model's outputs on the newest rollout (EMA with ``rm_norm_momentum``).
+4. updates the running mean/std of the model's per-step outputs on those minibatches (EMA with
+   ``rm_norm_momentum``; as the reference code, which normalises by its outputs on the segments it trained on).
 
 The reward the agent sees is ``reward_scale * (r - mean) / std`` (``rm_normalize=True``, as the paper recommends), or
 the raw ``reward_scale * r``; it is 0 until the model has had its first update (``min_segments`` in the buffer).
@@ -250,8 +251,11 @@ class PreferenceReward:
     def loss(self, params, seg_feat, seg_factors, labels):
         """Bradley-Terry loss of the network on segments (features ``[B, L, D]``, ranked factors
         ``[B, L, K_ranked]``) with hierarchical ``labels`` ``[B, B]``."""
-        returns = self._apply_ranked(params, seg_feat, seg_factors).sum(-1)
-        return bt_loss(returns, labels, self.cfg.ties)
+        r = self._apply_ranked(params, seg_feat, seg_factors)
+        loss, metrics = bt_loss(r.sum(-1), labels, self.cfg.ties)
+        # per-step output moments, for the normalisation statistics (the paper's "recent outputs")
+        r = jax.lax.stop_gradient(r)
+        return loss, {**metrics, "out_mean": r.mean(), "out_sq": jnp.square(r).mean()}
 
     def margins_now(self, state: PreferenceState) -> jax.Array:
         """Per ranked factor: ``sigma_mult * std`` of the buffer's segment aggregates, or the absolute margins."""
@@ -309,10 +313,18 @@ class PreferenceReward:
         metrics = jax.tree.map(jnp.mean, metrics)
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
+        mean, sq = metrics.pop("out_mean"), metrics.pop("out_sq")
         out = {f"reward/heron_{k}": jnp.where(ready, v, jnp.nan) for k, v in metrics.items()}
         for name, m in zip(self.ranked_names, margins):
             out[f"reward/heron_margin_{name}"] = m
-        state = state.replace(params=params, opt_state=opt_state, updates=state.updates + ready.astype(jnp.int32))
+        # running normalisation statistics of the model's per-step outputs on the minibatches just trained on
+        # (recent segments); the first trained update sets them, later ones are averaged in with rm_norm_momentum
+        updates = state.updates + ready.astype(jnp.int32)
+        mom = jnp.where(updates <= 1, 0.0, self.cfg.rm_norm_momentum)
+        var = jnp.maximum(sq - mean ** 2, 0.0)
+        mean = jnp.where(ready, mom * state.mean + (1 - mom) * mean, state.mean)
+        var = jnp.where(ready, mom * state.var + (1 - mom) * var, state.var)
+        state = state.replace(params=params, opt_state=opt_state, updates=updates, mean=mean, var=var)
         return state, out
 
     def save(self, directory, state: PreferenceState, step: int = 0) -> None:
@@ -355,16 +367,7 @@ class PreferenceReward:
             feat = jax.lax.all_gather(feat, axis_name, axis=0, tiled=True)
             fac = jax.lax.all_gather(fac, axis_name, axis=0, tiled=True)
         state = self.add_segments(state, feat, fac, features=True)
-        state, metrics = self.train(state, key, axis_name)
-        # running normalisation statistics of the model's outputs on the newest rollout
-        r = self.apply(state.params, traj.obs, factors)
-        mean, sq = r.mean(), jnp.square(r).mean()
-        if axis_name is not None:
-            mean, sq = jax.lax.pmean((mean, sq), axis_name)
-        var = jnp.maximum(sq - mean ** 2, 0.0)
-        mom = jnp.where(state.updates <= 1, 0.0, self.cfg.rm_norm_momentum)  # the first trained batch sets them
-        state = state.replace(mean=mom * state.mean + (1 - mom) * mean, var=mom * state.var + (1 - mom) * var)
-        return state, metrics
+        return self.train(state, key, axis_name)
 
     def __call__(self, state: PreferenceState, traj):
         r = self.apply(state.params, traj.obs, traj_factors(self.factor_set, traj))
