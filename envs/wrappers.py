@@ -159,12 +159,18 @@ class RunningMoments:
     def create(cls, shape=()):
         return cls(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.float32(1e-4))
 
-    def update(self, x):
-        """Per-env update with one sample ``x`` (running mean/var, Welford merge with a batch of 1)."""
-        delta = x - self.mean
-        count = self.count + 1.0
-        mean = self.mean + delta / count
-        m2 = self.var * self.count + delta * delta * self.count / count
+    def update(self, x, batch_ndim: int = 0):
+        """Merges samples ``x`` (Chan et al. parallel update). The first ``batch_ndim`` axes of ``x`` are a batch
+        of samples (a batched env's ``[num_envs]`` axis: statistics shared by all envs, as in gym's VecNormalize);
+        with ``batch_ndim=0`` ``x`` is one sample."""
+        axes = tuple(range(batch_ndim))
+        n = float(np.prod(x.shape[:batch_ndim])) if batch_ndim else 1.0
+        b_mean = jnp.mean(x, axis=axes) if axes else x
+        b_var = jnp.var(x, axis=axes) if axes else jnp.zeros_like(x)
+        delta = b_mean - self.mean
+        count = self.count + n
+        mean = self.mean + delta * n / count
+        m2 = self.var * self.count + b_var * n + delta * delta * self.count * n / count
         return RunningMoments(mean, m2 / count, count)
 
 
@@ -175,7 +181,7 @@ class NormObsState:
 
 
 class NormalizeObservation(Wrapper):
-    """Normalises observations with running mean/std kept in the (per-env) state; clips to +-``clip``."""
+    """Normalises observations with a running mean/std (shared by the envs of a batch); clips to +-``clip``."""
 
     def __init__(self, env, clip: float = 10.0):
         super().__init__(env)
@@ -186,12 +192,13 @@ class NormalizeObservation(Wrapper):
 
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
-        m = RunningMoments.create(obs.shape).update(obs)
+        nb = len(self.batch_shape)
+        m = RunningMoments.create(obs.shape[nb:]).update(obs, nb)
         return self._norm(m, obs), NormObsState(env_state, m)
 
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
-        m = state.moments.update(obs)
+        m = state.moments.update(obs, len(self.batch_shape))
         info = {**info, "final_obs": self._norm(m, info["final_obs"])}
         return self._norm(m, obs), NormObsState(env_state, m), reward, terminated, truncated, info
 
@@ -212,13 +219,13 @@ class NormalizeReward(Wrapper):
 
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
-        return obs, NormRewState(env_state, RunningMoments.create(self.batch_shape),
+        return obs, NormRewState(env_state, RunningMoments.create(),
                                  jnp.zeros(self.batch_shape, jnp.float32))
 
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
         ret = state.discounted_return * self.gamma + reward
-        m = state.moments.update(ret)
+        m = state.moments.update(ret, len(self.batch_shape))
         done = terminated | truncated
         scaled = jnp.clip(reward / jnp.sqrt(m.var + 1e-8), -self.clip, self.clip)
         new = NormRewState(env_state, m, jnp.where(done, 0.0, ret))
