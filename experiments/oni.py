@@ -1,4 +1,4 @@
-"""ONI on NetHack/MiniHack: ``python -m experiments.oni --env MiniHack-Room-5x5-v0 --reward-model classification``.
+"""ONI on NetHack/MiniHack: ``python -m experiments.oni --env MiniHack-KeyRoom-Fixed-S5-v0 --reward-model classification``.
 
 PPO on a pool of NetHack/MiniHack envs (as ``experiments.ppo_nethack``) plus ONI's intrinsic reward
 (:mod:`agents.oni`): the run starts the annotator service (``python -m jaxrl_pref.annotation.server``, a child
@@ -6,7 +6,7 @@ process on 127.0.0.1) unless ``--annotator-url`` names a running one, sends it e
 reward model from the labels as they arrive::
 
     # offline default: the packaged MiniLM scores messages against the task's progress descriptions
-    python -m experiments.oni --env MiniHack-Room-5x5-v0 --total-timesteps 50000 --run-dir runs/oni
+    python -m experiments.oni --env MiniHack-KeyRoom-Fixed-S5-v0 --total-timesteps 20000 --run-dir runs/oni
     # an OpenAI-compatible server (vLLM, llama.cpp, Ollama); key (if any) from $OPENAI_API_KEY
     python -m experiments.oni --env NetHackScore-v0 --ext-coef 0.1 --annotator openai \\
         --llm-base-url http://127.0.0.1:8000/v1 --llm-model meta-llama/Llama-3.1-8B-Instruct
@@ -40,7 +40,7 @@ from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config(ppo_nethack.Config, oni.ONIOptions):
     """ONI = PPO on a NetHack/MiniHack pool + an online intrinsic reward from annotated messages."""
-    env_name: str = "MiniHack-Room-5x5-v0"
+    env_name: str = "MiniHack-KeyRoom-Fixed-S5-v0"
     annotator: str = "embedded"
     """Who labels messages: embedded (offline MiniLM similarity, no GPU/network) or openai (an OpenAI-compatible
     chat-completions server, see --llm-base-url / --llm-model)."""

