@@ -1,0 +1,95 @@
+"""ONI's overhead: env-steps/s of ONI (annotator service running, reward model, host hook) vs plain PPO on the
+same NetHack/MiniHack pool, measured in one process, plus the embedded annotator's throughput.
+
+    python -m benchmarks.oni_overhead --env MiniHack-KeyRoom-Fixed-S5-v0 --reward-model classification
+
+PPO and ONI are timed in alternating rounds (after one untimed warm-up round each, which compiles), so load
+changes on a shared machine hit both alike; the reported numbers are medians over rounds. Target: ONI >= 85% of
+PPO's env-steps/s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+
+from jaxrl_pref.runner import use_sync_cpu_dispatch
+
+use_sync_cpu_dispatch()
+
+import jax  # noqa: E402
+
+from experiments import oni as oni_exp  # noqa: E402
+from experiments import ppo_nethack  # noqa: E402
+from jaxrl_pref.annotation.backends import EmbeddedBackend, Prompt, task_for_env  # noqa: E402
+from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
+from jaxrl_pref.config import cli  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench(oni_exp.Config):
+    num_envs: int = 16
+    num_steps: int = 32
+    updates: int = 10
+    """Timed updates per round."""
+    rounds: int = 3
+    labels: int = 512
+    """Distinct synthetic messages for the annotator-throughput measurement."""
+
+
+def _time(trainer, state, n):
+    t = time.perf_counter()
+    state, m = trainer.run(state, n)
+    jax.block_until_ready(state.train_state.params)
+    return state, n * trainer.cfg.num_steps * trainer.env.num_envs / (time.perf_counter() - t), m
+
+
+def main(argv=None) -> int:
+    cfg = cli(Bench, argv, description=__doc__.split("\n\n")[0])
+    cfg = dataclasses.replace(cfg, total_timesteps=cfg.num_envs * cfg.num_steps * cfg.updates * (cfg.rounds + 1))
+    tmp = tempfile.mkdtemp(prefix="oni_bench_")
+    pool = ppo_nethack.make_pool(cfg, 0)
+    proc, url = start_server(f"{tmp}/labels.db", "embedded", log_path=f"{tmp}/annotator.log")
+    client = AnnotatorClient(url, task_for_env(cfg.env_name))
+    try:
+        ppo_tr = ppo_nethack.make_trainer(cfg, pool)
+        oni_tr = oni_exp.make_trainer(cfg, pool, client)
+        s_ppo, s_oni = ppo_tr.init(jax.random.PRNGKey(0)), oni_tr.init(jax.random.PRNGKey(0))
+        s_ppo, _, _ = _time(ppo_tr, s_ppo, 1)  # warm-up: compile
+        s_oni, _, _ = _time(oni_tr, s_oni, 1)
+        ppo_sps, oni_sps = [], []
+        for r in range(cfg.rounds):
+            s_ppo, v, _ = _time(ppo_tr, s_ppo, cfg.updates)
+            ppo_sps.append(v)
+            s_oni, v, m = _time(oni_tr, s_oni, cfg.updates)
+            oni_sps.append(v)
+            print(f"round {r}: ppo {ppo_sps[-1]:.0f} env-steps/s, oni {oni_sps[-1]:.0f} env-steps/s "
+                  f"(labels {m['labels/labeled'][-1]:.0f}, distinct messages {m['messages/distinct_seen'][-1]:.0f}, "
+                  f"annotator queue {m.get('annotator/queue_depth', [float('nan')])[-1]:.0f})", flush=True)
+        p, o = statistics.median(ppo_sps), statistics.median(oni_sps)
+        server = client.server_metrics
+    finally:
+        client.close()
+        stop_server(proc)
+        pool.close()
+    # annotator throughput, in this process (the same backend the service runs)
+    backend = EmbeddedBackend()
+    prompt = Prompt.load(task_for_env(cfg.env_name))
+    msgs = [f"You see here {i} gold pieces and a {w}." for i, w in
+            zip(range(cfg.labels), ["dagger", "scroll", "wand", "ring"] * cfg.labels)]
+    backend.label(prompt, msgs[:64])  # compile
+    t = time.perf_counter()
+    backend.label(prompt, msgs)
+    lps = cfg.labels / (time.perf_counter() - t)
+    print(f"\n{cfg.env_name}, {cfg.num_envs} envs x {cfg.num_steps} steps, reward model {cfg.reward_model}, "
+          f"{cfg.rounds} rounds x {cfg.updates} updates")
+    print(f"PPO: {p:.0f} env-steps/s   ONI: {o:.0f} env-steps/s   ratio ONI/PPO = {o / p:.1%} (target >= 85%)")
+    print(f"embedded annotator: {lps:.0f} labels/s (batches of {backend.batch_size}, this process); "
+          f"service during the run: {server.get('labeled_total', 0):.0f} labelled, "
+          f"mean latency {server.get('latency_s_mean', 0) * 1000:.0f} ms/label")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
