@@ -370,3 +370,30 @@ def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
     st = report.task_state(out, m["tasks"][0])
     assert st["state"] == "done" and st["updates"] == 120
     np.testing.assert_array_equal(st["metrics"]["update"], np.arange(1, 121))
+
+
+@pytest.mark.slow  # two processes compile and train: ~1-2 min on a busy 2-core machine
+def test_srun_multiprocess_training_detects_the_cluster_from_slurm(slurm, tmp_path):
+    """``srun`` two tasks of ``experiments.ppo --distributed``: coordinator, process count and ids come from the
+    Slurm step's environment; the run trains on the 4 devices of both processes and process 0 writes the logs."""
+    run = tmp_path / "run"
+    script = tmp_path / "mp.sbatch"
+    script.write_text(f"""#!/usr/bin/env bash
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --output={tmp_path}/mp.out
+cd {REPO}
+export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 JAXRL_COORDINATOR_PORT={_free_port()}
+srun {PY} -m experiments.ppo --distributed --num-devices 4 --num-envs 8 --num-steps 16 --hidden 16 \\
+  --num-minibatches 2 --update-epochs 1 --total-timesteps {8 * 16 * 6} --checkpoint-every 3 --progress False \\
+  --run-dir {run}
+""")
+    r = slurm.run("sbatch", "--parsable", str(script))
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    slurm.wait_done(job, 600)
+    log = (tmp_path / "mp.out").read_text()
+    assert log.count("finished 6 updates") == 2, log[-3000:]
+    assert (run / "checkpoints").is_dir() and len(list((run / "tb").glob("events*"))) == 1, log[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["num_devices"] == 4
