@@ -201,6 +201,16 @@ def _to_host(metrics: Mapping, batched: bool) -> dict:
     return out
 
 
+def _any_process(flag: bool) -> bool:
+    """``flag`` or'ed over all processes of a multi-process (jax.distributed) run, so that a signal seen by any
+    process stops every process at the same chunk boundary (a process that went on alone would block in the next
+    chunk's collectives)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 def _first_nan(chunk: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> Optional[tuple[str, int, int]]:
     for k in sorted(chunk):
         if not any(k.startswith(p) for p in prefixes):
@@ -374,7 +384,7 @@ def _loop(trainer, ckpt: Checkpointer, logger: Logger, proxy: _LogProxy, *, stat
     csv_path = run_dir / "metrics.csv"
     with _GracefulStop(handle_signals, on_signal) as stop:
         for a, b in chunks:
-            if stop.signum is not None or (stop_after is not None and done >= stop_after):
+            if _any_process(stop.signum is not None) or (stop_after is not None and done >= stop_after):
                 break
             fn = program(b - a)
             logger.reset_timer(a)
