@@ -1,0 +1,211 @@
+"""SQIRL: fitted-Q targets, exact tabular FQI, planning depth k, vmap over k, learning, host loop, CLI errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gymnax.environments import environment, spaces
+from flax import struct
+
+import envs
+from agents import sqirl
+from jaxrl_pref.config import ConfigError
+from jaxrl_pref.losses import discounted_returns, fitted_q_targets
+
+# -- a tiny deterministic MDP with a known solution ----------------------------------------------------------------
+# states 0 (start), 1, 2, 3 (terminal sink); actions 0/1; rows = (next state, reward, terminal) per (s, a)
+#   s0: a0 -> r 0.5, end            a1 -> r 0, s1
+#   s1: a0 -> r 0,   end            a1 -> r 0, s2
+#   s2: a0 -> r 0,   end            a1 -> r 1, end
+# With gamma = 0.9: Q^rand(s0) = (0.5, 0.2025) so k = 1 takes the immediate 0.5; one backup gives (0.5, 0.405),
+# still a0; two backups give (0.5, 0.81) = Q*(s0): k = 3 is needed (the effective horizon of this MDP is 3).
+NEXT = np.array([[3, 1], [3, 2], [3, 3]])
+REW = np.array([[0.5, 0.0], [0.0, 0.0], [0.0, 1.0]], np.float32)
+TERM = NEXT == 3
+
+
+def exact_heads(gamma, k):
+    """Q^rand by dynamic programming, then k-1 Bellman-optimality backups: [k, 3, 2]."""
+    q = np.zeros((3, 2))
+    for _ in range(5):
+        v = np.append(q.mean(axis=1), 0.0)
+        q = REW + gamma * v[NEXT] * ~TERM
+    heads = [q]
+    for _ in range(k - 1):
+        v = np.append(heads[-1].max(axis=1), 0.0)
+        heads.append(REW + gamma * v[NEXT] * ~TERM)
+    return np.stack(heads)
+
+
+@struct.dataclass
+class ChainState(environment.EnvState):
+    s: jax.Array
+    time: int
+
+
+class Chain(environment.Environment):
+    @property
+    def default_params(self):
+        return environment.EnvParams(max_steps_in_episode=3)
+
+    def action_space(self, params=None):
+        return spaces.Discrete(2)
+
+    def observation_space(self, params):
+        return spaces.Box(0.0, 1.0, (4,), jnp.float32)
+
+    def reset_env(self, key, params):
+        st = ChainState(jnp.int32(0), 0)
+        return jax.nn.one_hot(st.s, 4), st
+
+    def step_env(self, key, state, action, params):
+        nxt, r, term = (jnp.asarray(x)[state.s, action] for x in (NEXT, REW, TERM))
+        st = ChainState(nxt.astype(jnp.int32), state.time + 1)
+        return jax.nn.one_hot(st.s, 4), st, r, term, {}
+
+
+envs.register("TestChain-v0", lambda **kw: (Chain(), Chain().default_params))
+
+
+def test_discounted_returns_and_fqi_targets():
+    r = jnp.array([1.0, 0.0, 2.0, 3.0])
+    term = jnp.array([False, True, False, False])
+    np.testing.assert_allclose(discounted_returns(r, term, 0.5), [1.0, 0.0, 3.5, 3.0])
+    next_q = jnp.array([[[1.0, 4.0], [2.0, 0.0]], [[9.0, 9.0], [9.0, 9.0]]])  # [k=2, B=2, A=2]
+    t = fitted_q_targets(jnp.array([7.0, 8.0]), jnp.array([1.0, 1.0]), jnp.array([False, True]), next_q, 0.5)
+    np.testing.assert_allclose(t, [[7.0, 8.0], [1.0 + 0.5 * 4.0, 1.0]])
+
+
+def _tabular_agent(k, gamma=0.9, lr=0.05, separate=True):
+    cfg = sqirl.Config(env_name="TestChain-v0", planning_depth=k, gamma=gamma, learning_rate=lr, hidden=(),
+                       batch_size=64, separate_networks=separate)
+    spec = envs.EnvSpec((4,), True, 2)
+    return cfg, sqirl.SQIRL(cfg, spec, horizon=3)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_fqi_recovers_exact_q_on_tabular_mdp(separate):
+    """With the exact random-policy returns as head-1 targets and a tabular Q (one-hot states, no hidden layer),
+    k-head fitted-Q regression converges to Q^rand, T Q^rand, T^2 Q^rand = Q*."""
+    k, gamma = 3, 0.9
+    cfg, agent = _tabular_agent(k, gamma, separate=separate)
+    hp = sqirl.hparams(cfg)
+    exact = exact_heads(gamma, k)
+    s, a = np.meshgrid(np.arange(3), np.arange(2), indexing="ij")
+    s, a = s.ravel(), a.ravel()
+    eye = np.eye(4, dtype=np.float32)
+    data = (jnp.asarray(eye[s]), jnp.asarray(eye[NEXT[s, a]]), jnp.asarray(a, jnp.int32), jnp.asarray(REW[s, a]),
+            jnp.asarray(TERM[s, a]), jnp.asarray(exact[0][s, a], jnp.float32))
+    state = agent.init(jax.random.PRNGKey(0), hp)
+    fit = jax.jit(lambda p, o, key: agent.regress(p, o, hp, data, jnp.ones(6), key, 3000))
+    params, _, metrics = fit(state.params, state.opt_state, jax.random.PRNGKey(1))
+    q = np.asarray(agent.q_values(params, jnp.asarray(eye[:3])))  # [k, 3, 2]
+    np.testing.assert_allclose(q, exact, atol=2e-3)
+    # greedy actions at the start state per depth: k=1,2 take the immediate reward, k=3 the optimal path
+    assert [int(agent.greedy(params, jnp.asarray(eye[:1]), d)[0]) for d in (1, 2, 3)] == [0, 0, 1]
+
+
+def test_vmap_over_k_regression_equals_separate_heads():
+    """The fit step of a 3-head network vmapped over depth k in {1, 2, 3} gives, for each k, the same first k heads
+    (parameters and losses) as a separate network with exactly k heads (the fast form of the full-run test below)."""
+    _, big = _tabular_agent(3, lr=0.01)
+    hp_big = sqirl.hparams(big.cfg, planning_depth=jnp.array([1, 2, 3]))
+    rng = np.random.default_rng(0)
+    eye = np.eye(4, dtype=np.float32)
+    s, a = rng.integers(0, 3, 40), rng.integers(0, 2, 40)
+    data = (jnp.asarray(eye[s]), jnp.asarray(eye[NEXT[s, a]]), jnp.asarray(a, jnp.int32), jnp.asarray(REW[s, a]),
+            jnp.asarray(TERM[s, a]), jnp.asarray(rng.normal(size=40), jnp.float32))
+    key = jax.random.PRNGKey(3)
+
+    def fit(agent, hp):
+        st = agent.init(jax.random.PRNGKey(0), hp)
+        return agent.regress(st.params, st.opt_state, hp, data, jnp.ones(40), key, 50)
+
+    params, _, m = jax.jit(jax.vmap(lambda h: fit(big, h)))(hp_big)
+    for i, k in ((0, 1), (2, 3)):
+        cfg, small = _tabular_agent(k, lr=0.01)
+        p_k, _, m_k = jax.jit(lambda: fit(small, sqirl.hparams(cfg)))()
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i, :k], y, rtol=1e-5, atol=1e-6),
+                     params["heads"], p_k["heads"])
+        np.testing.assert_allclose(m["loss/q"][i], m_k["loss/q"], rtol=1e-5)
+
+
+def _chain_cfg(k, gamma=0.9, **kw):
+    return sqirl.Config(env_name="TestChain-v0", planning_depth=k, gamma=gamma, episodes_per_timestep=64,
+                        eval_episodes=4, hidden=(16,), n_epochs=256, learning_rate=1e-2, **kw)
+
+
+@pytest.mark.slow
+def test_planning_depth_on_chain_and_vmap_over_k_equals_separate_runs():
+    """Whole SQIRL in jit on the chain: k=1 with gamma=0 is greedy on the immediate reward (return 0.5); k=3
+    finds the optimal path (return 1). A program vmapped over k (and gamma) equals separate runs per k."""
+    key = jax.random.PRNGKey(0)
+    big = _chain_cfg(3)
+    hp = sqirl.hparams(big, planning_depth=jnp.array([1, 3, 1]), gamma=jnp.array([0.9, 0.9, 0.0]))
+    out = jax.jit(jax.vmap(sqirl.make_train(big), in_axes=(None, 0)))(key, hp)
+    ret = np.asarray(out.metrics["episode_return"])            # [3 settings, 3 timesteps]
+    assert ret[2, -1] == pytest.approx(0.5)                    # gamma = 0, k = 1: immediate reward
+    assert ret[1, -1] == pytest.approx(1.0)                    # k = 3: optimal
+    assert ret[0, -1] == pytest.approx(0.5)                    # k = 1, gamma = 0.9: greedy on Q^rand, myopic here
+    for i, k in enumerate((1, 3)):
+        sep = jax.jit(sqirl.make_train(_chain_cfg(k)))(key)
+        np.testing.assert_array_equal(np.asarray(sep.metrics["episode_return"]), ret[i])
+        np.testing.assert_allclose(np.asarray(sep.metrics["loss/q"]), np.asarray(out.metrics["loss/q"])[i],
+                                   rtol=1e-4, atol=1e-6)
+        heads_sep = sep.state.params["heads"]
+        heads_big = jax.tree.map(lambda x: x[i, :k], out.state.params["heads"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), heads_sep, heads_big)
+
+
+@pytest.mark.slow
+def test_learns_deep_sea_5_at_fixed_seeds():
+    """DeepSea-5 (random policy success rate 2^-5 = 3%): SQIRL with k=2 and 128 episodes per timestep reaches
+    the treasure with its greedy policy on seeds 0 and 1 (3,200 env steps each)."""
+    cfg = sqirl.Config(env_name="DeepSea-5", episodes_per_timestep=128, planning_depth=2, eval_episodes=4)
+    out = jax.jit(jax.vmap(sqirl.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 2))
+    succ = np.asarray(out.metrics["episode_success"])
+    assert (succ[:, -1] == 1.0).all(), succ
+    assert np.asarray(out.metrics["explore/episode_success"])[:, 0].max() < 0.2  # random exploration is rare
+    assert float(out.metrics["experience_steps"][0, -1]) == 5 * 128 * 5
+
+
+@pytest.mark.slow
+def test_host_env_loop_uses_the_same_learner():
+    """SQIRL on the host-env interface (a JAX env behind JaxHostEnv) learns DeepSea-4 at seed 0."""
+    from jaxrl_pref.sebulba import JaxHostEnv
+    cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=64, planning_depth=2, eval_episodes=4)
+    env = JaxHostEnv("DeepSea-4", 64, seed=0)
+    trainer = sqirl.HostTrainer(cfg, env, horizon=4)
+    state = trainer.init(jax.random.PRNGKey(0))
+    state, m = trainer.run(state, 4)
+    assert int(state.t) == 4 and m["episode_success"].shape == (4,)
+    assert m["episode_success"][-1] == 1.0, m["episode_success"]
+    assert {"loss/q_head1", "loss/q_head2", "explore/episode_success", "experience_steps"} <= set(m)
+    with pytest.raises(ConfigError, match="episodes_per_timestep"):
+        sqirl.HostTrainer(sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=8), env, horizon=4)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--planning-depth", "0"], "planning_depth"),
+    (["--gamma", "1.5"], "gamma"),
+    (["--replay-priority-factor", "2"], "replay_priority_factor"),
+    (["--episodes-per-timestep", "-3"], "episodes_per_timestep"),
+    (["--horizon", "0"], "horizon"),
+    (["--env", "DeepSee-8"], "env_name"),
+    (["--env", "Pendulum-v1"], "env_name"),
+    (["--num-seeds", "0"], "num_seeds"),
+    (["--host", "--num-seeds", "2"], "num_seeds"),
+])
+def test_cli_rejects_bad_values(argv, field, capsys):
+    from experiments import sqirl as exp
+    with pytest.raises(SystemExit) as e:
+        exp.parse(argv)
+    assert e.value.code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_hparams_sweep_bounds():
+    cfg = sqirl.Config(env_name="DeepSea-5", planning_depth=2)
+    with pytest.raises(ConfigError, match="planning_depth"):
+        sqirl.hparams(cfg, planning_depth=jnp.array([1, 3]))
+    with pytest.raises(ConfigError, match="learning_rates"):
+        sqirl.hparams(cfg, learning_rates=1.0)
