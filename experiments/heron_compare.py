@@ -43,6 +43,10 @@ TASKS = {
     "mountaincar": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128, update_epochs=4,
                         num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
                         factors=("goal", "energy"), margins=(0.0, 1.0)),
+    # the same task, with the user also ranking a shaping factor (the car's mechanical energy) above action cost
+    "mountaincar_swing": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128,
+                              update_epochs=4, num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
+                              factors=("goal", "swing", "energy"), margins=(0.0, 0.5, 1.0)),
 }
 
 

@@ -194,16 +194,20 @@ def _mountain_car(s: Step):
     p, nxt = s.params, s.next_state
     force = jnp.clip(jnp.reshape(s.action, ()), p.min_action, p.max_action)
     goal = (nxt.position >= p.goal_position) & (nxt.velocity >= p.goal_velocity)
+    # mechanical energy per unit mass (kinetic + potential of the 1/3 sin(3x) hill), conserved when unforced
+    swing = 0.5 * nxt.velocity ** 2 + p.gravity / 3.0 * jnp.sin(3.0 * nxt.position)
     return {"goal": goal.astype(jnp.float32),
             "energy": force ** 2,
-            "progress": nxt.position - s.state.position}
+            "progress": nxt.position - s.state.position,
+            "swing": swing * 1000.0}
 
 
 MOUNTAIN_CAR = FactorSet(
     "MountainCarContinuous",
     (Factor("goal", +1, "sum", 100.0, "1 on the step the car reaches the flag"),
      Factor("energy", -1, "sum", -0.1, "squared (clipped) force"),
-     Factor("progress", +1, "sum", 0.0, "change in position (sums to net displacement)")),
+     Factor("progress", +1, "sum", 0.0, "change in position (sums to net displacement)"),
+     Factor("swing", +1, "max", 0.0, "mechanical energy x1000 (kinetic + potential); max over the segment")),
     _mountain_car,
     default_ranking=("goal", "energy"),
 )

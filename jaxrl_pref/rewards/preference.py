@@ -198,6 +198,15 @@ def bt_loss(returns: jax.Array, labels: jax.Array, ties: str = "skip"):
     return loss, {"accuracy": acc, "decided": n_dec / upper.sum(), "pairs": n}
 
 
+def _gather_replicated(x, axis_name: str):
+    """Concatenates every device's ``x`` along axis 0, typed as replicated (the same on every device) so that it
+    can live in state that ``shard_map`` carries as replicated (``all_gather``'s result is typed per-device)."""
+    n = jax.lax.psum(1, axis_name)
+    full = jnp.zeros((n * x.shape[0],) + x.shape[1:], x.dtype)
+    full = jax.lax.dynamic_update_slice_in_dim(full, x, jax.lax.axis_index(axis_name) * x.shape[0], 0)
+    return jax.lax.psum(full, axis_name)
+
+
 class PreferenceReward:
     """HERON's reward model: standalone (``init/apply/loss/add_segments/train/save/load``) and a RewardTransform
     (``init/update/__call__``). See the module docstring."""
@@ -364,15 +373,18 @@ class PreferenceReward:
         factors = traj_factors(self.factor_set, traj)
         feat, fac = self._segments(traj, factors)
         if axis_name is not None:  # every device keeps the same buffer: all segments of all devices
-            feat = jax.lax.all_gather(feat, axis_name, axis=0, tiled=True)
-            fac = jax.lax.all_gather(fac, axis_name, axis=0, tiled=True)
+            feat, fac = _gather_replicated(feat, axis_name), _gather_replicated(fac, axis_name)
         state = self.add_segments(state, feat, fac, features=True)
-        return self.train(state, key, axis_name)
+        state, metrics = self.train(state, key, axis_name)
+        ext = traj.reward.mean()
+        if axis_name is not None:
+            ext = jax.lax.pmean(ext, axis_name)
+        # logged here rather than in __call__, which has no device axis to average over
+        return state, {**metrics, "reward/extrinsic": ext, "reward/heron_norm_mean": state.mean,
+                       "reward/heron_norm_std": jnp.sqrt(state.var)}
 
     def __call__(self, state: PreferenceState, traj):
         r = self.apply(state.params, traj.obs, traj_factors(self.factor_set, traj))
-        raw_mean = r.mean()
         if self.cfg.rm_normalize:
             r = (r - state.mean) / jnp.sqrt(state.var + 1e-8)
-        r = jnp.where(state.updates > 0, self.cfg.reward_scale * r, 0.0)
-        return r, {"reward/heron_raw": raw_mean, "reward/heron": r.mean(), "reward/extrinsic": traj.reward.mean()}
+        return jnp.where(state.updates > 0, self.cfg.reward_scale * r, 0.0), {}
