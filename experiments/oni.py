@@ -104,7 +104,10 @@ def plot_oni(metrics: dict, path, steps_per_update: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import warnings
+
     import numpy as np
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # updates where no episode ended
     get = lambda k: np.nanmean(np.asarray(metrics[k], np.float64).reshape(-1, np.shape(metrics[k])[-1]), 0) \
         if k in metrics else None  # noqa: E731
     n = np.shape(next(iter(metrics.values())))[-1]

