@@ -1,7 +1,7 @@
 """Data-parallel scaling of PPO: env-steps/s on 1, 2 and 4 forced CPU devices in one process, and on 2 processes
 x 2 devices joined with jax.distributed (gloo collectives over localhost TCP).
 
-    python -m benchmarks.scaling                          # weak scaling: 16 envs per device, CartPole-v1
+    python -m benchmarks.scaling                          # weak scaling: 32 envs per device, CartPole-v1
     python -m benchmarks.scaling --mode strong --num-envs 64 --updates 20 --reps 3
     python -m benchmarks.scaling --json scaling.json
 
@@ -17,7 +17,7 @@ single-threaded baseline and 4 devices only add all-reduce and scheduling overhe
 for gloo's TCP all-reduce of the gradients once per minibatch. The numbers show the overhead of the data-parallel
 path, not its benefit. On real accelerators each device has its own compute and memory bandwidth: per-device
 throughput stays roughly constant under weak scaling (near-linear env-steps/s), as long as the per-minibatch
-gradient all-reduce (a few hundred KB for these MLPs; ICI on TPU pods, NVLink/InfiniBand on GPU clusters) is
+gradient all-reduce (tens of KB for these MLPs, MBs for CNN encoders; ICI on TPU pods, NVLink/InfiniBand on GPU clusters) is
 small next to the per-device rollout and SGD work -- i.e. use enough envs per device (hundreds to thousands for
 gymnax envs) and few, large minibatches. Across hosts over plain Ethernet the all-reduce latency per minibatch
 matters more; fewer minibatches per update or more envs per device keep it amortised.
@@ -97,12 +97,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("weak", "strong"), default="weak")
     ap.add_argument("--env", default="CartPole-v1")
-    ap.add_argument("--envs-per-device", type=int, default=16, help="weak scaling: envs per device")
+    ap.add_argument("--envs-per-device", type=int, default=32, help="weak scaling: envs per device")
     ap.add_argument("--num-envs", type=int, default=64, help="strong scaling: total envs (divisible by 4)")
     ap.add_argument("--num-steps", type=int, default=64)
     ap.add_argument("--num-minibatches", type=int, default=2)
     ap.add_argument("--update-epochs", type=int, default=2)
-    ap.add_argument("--updates", type=int, default=10)
+    ap.add_argument("--updates", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
