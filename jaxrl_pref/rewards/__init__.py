@@ -1,4 +1,9 @@
-"""Reward models and the reward-transform seam."""
+"""Reward models and the reward-transform seam.
+
+ONI's message reward models (import them from their modules): :mod:`~jaxrl_pref.rewards.retrieval` (labels by
+message hash in jit), :mod:`~jaxrl_pref.rewards.classification` (P(helpful), BCE), :mod:`~jaxrl_pref.rewards.ranking`
+(Bradley-Terry), shaped into an intrinsic reward by :mod:`~jaxrl_pref.rewards.shaping`.
+"""
 from jaxrl_pref.rewards.transform import IdentityReward, RewardTransform, ScaledSum
 
 __all__ = ["RewardTransform", "IdentityReward", "ScaledSum"]
