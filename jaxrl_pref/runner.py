@@ -21,6 +21,12 @@ both pure and jittable, as :class:`agents.ppo.Trainer` does. :func:`run_experime
    aborts at once);
 6. writes ``run_dir/{config.json, metrics.csv, metrics.jsonl, learning_curve.png, tb/, checkpoints/}``.
 
+Host-side trainers (:class:`jaxrl_pref.sebulba.HostTrainer`, ``jittable = False``: envs stepped outside jit) go
+through the same chunks, checkpoints, logging and resume; their ``run`` is called as plain Python (it jits its own
+``act``/``learn``), one seed per process. Their checkpoints hold the learner (parameters, optimiser, keys,
+counters), not the host envs' games: a resumed run continues with fresh episodes, so it is not bitwise equal to an
+uninterrupted one.
+
 Seeds and devices: ``vmap`` over seeds around a ``shard_map`` over several (forced CPU) devices deadlocks, so with
 ``num_devices > 1`` and ``num_seeds > 1`` the seeds are run one after another within each chunk (same results per
 seed, ``num_seeds`` times the wall time). Throughput-wise, prefer one device per job and many seeds, or many
@@ -302,6 +308,9 @@ def run_experiment(make_trainer: Callable, cfg, *, run_dir, num_seeds: int = 1, 
     # -- build (may raise ConfigError, e.g. too few devices) -----------------------------------------------------
     proxy = _LogProxy()
     trainer = make_trainer(cfg, log_fn=proxy, log_every=log_every, **dict(trainer_kwargs or {}))
+    if not getattr(trainer, "jittable", True) and num_seeds != 1:
+        raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got {num_seeds}",
+                          "pass --num-seeds 1 and start one process per seed (--seed 0, --seed 1, ...)")
     hp_axis = 0 if hp_batched else None
     keys = seed_keys(seed, num_seeds)
 
@@ -368,7 +377,9 @@ def _loop(trainer, ckpt: Checkpointer, logger: Logger, proxy: _LogProxy, *, stat
         if n not in compiled:
             t0 = time.perf_counter()
             body = lambda rs, h: trainer.run(rs, h, n)  # noqa: E731
-            if vmapped:
+            if not getattr(trainer, "jittable", True):  # host loop: jits its own pieces
+                compiled[n] = body
+            elif vmapped:
                 compiled[n] = jax.jit(jax.vmap(body, in_axes=(0, hp_axis))).lower(state, hp).compile()
             else:
                 compiled[n] = jax.jit(body).lower(state[0] if sequential else state, hp_of(0)).compile()

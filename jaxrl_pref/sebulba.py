@@ -48,7 +48,13 @@ class HostState:
 
 class HostTrainer:
     """PPO on a host env. ``init(key) -> HostState``; ``run(state, num_updates) -> (state, metrics)`` where
-    metrics is a dict of ``[num_updates]`` numpy arrays (same keys as the Anakin trainer's)."""
+    metrics is a dict of ``[num_updates]`` numpy arrays (same keys as the Anakin trainer's).
+
+    It also follows :func:`jaxrl_pref.runner.run_experiment`'s trainer protocol (``init(key, hp)``,
+    ``run(state, hp, num_updates)``, ``jittable = False``), so host runs get the same chunked checkpoints,
+    logging and resume: ``run_experiment(HostTrainer, cfg, trainer_kwargs={"env": pool}, ...)``. ``hp`` is
+    ignored there (``None``): the hyperparameters come from ``cfg``."""
+    jittable = False  # run() steps host envs: the runner calls it as plain Python
 
     def __init__(self, cfg, env, reward=None, log_fn: Optional[Callable] = None, log_every: int = 1,
                  overlap: bool = False, network=None, host_hook: Optional[Callable] = None):
@@ -68,9 +74,9 @@ class HostTrainer:
         self._obs = None
         self._pending = None
 
-    def init(self, key) -> HostState:
+    def init(self, key, hp=None) -> HostState:
         k_params, k_reward, k_run = jax.random.split(key, 3)
-        return HostState(self.agent.init(k_params, self.hp), self.reward.init(k_reward, self.spec), k_run,
+        return HostState(self.agent.init(k_params, self.hp if hp is None else hp), self.reward.init(k_reward, self.spec), k_run,
                          jnp.int32(0))
 
     def _learn_fn(self, state: HostState, traj: Transition, last_obs):
@@ -112,7 +118,10 @@ class HostTrainer:
                           stack(buf["truncated"]).astype(bool), stack(buf["final_obs"]), stack(buf["info"]))
         return traj, obs
 
-    def run(self, state: HostState, num_updates: int):
+    def run(self, state: HostState, hp_or_updates=None, num_updates: Optional[int] = None):
+        """``run(state, num_updates)``, or ``run(state, hp, num_updates)`` as the runner calls it."""
+        if num_updates is None:
+            num_updates = int(hp_or_updates)
         history = []
         t0 = time.perf_counter()
         for _ in range(num_updates):
