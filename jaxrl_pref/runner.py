@@ -207,14 +207,15 @@ def _to_host(metrics: Mapping, batched: bool) -> dict:
     return out
 
 
-def _any_process(flag: bool) -> bool:
-    """``flag`` or'ed over all processes of a multi-process (jax.distributed) run, so that a signal seen by any
-    process stops every process at the same chunk boundary (a process that went on alone would block in the next
-    chunk's collectives)."""
+def _any_process_signal(signum: Optional[int]) -> Optional[int]:
+    """The stop signal received by this or any other process of a multi-process (jax.distributed) run, so that
+    every process stops at the same chunk boundary (one that went on alone would block in the next chunk's
+    collectives)."""
     if jax.process_count() == 1:
-        return flag
+        return signum
     from jax.experimental import multihost_utils
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+    got = int(np.asarray(multihost_utils.process_allgather(np.int32(signum or 0))).max())
+    return got or None
 
 
 def _first_nan(chunk: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> Optional[tuple[str, int, int]]:
@@ -395,7 +396,9 @@ def _loop(trainer, ckpt: Checkpointer, logger: Logger, proxy: _LogProxy, *, stat
     csv_path = run_dir / "metrics.csv"
     with _GracefulStop(handle_signals, on_signal) as stop:
         for a, b in chunks:
-            if _any_process(stop.signum is not None) or (stop_after is not None and done >= stop_after):
+            signum = _any_process_signal(stop.signum)
+            if signum is not None or (stop_after is not None and done >= stop_after):
+                stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
                 break
             fn = program(b - a)
             logger.reset_timer(a)
