@@ -213,6 +213,9 @@ class EmbeddedBackend:
         self.encoder = encoder if encoder is not None else SentenceEncoder.load()
         self._refs: dict = {}
 
+    def warmup(self) -> None:
+        self.encoder.warmup(self.batch_size)
+
     def _ref(self, prompt: Prompt):
         key = (prompt.task, prompt.version)
         if key not in self._refs:
@@ -225,7 +228,7 @@ class EmbeddedBackend:
     def scores(self, prompt: Prompt, messages: Sequence[str]):
         import numpy as np
         pos, neg = self._ref(prompt)
-        e = self.encoder.embed(list(messages))
+        e = self.encoder.embed(list(messages), self.batch_size)
         s = (e @ pos.T).max(-1) - (e @ neg.T).max(-1)
         return np.where([bool(m.strip()) for m in messages], s, -1.0)  # empty message: never progress
 

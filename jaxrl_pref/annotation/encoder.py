@@ -156,7 +156,7 @@ class SentenceEncoder:
         """Token ids and mask, padded to the next power of two >= the longest (few compiled shapes)."""
         encs = self.tokenizer.encode_batch(list(texts))
         longest = max((len(e.ids) for e in encs), default=1)
-        L = min(self.max_length, 1 << max(3, (longest - 1).bit_length()))
+        L = min(self.max_length, 1 << max(4, (longest - 1).bit_length()))
         ids = np.zeros((len(encs), L), np.int32)
         mask = np.zeros((len(encs), L), bool)
         for i, e in enumerate(encs):
@@ -165,11 +165,18 @@ class SentenceEncoder:
         return ids, mask
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Unit-norm embeddings ``[n, H]``. Batches are padded to ``batch_size`` and lengths to 16/32/64/128
+        tokens, so at most four programs are ever compiled (compiles cost far more CPU than the padding)."""
         out = []
         for s in range(0, len(texts), batch_size):
             chunk = list(texts[s:s + batch_size])
             n = len(chunk)
-            pad = (1 << max(0, (n - 1).bit_length())) - n  # batch padded to a power of two too
+            pad = batch_size - n
             ids, mask = self.tokenize(chunk + [""] * pad)
             out.append(np.asarray(self._apply(self.params, jnp.asarray(ids), jnp.asarray(mask)))[:n])
         return np.concatenate(out, 0) if out else np.zeros((0, self.cfg.hidden_size), np.float32)
+
+    def warmup(self, batch_size: int = 64) -> None:
+        """Compiles the common shapes (messages of up to 16 and 32 tokens) ahead of the first real request."""
+        self.embed(["warm up"], batch_size)
+        self.embed([" ".join(["word"] * 20)], batch_size)

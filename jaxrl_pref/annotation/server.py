@@ -284,6 +284,8 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     ann = Annotator(store, backend, max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
                     parse_retries=cfg.parse_retries, backoff=cfg.backoff, cooldown=cfg.cooldown,
                     prompt_dir=cfg.prompt_dir or None).start()
+    if hasattr(backend, "warmup"):  # compile the embedded model while the first messages are on their way
+        threading.Thread(target=backend.warmup, name="warmup", daemon=True).start()
     httpd = make_http_server(ann, cfg.host, cfg.port)
     port = httpd.server_address[1]
     if cfg.port_file:
