@@ -43,7 +43,7 @@ def test_shaping_threshold_decay_and_terms():
     state = {**shaped.init(jax.random.PRNGKey(0), None), "table": t.device()}
     msgs = encode_messages(["good", "bad", "unlabeled", "never seen", ""]).reshape(5, 1, -1)
     traj = Transition(None, None, None, None, jnp.zeros((5, 1)), None, None, {"message": jnp.asarray(msgs)}, {})
-    r, m = shaped(state, traj)
+    r, m = jax.jit(shaped.__call__)(state, traj)
     np.testing.assert_allclose(np.asarray(r[:, 0]), [1.0 / 2.0, 0, 0, 0, 0])  # 1 / sqrt(4)
     assert {"intrinsic/score", "intrinsic/thresholded", "intrinsic/decay", "intrinsic/reward",
             "intrinsic/active_frac", "intrinsic/known_frac"} <= set(m)
@@ -69,11 +69,11 @@ def test_classifier_generalises_to_held_out_messages():
     train_x, train_y = _cls_data(MONSTERS[:11], ITEMS[:7])
     test_x, test_y = _cls_data(MONSTERS[11:], ITEMS[7:])
     model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
-    state = model.init(jax.random.PRNGKey(0))
+    state = jax.jit(model.init)(jax.random.PRNGKey(0))
     state = {**state, "data": model.buffer_from(encode_messages(train_x), train_y)}
     state, m = jax.jit(model.update)(state, jax.random.PRNGKey(1))
     assert float(m["reward_model/train_acc"]) > 0.95
-    p = np.asarray(model.prob(state, jnp.asarray(encode_messages(test_x))))
+    p = np.asarray(jax.jit(model.prob)(state, jnp.asarray(encode_messages(test_x))))
     acc = ((p > 0.5) == (test_y > 0.5)).mean()
     assert acc >= 0.9, (acc, list(zip(test_x, p.round(2))))
 
@@ -89,10 +89,10 @@ def test_bradley_terry_recovers_known_order():
         prob = 1 / (1 + np.exp(-(i - j) * 1.5))
         a.append(msgs[i]), b.append(msgs[j]), p.append(float(rng.random() < prob))
     model = Ranking(capacity=512, steps=150, batch_size=64, learning_rate=2e-2)
-    state = {**model.init(jax.random.PRNGKey(0)),
+    state = {**jax.jit(model.init)(jax.random.PRNGKey(0)),
              "data": model.buffer_from(encode_messages(a), encode_messages(b), np.array(p, np.float32))}
     state, m = jax.jit(model.update)(state, jax.random.PRNGKey(1))
-    r = np.asarray(model.reward(state["params"], jnp.asarray(encode_messages(msgs))))
+    r = np.asarray(jax.jit(model.reward)(state["params"], jnp.asarray(encode_messages(msgs))))
     assert list(np.argsort(r)) == list(range(len(msgs))), r
 
 
@@ -261,3 +261,29 @@ def test_experiment_cli_on_minihack(tmp_path):
     with pytest.raises(SystemExit) as e:
         oni_exp.parse(["--reward-model", "nope"])
     assert e.value.code == 2
+
+
+def test_host_loop_restores_counts_after_resume_and_refreshes_labels():
+    """ONILoop: counts and labels go into the reward state; a new loop (a resumed run) takes the checkpointed
+    table back instead of starting from zero counts."""
+    from jaxrl_pref.sebulba import HostState
+    cfg = oni.ONIOptions(reward_model="classification", table_capacity=1024, rm_capacity=16)
+    reward = oni.make_reward(cfg)
+    client = InstantClient(labels={"You find a hidden passage.": 1.0})
+    loop = oni.ONILoop(cfg, reward, client)
+    state = HostState((), reward.init(jax.random.PRNGKey(0), None), jax.random.PRNGKey(1), jnp.int32(0))
+    msgs = np.stack([MessageBandit(1).bytes[[0, 2, 2]]] * 2)  # [T=2, N=3, 256]
+    traj = Transition(None, None, None, None, None, None, None, {"message": msgs}, {})
+    state, m = loop(state, traj)
+    assert m["messages/new_this_update"] == 2 and m["labels/labeled"] == 2 and m["labels/positive"] == 1
+    shaped = state.reward_state["model"]
+    lab, cnt, found = jax.jit(lookup)(shaped["table"], jnp.asarray(MessageBandit(1).bytes))
+    np.testing.assert_array_equal(np.asarray(cnt), [2, 0, 4, 0])
+    assert float(lab[2]) == 1.0 and float(lab[0]) == 0.0
+    data = shaped["model"]["data"]
+    assert int(data["valid"].sum()) == 2 and decode_messages(np.asarray(data["bytes"][:2])) == \
+        ["It's a wall.", "You find a hidden passage."]
+    resumed = oni.ONILoop(cfg, reward, InstantClient())
+    state2, m2 = resumed(state, traj)
+    _, cnt2, _ = jax.jit(lookup)(state2.reward_state["model"]["table"], jnp.asarray(MessageBandit(1).bytes))
+    np.testing.assert_array_equal(np.asarray(cnt2), [4, 0, 8, 0])

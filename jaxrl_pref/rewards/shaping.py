@@ -36,7 +36,8 @@ class ShapedIntrinsic:
         self.table_capacity, self.message_key = table_capacity, message_key
 
     def init(self, key, spec):
-        return {"table": MessageTable.empty_device(self.table_capacity), "model": self.model.init(key)}
+        # jitted: model init run op by op costs a compile per op (seconds on a busy CPU)
+        return {"table": MessageTable.empty_device(self.table_capacity), "model": jax.jit(self.model.init)(key)}
 
     def update(self, state, traj, key, axis_name=None):
         model, metrics = self.model.update(state["model"], key)
