@@ -230,7 +230,9 @@ class EmbeddedBackend:
         pos, neg = self._ref(prompt)
         e = self.encoder.embed(list(messages), self.batch_size)
         s = (e @ pos.T).max(-1) - (e @ neg.T).max(-1)
-        return np.where([bool(m.strip()) for m in messages], s, -1.0)  # empty message: never progress
+        # the empty message ("nothing happened") is the neutral point: never progress, and it beats messages
+        # that read like the neutral examples (so a ranking model anchored on it has negative rewards for those)
+        return np.where([bool(m.strip()) for m in messages], s, 0.0)
 
     def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
         s = self.scores(prompt, messages)
