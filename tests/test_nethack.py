@@ -1,0 +1,285 @@
+"""NetHack/MiniHack env pool (envs/nethack.py, envs/nle_worker.py) and the host-side PPO loop on it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nle")
+pytest.importorskip("minihack")
+
+import envs  # noqa: E402
+from envs import nethack, nle_worker as W  # noqa: E402
+
+ROOM = "MiniHack-Room-5x5-v0"  # episodes of <= 100 steps: auto-reset happens within a short test
+ALL_KEYS = ("glyphs", "glyphs_crop", "chars", "chars_crop", "blstats", "message")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _shm_exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+def _wait_until(cond, timeout=15.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def _pad_crop(board, x, y, size, pad):
+    """Reference crop, written independently of nle_worker.crop."""
+    r = size // 2
+    big = np.pad(board, r, constant_values=pad)
+    return big[y:y + size, x:x + size]
+
+
+class _Reference:
+    """The same envs stepped one by one in this process, seeded as the pool seeds them."""
+
+    def __init__(self, task, n, seed, kwargs):
+        self.envs = [W.make_env(task, kwargs, ALL_KEYS) for _ in range(n)]
+        self.seed, self.episode = seed, [0] * n
+        self.obs = [self._reset(i) for i in range(n)]
+        self.ret = [0.0] * n
+        self.len = [0] * n
+
+    def _reset(self, i):
+        self.envs[i].unwrapped.seed(*W.episode_seeds(self.seed, i, self.episode[i]), reseed=False)
+        return {k: v.copy() for k, v in self.envs[i].reset()[0].items()}
+
+    def step(self, i, a):
+        obs, r, done, trunc, info = self.envs[i].step(int(a))
+        obs = {k: v.copy() for k, v in obs.items()}
+        trunc = bool(trunc) or int(info["end_status"]) == -1  # StepStatus.ABORTED: the step limit
+        term = bool(done) and not trunc
+        self.ret[i] += r
+        self.len[i] += 1
+        stats = None
+        if term or trunc:
+            stats = (self.ret[i], self.len[i], int(info["end_status"]) == 2)
+            self.episode[i] += 1
+            self.ret[i], self.len[i] = 0.0, 0
+            self.obs[i] = self._reset(i)
+        else:
+            self.obs[i] = obs
+        return obs, r, term, trunc, stats
+
+
+def _check_obs(batch, i, ref_obs, what):
+    np.testing.assert_array_equal(batch["glyphs"][i], ref_obs["glyphs"], err_msg=what)
+    np.testing.assert_array_equal(batch["chars"][i], ref_obs["chars"], err_msg=what)
+    np.testing.assert_array_equal(batch["blstats"][i], ref_obs["blstats"], err_msg=what)
+    np.testing.assert_array_equal(batch["message"][i], ref_obs["message"], err_msg=what)
+    x, y = int(ref_obs["blstats"][0]), int(ref_obs["blstats"][1])
+    np.testing.assert_array_equal(batch["glyphs_crop"][i], _pad_crop(ref_obs["glyphs"], x, y, 9, W.PAD_GLYPH))
+    np.testing.assert_array_equal(batch["chars_crop"][i], _pad_crop(ref_obs["chars"], x, y, 9, ord(" ")))
+
+
+@pytest.mark.parametrize("task,steps", [(ROOM, 150), ("NetHackScore-v0", 25)])
+def test_batched_equals_envs_stepped_one_by_one(task, steps):
+    n, seed = 4, 3
+    pool, params = envs.make(task, num_envs=n, num_workers=2, seed=seed, obs_keys=ALL_KEYS)
+    assert params is None and isinstance(pool, nethack.NLEPool)
+    try:
+        ref = _Reference(task, n, seed, pool.env_kwargs)
+        obs = pool.reset()
+        spec = pool.observation_spec()
+        assert set(obs) == set(ALL_KEYS)
+        for k, (shape, dtype) in spec.items():
+            assert obs[k].shape == (n,) + shape and obs[k].dtype == dtype, k
+        assert obs["message"].dtype == np.uint8 and obs["message"].shape == (n, 256)
+        for i in range(n):
+            _check_obs(obs, i, ref.obs[i], f"reset env {i}")
+        rng = np.random.default_rng(0)
+        ended = 0
+        for t in range(steps):
+            a = rng.integers(pool.num_actions, size=n)
+            obs, r, term, trunc, info = pool.step(a)
+            for i in range(n):
+                fin, rr, te, tr, stats = ref.step(i, a[i])
+                what = f"step {t} env {i}"
+                _check_obs(info["final_obs"], i, fin, what)  # the observation the step led to
+                _check_obs(obs, i, ref.obs[i], what)        # after auto-reset where the episode ended
+                assert r[i] == pytest.approx(rr, abs=1e-6) and term[i] == te and trunc[i] == tr, what
+                assert bool(info["episode_done"][i]) == (stats is not None), what
+                if stats is not None:
+                    ended += 1
+                    assert info["episode_return"][i] == pytest.approx(stats[0], abs=1e-4), what
+                    assert info["episode_length"][i] == stats[1], what
+                    assert info["episode_success"][i] == stats[2], what
+                    assert info["episode_depth"][i] >= 1
+        if task == ROOM:
+            assert ended >= 4, "expected auto-resets within the test"
+            assert "episode_success" in info
+        else:
+            assert "episode_success" not in info  # NetHackScore defines no success
+    finally:
+        pool.close()
+
+
+def test_pool_stats_and_spec_for_host_loop():
+    from jaxrl_pref.sebulba import host_spec
+    with nethack.NLEPool(ROOM, num_envs=3, num_workers=1, seed=0) as pool:
+        spec = host_spec(pool)
+        assert spec.obs_shape == {"glyphs_crop": (9, 9), "blstats": (27,), "message": (256,)}
+        assert spec.num_actions == pool.num_actions == 8 and pool.has_success
+        pool.reset()
+        rng = np.random.default_rng(1)
+        lengths = []
+        for _ in range(120):
+            *_, info = pool.step(rng.integers(8, size=3))
+            lengths += list(info["episode_length"][info["episode_done"]])
+            assert set(info) >= {"final_obs", "episode_done", "episode_return", "episode_length",
+                                 "episode_depth", "episode_score", "episode_success"}
+            assert all(v.shape == (3,) for k, v in info.items() if k != "final_obs")
+        assert lengths and max(lengths) <= 100  # MiniHack Room's step limit
+        with pytest.raises(ValueError, match="actions"):
+            pool.step(np.array([0, 1, 99]))
+
+
+def test_worker_kill_and_hang_recovery():
+    with nethack.NLEPool(ROOM, num_envs=4, num_workers=2, seed=0, step_timeout=3.0) as pool:
+        pool.reset()
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            obs, *_ = pool.step(rng.integers(8, size=4))
+        old = pool.worker_pids
+        os.kill(old[0], signal.SIGKILL)
+        with pytest.warns(RuntimeWarning, match="worker 0"):
+            obs2, r, term, trunc, info = pool.step(rng.integers(8, size=4))
+        assert trunc[:2].all() and not term[:2].any() and (r[:2] == 0).all()
+        assert info["episode_done"][:2].all() and (info["episode_length"][:2] >= 3).all()
+        np.testing.assert_array_equal(info["final_obs"]["glyphs_crop"][:2], obs["glyphs_crop"][:2])
+        new = pool.worker_pids
+        assert new[0] != old[0] and new[1] == old[1] and _alive(new[0]) and not _alive(old[0])
+        assert pool.restarts == 1
+        # a hung worker (stopped) is noticed after step_timeout and replaced too
+        os.kill(new[1], signal.SIGSTOP)
+        with pytest.warns(RuntimeWarning, match="did not answer"):
+            *_, trunc, info = pool.step(rng.integers(8, size=4))
+        assert trunc[2:].all() and pool.restarts == 2 and not _alive(new[1])
+        for _ in range(30):  # the run goes on
+            *_, info = pool.step(rng.integers(8, size=4))
+        pids = pool.worker_pids
+    assert not any(_alive(p) for p in pids)
+
+
+def test_close_frees_processes_and_shared_memory():
+    pool, _ = envs.make(ROOM, num_envs=2, num_workers=2)
+    pids, shm = pool.worker_pids, pool.shm_name
+    pool.reset()
+    pool.step(np.zeros(2, int))
+    assert all(_alive(p) for p in pids) and _shm_exists(shm)
+    pool.close()
+    pool.close()  # idempotent
+    assert not any(_alive(p) for p in pids) and not _shm_exists(shm)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.step(np.zeros(2, int))
+
+
+@pytest.mark.parametrize("how", ["exception", "sigkill"])
+def test_cleanup_after_host_crash(how):
+    code = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from envs import nethack
+        pool = nethack.NLEPool({ROOM!r}, num_envs=2, num_workers=2)
+        pool.reset()
+        print(json.dumps({{"pids": pool.worker_pids, "shm": pool.shm_name}}), flush=True)
+        if {how!r} == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("crash")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert _wait_until(lambda: not any(_alive(p) for p in info["pids"])), "worker processes leaked"
+    assert _wait_until(lambda: not _shm_exists(info["shm"])), "shared memory segment leaked"
+
+
+def test_missing_nle_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nle", None)  # "import nle" now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[nle\]"'):
+        envs.make("NetHackScore-v0", num_envs=2)
+
+
+def test_bad_names_and_options():
+    with pytest.raises(ValueError, match="Did you mean"):
+        envs.make("MiniHack-Room-5x5-v9", num_envs=1)
+    with pytest.raises(ValueError, match="obs_keys"):
+        envs.make(ROOM, num_envs=1, obs_keys=("pixels",))
+    with pytest.raises(ValueError, match="num_workers"):
+        envs.make(ROOM, num_envs=2, num_workers=3)
+    with pytest.raises(nethack.WorkerError, match="failed to start"):
+        envs.make(ROOM, num_envs=1, env_kwargs={"no_such_option": 1})
+    assert "NetHackScore-v0" in envs.registered() and ROOM in envs.registered()
+
+
+def test_cli_trains_checkpoints_and_resumes(tmp_path):
+    """Same runner as Anakin: config.json, metrics, checkpoints; a stopped run resumes from the CLI."""
+    from experiments import ppo_nethack
+    from jaxrl_pref.runner import run_experiment
+    run = tmp_path / "run"
+    cfg = ppo_nethack.Config(env_name=ROOM, num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=256)
+    pool = ppo_nethack.make_pool(cfg, seed=0)
+    try:  # stops (saved, resumable) after 2 of its 4 updates
+        res = run_experiment(ppo_nethack.make_trainer, cfg, run_dir=run, checkpoint_every=2, log_every=1,
+                             stop_after=2, progress=False, agent="ppo_nethack", trainer_kwargs={"env": pool})
+    finally:
+        pool.close()
+    assert res.updates_done == 2 and not res.finished
+    assert ppo_nethack.main(["--resume", str(run), "--progress", "False"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and "episode_return" in json.dumps(rows[0])
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["agent"] == "ppo_nethack" and saved["config"]["env_name"] == ROOM
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
+    # the run dir now holds checkpoints: a new run there is refused with a message (exit 2)
+    assert ppo_nethack.main(["--env", ROOM, "--run-dir", str(run), "--progress", "False"]) == 2
+    with pytest.raises(SystemExit) as e:  # JAX envs are not host envs: the option is named
+        ppo_nethack.parse(["--env", "CartPole-v1"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_ppo_learns_minihack_room_beats_random():
+    """Room-5x5: random play reaches the goal in ~55% of its 100-step episodes (mean return ~0.35); after
+    20 updates (10k steps) PPO's episodes end at the goal quickly. Margin: +0.4 over random."""
+    import jax
+    from experiments.ppo_nethack import Config, make_pool, make_trainer
+    pool, _ = envs.make(ROOM, num_envs=16, seed=100)
+    pool.reset()
+    rng = np.random.default_rng(0)
+    rets = []
+    for _ in range(400):
+        *_, info = pool.step(rng.integers(pool.num_actions, size=16))
+        rets += list(info["episode_return"][info["episode_done"]])
+    pool.close()
+    random_return = float(np.mean(rets))
+    cfg = Config(env_name=ROOM, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20, learning_rate=1e-3,
+                 update_epochs=4)
+    pool = make_pool(cfg, seed=0)
+    try:
+        tr = make_trainer(cfg, pool)
+        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), cfg.num_updates)
+    finally:
+        pool.close()
+    final = float(np.nanmean(m["episode_return"][-5:]))
+    assert final > random_return + 0.4, (final, random_return)
