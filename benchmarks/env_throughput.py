@@ -1,0 +1,129 @@
+"""NetHack/MiniHack throughput: raw nle, the worker pool, and PPO training on the pool, in one run.
+
+    python -m benchmarks.env_throughput                               # NetHackScore-v0 + MiniHack-Room-5x5-v0
+    python -m benchmarks.env_throughput --seconds 20 --num-envs 32 --json out.json
+
+For each task it measures, interleaved ``--reps`` times so that drift in machine load hits all alike (medians
+reported):
+
+* ``raw``: one ``nle`` env stepped in this process with random actions (same observation keys the pool asks nle
+  for; auto-reset by hand) -- the single-process baseline;
+* ``pool``: :class:`envs.nethack.NLEPool` (``--num-envs`` envs over ``--num-workers`` processes) with random
+  actions, observations copied out each step as the trainer gets them;
+* ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
+  (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
+
+Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores) and ppo/pool (target >= 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+from jaxrl_pref.runner import use_sync_cpu_dispatch
+
+use_sync_cpu_dispatch()
+
+import jax  # noqa: E402
+
+import envs  # noqa: E402
+from envs import nle_worker  # noqa: E402
+from experiments import ppo_nethack  # noqa: E402
+
+
+def raw_rate(task: str, seconds: float, seed: int = 0) -> float:
+    env = nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
+    rng = np.random.default_rng(seed)
+    n_act, episode = env.action_space.n, 0
+    env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
+    env.reset()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for a in rng.integers(n_act, size=256):
+            _, _, done, trunc, _ = env.step(int(a))
+            steps += 1
+            if done or trunc:
+                episode += 1
+                env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
+                env.reset()
+    rate = steps / (time.perf_counter() - t0)
+    env.close()
+    return rate
+
+
+def pool_rate(pool, seconds: float, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    pool.reset()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pool.step(rng.integers(pool.num_actions, size=pool.num_envs))
+        steps += pool.num_envs
+    return steps / (time.perf_counter() - t0)
+
+
+class PPORun:
+    def __init__(self, cfg, pool):
+        self.cfg, self.trainer = cfg, ppo_nethack.make_trainer(cfg, pool)
+        self.state = self.trainer.init(jax.random.PRNGKey(0))
+        self.state, _ = self.trainer.run(self.state, 1)  # compiles act and learn
+        jax.block_until_ready(self.state)
+
+    def rate(self, seconds: float) -> float:
+        per = self.cfg.num_steps * self.cfg.num_envs
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self.state, _ = self.trainer.run(self.state, 1)
+            jax.block_until_ready(self.state)
+            steps += per
+        return steps / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["NetHackScore-v0", "MiniHack-Room-5x5-v0"])
+    p.add_argument("--num-envs", type=int, default=ppo_nethack.Config.num_envs)
+    p.add_argument("--num-workers", type=int, default=0, help="0: one per CPU core")
+    p.add_argument("--num-steps", type=int, default=ppo_nethack.Config.num_steps)
+    p.add_argument("--overlap", action="store_true", help="PPO with collection/learning overlap")
+    p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}; num_envs={a.num_envs}, "
+          f"num_workers={a.num_workers or 'cores'}, {a.reps} reps x {a.seconds:.0f} s each, medians")
+    results = {}
+    for task in a.tasks:
+        cfg = ppo_nethack.Config(env_name=task, num_envs=a.num_envs, num_workers=a.num_workers,
+                                 num_steps=a.num_steps, overlap=a.overlap,
+                                 total_timesteps=a.num_envs * a.num_steps * 10_000)
+        pool = ppo_nethack.make_pool(cfg, seed=0)
+        try:
+            ppo_run = PPORun(cfg, pool)
+            rates = {"raw": [], "pool": [], "ppo": []}
+            for _ in range(a.reps):
+                rates["raw"].append(raw_rate(task, a.seconds))
+                rates["pool"].append(pool_rate(pool, a.seconds))
+                ppo_run.trainer._obs = None  # the pool was reset by the random-action run
+                rates["ppo"].append(ppo_run.rate(a.seconds))
+        finally:
+            pool.close()
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        r = {**{f"{k}_steps_per_s": v for k, v in med.items()},
+             "pool_over_raw": med["pool"] / med["raw"], "ppo_over_pool": med["ppo"] / med["pool"],
+             "workers": pool.num_workers, "all": rates}
+        results[task] = r
+        print(f"{task:24s} raw {med['raw']:8.0f}/s   pool {med['pool']:8.0f}/s   ppo {med['ppo']:8.0f}/s   "
+              f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
