@@ -10,6 +10,8 @@ PPO settings; only the reward PPO learns from differs:
 * ``ppo_weighted`` -- the task's own reward, i.e. the ground-truth weighted sum of the factors;
 * ``ppo_top``      -- the top-ranked factor alone (direction-signed).
 
+Baseline rewards are divided by their running std (HERON's model output is normalised too).
+
 All are scored by the task's own episode return (the ground-truth weighted sum). Outputs in ``--out-dir``:
 ``results.json`` (per-seed curves), ``results.md`` (the table), ``<task>.png`` (mean +- std curves).
 The score of a run is the mean episode return over its last ``--final-frac`` of updates.
@@ -32,21 +34,26 @@ use_sync_cpu_dispatch()
 
 from agents import heron, ppo  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.rewards import ScaledSum  # noqa: E402
 
 METHODS = ("heron", "ppo_weighted", "ppo_top")
 
 # Per task: env, PPO settings shared by all methods, HERON ranking and margins.
+_PPO = dict(clip_value=False)  # value clipping (+-0.2) stalls the critic on unit-scale rewards; off for every method
 TASKS = {
-    "pendulum": dict(env_name="PendulumFactors-v1", num_envs=16, num_steps=128, update_epochs=10,
-                     num_minibatches=16, learning_rate=1e-3, gamma=0.95, ent_coef=0.0,
-                     factors=("angle", "speed", "energy"), margins=(0.5, 1.0, 1.0)),
+    # PPO settings of the README's Pendulum example (which learns with them); HERON compares 4-step segments,
+    # angle first with margin 0 (a margin on the angle lets "hang still" win on speed)
+    "pendulum": dict(env_name="PendulumFactors-v1", num_envs=4, num_steps=1024, update_epochs=10,
+                     num_minibatches=64, learning_rate=3e-4, gamma=0.9, ent_coef=0.0, normalize_obs=True, **_PPO,
+                     factors=("angle", "speed", "energy"), margins=(0.0, 1.0, 1.0), segment_len=4, rm_updates=32),
     "mountaincar": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128, update_epochs=4,
-                        num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
-                        factors=("goal", "energy"), margins=(0.0, 1.0)),
+                        num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0, normalize_obs=True, **_PPO,
+                        factors=("goal", "energy"), margins=(0.0, 1.0), rm_updates=16),
     # the same task, with the user also ranking a shaping factor (the car's mechanical energy) above action cost
     "mountaincar_swing": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128,
                               update_epochs=4, num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
-                              factors=("goal", "swing", "energy"), margins=(0.0, 0.5, 1.0)),
+                              normalize_obs=True, **_PPO, factors=("goal", "swing", "energy"),
+                              margins=(0.0, 0.5, 1.0), rm_updates=16),
 }
 
 
@@ -79,7 +86,10 @@ def make_program(cfg: heron.Config, method: str):
     if method == "heron":
         return heron.make_train(cfg)
     kind = {"ppo_weighted": "weighted", "ppo_top": "top"}[method]
-    return ppo.make_train(cfg.ppo_config(), reward=heron.baseline_reward(cfg, kind))
+    # every method learns from a normalised reward: HERON's model normalises its output; the baselines' rewards
+    # are divided by their running std (ScaledSum), as NormalizeReward would do for an env reward
+    reward = ScaledSum(heron.baseline_reward(cfg, kind), ext_coef=0.0, int_coef=1.0, normalize=True)
+    return ppo.make_train(cfg.ppo_config(), reward=reward)
 
 
 def run_method(cfg: heron.Config, method: str, num_seeds: int) -> dict:
