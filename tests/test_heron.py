@@ -308,3 +308,24 @@ def test_heron_data_parallel_over_two_devices():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_heron_reward_model_in_the_nethack_host_loop():
+    """On a MiniHack pool (Sebulba loop) the factors come from blstats via FactorSet.from_transition."""
+    pytest.importorskip("nle")
+    from experiments import ppo_nethack as pn
+    from jaxrl_pref.rewards.factors import MINIHACK
+    cfg = pn.Config(env_name="MiniHack-Room-5x5-v0", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3,
+                    num_workers=1, update_epochs=1, num_minibatches=2)
+    rm = PreferenceReward(PreferenceConfig(factors=("depth", "damage", "steps"), margins=(0, 0, 1), segment_len=4,
+                                           buffer_segments=64, min_segments=8, rm_batch_size=8), MINIHACK)
+    pool = pn.make_pool(cfg)
+    try:
+        tr = pn.make_trainer(cfg, pool, reward=rm)
+        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), 3)
+    finally:
+        pool.close()
+    assert int(state.reward_state.count) == 48 and int(state.reward_state.updates) == 3
+    assert np.isfinite(np.asarray(m["reward/heron_loss"])).all()
+    assert (np.asarray(m["reward/heron_margin_steps"]) > 0).all()
