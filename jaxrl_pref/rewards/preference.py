@@ -69,13 +69,13 @@ class PreferenceConfig:
     margin_high: float = 2.0
     ties: str = "skip"
     """'skip': tied pairs carry no loss; 'half': tied pairs are trained towards P = 1/2."""
-    segment_len: int = 8
+    segment_len: int = 4
     """Steps per compared segment (1 = compare single steps, as the reference's classic-control code)."""
     buffer_segments: int = 1024
     """Ring buffer capacity (segments); the most recent ones are kept."""
     rm_batch_size: int = 32
     """Segments per minibatch; all of their pairs are compared."""
-    rm_updates: int = 4
+    rm_updates: int = 16
     """Reward-model Adam steps per RL iteration."""
     min_segments: int = 64
     """Buffer fill before the model trains (its reward is 0 until then)."""
