@@ -209,3 +209,16 @@ def test_hparams_sweep_bounds():
         sqirl.hparams(cfg, planning_depth=jnp.array([1, 3]))
     with pytest.raises(ConfigError, match="learning_rates"):
         sqirl.hparams(cfg, learning_rates=1.0)
+
+
+def test_effective_horizon_exact_on_chain():
+    """The exact analysis finds k* = 3 on the chain (k = 1, 2 prefer the immediate 0.5) and its Q_k match the
+    hand-computed heads."""
+    from jaxrl_pref import effective_horizon as eh
+    r = eh.analyse("TestChain-v0", gamma=0.9)
+    assert (r.horizon, r.num_actions, r.k_star) == (3, 2, 3)
+    assert r.gaps[0] < 0 and r.gaps[1] < 0 and r.gaps[2] == pytest.approx(0.81 - 0.5)
+    assert r.optimal_return == pytest.approx(0.81)
+    mdp = eh.enumerate_mdp("TestChain-v0")
+    heads = eh.q_heads(mdp, 0.9, 3)
+    np.testing.assert_allclose([h[0][0] for h in heads], exact_heads(0.9, 3)[:, 0], atol=1e-9)
