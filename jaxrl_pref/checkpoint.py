@@ -337,6 +337,8 @@ def _write_manifest(step_dir: Path) -> None:
     (orbax/tensorstore do not checksum array chunks, and a failed read there is noisy)."""
     if not step_dir.is_dir():  # already rotated away by max_to_keep
         return
+    if jax.process_index() != 0:  # multi-process run: one shared step directory, process 0 writes its manifest
+        return
     files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc(p)]
              for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = step_dir / (MANIFEST + ".tmp")
