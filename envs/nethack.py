@@ -332,7 +332,9 @@ class NLEPool:
             cut.append((s, v["run_return"][s].copy(), v["run_length"][s].copy(), v["run_depth"][s].copy()))
             self._restart(w, why)
         obs = self._obs("obs/")
-        final = self._obs("final/")
+        ended = v["episode_done"].copy()
+        final = {k: np.where(ended.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k], x)
+                 for k, x in obs.items()}  # workers write final/* only where an episode ended
         reward = v["reward"].copy()
         terminated, truncated = v["terminated"].copy(), v["truncated"].copy()
         info = {k: v[k].copy() for k in ("episode_done",) + W.STAT_KEYS}

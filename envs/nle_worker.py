@@ -78,18 +78,6 @@ def episode_seeds(seed: int, env_index: int, episode: int) -> tuple[int, int]:
     return int(core), int(disp)
 
 
-def crop(board: np.ndarray, x: int, y: int, out: np.ndarray, pad) -> np.ndarray:
-    """Writes the ``out.shape`` window of ``board`` centred on column ``x``, row ``y`` into ``out`` (``pad`` outside)."""
-    h, w = out.shape
-    top, left = y - h // 2, x - w // 2
-    H, W = board.shape
-    y0, y1, x0, x1 = max(top, 0), min(top + h, H), max(left, 0), min(left + w, W)
-    out.fill(pad)
-    if y0 < y1 and x0 < x1:
-        out[y0 - top:y1 - top, x0 - left:x1 - left] = board[y0:y1, x0:x1]
-    return out
-
-
 def is_minihack(task: str) -> bool:
     return task.startswith("MiniHack-")
 
@@ -109,26 +97,39 @@ def make_env(task: str, env_kwargs: dict | None = None, keys=OBS_KEYS):
 
 class EnvSlot:
     """One env of a worker: steps it and writes its observations into index ``i`` of the shared arrays ``v``
-    (``final/*``: the observation a step led to; ``obs/*``: the next one to act on, written by :meth:`reset`).
-    Running episode statistics are kept here and published by :class:`Worker` in one write per array."""
+    (``obs/*``: the next observation to act on; ``final/*``: the observation an episode ended on, written only
+    then). Running episode statistics are kept here and published by :class:`Worker` in one write per array."""
 
     def __init__(self, env, i: int, v: dict, keys, seed: int):
         self.env, self.i, self.v, self.keys, self.seed = env, i, v, tuple(keys), seed
         self.base = env.unwrapped
         self.ret, self.length, self.depth = 0.0, 0, 0
+        # per key: (source key, destination view) -- views made once, not per step
+        self.out = {p: [(k[:-5] if k.endswith("_crop") else k, k.endswith("_crop"), v[p + k][i]) for k in keys]
+                    for p in ("obs/", "final/")}
+        # crops: the map is copied into the middle of a board padded by half the crop on each side, so the
+        # window around the agent at (x, y) is board[y:y + h, x:x + w] -- no bounds arithmetic per step
+        self.boards = {}
+        for k in keys:
+            if k.endswith("_crop"):
+                h, w = v["obs/" + k].shape[1:]
+                pad = PAD_GLYPH if k == "glyphs_crop" else PAD_CHAR
+                self.boards[k[:-5]] = (np.full((DUNGEON_SHAPE[0] + h - 1, DUNGEON_SHAPE[1] + w - 1), pad,
+                                               v["obs/" + k].dtype), h, w)
 
     def write(self, obs, prefix: str):
-        v, i = self.v, self.i
         bl = obs["blstats"]
         x, y = int(bl[BL_X]), int(bl[BL_Y])
-        for k in self.keys:
-            dst = v[prefix + k][i]
-            if k == "glyphs_crop":
-                crop(obs["glyphs"], x, y, dst, PAD_GLYPH)
-            elif k == "chars_crop":
-                crop(obs["chars"], x, y, dst, PAD_CHAR)
+        filled = set()
+        for src, is_crop, dst in self.out[prefix]:
+            if is_crop:
+                board, h, w = self.boards[src]
+                if src not in filled:
+                    board[h // 2:h // 2 + DUNGEON_SHAPE[0], w // 2:w // 2 + DUNGEON_SHAPE[1]] = obs[src]
+                    filled.add(src)
+                dst[...] = board[y:y + h, x:x + w]
             else:
-                dst[...] = obs[k]
+                dst[...] = obs[src]
 
     def reset(self):
         v, i = self.v, self.i
@@ -138,13 +139,13 @@ class EnvSlot:
         self.ret, self.length, self.depth = 0.0, 0, int(obs["blstats"][BL_DEPTH])
 
     def step(self, action: int):
-        """Steps once, writes ``final/*``; returns (reward, terminated, truncated). On an episode's end also
+        """Steps once, writes ``obs/*`` (or ``final/*`` if the episode ended); returns (reward, terminated, truncated). On an episode's end also
         writes its ``episode_*`` statistics (the caller then resets)."""
         obs, reward, done, truncated, info = self.env.step(action)
         status = int(info.get("end_status", 0))
         truncated = bool(truncated) or status == STATUS_ABORTED
         terminated = bool(done) and not truncated
-        self.write(obs, "final/")
+        self.write(obs, "final/" if terminated or truncated else "obs/")
         bl = obs["blstats"]
         self.ret += reward
         self.length += 1
@@ -184,8 +185,6 @@ class Worker:
         rew, term, trunc = zip(*out)
         done = [a or b for a, b in zip(term, trunc)]
         v["reward"][sl], v["terminated"][sl], v["truncated"][sl], v["episode_done"][sl] = rew, term, trunc, done
-        for k in self.keys:
-            v["obs/" + k][sl] = v["final/" + k][sl]
         for s, d in zip(self.slots, done):
             if d:
                 s.reset()

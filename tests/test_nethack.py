@@ -196,8 +196,12 @@ def test_close_frees_processes_and_shared_memory():
 @pytest.mark.parametrize("how", ["exception", "sigkill"])
 def test_cleanup_after_host_crash(how):
     code = textwrap.dedent(f"""
-        import json, os, signal, sys
+        import json, os, signal, sys, types
         sys.path.insert(0, {os.getcwd()!r})
+        # the pool without envs/__init__ (which imports gymnax and JAX: seconds of start-up)
+        pkg = types.ModuleType("envs")
+        pkg.__path__ = [os.path.join({os.getcwd()!r}, "envs")]
+        sys.modules["envs"] = pkg
         from envs import nethack
         pool = nethack.NLEPool({ROOM!r}, num_envs=2, num_workers=2)
         pool.reset()
@@ -232,8 +236,27 @@ def test_bad_names_and_options():
     assert "NetHackScore-v0" in envs.registered() and ROOM in envs.registered()
 
 
-def test_cli_trains_checkpoints_and_resumes(tmp_path):
-    """Same runner as Anakin: config.json, metrics, checkpoints; a stopped run resumes from the CLI."""
+def test_cli_trains_and_checkpoints(tmp_path):
+    """Same runner as Anakin: config.json, metrics, checkpoints; a finished run dir refuses a new run."""
+    from experiments import ppo_nethack
+    run = tmp_path / "run"
+    args = ["--env", ROOM, "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+            "--total-timesteps", "192", "--checkpoint-every", "2", "--log-every", "1", "--run-dir", str(run),
+            "--progress", "False"]
+    assert ppo_nethack.main(args) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "episode_return" in json.dumps(rows[0])
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["agent"] == "ppo_nethack" and saved["config"]["env_name"] == ROOM
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    assert ppo_nethack.main(args) == 2  # the run dir holds checkpoints: refused with a message
+    with pytest.raises(SystemExit) as e:  # JAX envs are not host envs: the option is named
+        ppo_nethack.parse(["--env", "CartPole-v1"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_stopped_run_resumes_from_cli(tmp_path):
     from experiments import ppo_nethack
     from jaxrl_pref.runner import run_experiment
     run = tmp_path / "run"
@@ -247,15 +270,8 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     assert res.updates_done == 2 and not res.finished
     assert ppo_nethack.main(["--resume", str(run), "--progress", "False"]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and "episode_return" in json.dumps(rows[0])
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["agent"] == "ppo_nethack" and saved["config"]["env_name"] == ROOM
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
-    # the run dir now holds checkpoints: a new run there is refused with a message (exit 2)
-    assert ppo_nethack.main(["--env", ROOM, "--run-dir", str(run), "--progress", "False"]) == 2
-    with pytest.raises(SystemExit) as e:  # JAX envs are not host envs: the option is named
-        ppo_nethack.parse(["--env", "CartPole-v1"])
-    assert e.value.code == 2
+    assert len(rows) == 4
+    assert max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == 4
 
 
 @pytest.mark.slow
