@@ -133,6 +133,65 @@ def test_two_processes_match_one_process_four_devices(runs):
     print("max |params(2 processes) - params(1 process)| =", float(np.abs(p0["params"] - s["params"]).max()))
 
 
+def _ppo_cli(run_dir: Path, port: int, i: int, updates: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "experiments.ppo", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2", "--process-id", str(i), "--num-devices", "4", "--num-envs", "8", "--num-steps", "16",
+           "--hidden", "16", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps",
+           str(8 * 16 * updates), "--checkpoint-every", "5", "--progress", "False", "--run-dir", str(run_dir),
+           "--resume"]
+    with open(log, "w") as f:  # a file, not a pipe: nothing blocks on output while the test waits
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(procs, log_dir: Path, phase: str, timeout: float = 300) -> list[str]:
+    import time
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.5)
+    outs = [(log_dir / f"{phase}{i}.log").read_text() for i in range(len(procs))]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert all(p.returncode is not None for p in procs), [o[-2000:] for o in outs]
+    return outs
+
+
+@pytest.mark.slow
+def test_distributed_cli_stops_together_and_resumes(tmp_path):
+    """``experiments.ppo --distributed``: SIGTERM to ONE process stops both at the same chunk boundary (a lone
+    process would hang in the next all-reduce), both save, and a relaunch resumes both from that checkpoint."""
+    import signal
+    import time
+    run, updates = tmp_path / "run", 2000
+    port = _free_port()
+    procs = [_ppo_cli(run, port, i, updates, tmp_path / f"a{i}.log") for i in range(2)]
+    deadline = time.time() + 400
+    while not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("[0-9]*")):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint appeared"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = _wait(procs, tmp_path, "a")
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [o[-2000:] for o in outs]
+    stopped = {o.split("stopped at update ")[1].split("/")[0] for o in outs}
+    assert len(stopped) == 1, outs
+    k = int(stopped.pop())
+    assert 0 < k < updates and k % 5 == 0
+    # relaunch (same settings): both resume from update k; stop them again (via process 0) after a chunk
+    port = _free_port()
+    procs = [_ppo_cli(run, port, i, updates, tmp_path / f"b{i}.log") for i in range(2)]
+    deadline = time.time() + 400
+    while not (run / "checkpoints" / str(k + 5)).exists():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        time.sleep(0.5)
+    procs[0].send_signal(signal.SIGTERM)
+    outs = _wait(procs, tmp_path, "b")
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [o[-2000:] for o in outs]
+    for o in outs:
+        assert f"resumed {run} at update {k}/{updates}" in o, o[-2000:]
+    assert len({o.split("stopped at update ")[1].split("/")[0] for o in outs}) == 1
+
+
 # -- worker ----------------------------------------------------------------------------------------------------------
 def _worker(out: str, cluster: list[str]) -> None:
     import jax
