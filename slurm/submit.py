@@ -15,7 +15,6 @@ tasks of an existing sweep (they resume from their checkpoints).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import subprocess

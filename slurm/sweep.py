@@ -28,9 +28,10 @@ A sweep file::
       setup: ["module load cuda"]    # shell lines run before the task
       extra: ["--qos=normal"]        # any other sbatch options
 
-:func:`expand` turns it into a list of :class:`Task` (one per Slurm array index). A task is one process running
-one or more *members*: a (grid point, seed) pair. Each member is one row (seed index) of the task's
-``metrics.csv``.
+:func:`expand` turns it into a list of :class:`Task` (one per Slurm array index). The experiment module must take the
+experiment-runner flags of ``experiments.ppo``: ``--seed --num-seeds --run-dir --resume --progress`` (and
+``--hp-values`` for ``vmap_hparams``). A task is one process running one or more *members*: a (grid point, seed)
+pair. Each member is one row (seed index) of the task's ``metrics.csv``.
 """
 from __future__ import annotations
 

@@ -219,8 +219,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 """
         (r / "slurm.conf").write_text(conf)
         for daemon in ("slurmctld", "slurmd"):
-            p = subprocess.run([self.sbin(daemon), "-f", str(r / "slurm.conf")], env=self.env, capture_output=True,
-                               text=True, timeout=60)
+            args = ["-N", self.host] if daemon == "slurmd" else []
+            p = subprocess.run([self.sbin(daemon), "-f", str(r / "slurm.conf"), *args], env=self.env,
+                               capture_output=True, text=True, timeout=60)
             if p.returncode != 0:
                 raise RuntimeError(f"{daemon} did not start: {p.stderr.strip()} {self.log(daemon)}")
             self.pids.append(self._pid(r / f"{daemon}.pid"))
@@ -248,6 +249,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60, check=check)
 
     def stop(self) -> None:
+        if len(self.pids) == 3:  # cancel what a failed test left behind, so no job outlives the cluster
+            self.run("scancel", "--full", f"--user={os.getuid()}")
+            deadline = time.time() + 60
+            while time.time() < deadline and self.run("squeue", "-h").stdout.strip():
+                time.sleep(1)
         for pid in reversed(self.pids):  # slurmd, slurmctld, munged: only the daemons started here
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -397,3 +403,34 @@ srun {PY} -m experiments.ppo --distributed --num-devices 4 --num-envs 8 --num-st
     assert (run / "checkpoints").is_dir() and len(list((run / "tb").glob("events*"))) == 1, log[-3000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["num_devices"] == 4
+
+
+def test_hp_values_option_is_validated(capsys):
+    from experiments import ppo as ppo_exp
+    opts = ppo_exp.parse(["--num-seeds", "2", "--hp-values", '{"learning_rate": [0.001, 0.003]}'])
+    assert opts.hp_overrides() == {"learning_rate": [0.001, 0.003]}
+    for bad, words in (('{"learning_rate": [0.001]}', "one number per seed"), ('{"hidden": [1, 2]}', "cannot be vmapped"),
+                       ("[1,", "is not JSON")):
+        with pytest.raises(SystemExit) as e:
+            ppo_exp.parse(["--num-seeds", "2", "--hp-values", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "hp_values" in err and words in err and "Fix:" in err
+
+
+@pytest.mark.slow  # trains one vmapped task locally (~40 s on a busy 2-core machine)
+def test_vmapped_hparams_sweep_runs_locally_and_reports_each_point(tmp_path):
+    f = _write_sweep(tmp_path / "v.json", "v", {**TINY, "total_timesteps": 4 * 32 * 4, "checkpoint_every": 2},
+                     {"learning_rate": [1e-3, 3e-3], "ent_coef": [0.0, 0.01]}, 2, vmap_seeds=True,
+                     vmap_hparams=["learning_rate", "ent_coef"])
+    out = tmp_path / "sweep"
+    submit.submit(f, out=str(out), local=True)
+    m = sw.read_manifest(out)
+    assert len(m["tasks"]) == 1 and len(m["tasks"][0]["members"]) == 8
+    cfg = json.loads((out / m["tasks"][0]["run_dir"] / "config.json").read_text())
+    assert cfg["run"]["hp_batched"] and cfg["run"]["num_seeds"] == 8
+    assert cfg["run"]["hp"][".learning_rate"] == pytest.approx([1e-3] * 4 + [3e-3] * 4)
+    assert cfg["run"]["hp"][".ent_coef"] == pytest.approx([0.0, 0.0, 0.01, 0.01] * 2)
+    data = report.write_report(out)
+    assert data["failed"] == [] and [r["n"] for r in data["rows"]] == [2, 2, 2, 2]
+    assert (out / "report" / "final_vs_ent_coef.png").exists()
