@@ -55,7 +55,7 @@ class ClusterSpec:
     coordinator: str     # host:port of process 0
     num_processes: int
     process_id: int
-    source: str          # "args", "slurm"
+    source: str          # "args", "slurm" or "jax" (JAX's own detection: TPU pods, GKE, MPI)
 
 
 def first_host(nodelist: str) -> str:
@@ -90,10 +90,14 @@ def slurm_cluster(environ: _Optional[_Mapping[str, str]] = None, port: _Optional
 
 def resolve_cluster(coordinator: _Optional[str] = None, num_processes: _Optional[int] = None,
                     process_id: _Optional[int] = None, environ: _Optional[_Mapping[str, str]] = None
-                    ) -> ClusterSpec:
-    """Explicit settings win field by field; missing ones come from Slurm. Raises ConfigError naming the field."""
+                    ) -> _Optional[ClusterSpec]:
+    """Explicit settings win field by field; missing ones come from Slurm. None when nothing is given and there
+    is no Slurm step: then JAX's own detection applies (TPU VM pods, GKE, Open MPI). Raises ConfigError naming
+    the field when only some settings are known."""
     from jaxrl_pref.config import ConfigError
     auto = slurm_cluster(environ)
+    if auto is None and coordinator is None and num_processes is None and process_id is None:
+        return None
     coordinator = coordinator or (auto.coordinator if auto else None)
     num_processes = num_processes if num_processes is not None else (auto.num_processes if auto else None)
     process_id = process_id if process_id is not None else (auto.process_id if auto else None)
@@ -124,8 +128,19 @@ def initialize(coordinator: _Optional[str] = None, num_processes: _Optional[int]
         return _CLUSTER
     spec = resolve_cluster(coordinator, num_processes, process_id)
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
-                               initialization_timeout=timeout_s)
+    if spec is None:  # no Slurm step and no settings: let JAX detect the cluster (TPU VM pod slice, GKE, MPI)
+        try:
+            jax.distributed.initialize(initialization_timeout=timeout_s)
+        except (ValueError, RuntimeError) as e:
+            from jaxrl_pref.config import ConfigError
+            raise ConfigError("coordinator", f"no cluster found to join ({e})",
+                              "run under `srun` (one task per process), on every worker of a TPU VM pod slice, or "
+                              "pass --coordinator HOST:PORT --num-processes N --process-id I to every process"
+                              ) from None
+        spec = ClusterSpec("(detected by jax)", jax.process_count(), jax.process_index(), "jax")
+    else:
+        jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
+                                   initialization_timeout=timeout_s)
     _CLUSTER = spec
     return spec
 

@@ -46,8 +46,12 @@ def test_slurm_environment_gives_the_cluster():
     assert (spec.coordinator, spec.num_processes, spec.process_id, spec.source) == ("a100-01:12563", 4, 0, "args")
 
 
+def test_no_settings_and_no_slurm_leaves_detection_to_jax():
+    assert distributed.resolve_cluster(environ={}) is None
+
+
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(), "coordinator"),
+    (dict(num_processes=2, process_id=0), "coordinator"),
     (dict(coordinator="h:1"), "num_processes"),
     (dict(coordinator="h:1", num_processes=2), "process_id"),
     (dict(coordinator="h", num_processes=2, process_id=0), "coordinator"),
