@@ -51,9 +51,9 @@ class ONIOptions:
     """Count-based decay exponent: r / N(message)^beta (0 turns it off)."""
     normalize_intrinsic: bool = True
     """Divide the intrinsic reward by a running std before the coefficient."""
-    rm_steps: int = 4
+    rm_steps: int = 2
     """Reward-model optimiser steps per PPO update (classification, ranking)."""
-    rm_batch_size: int = 256
+    rm_batch_size: int = 128
     rm_learning_rate: float = 3e-3
     rm_capacity: int = 4096
     """Labelled messages (or pairs, for ranking) kept for reward-model training (newest kept)."""
@@ -123,6 +123,7 @@ class ONILoop:
             self.table.k1[:], self.table.k2[:], self.table.used[:] = t["k1"], t["k2"], t["used"]
             self.table.label[:], self.table.count[:] = t["label"], t["count"]
             self.table.size = int(t["used"].sum())
+            self.table.dirty = self.table._keys_dirty = True
 
     def __call__(self, state, traj):
         rs = state.reward_state

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 
 class AnnotatorClient:
-    def __init__(self, url: str, task: str, poll_interval: float = 0.2, timeout: float = 5.0,
+    def __init__(self, url: str, task: str, poll_interval: float = 0.5, timeout: float = 5.0,
                  max_batch: int = 5000):
         self.url, self.task = url.rstrip("/"), task
         self.poll_interval, self.timeout, self.max_batch = poll_interval, timeout, max_batch

@@ -44,7 +44,7 @@ class Annotator:
 
     def __init__(self, store: LabelStore, backend, *, max_concurrency: int = 4, max_retries: int = 3,
                  parse_retries: int = 2, backoff: float = 0.5, cooldown: float = 5.0, prompt_dir=None,
-                 prompt_version: Optional[str] = None, poll: float = 0.05):
+                 prompt_version: Optional[str] = None, poll: float = 0.2):
         self.store, self.backend = store, backend
         self.max_concurrency, self.max_retries, self.parse_retries = max_concurrency, max_retries, parse_retries
         self.backoff, self.cooldown, self.poll = backoff, cooldown, poll

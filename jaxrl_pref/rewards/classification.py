@@ -38,9 +38,9 @@ def ngram_ids(msgs, buckets: int = NGRAM_BUCKETS):
 
 class MessageNet(nn.Module):
     """``uint8[..., L]`` messages -> one logit / score per message."""
-    dim: int = 32
+    dim: int = 16
     hidden: int = 64
-    max_len: int = 128  # NetHack messages rarely exceed this; later bytes are ignored
+    max_len: int = 96  # NetHack messages rarely exceed this; later bytes are ignored
 
     @nn.compact
     def __call__(self, msgs):
@@ -53,6 +53,26 @@ class MessageNet(nn.Module):
         return nn.Dense(1)(x)[..., 0]
 
 
+def score_unique(fn, msgs, max_unique: int = 128):
+    """``fn`` applied to each distinct message of ``msgs`` (``uint8[..., L]``) once, broadcast back to ``[...]``.
+
+    A rollout repeats a handful of messages thousands of times: messages are grouped by their 32-bit hash
+    (``jnp.unique`` with a static ``size``), the model runs on at most ``max_unique`` of them, and the results are
+    gathered back. Rollouts with more distinct messages fall back to scoring every step (``lax.cond``). Two
+    different messages in one rollout sharing a 32-bit hash (odds ~ n^2 / 2^33) would share a score.
+    """
+    from jaxrl_pref.rewards.retrieval import message_hash
+    flat = msgs.reshape((-1, msgs.shape[-1]))
+    if flat.shape[0] <= max_unique:
+        return fn(flat).reshape(msgs.shape[:-1])
+    h, _ = message_hash(flat)
+    _, first, inv = jnp.unique(h, size=max_unique, fill_value=h[0], return_index=True, return_inverse=True)
+    srt = jnp.sort(h)
+    n = 1 + (srt[1:] != srt[:-1]).sum()
+    out = jax.lax.cond(n <= max_unique, lambda: fn(flat[first])[inv.reshape(-1)], lambda: fn(flat))
+    return out.reshape(msgs.shape[:-1])
+
+
 def bce_loss(logits, labels, weights):
     l = optax.sigmoid_binary_cross_entropy(logits, labels)
     return (l * weights).sum() / jnp.maximum(weights.sum(), 1.0)
@@ -62,7 +82,7 @@ class Classification:
     """P(helpful | message); ``state = {"params", "opt", "data": {"bytes", "label", "valid"}}``."""
     name = "classification"
 
-    def __init__(self, capacity: int = 4096, message_len: int = 256, steps: int = 4, batch_size: int = 256,
+    def __init__(self, capacity: int = 4096, message_len: int = 256, steps: int = 2, batch_size: int = 128,
                  learning_rate: float = 3e-3, net: MessageNet | None = None):
         self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
         self.net = net if net is not None else MessageNet()
@@ -110,7 +130,7 @@ class Classification:
                                                          "reward_model/examples": n.astype(jnp.float32)}
 
     def prob(self, state, msgs):
-        return jax.nn.sigmoid(self.net.apply(state["params"], msgs))
+        return jax.nn.sigmoid(score_unique(lambda m: self.net.apply(state["params"], m), msgs))
 
     def score(self, state, msgs, table):
         """P(helpful); 0 until the first label arrives (an untrained classifier's ~0.5 is not a label)."""

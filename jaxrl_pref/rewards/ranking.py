@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_pref.rewards.classification import MessageNet
+from jaxrl_pref.rewards.classification import MessageNet, score_unique
 
 
 def bt_loss(ra, rb, pref, weights):
@@ -28,7 +28,7 @@ def bt_loss(ra, rb, pref, weights):
 class Ranking:
     name = "ranking"
 
-    def __init__(self, capacity: int = 8192, message_len: int = 256, steps: int = 4, batch_size: int = 256,
+    def __init__(self, capacity: int = 8192, message_len: int = 256, steps: int = 2, batch_size: int = 128,
                  learning_rate: float = 3e-3, net: MessageNet | None = None):
         self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
         self.net = net if net is not None else MessageNet()
@@ -86,5 +86,5 @@ class Ranking:
 
     def score(self, state, msgs, table):
         empty = jnp.zeros((1, msgs.shape[-1]), msgs.dtype)
-        r = self.reward(state["params"], msgs) - self.reward(state["params"], empty)[0]
+        r = score_unique(lambda m: self.reward(state["params"], m), msgs) - self.reward(state["params"], empty)[0]
         return jnp.where(state["data"]["valid"].any(), r, 0.0)  # 0 until the first preference arrives

@@ -108,6 +108,8 @@ class MessageTable:
         self.count = np.zeros(capacity, np.float32)
         self.size = 0
         self.dirty = True
+        self._keys_dirty = True  # keys/labels changed (else only counts did: upload just those)
+        self._dev: Optional[dict] = None
 
     def _slot(self, h1: int, h2: int, insert: bool) -> Optional[int]:
         home = int(_fmix_np(np.array([h1 ^ 0x5BD1E995], np.uint32))[0])
@@ -120,6 +122,7 @@ class MessageTable:
                     raise TableFull(f"message table full ({self.size} of {self.capacity}); raise its capacity")
                 self.used[s], self.k1[s], self.k2[s] = True, h1, h2
                 self.size += 1
+                self._keys_dirty = True
                 return s
             if self.k1[s] == h1 and self.k2[s] == h2:
                 return s
@@ -140,6 +143,7 @@ class MessageTable:
                 self.count[s] += counts[i]
             if labels is not None and not np.isnan(labels[i]):
                 self.label[s] = labels[i]
+                self._keys_dirty = True
         self.dirty = True
         return new
 
@@ -154,9 +158,14 @@ class MessageTable:
         return lab, cnt
 
     def device(self) -> dict:
-        self.dirty = False
-        return {"k1": jnp.asarray(self.k1), "k2": jnp.asarray(self.k2), "used": jnp.asarray(self.used),
-                "label": jnp.asarray(self.label), "count": jnp.asarray(self.count)}
+        """The table's arrays on device; after a change of counts only, only the counts are uploaded again."""
+        if self._dev is None or self._keys_dirty:
+            self._dev = {"k1": jnp.asarray(self.k1), "k2": jnp.asarray(self.k2), "used": jnp.asarray(self.used),
+                         "label": jnp.asarray(self.label), "count": jnp.asarray(self.count)}
+        elif self.dirty:
+            self._dev = {**self._dev, "count": jnp.asarray(self.count)}
+        self.dirty = self._keys_dirty = False
+        return self._dev
 
     @staticmethod
     def empty_device(capacity: int = 1 << 16) -> dict:
