@@ -48,12 +48,12 @@ TASKS = {
                      factors=("angle", "speed", "energy"), margins=(0.0, 1.0, 1.0), segment_len=4, rm_updates=32),
     "mountaincar": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128, update_epochs=4,
                         num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0, normalize_obs=True, **_PPO,
-                        factors=("goal", "energy"), margins=(0.0, 1.0), rm_updates=16),
+                        factors=("goal", "energy"), margins=(0.0, 1.0), segment_len=8, rm_updates=16),
     # the same task, with the user also ranking a shaping factor (the car's mechanical energy) above action cost
     "mountaincar_swing": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128,
                               update_epochs=4, num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
                               normalize_obs=True, **_PPO, factors=("goal", "swing", "energy"),
-                              margins=(0.0, 0.5, 1.0), rm_updates=16),
+                              margins=(0.0, 0.5, 1.0), segment_len=8, rm_updates=16),
 }
 
 
