@@ -70,15 +70,16 @@ class Options(ppo.Config):
     """Vmapped hyperparameter sweep inside one run: JSON {field: [one value per seed]} for fields in
     ppo.HPARAM_FIELDS, e.g. '{"learning_rate": [1e-4, 3e-4]}' with --num-seeds 2 (seed i uses value i)."""
     distributed: bool = False
-    """Multi-process data parallelism: call jax.distributed.initialize (coordinator/process count/id from the
-    Slurm environment, or --coordinator/--num-processes/--process-id) and use --num-devices devices across all
-    processes. Process 0 writes logs and metrics; every process writes its checkpoint shards."""
+    """Multi-process data parallelism: call jax.distributed.initialize (coordinator/process count/id from
+    --coordinator/--num-processes/--process-id, else the Slurm step, else JAX's detection on TPU pods/GKE/MPI) and
+    use --num-devices devices across all processes. Process 0 writes logs and metrics; every process writes its
+    checkpoint shards (use a shared --run-dir)."""
     coordinator: Optional[str] = None
-    """host:port of process 0 for --distributed (default: from Slurm)."""
+    """host:port of process 0 for --distributed (default: from Slurm / JAX's detection)."""
     num_processes: Optional[int] = None
-    """Number of processes for --distributed (default: from Slurm)."""
+    """Number of processes for --distributed (default: from Slurm / JAX's detection)."""
     process_id: Optional[int] = None
-    """This process's index for --distributed (default: from Slurm)."""
+    """This process's index for --distributed (default: from Slurm / JAX's detection)."""
 
     def validate(self) -> None:
         super().validate()
