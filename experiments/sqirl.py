@@ -158,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(checkpoint saved). Continue with: python -m experiments.sqirl --resume {run_dir}", file=sys.stderr)
         return 128 + int(result.interrupted)
     m = result.metrics
-    if "episode_success" in m and m["episode_success"].size:
+    if {"episode_success", "episode_return", "experience_steps"} <= set(m) and m["episode_success"].size:
         import numpy as np
         print(f"final greedy policy: success {np.nanmean(m['episode_success'][:, -1]):.3f}, return "
               f"{np.nanmean(m['episode_return'][:, -1]):.3f} (mean over {m['episode_return'].shape[0]} seed(s)); "
