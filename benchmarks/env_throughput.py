@@ -13,7 +13,9 @@ reported):
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
-Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores) and ppo/pool (target >= 0.5).
+Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores) and ppo/pool (target >= 0.5); and
+steps per CPU-second of raw and of the pool (host + workers), which separates the pool's own overhead from the
+effect of other load on the machine (wall-clock ratios on a shared machine mostly measure the scheduler).
 """
 from __future__ import annotations
 
@@ -36,13 +38,27 @@ from envs import nle_worker  # noqa: E402
 from experiments import ppo_nethack  # noqa: E402
 
 
-def raw_rate(task: str, seconds: float, seed: int = 0) -> float:
+def _cpu_seconds(pids) -> float:
+    """CPU time (user + system) used so far by the processes ``pids`` (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def raw_rate(task: str, seconds: float, seed: int = 0) -> tuple[float, float]:
+    """(steps per second, steps per CPU-second)."""
     env = nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
     rng = np.random.default_rng(seed)
     n_act, episode = env.action_space.n, 0
     env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
     env.reset()
-    steps, t0 = 0, time.perf_counter()
+    steps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         for a in rng.integers(n_act, size=256):
             _, _, done, trunc, _ = env.step(int(a))
@@ -51,19 +67,22 @@ def raw_rate(task: str, seconds: float, seed: int = 0) -> float:
                 episode += 1
                 env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
                 env.reset()
-    rate = steps / (time.perf_counter() - t0)
+    rate, cpu = steps / (time.perf_counter() - t0), time.process_time() - c0
     env.close()
-    return rate
+    return rate, steps / cpu
 
 
-def pool_rate(pool, seconds: float, seed: int = 0) -> float:
+def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float]:
+    """(steps per second, steps per CPU-second of the host and the workers together)."""
     rng = np.random.default_rng(seed)
     pool.reset()
     steps, t0 = 0, time.perf_counter()
+    c0 = time.process_time() + _cpu_seconds(pool.worker_pids)
     while time.perf_counter() - t0 < seconds:
         pool.step(rng.integers(pool.num_actions, size=pool.num_envs))
         steps += pool.num_envs
-    return steps / (time.perf_counter() - t0)
+    cpu = time.process_time() + _cpu_seconds(pool.worker_pids) - c0
+    return steps / (time.perf_counter() - t0), steps / cpu
 
 
 class PPORun:
@@ -104,10 +123,12 @@ def main(argv=None) -> int:
         pool = ppo_nethack.make_pool(cfg, seed=0)
         try:
             ppo_run = PPORun(cfg, pool)
-            rates = {"raw": [], "pool": [], "ppo": []}
+            rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": []}
             for _ in range(a.reps):
-                rates["raw"].append(raw_rate(task, a.seconds))
-                rates["pool"].append(pool_rate(pool, a.seconds))
+                for k, fn in (("raw", lambda: raw_rate(task, a.seconds)), ("pool", lambda: pool_rate(pool, a.seconds))):
+                    rate, per_cpu = fn()
+                    rates[k].append(rate)
+                    rates[k + "_per_cpu_s"].append(per_cpu)
                 ppo_run.trainer._obs = None  # the pool was reset by the random-action run
                 rates["ppo"].append(ppo_run.rate(a.seconds))
         finally:
@@ -119,6 +140,11 @@ def main(argv=None) -> int:
         results[task] = r
         print(f"{task:24s} raw {med['raw']:8.0f}/s   pool {med['pool']:8.0f}/s   ppo {med['ppo']:8.0f}/s   "
               f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
+        eff = med["pool_per_cpu_s"] / med["raw_per_cpu_s"]
+        r["pool_over_raw_per_cpu_s"] = eff
+        print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
+              f"(host + workers) = {eff:.2f}x raw: the pool's overhead; with {pool.num_workers} idle cores it "
+              f"could reach ~{eff * pool.num_workers:.1f}x raw")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
