@@ -75,7 +75,7 @@ class PreferenceConfig:
     """Ring buffer capacity (segments); the most recent ones are kept."""
     rm_batch_size: int = 32
     """Segments per minibatch; all of their pairs are compared."""
-    rm_updates: int = 16
+    rm_updates: int = 8
     """Reward-model Adam steps per RL iteration."""
     min_segments: int = 64
     """Buffer fill before the model trains (its reward is 0 until then)."""
