@@ -298,4 +298,5 @@ def test_ppo_learns_minihack_room_beats_random():
     finally:
         pool.close()
     final = float(np.nanmean(m["episode_return"][-5:]))
+    print(f"MiniHack-Room-5x5: random mean return {random_return:.3f}, PPO (last 5 of 20 updates) {final:.3f}")
     assert final > random_return + 0.4, (final, random_return)
