@@ -234,7 +234,8 @@ def stack_seeds(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # per-process temporary name: the processes of a multi-process run write the same files concurrently
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
