@@ -127,13 +127,14 @@ def test_factor_env_weighted_sum_is_the_task_reward_and_episode_totals_add_up(na
     env, params = envs.make(name, num_envs=2, max_steps_in_episode=30)
     obs, state = env.reset(jax.random.PRNGKey(0), params)
     step = jax.jit(lambda k, s, a: env.step(k, s, a, params))
-    totals = np.zeros((2, len(fs)))
+    totals, use_max = np.zeros((2, len(fs))), np.array([f.aggregate == "max" for f in fs.factors])
+    totals[:, use_max] = -np.inf
     for t in range(30):
         a = jax.random.uniform(jax.random.PRNGKey(100 + t), (2, 1), minval=-3, maxval=3)  # outside the bounds too
         obs, state, reward, term, trunc, info = step(jax.random.PRNGKey(t), state, a)
         f = np.asarray(info["factors"])
         np.testing.assert_allclose(f @ np.asarray(fs.weights), np.asarray(reward), rtol=1e-5, atol=1e-5)
-        totals += f
+        totals = np.where(use_max, np.maximum(totals, f), totals + f)
     assert bool(info["episode_done"].all())
     for k, n in enumerate(fs.names):
         np.testing.assert_allclose(np.asarray(info[f"episode_factor_{n}"]), totals[:, k], rtol=1e-5, atol=1e-4)
@@ -298,7 +299,7 @@ def test_heron_data_parallel_over_two_devices():
         "import jax, numpy as np\n"
         "from agents import heron\n"
         "cfg = heron.Config(env_name='Pendulum-v1', num_envs=8, num_steps=32, total_timesteps=8*32*4, num_devices=2,"
-        " min_segments=16, update_epochs=1, num_minibatches=2)\n"
+        " segment_len=8, min_segments=16, update_epochs=1, num_minibatches=2)\n"
         "tr = heron.make_trainer(cfg)\n"
         "rs, m = jax.jit(lambda r: tr.run(r, None, 4))(jax.jit(tr.init)(jax.random.PRNGKey(0)))\n"
         "assert int(rs.reward_state.count) == 128 and int(rs.reward_state.updates) == 4\n"
