@@ -50,7 +50,7 @@ class Config(ppo.Config, PreferenceConfig):
         per_update = (self.num_steps // L) * self.num_envs
         require(per_update <= self.buffer_segments, "buffer_segments",
                 f"one update adds {per_update} segments (num_steps // segment_len * num_envs) but the buffer holds "
-                f"{self.buffer_segments}", f"use --buffer-segments {max(per_update, 2 * per_update)} or longer segments")
+                f"{self.buffer_segments}", f"use --buffer-segments {2 * per_update} or longer segments")
 
     @property
     def factor_set(self) -> FactorSet:

@@ -41,7 +41,7 @@ def _compiled(train, num_seeds: int):
 
 
 def measure(cfg: heron.Config, num_seeds: int, reps: int) -> dict:
-    progs = {"ppo": heron.ppo.make_train(cfg.ppo_config()), "heron": heron.make_train(cfg)}
+    progs = {"ppo": ppo.make_train(cfg.ppo_config()), "heron": heron.make_train(cfg)}
     built = {k: _compiled(v, num_seeds) for k, v in progs.items()}
     times = {k: [] for k in progs}
     finals = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -137,7 +138,9 @@ def plot(task: str, cfg: heron.Config, curves: dict, path: Path) -> None:
     for method, ret in curves.items():
         r = _fill_nan(ret)
         x = (np.arange(r.shape[1]) + 1) * steps
-        mu, sd = np.nanmean(r, 0), np.nanstd(r, 0)
+        with warnings.catch_warnings():  # updates before any seed finished an episode are all-NaN: not drawn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mu, sd = np.nanmean(r, 0), np.nanstd(r, 0)
         ax.plot(x, mu, label=method)
         ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
     ax.set_xlabel("env steps")

@@ -1,7 +1,6 @@
 """HERON: reward factors, hierarchical comparison, Bradley-Terry preference model, agent, CLI."""
 from __future__ import annotations
 
-import itertools
 
 import jax
 import jax.numpy as jnp

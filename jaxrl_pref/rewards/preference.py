@@ -41,7 +41,6 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -97,8 +96,8 @@ class PreferenceConfig:
                  "reward_scale")
         positive(self, "min_segments", strict=False)
         in_range(self, "rm_norm_momentum", 0.0, 0.999999)
-        require(self.rm_batch_size >= 2, "rm_batch_size", f"need at least 2 segments to compare, got {self.rm_batch_size}",
-                "pass e.g. --rm-batch-size 32")
+        require(self.rm_batch_size >= 2, "rm_batch_size",
+                f"need at least 2 segments to compare, got {self.rm_batch_size}", "pass e.g. --rm-batch-size 32")
         require(self.ties in TIES, "ties", f"unknown tie handling {self.ties!r}", f"use one of {TIES}")
         require(self.rm_activation in ACTIVATIONS, "rm_activation", f"unknown activation {self.rm_activation!r}",
                 f"use one of {sorted(ACTIVATIONS)}")
