@@ -172,6 +172,7 @@ class JaxHostEnv:
         self.num_envs, self.num_actions, self._spec = num_envs, spec.num_actions, spec
         self._key = jax.random.PRNGKey(seed)
         self._step = jax.jit(self.env.step)
+        self._reset = jax.jit(self.env.reset)  # compiled once: callers (SQIRL) reset every iteration
         self._state = None
 
     def observation_spec(self):
@@ -179,7 +180,7 @@ class JaxHostEnv:
 
     def reset(self):
         self._key, k = jax.random.split(self._key)
-        obs, self._state = jax.jit(self.env.reset)(k, self.params)
+        obs, self._state = self._reset(k, self.params)
         return {"obs": np.asarray(obs)}
 
     def step(self, actions):
