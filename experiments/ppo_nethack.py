@@ -121,8 +121,9 @@ class Options(Config, ppo_exp.Options):
         return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
 
 
-def _replay_saved(resume_path: str) -> list[str]:
-    """Options of the run in ``resume_path`` as CLI tokens (explicit flags given later win)."""
+def _replay_saved(resume_path: str, options: type = None, sections: Sequence[str] = ()) -> list[str]:
+    """Options of the run in ``resume_path`` as CLI tokens (explicit flags given later win): the agent config, the
+    run's seed/cadence, and the option fields saved under ``run[section]`` for each of ``sections``."""
     cfg_file = Path(resume_path) / "config.json"
     try:
         saved = json.loads(cfg_file.read_text())
@@ -130,21 +131,29 @@ def _replay_saved(resume_path: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError("resume", f"{resume_path} is not a readable run directory ({e})",
                           "pass the --run-dir of an earlier run, or leave out --resume to start a new one") from None
-    fields = {f.name for f in dataclasses.fields(Options)}
-    tokens = [t for k, v in config.items() if k in fields for t in ppo_exp._as_args(k, v)]
+    fields = {f.name for f in dataclasses.fields(options or Options)}
+    saved_options = dict(config)
+    for section in sections:
+        saved_options.update(run.get(section) or {})
+    tokens = [t for k, v in saved_options.items() if k in fields for t in ppo_exp._as_args(k, v)]
     tokens += [t for k in ("seed", "checkpoint_every", "log_every") if k in run for t in ppo_exp._as_args(k, run[k])]
     return tokens + ["--run-dir", str(resume_path)]
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> Options:
+def parse(argv: Optional[Sequence[str]] = None, options: type = None, sections: Sequence[str] = ()) -> Options:
+    """Parses the command line into ``options`` (default :class:`Options`; experiments built on this one pass a
+    subclass, e.g. :mod:`experiments.heron_nethack`, and the ``run_info`` sections where they saved their own
+    fields, so that ``--resume`` restores them)."""
+    options = options or Options
     argv, resume_path = ppo_exp._preprocess(list(sys.argv[1:] if argv is None else argv))
     if resume_path is not None and not any(a in ("-h", "--help") for a in argv):
         try:
-            argv = _replay_saved(resume_path) + argv
+            argv = _replay_saved(resume_path, options, sections) + argv
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-    return cli(Options, argv, description=__doc__.split("\n\n")[0], aliases=ppo_exp.ALIASES)
+    doc = sys.modules[options.__module__].__doc__ or __doc__
+    return cli(options, argv, description=doc.split("\n\n")[0], aliases=ppo_exp.ALIASES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

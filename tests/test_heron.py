@@ -1,6 +1,8 @@
 """HERON: reward factors, hierarchical comparison, Bradley-Terry preference model, agent, CLI."""
 from __future__ import annotations
 
+import csv
+
 
 import jax
 import jax.numpy as jnp
@@ -348,3 +350,33 @@ def test_heron_run_resumes_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(rest.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(full.metrics["reward/heron_loss"], rest.metrics["reward/heron_loss"])
+
+
+def test_heron_nethack_cli_errors_name_the_field():
+    from experiments import heron_nethack as hn
+    from jaxrl_pref.rewards.factors import MINIHACK
+    for argv, field in ((["--factors", "depth>luck"], "factors"), (["--margins", "0", "1"], "margins"),
+                        (["--segment-len", "64", "--num-steps", "32"], "segment_len")):
+        with pytest.raises(SystemExit) as e:
+            hn.parse(argv)
+        assert e.value.code == 2, (argv, field)
+    opts = hn.parse(["--factors", "gold>depth", "--margins", "0", "1"])
+    assert opts.preference_config().resolve(MINIHACK)[0] == (1, 0)
+
+
+def test_heron_nethack_cli_trains_and_resumes(tmp_path, capsys):
+    """`python -m experiments.heron_nethack` on MiniHack: the reward model trains in the host loop, its metrics are
+    logged, and a finished run resumed from its directory has nothing left to do."""
+    pytest.importorskip("nle")
+    from experiments import heron_nethack as hn
+    run = tmp_path / "run"
+    args = ["--env", "MiniHack-Room-5x5-v0", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", "256",
+            "--num-workers", "1", "--update-epochs", "1", "--num-minibatches", "2", "--buffer-segments", "64",
+            "--min-segments", "8", "--rm-batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",
+            "--run-dir", str(run)]
+    assert hn.main(args) == 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["update"]) for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(float(r["reward/heron_loss"])) for r in rows[1:])
+    assert hn.main(["--resume", str(run)]) == 0
+    assert "latest: update 4" in capsys.readouterr().out

@@ -1,0 +1,98 @@
+"""Train HERON on NetHack/MiniHack (host envs, Sebulba loop): PPO on a preference reward model learnt from
+hierarchical comparisons of the MiniHack reward factors (``depth``, ``gold``, ``damage``, ``steps``, computed from
+``blstats``; :data:`jaxrl_pref.rewards.factors.MINIHACK`)::
+
+    python -m experiments.heron_nethack --env MiniHack-Room-5x5-v0 --factors 'depth>damage>steps' --margins 0 0 1
+    python -m experiments.heron_nethack --resume runs/heron_nethack-x     # continue from the last checkpoint
+
+The pool, network, logging, checkpoints and resume are those of :mod:`experiments.ppo_nethack`; the reward model
+is the same :class:`jaxrl_pref.rewards.preference.PreferenceReward` that :mod:`experiments.heron` uses on JAX envs,
+plugged into the host trainer through the reward-transform seam. Every field is a flag (``--help`` lists them).
+Quote the ranking: ``>`` is a shell redirect (or write ``--factors depth damage steps``).
+
+Exit status: 0 done; 2 bad option or unusable checkpoint; 1 training diverged; 128+signal when stopped by a signal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Optional, Sequence
+
+from experiments import ppo_nethack as pn  # first: sets synchronous CPU dispatch before JAX starts
+
+from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
+from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.rewards.factors import MINIHACK  # noqa: E402
+from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
+from jaxrl_pref.runner import DivergenceError, run_experiment  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(pn.Options, PreferenceConfig):
+    """NetHack PPO options plus HERON's reward-model settings (defaults sized for 2 CPU cores)."""
+    env_name: str = "MiniHack-Room-5x5-v0"
+    factors: tuple[str, ...] = ("depth", "damage", "steps")
+    """Reward factors, most important first: 'a>b>c' or separate words (from depth, gold, damage, steps)."""
+    margins: tuple[float, ...] = (0.0, 0.0, 1.0)
+    """One margin per ranked factor (multiples of the factor's std over the buffer unless --absolute-margins)."""
+    buffer_segments: int = 256
+    min_segments: int = 32
+    rm_batch_size: int = 16
+
+    def validate(self) -> None:
+        super().validate()  # NetHack PPO + run options
+        self.validate_rm()
+        self.resolve(MINIHACK)  # unknown factor names, margins length
+        L = self.segment_len
+        require(L <= self.num_steps, "segment_len", f"{L} is longer than a rollout (num_steps={self.num_steps})",
+                f"use at most {self.num_steps}, e.g. --segment-len {min(4, self.num_steps)}")
+        per_update = (self.num_steps // L) * self.num_envs
+        require(per_update <= self.buffer_segments, "buffer_segments",
+                f"one update adds {per_update} segments (num_steps // segment_len * num_envs) but the buffer holds "
+                f"{self.buffer_segments}", f"use --buffer-segments {2 * per_update} or longer segments")
+
+    def preference_config(self) -> PreferenceConfig:
+        return PreferenceConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PreferenceConfig)})
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Options:
+    return pn.parse(argv, options=Options, sections=("heron",))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parse(argv)
+    cfg = opts.agent_config()
+    run_dir = opts.run_dir or opts.resume or f"runs/heron_nethack-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume = True if opts.resume is not None else (False if opts.no_resume else None)
+    try:
+        pool = pn.make_pool(cfg, opts.seed)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reward = PreferenceReward(opts.preference_config(), MINIHACK)
+    try:
+        result = run_experiment(pn.make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
+                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                                progress=opts.progress, agent="heron_nethack",
+                                trainer_kwargs={"env": pool, "reward": reward},
+                                run_info={"num_workers": pool.num_workers,
+                                          "heron": dataclasses.asdict(opts.preference_config())})
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        pool.close()
+    if result.interrupted is not None:
+        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates} "
+              f"(checkpoint saved). Continue with: python -m experiments.heron_nethack --resume {run_dir}",
+              file=sys.stderr)
+        return 128 + int(result.interrupted)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
