@@ -21,7 +21,6 @@ catch up when it returns. ``python -m experiments.oni`` runs it on NetHack/MiniH
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 

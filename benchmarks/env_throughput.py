@@ -33,7 +33,6 @@ use_sync_cpu_dispatch()
 
 import jax  # noqa: E402
 
-import envs  # noqa: E402
 from envs import nle_worker  # noqa: E402
 from experiments import ppo_nethack  # noqa: E402
 

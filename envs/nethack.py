@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 import weakref
-from multiprocessing import connection, shared_memory
+from multiprocessing import shared_memory
 from typing import Optional, Sequence
 
 import numpy as np
@@ -107,7 +107,7 @@ class _Worker:
     def __init__(self, index: int, start: int, count: int):
         self.index, self.start, self.count = index, start, count
         self.proc: Optional[subprocess.Popen] = None
-        self.conn: Optional[connection.Connection] = None
+        self.sock: Optional[socket.socket] = None
 
     @property
     def slice(self):
@@ -117,9 +117,9 @@ class _Worker:
 def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
     """Stops workers (politely, then SIGKILL) and unlinks the segment; safe to call twice."""
     for w in workers:
-        if w.conn is not None:
+        if w.sock is not None:
             try:
-                w.conn.send_bytes(b"C")
+                w.sock.sendall(b"C")
             except OSError:
                 pass
     deadline = time.monotonic() + timeout
@@ -131,9 +131,9 @@ def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
                 w.proc.kill()
                 w.proc.wait()
             w.proc = None
-        if w.conn is not None:
-            w.conn.close()
-            w.conn = None
+        if w.sock is not None:
+            w.sock.close()
+            w.sock = None
     while shm_box:
         shm = shm_box.pop()
         try:
@@ -220,11 +220,11 @@ class NLEPool:
                                       pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             child.close()
-        w.conn = connection.Connection(parent.detach())
+        w.sock = parent
 
     def _handshake(self, w: _Worker) -> dict:
         reply = self._recv(w, self.start_timeout)
-        if reply is None or not reply.startswith(b"K"):
+        if reply is None or not reply.startswith(b"H"):
             why = (reply[1:].decode(errors="replace") if reply else
                    f"exited with status {w.proc.poll()}" if w.proc.poll() is not None else "did not answer")
             raise WorkerError(f"NLEPool worker {w.index} ({self.task}) failed to start:\n{why}")
@@ -233,10 +233,9 @@ class NLEPool:
     def _recv(self, w: _Worker, timeout: float) -> Optional[bytes]:
         """One reply from ``w``, or None if it died or stayed silent for ``timeout`` seconds."""
         try:
-            if not w.conn.poll(timeout):
-                return None
-            return w.conn.recv_bytes()
-        except (EOFError, OSError):
+            w.sock.settimeout(max(timeout, 1e-3))
+            return W.recv_msg(w.sock)
+        except (EOFError, OSError):  # OSError includes socket.timeout
             return None
 
     def _kill(self, w: _Worker) -> None:
@@ -244,9 +243,9 @@ class NLEPool:
             w.proc.kill()
         if w.proc is not None:
             w.proc.wait()
-        if w.conn is not None:
-            w.conn.close()
-        w.proc = w.conn = None
+        if w.sock is not None:
+            w.sock.close()
+        w.proc = w.sock = None
 
     def _restart(self, w: _Worker, why: str) -> None:
         self.restarts += 1
@@ -261,30 +260,29 @@ class NLEPool:
         self._handshake(w)
 
     def _command(self, cmd: bytes) -> list[tuple[_Worker, str]]:
-        """Sends ``cmd`` to every worker and waits for all; returns the workers that failed and why."""
-        failed, waiting = [], {}
+        """Sends ``cmd`` to every worker and waits for all (``step_timeout`` in all); returns the workers that
+        failed and why. Replies are read in worker order with blocking reads: all are needed anyway."""
+        failed, sent = [], []
         for w in self._workers:
             try:
-                w.conn.send_bytes(cmd)
-                waiting[w.conn] = w
+                w.sock.sendall(cmd)
+                sent.append(w)
             except OSError:
                 failed.append((w, "died (could not send)"))
         deadline = time.monotonic() + self.step_timeout
-        while waiting:
-            ready = connection.wait(list(waiting), timeout=max(deadline - time.monotonic(), 0.0))
-            if not ready:
-                failed += [(w, f"did not answer within step_timeout={self.step_timeout}s") for w in waiting.values()]
-                break
-            for c in ready:
-                w = waiting.pop(c)
-                try:
-                    reply = c.recv_bytes()
-                except (EOFError, OSError):
-                    code = w.proc.wait() if w.proc is not None else None
-                    failed.append((w, f"died (exit status {code})"))
-                    continue
-                if reply[:1] != b"K":
-                    failed.append((w, "raised an error:\n" + reply[1:].decode(errors="replace")))
+        for w in sent:
+            try:
+                w.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                reply = W.recv_msg(w.sock)
+            except socket.timeout:
+                failed.append((w, f"did not answer within step_timeout={self.step_timeout}s"))
+                continue
+            except (EOFError, OSError):
+                code = w.proc.wait() if w.proc is not None else None
+                failed.append((w, f"died (exit status {code})"))
+                continue
+            if reply[:1] != b"K":
+                failed.append((w, "raised an error:\n" + reply[1:].decode(errors="replace")))
         return failed
 
     # -- host-env interface ----------------------------------------------------------------------------------
@@ -333,8 +331,11 @@ class NLEPool:
             self._restart(w, why)
         obs = self._obs("obs/")
         ended = v["episode_done"].copy()
-        final = {k: np.where(ended.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k], x)
-                 for k, x in obs.items()}  # workers write final/* only where an episode ended
+        if ended.any() or cut:  # workers write final/* only where an episode ended
+            final = {k: np.where(ended.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k], x)
+                     for k, x in obs.items()}
+        else:  # the common step: no episode ended, final_obs is obs (new copies: callers may write to either)
+            final = {k: x.copy() for k, x in obs.items()}
         reward = v["reward"].copy()
         terminated, truncated = v["terminated"].copy(), v["truncated"].copy()
         info = {k: v[k].copy() for k in ("episode_done",) + W.STAT_KEYS}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Optional

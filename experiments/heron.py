@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()  # before the CPU backend exists (jax#25861)
 
 from agents import heron  # noqa: E402
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
@@ -110,21 +109,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = opts.agent_config()
     run_dir = opts.resume or opts.run_dir or f"runs/heron-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = True if opts.resume else (False if opts.no_resume else None)
-    try:
-        result = run_experiment(heron.make_trainer, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
-                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, agent="heron")
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates}. "
-              f"Continue with: python -m experiments.heron --resume {run_dir}", file=sys.stderr)
-        return 128 + int(result.interrupted)
-    return 0
+    status, _ = run_for_cli(
+        lambda: run_experiment(heron.make_trainer, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
+                               log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                               progress=opts.progress, agent="heron"),
+        module="experiments.heron", run_dir=run_dir)
+    return status
 
 
 if __name__ == "__main__":

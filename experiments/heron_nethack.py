@@ -21,11 +21,10 @@ from typing import Optional, Sequence
 
 from experiments import ppo_nethack as pn  # first: sets synchronous CPU dispatch before JAX starts
 
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
-from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.config import require  # noqa: E402
 from jaxrl_pref.rewards.factors import MINIHACK  # noqa: E402
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
-from jaxrl_pref.runner import DivergenceError, run_experiment  # noqa: E402
+from jaxrl_pref.runner import run_experiment, run_for_cli  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,26 +71,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     reward = PreferenceReward(opts.preference_config(), MINIHACK)
     try:
-        result = run_experiment(pn.make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
-                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, agent="heron_nethack",
-                                trainer_kwargs={"env": pool, "reward": reward},
-                                run_info={"num_workers": pool.num_workers,
-                                          "heron": dataclasses.asdict(opts.preference_config())})
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        status, _ = run_for_cli(
+            lambda: run_experiment(pn.make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
+                                   log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                                   progress=opts.progress, agent="heron_nethack",
+                                   trainer_kwargs={"env": pool, "reward": reward},
+                                   run_info={"num_workers": pool.num_workers,
+                                             "heron": dataclasses.asdict(opts.preference_config())}),
+            module="experiments.heron_nethack", run_dir=run_dir)
     finally:
         pool.close()
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates} "
-              f"(checkpoint saved). Continue with: python -m experiments.heron_nethack --resume {run_dir}",
-              file=sys.stderr)
-        return 128 + int(result.interrupted)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

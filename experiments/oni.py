@@ -19,12 +19,11 @@ return, label counts). Every field is a flag (``--help``).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()
 
@@ -33,8 +32,7 @@ from experiments import ppo as ppo_exp  # noqa: E402
 from experiments import ppo_nethack  # noqa: E402
 from jaxrl_pref.annotation.backends import task_for_env  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
-from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.config import require  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +134,7 @@ def plot_oni(metrics: dict, path, steps_per_update: int) -> None:
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> Options:
-    argv, resume_path = ppo_exp._preprocess(list(sys.argv[1:] if argv is None else argv))
-    if resume_path is not None and not any(a in ("-h", "--help") for a in argv):
-        try:
-            argv = ppo_nethack._replay_saved(resume_path) + argv
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return cli(Options, argv, description=__doc__.split("\n\n")[0], aliases=ppo_exp.ALIASES)
+    return ppo_nethack.parse(argv, options=Options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -153,7 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     resume = True if opts.resume is not None else (False if opts.no_resume else None)
     proc = client = pool = None
-    try:
+
+    def run():
+        nonlocal proc, client, pool
         proc, url = start_annotator(cfg, run_dir)
         client = AnnotatorClient(url, cfg.prompt_task or task_for_env(cfg.env_name))
         pool = ppo_nethack.make_pool(cfg, opts.seed)
@@ -164,23 +157,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 run_info={"annotator_url": url, "prompt_task": client.task})
         if result.metrics:
             plot_oni(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
-    except (ConfigError, CheckpointError, ImportError, RuntimeError) as e:
-        if isinstance(e, DivergenceError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return result
+    try:  # a dead annotator or a pool that cannot start is a RuntimeError: exit 2 with its message
+        status, _ = run_for_cli(run, module="experiments.oni", run_dir=run_dir, errors=(ImportError, RuntimeError))
     finally:
         if client is not None:
             client.close()
         if pool is not None:
             pool.close()
         stop_server(proc)
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates}. "
-              f"Continue with: python -m experiments.oni --resume {run_dir}", file=sys.stderr)
-        return 128 + int(result.interrupted)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()  # before anything creates the CPU backend (jax#25861: callbacks + async dispatch can hang)
 if __name__ == "__main__":  # --distributed: join the other processes before anything creates the backend
@@ -36,7 +36,6 @@ if __name__ == "__main__":  # --distributed: join the other processes before any
         raise SystemExit(2) from None
 
 from agents import ppo  # noqa: E402 -- after the dispatch setting
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
@@ -228,22 +227,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = opts.run_dir or f"runs/ppo-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = True if opts.resume is not None else (False if opts.no_resume else None)
     hp = ppo.hparams(cfg, **opts.hp_overrides()) if opts.hp_values is not None else None
-    try:
-        result = run_experiment(ppo.make_trainer, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
-                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, per_seed=opts.per_seed, agent="ppo",
-                                hp=hp, hp_batched=hp is not None)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates} "
-              f"(checkpoint saved). Continue with: python -m experiments.ppo --resume {run_dir}", file=sys.stderr)
-        return 128 + int(result.interrupted)
-    return 0
+    status, _ = run_for_cli(
+        lambda: run_experiment(ppo.make_trainer, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
+                               log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                               progress=opts.progress, per_seed=opts.per_seed, agent="ppo",
+                               hp=hp, hp_batched=hp is not None),
+        module="experiments.ppo", run_dir=run_dir)
+    return status
 
 
 if __name__ == "__main__":

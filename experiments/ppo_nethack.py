@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()  # before anything creates the CPU backend (jax#25861)
 
 import envs  # noqa: E402
 from agents import ppo  # noqa: E402
 from experiments import ppo as ppo_exp  # noqa: E402
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 from jaxrl_pref.networks import EncoderActorCritic, NetHackEncoder  # noqa: E402
 from jaxrl_pref.sebulba import HostTrainer  # noqa: E402
@@ -167,24 +166,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = run_experiment(make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
-                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, agent="ppo_nethack", trainer_kwargs={"env": pool},
-                                run_info={"num_workers": pool.num_workers})
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        status, _ = run_for_cli(
+            lambda: run_experiment(make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
+                                   log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                                   progress=opts.progress, agent="ppo_nethack", trainer_kwargs={"env": pool},
+                                   run_info={"num_workers": pool.num_workers}),
+            module="experiments.ppo_nethack", run_dir=run_dir)
     finally:
         pool.close()
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after update {result.updates_done}/{result.num_updates} "
-              f"(checkpoint saved). Continue with: python -m experiments.ppo_nethack --resume {run_dir}",
-              file=sys.stderr)
-        return 128 + int(result.interrupted)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxrl_pref.runner import DivergenceError, run_experiment, use_sync_cpu_dispatch
+from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()  # before the CPU backend exists (jax#25861)
 
 import envs  # noqa: E402
 from agents import sqirl  # noqa: E402
-from jaxrl_pref.checkpoint import CheckpointError  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
@@ -131,7 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     resume = True if opts.resume else (False if opts.no_resume else None)
     host = opts.host or sqirl.is_host_env(opts.env_name)
     env = None
-    try:
+
+    def run():
+        nonlocal env
         if host:
             env = make_host_env(opts)
             horizon = cfg.resolved_horizon()
@@ -139,24 +140,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                           horizon=horizon)
         else:
             make = sqirl.make_trainer
-        result = run_experiment(make, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
-                                log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                progress=opts.progress, num_updates=cfg.num_updates,
-                                steps_per_update=cfg.steps_per_update, agent="sqirl",
-                                run_info={"host": host})
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run_experiment(make, cfg, run_dir=run_dir, num_seeds=opts.num_seeds, seed=opts.seed,
+                              log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
+                              progress=opts.progress, num_updates=cfg.num_updates,
+                              steps_per_update=cfg.steps_per_update, agent="sqirl", run_info={"host": host})
+    try:
+        status, result = run_for_cli(run, module="experiments.sqirl", run_dir=run_dir, unit="timestep",
+                                     errors=(ImportError,))
     finally:
         if env is not None:
             env.close()
-    if result.interrupted is not None:
-        print(f"stopped by signal {result.interrupted} after timestep {result.updates_done}/{result.num_updates} "
-              f"(checkpoint saved). Continue with: python -m experiments.sqirl --resume {run_dir}", file=sys.stderr)
-        return 128 + int(result.interrupted)
+    if status:
+        return status
     m = result.metrics
     if {"episode_success", "episode_return", "experience_steps"} <= set(m) and m["episode_success"].size:
         import numpy as np

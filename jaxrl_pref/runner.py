@@ -229,6 +229,29 @@ def _first_nan(chunk: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> Opti
     return None
 
 
+def run_for_cli(run: Callable[[], "RunResult"], *, module: str, run_dir, unit: str = "update",
+                errors: tuple = ()) -> tuple[int, Optional["RunResult"]]:
+    """Calls ``run()`` (a :func:`run_experiment` call) for a command-line entry point and maps the outcome to an
+    exit status, printing one ``error: ...`` line where it fails: 2 for a bad option or an unusable checkpoint
+    (``ConfigError``, ``CheckpointError`` and the extra ``errors``), 1 for divergence, ``128 + signal`` when a
+    signal stopped the run (with the ``python -m <module> --resume <run_dir>`` line to continue it), else 0.
+    Returns ``(status, result)``; ``result`` is None when the run raised."""
+    import sys
+    try:
+        result = run()
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1, None
+    except (ConfigError, CheckpointError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    if result.interrupted is not None:
+        print(f"stopped by signal {result.interrupted} after {unit} {result.updates_done}/{result.num_updates} "
+              f"(checkpoint saved). Continue with: python -m {module} --resume {run_dir}", file=sys.stderr)
+        return 128 + int(result.interrupted), result
+    return 0, result
+
+
 def run_experiment(make_trainer: Callable, cfg, *, run_dir, num_seeds: int = 1, seed: int = 0,
                    log_every: int = 10, checkpoint_every: int = 100, resume: Optional[bool] = None,
                    progress: bool = True, per_seed: bool = False, hp: Any = None, hp_batched: bool = False,

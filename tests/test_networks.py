@@ -1,6 +1,5 @@
 """Network initialisation: the QR-free orthogonal initialiser, and no LAPACK calls in vmapped training."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -287,3 +287,17 @@ def test_host_loop_restores_counts_after_resume_and_refreshes_labels():
     state2, m2 = resumed(state, traj)
     _, cnt2, _ = jax.jit(lookup)(state2.reward_state["model"]["table"], jnp.asarray(MessageBandit(1).bytes))
     np.testing.assert_array_equal(np.asarray(cnt2), [4, 0, 8, 0])
+
+
+def test_cli_resume_replays_the_oni_options(tmp_path):
+    """`--resume RUN_DIR` restores the ONI fields of the saved config (reward model, coefficients), not only the
+    NetHack PPO ones; flags given with --resume still win."""
+    import json
+    from experiments import oni as oni_exp
+    cfg = oni_exp.Options(reward_model="ranking", int_coef=0.25, num_envs=4).agent_config()
+    (tmp_path / "config.json").write_text(json.dumps({"agent": "oni", "config": dataclasses.asdict(cfg),
+                                                      "run": {"seed": 3, "log_every": 2}}))
+    opts = oni_exp.parse(["--resume", str(tmp_path)])
+    assert (opts.reward_model, opts.int_coef, opts.num_envs, opts.seed) == ("ranking", 0.25, 4, 3)
+    assert opts.prompt_task == cfg.prompt_task
+    assert oni_exp.parse(["--resume", str(tmp_path), "--int-coef", "0.5"]).int_coef == 0.5
