@@ -44,13 +44,7 @@ class Config(ppo.Config, PreferenceConfig):
         ppo.Config.validate(self)
         self.validate_rm()
         self.resolve(fs)  # unknown factor names, margins length
-        L = self.segment_len
-        require(L <= self.num_steps, "segment_len", f"{L} is longer than a rollout (num_steps={self.num_steps})",
-                f"use at most {self.num_steps}, e.g. --segment-len {min(4, self.num_steps)}")
-        per_update = (self.num_steps // L) * self.num_envs
-        require(per_update <= self.buffer_segments, "buffer_segments",
-                f"one update adds {per_update} segments (num_steps // segment_len * num_envs) but the buffer holds "
-                f"{self.buffer_segments}", f"use --buffer-segments {2 * per_update} or longer segments")
+        self.validate_rollout(self.num_steps, self.num_envs)
 
     @property
     def factor_set(self) -> FactorSet:

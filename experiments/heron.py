@@ -30,36 +30,18 @@ from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 use_sync_cpu_dispatch()  # before the CPU backend exists (jax#25861)
 
 from agents import heron  # noqa: E402
-from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.config import ConfigError, RunOptions, cli  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(heron.Config):
+class Options(RunOptions, heron.Config):
     """HERON configuration plus how to run it."""
-    num_seeds: int = 1
-    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i)."""
-    seed: int = 0
-    run_dir: Optional[str] = None
-    """Output directory (default: runs/heron-<env>-<timestamp>)."""
-    log_every: int = 10
-    checkpoint_every: int = 100
-    """Updates per compiled chunk; a checkpoint is saved after each."""
-    resume: Optional[str] = None
-    """Continue the run in this directory from its latest checkpoint (its config.json supplies the options)."""
-    no_resume: bool = False
-    """Start over even if --run-dir holds checkpoints (old ones are moved aside)."""
-    progress: bool = True
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_seeds", "log_every", "checkpoint_every"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}",
-                    f"pass a positive value, e.g. --{name.replace('_', '-')} 1")
-        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
-        require(not (self.no_resume and self.resume), "no_resume", "--resume and --no-resume contradict each other",
-                "pass only one of them")
+        self.validate_run()
 
     def agent_config(self) -> heron.Config:
         return heron.Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(heron.Config)})

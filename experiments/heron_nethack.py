@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 
 from experiments import ppo_nethack as pn  # first: sets synchronous CPU dispatch before JAX starts
 
-from jaxrl_pref.config import require  # noqa: E402
 from jaxrl_pref.rewards.factors import MINIHACK  # noqa: E402
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
 from jaxrl_pref.runner import run_experiment, run_for_cli  # noqa: E402
@@ -43,13 +42,7 @@ class Options(pn.Options, PreferenceConfig):
         super().validate()  # NetHack PPO + run options
         self.validate_rm()
         self.resolve(MINIHACK)  # unknown factor names, margins length
-        L = self.segment_len
-        require(L <= self.num_steps, "segment_len", f"{L} is longer than a rollout (num_steps={self.num_steps})",
-                f"use at most {self.num_steps}, e.g. --segment-len {min(4, self.num_steps)}")
-        per_update = (self.num_steps // L) * self.num_envs
-        require(per_update <= self.buffer_segments, "buffer_segments",
-                f"one update adds {per_update} segments (num_steps // segment_len * num_envs) but the buffer holds "
-                f"{self.buffer_segments}", f"use --buffer-segments {2 * per_update} or longer segments")
+        self.validate_rollout(self.num_steps, self.num_envs)
 
     def preference_config(self) -> PreferenceConfig:
         return PreferenceConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PreferenceConfig)})

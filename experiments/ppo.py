@@ -36,33 +36,19 @@ if __name__ == "__main__":  # --distributed: join the other processes before any
         raise SystemExit(2) from None
 
 from agents import ppo  # noqa: E402 -- after the dispatch setting
-from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.config import ConfigError, RunOptions, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
 _RESUME_HERE = ""  # value of a bare --resume: the run in --run-dir
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(ppo.Config):
+class Options(RunOptions, ppo.Config):
     """PPO configuration plus how to run it (seeds, outputs, checkpoints)."""
-    num_seeds: int = 1
-    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i)."""
-    seed: int = 0
-    """First random seed."""
-    run_dir: Optional[str] = None
-    """Output directory (default: runs/ppo-<env>-<timestamp>)."""
-    log_every: int = 10
-    """Log to tensorboard / progress every this many updates."""
-    checkpoint_every: int = 100
-    """Updates per compiled chunk; a checkpoint is saved after each chunk."""
     resume: Optional[str] = None
     """Continue a run from its latest checkpoint: '--resume RUN_DIR' (options are read from RUN_DIR/config.json;
     any option given explicitly must match), or a bare '--resume' for the run in --run-dir (starts fresh when it
     has no checkpoint yet)."""
-    no_resume: bool = False
-    """Start over even if --run-dir holds checkpoints (old checkpoints/ and tb/ are moved aside, not deleted)."""
-    progress: bool = True
-    """Show a progress bar (plain lines when stdout is not a terminal or CI=true)."""
     per_seed: bool = False
     """Also write per-seed curves (seed_<i>/...) to tensorboard."""
     hp_values: Optional[str] = None
@@ -82,13 +68,7 @@ class Options(ppo.Config):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_seeds", "log_every", "checkpoint_every"):
-            v = getattr(self, name)
-            require(v >= 1, name, f"must be >= 1, got {v}",
-                    f"pass a positive value, e.g. --{name.replace('_', '-')} {_field_default(name)}")
-        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
-        require(not (self.no_resume and self.resume is not None), "no_resume",
-                "--resume and --no-resume contradict each other", "pass only one of them")
+        self.validate_run()
         if self.hp_values is not None:
             self.hp_overrides()  # validates
         import jax
@@ -117,10 +97,6 @@ class Options(ppo.Config):
 
     def agent_config(self) -> ppo.Config:
         return ppo.Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ppo.Config)})
-
-
-def _field_default(name: str):
-    return {f.name: f.default for f in dataclasses.fields(Options)}[name]
 
 
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(Options) if f.name not in

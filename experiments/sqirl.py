@@ -33,40 +33,25 @@ use_sync_cpu_dispatch()  # before the CPU backend exists (jax#25861)
 
 import envs  # noqa: E402
 from agents import sqirl  # noqa: E402
-from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.config import ConfigError, RunOptions, cli, require  # noqa: E402
 
 ALIASES = {"--env": "env_name"}
 RUN_KEYS = ("num_seeds", "seed", "checkpoint_every", "log_every", "host")
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(sqirl.Config):
+class Options(RunOptions, sqirl.Config):
     """SQIRL configuration plus how to run it."""
-    num_seeds: int = 1
-    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i). Host envs: 1."""
-    seed: int = 0
-    run_dir: Optional[str] = None
-    """Output directory (default: runs/sqirl-<env>-<timestamp>)."""
     log_every: int = 1
     """Log every this many timesteps."""
     checkpoint_every: int = 50
     """Timesteps per compiled chunk; a checkpoint is saved after each."""
     host: bool = False
     """Run a JAX env through the host-env loop (jaxrl_pref.sebulba.JaxHostEnv), as NetHack/MiniHack pools run."""
-    resume: Optional[str] = None
-    """Continue the run in this directory from its latest checkpoint (its config.json supplies the options)."""
-    no_resume: bool = False
-    """Start over even if --run-dir holds checkpoints (old ones are moved aside)."""
-    progress: bool = True
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_seeds", "log_every", "checkpoint_every"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}",
-                    f"pass a positive value, e.g. --{name.replace('_', '-')} 1")
-        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
-        require(not (self.no_resume and self.resume), "no_resume", "--resume and --no-resume contradict each other",
-                "pass only one of them")
+        self.validate_run()
         if self.host or sqirl.is_host_env(self.env_name):
             require(self.num_seeds == 1, "num_seeds", f"host envs train one seed per process, got {self.num_seeds}",
                     "pass --num-seeds 1 and start one process per --seed")

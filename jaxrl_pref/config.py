@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -42,6 +42,38 @@ def _default(cfg, name):
         if f.name == name and f.default is not dataclasses.MISSING:
             return f.default
     return "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How an experiment runs an agent (seeds, outputs, checkpoints, resume): mixed into each experiment's
+    ``Options`` next to the agent's ``Config``; call :meth:`validate_run` from ``validate``."""
+    num_seeds: int = 1
+    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i)."""
+    seed: int = 0
+    """First random seed."""
+    run_dir: Optional[str] = None
+    """Output directory (default: runs/<agent>-<env>-<timestamp>)."""
+    log_every: int = 10
+    """Log to tensorboard / progress every this many updates."""
+    checkpoint_every: int = 100
+    """Updates per compiled chunk; a checkpoint is saved after each chunk."""
+    resume: Optional[str] = None
+    """Continue the run in this directory from its latest checkpoint (its config.json supplies the options;
+    options given with --resume override them)."""
+    no_resume: bool = False
+    """Start over even if --run-dir holds checkpoints (old checkpoints/ and tb/ are moved aside, not deleted)."""
+    progress: bool = True
+    """Show a progress bar (plain lines when stdout is not a terminal or CI=true)."""
+
+    def validate_run(self) -> None:
+        for name in ("num_seeds", "log_every", "checkpoint_every"):
+            v = getattr(self, name)
+            require(v >= 1, name, f"must be >= 1, got {v}",
+                    f"pass a positive value, e.g. --{name.replace('_', '-')} {_default(self, name)}")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
+        require(not (self.no_resume and self.resume is not None), "no_resume",
+                "--resume and --no-resume contradict each other", "pass only one of them")
 
 
 def to_dict(cfg) -> dict:

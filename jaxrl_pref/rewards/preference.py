@@ -112,6 +112,16 @@ class PreferenceConfig:
                 f"{self.min_segments} exceeds the buffer capacity {self.buffer_segments}",
                 f"use at most --buffer-segments, e.g. --min-segments {min(64, self.buffer_segments)}")
 
+    def validate_rollout(self, num_steps: int, num_envs: int) -> None:
+        """Checks the segment settings against a rollout of ``num_steps`` x ``num_envs`` (the agent's)."""
+        L = self.segment_len
+        require(L <= num_steps, "segment_len", f"{L} is longer than a rollout (num_steps={num_steps})",
+                f"use at most {num_steps}, e.g. --segment-len {min(4, num_steps)}")
+        per_update = (num_steps // L) * num_envs
+        require(per_update <= self.buffer_segments, "buffer_segments",
+                f"one update adds {per_update} segments (num_steps // segment_len * num_envs) but the buffer holds "
+                f"{self.buffer_segments}", f"use --buffer-segments {2 * per_update} or longer segments")
+
     def resolve(self, factor_set: FactorSet) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """(ranking indices, one margin per ranked factor) for ``factor_set``; raises :class:`ConfigError` naming
         the bad field (unknown factor, margins length mismatch)."""
