@@ -435,8 +435,19 @@ class SQIRL:
 
 
 def eval_metrics(ro: Rollout) -> dict:
-    """Episode statistics of the first episode of each env (episodes not finished within H are not counted)."""
-    return episode_metrics({**ro.info, "episode_done": ro.info["episode_done"] & ro.alive})
+    """Statistics of each env's first episode cut at the horizon H (SQIRL's finite-horizon MDP): ``episode_return``
+    = the rewards within H, ``episode_length`` = its steps within H, ``episode_success`` = it ended successfully
+    within H; ``episodes_finished`` = the fraction that ended on their own within H (on host envs whose episodes
+    outlast H, e.g. MiniHack, the rest are cut). Other ``episode_*`` statistics: over the finished episodes."""
+    finished = ro.info["episode_done"] & ro.alive  # [H, N]: the step where the first episode ended
+    out = episode_metrics({**ro.info, "episode_done": finished})
+    alive = ro.alive.astype(jnp.float32)
+    out["episode_return"] = (ro.reward * alive).sum(0).mean()
+    out["episode_length"] = alive.sum(0).mean()
+    if "episode_success" in ro.info:
+        out["episode_success"] = (ro.info["episode_success"] * finished).sum(0).mean()
+    out["episodes_finished"] = finished.any(0).astype(jnp.float32).mean()
+    return out
 
 
 # -- in-jit (Anakin) trainer ---------------------------------------------------------------------------------------

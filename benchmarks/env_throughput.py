@@ -8,6 +8,9 @@ reported):
 
 * ``raw``: one ``nle`` env stepped in this process with random actions (same observation keys the pool asks nle
   for; auto-reset by hand) -- the single-process baseline;
+* ``raw_rr``: as many nle envs as one pool worker holds (``num_envs / num_workers``), stepped round-robin in
+  this process -- separates the cost of many NetHack instances per process (each loads its own copy of the game
+  library) from the pool's own overhead;
 * ``pool``: :class:`envs.nethack.NLEPool` (``--num-envs`` envs over ``--num-workers`` processes) with random
   actions, observations copied out each step as the trainer gets them;
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
@@ -50,24 +53,29 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def raw_rate(task: str, seconds: float, seed: int = 0) -> tuple[float, float]:
-    """(steps per second, steps per CPU-second)."""
-    env = nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
+def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1) -> tuple[float, float]:
+    """(steps per second, steps per CPU-second) of ``num_envs`` nle envs stepped round-robin in this process."""
+    envs_ = [nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
+             for _ in range(num_envs)]
     rng = np.random.default_rng(seed)
-    n_act, episode = env.action_space.n, 0
-    env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
-    env.reset()
+    n_act = envs_[0].action_space.n
+    episode = [0] * num_envs
+    for i, env in enumerate(envs_):
+        env.unwrapped.seed(*nle_worker.episode_seeds(seed, i, 0), reseed=False)
+        env.reset()
     steps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
-        for a in rng.integers(n_act, size=256):
-            _, _, done, trunc, _ = env.step(int(a))
-            steps += 1
-            if done or trunc:
-                episode += 1
-                env.unwrapped.seed(*nle_worker.episode_seeds(seed, 0, episode), reseed=False)
-                env.reset()
+        for row in rng.integers(n_act, size=(max(256 // num_envs, 1), num_envs)).tolist():
+            for i, (env, a) in enumerate(zip(envs_, row)):
+                _, _, done, trunc, _ = env.step(a)
+                steps += 1
+                if done or trunc:
+                    episode[i] += 1
+                    env.unwrapped.seed(*nle_worker.episode_seeds(seed, i, episode[i]), reseed=False)
+                    env.reset()
     rate, cpu = steps / (time.perf_counter() - t0), time.process_time() - c0
-    env.close()
+    for env in envs_:
+        env.close()
     return rate, steps / cpu
 
 
@@ -122,9 +130,13 @@ def main(argv=None) -> int:
         pool = ppo_nethack.make_pool(cfg, seed=0)
         try:
             ppo_run = PPORun(cfg, pool)
-            rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": []}
+            per_worker = -(-a.num_envs // pool.num_workers)
+            rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],
+                     "raw_rr": [], "raw_rr_per_cpu_s": []}
             for _ in range(a.reps):
-                for k, fn in (("raw", lambda: raw_rate(task, a.seconds)), ("pool", lambda: pool_rate(pool, a.seconds))):
+                for k, fn in (("raw", lambda: raw_rate(task, a.seconds)),
+                              ("raw_rr", lambda: raw_rate(task, a.seconds, num_envs=per_worker)),
+                              ("pool", lambda: pool_rate(pool, a.seconds))):
                     rate, per_cpu = fn()
                     rates[k].append(rate)
                     rates[k + "_per_cpu_s"].append(per_cpu)
@@ -141,6 +153,11 @@ def main(argv=None) -> int:
               f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
         eff = med["pool_per_cpu_s"] / med["raw_per_cpu_s"]
         r["pool_over_raw_per_cpu_s"] = eff
+        rr = med["raw_rr_per_cpu_s"] / med["raw_per_cpu_s"]
+        r["raw_rr_over_raw_per_cpu_s"], r["envs_per_worker"] = rr, per_worker
+        print(f"{'':24s} raw with {per_worker} envs stepped round-robin in one process (as each worker does): "
+              f"{med['raw_rr_per_cpu_s']:.0f} steps per CPU-second = {rr:.2f}x one env (cache/TLB cost of many NetHack "
+              f"instances per process); pool vs that: {med['pool_per_cpu_s'] / med['raw_rr_per_cpu_s']:.2f}x")
         print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
               f"(host + workers) = {eff:.2f}x raw: the pool's overhead; with {pool.num_workers} idle cores it "
               f"could reach ~{eff * pool.num_workers:.1f}x raw")

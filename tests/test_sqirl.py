@@ -184,6 +184,34 @@ def test_host_env_loop_uses_the_same_learner():
         sqirl.HostTrainer(sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=8), env, horizon=4)
 
 
+def test_eval_cuts_episodes_at_the_horizon():
+    """An episode still running at H counts with its rewards within H and as unsuccessful (not dropped)."""
+    H, N = 3, 2
+    done = jnp.array([[False, False], [True, False], [False, False]])
+    alive = jnp.array([[True, True], [True, True], [False, True]])
+    info = {"episode_done": done, "episode_return": jnp.where(done, 1.0, 0.0),
+            "episode_length": jnp.where(done, 2.0, 0.0), "episode_success": jnp.where(done, 1.0, 0.0)}
+    reward = jnp.array([[0.0, 0.1], [1.0, 0.1], [5.0, 0.1]])
+    ro = sqirl.Rollout(None, jnp.zeros((H, N), jnp.int32), reward, done, None, alive, info)
+    m = sqirl.eval_metrics(ro)
+    np.testing.assert_allclose(m["episode_return"], (1.0 + 0.3) / 2, rtol=1e-6)
+    np.testing.assert_allclose([m["episode_length"], m["episode_success"], m["episodes_finished"]], [2.5, 0.5, 0.5])
+
+
+def test_cli_on_minihack_through_the_pool(tmp_path, capsys):
+    """`experiments.sqirl --env MiniHack-...` trains through the NetHack pool (host loop) with a given horizon and
+    reports the greedy policy's success and return within that horizon."""
+    pytest.importorskip("nle")
+    from experiments import sqirl as exp
+    rc = exp.main(["--env", "MiniHack-Room-5x5-v0", "--horizon", "6", "--episodes-per-timestep", "4",
+                   "--n-epochs", "1", "--hidden", "32", "--run-dir", str(tmp_path / "run"), "--progress", "False"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    final = out.split("final greedy policy:")[1]  # the greedy policy's success/return within the horizon
+    assert "success" in final and "nan" not in final, final
+    assert "latest: update 6" in out
+
+
 @pytest.mark.parametrize("argv, field", [
     (["--planning-depth", "0"], "planning_depth"),
     (["--gamma", "1.5"], "gamma"),
