@@ -565,7 +565,7 @@ class HostTrainer:
         env = self.env
         obs = env.reset()
         alive = np.ones(env.num_envs, bool)
-        keys = jax.random.split(key, self.horizon)
+        keys = np.asarray(jax.random.split(key, self.horizon))  # host array: no device dispatch per step
         recs = []
         for i in range(self.horizon):
             a = np.asarray(self._act(state.policies, jnp.int32(i), jnp.int32(greedy_until), jnp.int32(last_policy),
