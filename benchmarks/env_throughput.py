@@ -79,17 +79,18 @@ def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1) -> tup
     return rate, steps / cpu
 
 
-def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float]:
-    """(steps per second, steps per CPU-second of the host and the workers together)."""
+def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float, float]:
+    """(steps per second, steps per CPU-second of the host and the workers together, steps per episode)."""
     rng = np.random.default_rng(seed)
     pool.reset()
-    steps, t0 = 0, time.perf_counter()
+    steps, episodes, t0 = 0, 0, time.perf_counter()
     c0 = time.process_time() + _cpu_seconds(pool.worker_pids)
     while time.perf_counter() - t0 < seconds:
-        pool.step(rng.integers(pool.num_actions, size=pool.num_envs))
+        info = pool.step(rng.integers(pool.num_actions, size=pool.num_envs))[4]
         steps += pool.num_envs
+        episodes += int(info["episode_done"].sum())
     cpu = time.process_time() + _cpu_seconds(pool.worker_pids) - c0
-    return steps / (time.perf_counter() - t0), steps / cpu
+    return steps / (time.perf_counter() - t0), steps / cpu, steps / max(episodes, 1)
 
 
 class PPORun:
@@ -99,14 +100,16 @@ class PPORun:
         self.state, _ = self.trainer.run(self.state, 1)  # compiles act and learn
         jax.block_until_ready(self.state)
 
-    def rate(self, seconds: float) -> float:
+    def rate(self, seconds: float) -> tuple[float, float]:
+        """(env steps per second, steps per episode: a policy that ends episodes sooner pays more resets)."""
         per = self.cfg.num_steps * self.cfg.num_envs
-        steps, t0 = 0, time.perf_counter()
+        steps, episodes, t0 = 0, 0.0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            self.state, _ = self.trainer.run(self.state, 1)
+            self.state, m = self.trainer.run(self.state, 1)
             jax.block_until_ready(self.state)
             steps += per
-        return steps / (time.perf_counter() - t0)
+            episodes += float(np.nansum(m.get("episodes", 0.0)))
+        return steps / (time.perf_counter() - t0), steps / max(episodes, 1.0)
 
 
 def main(argv=None) -> int:
@@ -132,16 +135,20 @@ def main(argv=None) -> int:
             ppo_run = PPORun(cfg, pool)
             per_worker = -(-a.num_envs // pool.num_workers)
             rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],
-                     "raw_rr": [], "raw_rr_per_cpu_s": []}
+                     "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": []}
             for _ in range(a.reps):
                 for k, fn in (("raw", lambda: raw_rate(task, a.seconds)),
                               ("raw_rr", lambda: raw_rate(task, a.seconds, num_envs=per_worker)),
                               ("pool", lambda: pool_rate(pool, a.seconds))):
-                    rate, per_cpu = fn()
+                    rate, per_cpu, *ep_len = fn()
                     rates[k].append(rate)
                     rates[k + "_per_cpu_s"].append(per_cpu)
+                    if ep_len:
+                        rates[k + "_episode_len"].append(ep_len[0])
                 ppo_run.trainer._obs = None  # the pool was reset by the random-action run
-                rates["ppo"].append(ppo_run.rate(a.seconds))
+                rate, ep_len = ppo_run.rate(a.seconds)
+                rates["ppo"].append(rate)
+                rates["ppo_episode_len"].append(ep_len)
         finally:
             pool.close()
         med = {k: statistics.median(v) for k, v in rates.items()}
@@ -158,6 +165,9 @@ def main(argv=None) -> int:
         print(f"{'':24s} raw with {per_worker} envs stepped round-robin in one process (as each worker does): "
               f"{med['raw_rr_per_cpu_s']:.0f} steps per CPU-second = {rr:.2f}x one env (cache/TLB cost of many NetHack "
               f"instances per process); pool vs that: {med['pool_per_cpu_s'] / med['raw_rr_per_cpu_s']:.2f}x")
+        print(f"{'':24s} steps per episode: random actions {med['pool_episode_len']:.0f}, PPO "
+              f"{med['ppo_episode_len']:.0f} (each episode costs a reset: a policy that ends them sooner steps "
+              f"slower)")
         print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
               f"(host + workers) = {eff:.2f}x raw: the pool's overhead; with {pool.num_workers} idle cores it "
               f"could reach ~{eff * pool.num_workers:.1f}x raw")
