@@ -15,15 +15,12 @@ Exit status: 0 done; 2 bad option or unusable checkpoint; 1 training diverged; 1
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from typing import Optional, Sequence
 
 from experiments import ppo_nethack as pn  # first: sets synchronous CPU dispatch before JAX starts
 
 from jaxrl_pref.rewards.factors import MINIHACK  # noqa: E402
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
-from jaxrl_pref.runner import run_experiment, run_for_cli  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,27 +51,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> Options:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parse(argv)
-    cfg = opts.agent_config()
-    run_dir = opts.run_dir or opts.resume or f"runs/heron_nethack-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume = True if opts.resume is not None else (False if opts.no_resume else None)
-    try:
-        pool = pn.make_pool(cfg, opts.seed)
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    reward = PreferenceReward(opts.preference_config(), MINIHACK)
-    try:
-        status, _ = run_for_cli(
-            lambda: run_experiment(pn.make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
-                                   log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                   progress=opts.progress, agent="heron_nethack",
-                                   trainer_kwargs={"env": pool, "reward": reward},
-                                   run_info={"num_workers": pool.num_workers,
-                                             "heron": dataclasses.asdict(opts.preference_config())}),
-            module="experiments.heron_nethack", run_dir=run_dir)
-    finally:
-        pool.close()
-    return status
+    rm = opts.preference_config()
+    return pn.run_main(opts, agent="heron_nethack", module="experiments.heron_nethack",
+                       trainer_kwargs={"reward": PreferenceReward(rm, MINIHACK)},
+                       run_info={"heron": dataclasses.asdict(rm)})
 
 
 if __name__ == "__main__":

@@ -155,10 +155,12 @@ def parse(argv: Optional[Sequence[str]] = None, options: type = None, sections: 
     return cli(options, argv, description=doc.split("\n\n")[0], aliases=ppo_exp.ALIASES)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = parse(argv)
+def run_main(opts: Options, agent: str = "ppo_nethack", module: str = "experiments.ppo_nethack",
+             trainer_kwargs: Optional[dict] = None, run_info: Optional[dict] = None) -> int:
+    """Trains ``opts`` on a fresh pool with the runner and returns the exit status (experiments built on this one,
+    e.g. :mod:`experiments.heron_nethack`, pass their reward model in ``trainer_kwargs``)."""
     cfg = opts.agent_config()
-    run_dir = opts.run_dir or opts.resume or f"runs/ppo_nethack-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = opts.run_dir or opts.resume or f"runs/{agent}-{opts.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = True if opts.resume is not None else (False if opts.no_resume else None)
     try:
         pool = make_pool(cfg, opts.seed)
@@ -169,12 +171,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         status, _ = run_for_cli(
             lambda: run_experiment(make_trainer, cfg, run_dir=run_dir, num_seeds=1, seed=opts.seed,
                                    log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
-                                   progress=opts.progress, agent="ppo_nethack", trainer_kwargs={"env": pool},
-                                   run_info={"num_workers": pool.num_workers}),
-            module="experiments.ppo_nethack", run_dir=run_dir)
+                                   progress=opts.progress, agent=agent,
+                                   trainer_kwargs={"env": pool, **(trainer_kwargs or {})},
+                                   run_info={"num_workers": pool.num_workers, **(run_info or {})}),
+            module=module, run_dir=run_dir)
     finally:
         pool.close()
     return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(parse(argv))
 
 
 if __name__ == "__main__":
