@@ -28,7 +28,6 @@ from jaxrl_pref.runner import run_experiment, run_for_cli, use_sync_cpu_dispatch
 use_sync_cpu_dispatch()
 
 from agents import oni  # noqa: E402
-from experiments import ppo as ppo_exp  # noqa: E402
 from experiments import ppo_nethack  # noqa: E402
 from jaxrl_pref.annotation.backends import task_for_env  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
@@ -69,13 +68,8 @@ class Config(ppo_nethack.Config, oni.ONIOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(Config, ppo_exp.Options):
-    """ONI configuration plus how to run it (seed, outputs, checkpoints)."""
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.num_seeds == 1, "num_seeds", f"host-env runs train one seed per process, got {self.num_seeds}",
-                "pass --num-seeds 1 and start one process per seed (--seed 0, --seed 1, ...)")
+class Options(Config, ppo_nethack.Options):
+    """ONI configuration plus how to run it (seed, outputs, checkpoints; one seed per process, as NetHack PPO)."""
 
     def agent_config(self) -> Config:
         return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
