@@ -132,6 +132,85 @@ def test_batched_equals_envs_stepped_one_by_one(task, steps):
         pool.close()
 
 
+# Every NetHack task family FastStep computes itself, one whose reward it hands to the task (Scout), MiniHack with
+# and without a reward manager, NLE's own step limit and gym's TimeLimit (max_episode_steps), and random actions
+# long enough to see deaths, menus and quits.
+FAST_CASES = [  # (task, kwargs, random steps, end statuses the run must include: -1 step limit, 1 death, 2 success)
+    ("NetHackScore-v0", {}, 3000, {1}), ("NetHackStaircase-v0", {}, 3000, {1}),
+    ("NetHackStaircasePet-v0", {}, 1000, set()), ("NetHackGold-v0", {}, 1000, set()),
+    ("NetHackEat-v0", {}, 1000, set()), ("NetHackScout-v0", {}, 1000, set()), ("NetHackOracle-v0", {}, 300, set()),
+    ("NetHackScore-v0", {"nle_limit": 40}, 150, {-1}), ("NetHackStaircase-v0", {"max_episode_steps": 30}, 150, set()),
+    (ROOM, {}, 400, {-1, 2}), ("MiniHack-Corridor-R2-v0", {}, 600, {2}), ("MiniHack-Eat-Fixed-v0", {}, 300, {-1})]
+
+
+@pytest.mark.parametrize("task,kwargs,steps,must_see", FAST_CASES,
+                         ids=[f"{t}{'-' + next(iter(k)) if k else ''}" for t, k, *_ in FAST_CASES])
+def test_fast_step_equals_gym_step(task, kwargs, steps, must_see):
+    """The worker's FastStep gives gym's step results exactly: observations, reward, flags and end status."""
+    kwargs = dict(kwargs)
+    nle_limit = kwargs.pop("nle_limit", None)
+    keys = ("glyphs", "chars", "blstats", "message")
+    gym_env, fast_env = (W.make_env(task, {"fix_moon_phase": True, **kwargs}, keys) for _ in range(2))
+    assert W.FastStep.supports(fast_env), task
+    fast = W.FastStep(fast_env)
+    assert (fast.kind == "other") == (task == "NetHackScout-v0") and (fast.rm is not None) == ("Eat" in task
+                                                                                              and "Mini" in task)
+    if nle_limit:
+        gym_env.unwrapped._max_episode_steps = fast_env.unwrapped._max_episode_steps = nle_limit
+    rng = np.random.default_rng(1)
+    episode, ends, statuses = 0, 0, set()
+
+    def reset():
+        for e in (gym_env, fast_env):
+            e.unwrapped.seed(*W.episode_seeds(5, 0, episode), reseed=False)
+        a, b = gym_env.reset()[0], fast_env.reset()[0]
+        for k in keys:
+            np.testing.assert_array_equal(a[k], b[k])
+
+    reset()
+    for t in range(steps):
+        a = int(rng.integers(gym_env.action_space.n))
+        obs, r, done, trunc, info = gym_env.step(a)
+        obs = {k: v.copy() for k, v in obs.items()}
+        fobs, fr, fdone, ftrunc, fstatus = fast.step(a)
+        what = f"{task} step {t}"
+        for k in keys:
+            np.testing.assert_array_equal(fobs[k], obs[k], err_msg=f"{what}: {k}")
+        assert (fr, fdone, ftrunc, fstatus) == (r, done, trunc, int(info["end_status"])), what
+        assert type(fr) is float
+        statuses.add(fstatus)
+        if done or trunc:
+            ends += 1
+            episode += 1
+            reset()
+    assert must_see <= statuses, f"{task}: the run saw end statuses {statuses}, the test needs {must_see}"
+    assert ends >= 1 or "max_episode_steps" not in kwargs  # gym's TimeLimit truncated (status stays 0)
+    for e in (gym_env, fast_env):
+        e.close()
+
+
+def test_fast_step_refuses_what_it_does_not_replay():
+    env = W.make_env("NetHackChallenge-v0", {}, ("glyphs", "blstats", "message"))
+    try:
+        assert not W.FastStep.supports(env)  # its own abort rule (no progress for 10k steps)
+    finally:
+        env.close()
+    env = W.make_env("MiniHack-KeyRoom-Fixed-S5-v0", {}, ("glyphs", "blstats", "message"))
+    try:
+        assert not W.FastStep.supports(env)  # its own step (applies the key for the agent)
+    finally:
+        env.close()
+    import gymnasium as gym
+    env = gym.wrappers.ClipReward(W.make_env("NetHackScore-v0", {}, ("glyphs", "blstats", "message")), -1, 1)
+    try:
+        assert not W.FastStep.supports(env)  # a wrapper it does not know
+        slot = W.EnvSlot(env, 0, W.views(bytearray(W.layout(1, ("blstats",))[1]), W.layout(1, ("blstats",))[0]),
+                         ("blstats",), 0)
+        assert slot.fast is None
+    finally:
+        env.close()
+
+
 def test_pool_stats_and_spec_for_host_loop():
     from jaxrl_pref.sebulba import host_spec
     with nethack.NLEPool(ROOM, num_envs=3, num_workers=1, seed=0) as pool:
