@@ -8,11 +8,14 @@ reported):
 
 * ``raw``: one ``nle`` env stepped in this process with random actions (same observation keys the pool asks nle
   for; auto-reset by hand) -- the single-process baseline;
+* ``raw_fast``: the same through :class:`envs.nle_worker.FastStep` (NLE's step without the gym layer, as the
+  pool's workers step) -- separates that gain from the pool's parallelism;
 * ``raw_rr``: as many nle envs as one pool worker holds (``num_envs / num_workers``), stepped round-robin in
-  this process -- separates the cost of many NetHack instances per process (each loads its own copy of the game
-  library) from the pool's own overhead;
+  this process through FastStep -- separates the cost of many NetHack instances per process (each loads its own
+  copy of the game library) from the pool's own overhead;
 * ``pool``: :class:`envs.nethack.NLEPool` (``--num-envs`` envs over ``--num-workers`` processes) with random
-  actions, observations copied out each step as the trainer gets them;
+  actions, observations copied out each step as the trainer gets them; with ``--env-groups 2`` the two groups
+  are pipelined (``send``/``recv``), as the PPO loop runs them;
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
@@ -53,10 +56,12 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1) -> tuple[float, float]:
-    """(steps per second, steps per CPU-second) of ``num_envs`` nle envs stepped round-robin in this process."""
+def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1, fast: bool = False) -> tuple[float, float]:
+    """(steps per second, steps per CPU-second) of ``num_envs`` nle envs stepped round-robin in this process
+    through gym's ``step`` (``fast``: through the workers' :class:`envs.nle_worker.FastStep`)."""
     envs_ = [nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
              for _ in range(num_envs)]
+    steppers = [nle_worker.FastStep(e).step if fast and nle_worker.FastStep.supports(e) else e.step for e in envs_]
     rng = np.random.default_rng(seed)
     n_act = envs_[0].action_space.n
     episode = [0] * num_envs
@@ -66,8 +71,8 @@ def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1) -> tup
     steps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         for row in rng.integers(n_act, size=(max(256 // num_envs, 1), num_envs)).tolist():
-            for i, (env, a) in enumerate(zip(envs_, row)):
-                _, _, done, trunc, _ = env.step(a)
+            for i, (env, step, a) in enumerate(zip(envs_, steppers, row)):
+                _, _, done, trunc, _ = step(a)
                 steps += 1
                 if done or trunc:
                     episode[i] += 1
@@ -83,12 +88,19 @@ def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float, float]
     """(steps per second, steps per CPU-second of the host and the workers together, steps per episode)."""
     rng = np.random.default_rng(seed)
     pool.reset()
+    G, B = pool.num_groups, pool.group_size
     steps, episodes, t0 = 0, 0, time.perf_counter()
     c0 = time.process_time() + _cpu_seconds(pool.worker_pids)
+    for g in range(G):  # groups pipelined as the PPO loop runs them: one steps while the other is read
+        pool.send(rng.integers(pool.num_actions, size=B), g)
     while time.perf_counter() - t0 < seconds:
-        info = pool.step(rng.integers(pool.num_actions, size=pool.num_envs))[4]
-        steps += pool.num_envs
-        episodes += int(info["episode_done"].sum())
+        for g in range(G):
+            info = pool.recv(g)[4]
+            pool.send(rng.integers(pool.num_actions, size=B), g)
+            steps += B
+            episodes += int(info["episode_done"].sum())
+    for g in range(G):
+        pool.recv(g)
     cpu = time.process_time() + _cpu_seconds(pool.worker_pids) - c0
     return steps / (time.perf_counter() - t0), steps / cpu, steps / max(episodes, 1)
 
@@ -119,26 +131,31 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=0, help="0: one per CPU core")
     p.add_argument("--num-steps", type=int, default=ppo_nethack.Config.num_steps)
     p.add_argument("--overlap", action="store_true", help="PPO with collection/learning overlap")
+    p.add_argument("--env-groups", type=int, default=ppo_nethack.Config.env_groups,
+                   help="env groups (pipelined: one steps while the host works on the other), pool and PPO alike")
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}; num_envs={a.num_envs}, "
+          f"env_groups={a.env_groups}, overlap={a.overlap}, "
           f"num_workers={a.num_workers or 'cores'}, {a.reps} reps x {a.seconds:.0f} s each, medians")
     results = {}
     for task in a.tasks:
         cfg = ppo_nethack.Config(env_name=task, num_envs=a.num_envs, num_workers=a.num_workers,
-                                 num_steps=a.num_steps, overlap=a.overlap,
+                                 num_steps=a.num_steps, overlap=a.overlap, env_groups=a.env_groups,
                                  total_timesteps=a.num_envs * a.num_steps * 10_000)
         pool = ppo_nethack.make_pool(cfg, seed=0)
         try:
             ppo_run = PPORun(cfg, pool)
-            per_worker = -(-a.num_envs // pool.num_workers)
+            per_worker = -(-a.num_envs // pool.num_workers)  # envs per worker, all groups
             rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],
+                     "raw_fast": [], "raw_fast_per_cpu_s": [],
                      "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": []}
             for _ in range(a.reps):
                 for k, fn in (("raw", lambda: raw_rate(task, a.seconds)),
-                              ("raw_rr", lambda: raw_rate(task, a.seconds, num_envs=per_worker)),
+                              ("raw_fast", lambda: raw_rate(task, a.seconds, fast=True)),
+                              ("raw_rr", lambda: raw_rate(task, a.seconds, num_envs=per_worker, fast=True)),
                               ("pool", lambda: pool_rate(pool, a.seconds))):
                     rate, per_cpu, *ep_len = fn()
                     rates[k].append(rate)
@@ -158,13 +175,18 @@ def main(argv=None) -> int:
         results[task] = r
         print(f"{task:24s} raw {med['raw']:8.0f}/s   pool {med['pool']:8.0f}/s   ppo {med['ppo']:8.0f}/s   "
               f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
+        fast = med["raw_fast_per_cpu_s"] / med["raw_per_cpu_s"]
+        r["raw_fast_over_raw_per_cpu_s"] = fast
+        print(f"{'':24s} one env through FastStep (as the workers step): {med['raw_fast']:.0f}/s, "
+              f"{fast:.2f}x gym's step per CPU-second; pool / that: {med['pool'] / med['raw_fast']:.2f}")
         eff = med["pool_per_cpu_s"] / med["raw_per_cpu_s"]
         r["pool_over_raw_per_cpu_s"] = eff
-        rr = med["raw_rr_per_cpu_s"] / med["raw_per_cpu_s"]
-        r["raw_rr_over_raw_per_cpu_s"], r["envs_per_worker"] = rr, per_worker
-        print(f"{'':24s} raw with {per_worker} envs stepped round-robin in one process (as each worker does): "
-              f"{med['raw_rr_per_cpu_s']:.0f} steps per CPU-second = {rr:.2f}x one env (cache/TLB cost of many NetHack "
-              f"instances per process); pool vs that: {med['pool_per_cpu_s'] / med['raw_rr_per_cpu_s']:.2f}x")
+        rr = med["raw_rr_per_cpu_s"] / med["raw_fast_per_cpu_s"]  # both through FastStep, as the workers step
+        r["raw_rr_over_raw_fast_per_cpu_s"], r["envs_per_worker"] = rr, per_worker
+        print(f"{'':24s} {per_worker} envs stepped round-robin in one process through FastStep (as each worker "
+              f"does): {med['raw_rr_per_cpu_s']:.0f} steps per CPU-second = {rr:.2f}x one env (cache/TLB cost of "
+              f"many NetHack instances per process); pool vs that: "
+              f"{med['pool_per_cpu_s'] / med['raw_rr_per_cpu_s']:.2f}x")
         print(f"{'':24s} steps per episode: random actions {med['pool_episode_len']:.0f}, PPO "
               f"{med['ppo_episode_len']:.0f} (each episode costs a reset: a policy that ends them sooner steps "
               f"slower)")

@@ -27,6 +27,7 @@ with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, aut
 """
 from __future__ import annotations
 
+import collections
 import difflib
 import json
 import os
@@ -104,14 +105,20 @@ class WorkerError(RuntimeError):
 
 
 class _Worker:
-    def __init__(self, index: int, start: int, count: int):
-        self.index, self.start, self.count = index, start, count
+    """Host-side record of one worker process: its envs are ``groups[g] = (start, count)``, one slice per group."""
+
+    def __init__(self, index: int, groups: list):
+        self.index, self.groups = index, groups
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
 
+    def slice(self, group: int) -> slice:
+        start, count = self.groups[group]
+        return slice(start, start + count)
+
     @property
-    def slice(self):
-        return slice(self.start, self.start + self.count)
+    def envs(self) -> str:
+        return ", ".join(f"{a}..{a + n - 1}" for a, n in self.groups if n)
 
 
 def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
@@ -152,7 +159,11 @@ class NLEPool:
     Args:
       task: ``NetHackScore-v0`` ... or a ``MiniHack-*`` id.
       num_envs: envs in the batch.
-      num_workers: worker processes (default ``min(num_envs, os.cpu_count())``); envs are split evenly, in order.
+      num_workers: worker processes (default ``min(num_envs // num_groups, os.cpu_count())``); each group's envs
+        are split evenly over them, in order.
+      num_groups: envs ``[g * B, (g + 1) * B)`` (``B = num_envs // num_groups``) form group ``g``, which
+        :meth:`send` and :meth:`recv` step on its own, so the host can work on one group's results while the
+        workers step the next (see :meth:`send`). :meth:`step` steps all groups.
       seed: pool seed; env ``i`` is seeded from ``(seed, i, episode)``.
       obs_keys: observation keys (see the module docstring).
       crop: ``(height, width)`` of the crops (odd numbers).
@@ -166,7 +177,7 @@ class NLEPool:
     def __init__(self, task: str, num_envs: int = 8, num_workers: Optional[int] = None, seed: int = 0,
                  obs_keys: Sequence[str] = ("glyphs_crop", "blstats", "message"), crop: Sequence[int] = (9, 9),
                  env_kwargs: Optional[dict] = None, step_timeout: float = 60.0, start_timeout: float = 120.0,
-                 max_restarts: int = 100):
+                 max_restarts: int = 100, num_groups: int = 1):
         _check_task(task)
         if num_envs < 1:
             raise ValueError(f"num_envs: must be >= 1, got {num_envs}. Fix: pass num_envs=8")
@@ -176,10 +187,15 @@ class NLEPool:
         crop = tuple(int(c) for c in crop)
         if len(crop) != 2 or any(c < 1 or c % 2 == 0 for c in crop):
             raise ValueError(f"crop: must be two odd positive sizes, got {crop}. Fix: pass crop=(9, 9)")
-        num_workers = min(num_envs, os.cpu_count() or 1) if num_workers is None else int(num_workers)
-        if not 1 <= num_workers <= num_envs:
-            raise ValueError(f"num_workers: must be in [1, num_envs={num_envs}], got {num_workers}. "
-                             "Fix: pass fewer workers than envs")
+        num_groups = int(num_groups)
+        if num_groups < 1 or num_envs % num_groups:
+            raise ValueError(f"num_groups: must be >= 1 and divide num_envs={num_envs}, got {num_groups}. "
+                             "Fix: pass num_groups=1, or 2 with an even num_envs")
+        group_size = num_envs // num_groups
+        num_workers = min(group_size, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        if not 1 <= num_workers <= group_size:
+            raise ValueError(f"num_workers: must be in [1, num_envs // num_groups = {group_size}], got "
+                             f"{num_workers}. Fix: pass fewer workers than envs per group")
         self.task, self.num_envs, self.num_workers, self.seed = task, int(num_envs), num_workers, int(seed)
         self.obs_keys, self.crop = tuple(obs_keys), crop
         self.env_kwargs = {"fix_moon_phase": True, **(env_kwargs or {})}
@@ -192,11 +208,17 @@ class NLEPool:
         self._shm_box = [shm]
         self._v = W.views(shm.buf, lay)
         self._v["episode_index"][:] = 0
-        sizes = [num_envs // num_workers + (i < num_envs % num_workers) for i in range(num_workers)]
+        self.num_groups, self.group_size = num_groups, group_size
+        sizes = [group_size // num_workers + (i < group_size % num_workers) for i in range(num_workers)]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self._workers = [_Worker(i, int(s), int(c)) for i, (s, c) in enumerate(zip(starts, sizes))]
+        self._workers = [_Worker(i, [(g * group_size + int(a), int(c)) for g in range(num_groups)])
+                         for i, (a, c) in enumerate(zip(starts, sizes))]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._shm_box)
         self._last_obs = None
+        self._queue: collections.deque = collections.deque()  # groups sent and not yet received, in send order
+        self._sent: dict = {}  # group -> workers that got its step command
+        self._send_failed: dict = {}  # group -> [(worker, why)] that could not be sent to
+        self._cut: dict = {g: [] for g in range(num_groups)}  # group -> episodes cut by a restart, reported at recv
         self.num_actions = None
         self.has_success = False
         try:
@@ -213,7 +235,7 @@ class NLEPool:
     def _launch(self, w: _Worker) -> None:
         parent, child = socket.socketpair()
         cfg = {"shm": self._shm_box[0].name, "num_envs": self.num_envs, "obs_keys": list(self.obs_keys),
-               "crop": list(self.crop), "start": w.start, "count": w.count, "task": self.task,
+               "crop": list(self.crop), "groups": w.groups, "task": self.task,
                "env_kwargs": self.env_kwargs, "seed": self.seed}
         try:
             w.proc = subprocess.Popen([sys.executable, W.__file__, str(child.fileno()), json.dumps(cfg)],
@@ -248,27 +270,44 @@ class NLEPool:
         w.proc = w.sock = None
 
     def _restart(self, w: _Worker, why: str) -> None:
+        """Restarts ``w`` with fresh envs. Every episode it was playing is cut: each group's cut is reported as
+        truncated at that group's next :meth:`recv` (the one running now, for the group whose step failed)."""
         self.restarts += 1
         if self.restarts > self.max_restarts:
             raise RuntimeError(f"NLEPool: worker {w.index} failed ({why}) and the pool already restarted "
                                f"{self.max_restarts} workers; giving up. Fix: check the env, or raise max_restarts")
-        warnings.warn(f"NLEPool: worker {w.index} (envs {w.start}..{w.start + w.count - 1}) {why}; restarting it "
-                      "with fresh envs and reporting their episodes as truncated", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"NLEPool: worker {w.index} (envs {w.envs}) {why}; restarting it with fresh envs and "
+                      "reporting their episodes as truncated", RuntimeWarning, stacklevel=3)
+        v = self._v
+        for g in range(self.num_groups):  # keep what the cut episodes reached before the new worker overwrites it
+            s = w.slice(g)
+            if self._last_obs is not None and s.stop > s.start:
+                self._cut[g].append((s, v["run_return"][s].copy(), v["run_length"][s].copy(),
+                                     v["run_depth"][s].copy()))
+            if w in self._sent.get(g, ()):  # the new worker never got this step: nothing to wait for
+                self._sent[g].remove(w)
+            v["episode_index"][s] += 1  # the cut episodes count as played: fresh seeds for the new ones
         self._kill(w)
-        self._v["episode_index"][w.slice] += 1  # the cut episodes count as played: fresh seeds for the new ones
         self._launch(w)
         self._handshake(w)
 
     def _command(self, cmd: bytes) -> list[tuple[_Worker, str]]:
         """Sends ``cmd`` to every worker and waits for all (``step_timeout`` in all); returns the workers that
         failed and why. Replies are read in worker order with blocking reads: all are needed anyway."""
-        failed, sent = [], []
-        for w in self._workers:
+        return self._wait(self._send(cmd, self._workers))
+
+    def _send(self, cmd: bytes, workers) -> tuple[list, list]:
+        sent, failed = [], []
+        for w in workers:
             try:
                 w.sock.sendall(cmd)
                 sent.append(w)
             except OSError:
                 failed.append((w, "died (could not send)"))
+        return sent, failed
+
+    def _wait(self, sent_failed) -> list[tuple[_Worker, str]]:
+        sent, failed = sent_failed
         deadline = time.monotonic() + self.step_timeout
         for w in sent:
             try:
@@ -301,58 +340,121 @@ class NLEPool:
         return {k: self._v[prefix + k].copy() for k in self.obs_keys}
 
     def reset(self) -> dict:
-        """Starts a new episode in every env (episode counters go on, so seeds are fresh) and returns the batch."""
+        """Starts a new episode in every env (episode counters go on, so seeds are fresh) and returns the batch.
+        Steps still in flight (:meth:`send` without :meth:`recv`) are waited for and dropped."""
         self._check_open()
+        while self._queue:
+            self.recv()
         v = self._v
         if self._last_obs is not None:
             v["episode_index"] += 1
         for w, why in self._command(b"R"):
             self._restart(w, why)
-        self._last_obs = self._obs("obs/")
+        self._cut = {g: [] for g in range(self.num_groups)}  # every episode starts afresh
+        self._last_obs = {k: v["obs/" + k].copy() for k in self.obs_keys}
         return {k: x.copy() for k, x in self._last_obs.items()}
 
     def step(self, actions):
         """Steps every env; returns ``(obs, reward, terminated, truncated, info)`` as numpy arrays ``[num_envs]``."""
+        actions = self._check_actions(actions, self.num_envs)
+        B = self.group_size
+        for g in range(self.num_groups):
+            self._start(g, actions[g * B:(g + 1) * B])
+        out = [self.recv(g) for g in range(self.num_groups)]
+        if len(out) == 1:
+            return out[0]
+        return tuple(_concat([o[i] for o in out]) for i in range(5))
+
+    def send(self, actions, group: int = 0) -> None:
+        """Starts a step of group ``group`` (envs ``[group * group_size, (group + 1) * group_size)``) with
+        ``actions`` ``[group_size]`` and returns at once; :meth:`recv` gets its results. Groups are received in
+        the order they were sent; a group can have one step in flight. With two groups, the host computes one
+        group's next actions while the workers step the other, and the workers never wait between steps::
+
+            pool.send(policy(obs[0]), 0); pool.send(policy(obs[1]), 1)
+            while training:
+                for g in (0, 1):
+                    obs[g], reward, terminated, truncated, info = pool.recv(g)
+                    pool.send(policy(obs[g]), g)
+        """
+        if not 0 <= group < self.num_groups:
+            raise ValueError(f"group: must be in [0, {self.num_groups}), got {group}")
+        self._start(group, self._check_actions(actions, self.group_size))
+
+    def _start(self, group: int, actions: np.ndarray) -> None:
+        if group in self._queue:
+            raise RuntimeError(f"NLEPool.send: group {group} already has a step in flight. Fix: recv({group}) "
+                               "before sending it again")
+        B = self.group_size
+        self._v["action"][group * B:(group + 1) * B] = actions
+        todo = [w for w in self._workers if w.groups[group][1] and not any(
+            s.start == w.groups[group][0] for s, *_ in self._cut[group])]  # a restarted worker's group: no step
+        sent, failed = self._send(b"S" + bytes([group]), todo)
+        self._queue.append(group)
+        self._sent[group], self._send_failed[group] = sent, failed
+
+    def recv(self, group: Optional[int] = None):
+        """Waits for the oldest step in flight (``group``, if given, must be that one) and returns its
+        ``(obs, reward, terminated, truncated, info)``, arrays ``[group_size]`` (see :meth:`send`)."""
         self._check_open()
-        if self._last_obs is None:
-            raise RuntimeError("NLEPool.step called before reset(). Fix: call reset() first")
-        v = self._v
-        actions = np.asarray(actions).reshape(-1)
-        if actions.shape[0] != self.num_envs:
-            raise ValueError(f"actions: expected {self.num_envs} actions, got shape {np.shape(actions)}")
-        if actions.min() < 0 or actions.max() >= self.num_actions:
-            raise ValueError(f"actions: must lie in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
-        v["action"][:] = actions
-        failed = self._command(b"S")
-        cut = []
-        for w, why in failed:  # keep what the cut episodes had reached before the new worker overwrites it
-            s = w.slice
-            cut.append((s, v["run_return"][s].copy(), v["run_length"][s].copy(), v["run_depth"][s].copy()))
+        if not self._queue:
+            raise RuntimeError("NLEPool.recv: no step in flight. Fix: send(actions, group) first")
+        g = self._queue[0]
+        if group is not None and group != g:
+            raise ValueError(f"NLEPool.recv: group {group} requested but group {g} was sent first. Fix: receive "
+                             "groups in the order they were sent")
+        failed = self._wait((self._sent[g], self._send_failed.pop(g)))
+        self._queue.popleft()
+        del self._sent[g]
+        for w, why in failed:
             self._restart(w, why)
-        obs = self._obs("obs/")
-        ended = v["episode_done"].copy()
+        return self._results(g)
+
+    def _results(self, g: int):
+        v, B = self._v, self.group_size
+        gs = slice(g * B, (g + 1) * B)
+        obs = {k: v["obs/" + k][gs].copy() for k in self.obs_keys}
+        ended = v["episode_done"][gs]
+        cut, self._cut[g] = self._cut[g], []
         if ended.any() or cut:  # workers write final/* only where an episode ended
-            final = {k: np.where(ended.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k], x)
+            mask = ended.copy()
+            for s, *_ in cut:
+                mask[s.start - gs.start:s.stop - gs.start] = False
+            final = {k: np.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k][gs], x)
                      for k, x in obs.items()}
         else:  # the common step: no episode ended, final_obs is obs (new copies: callers may write to either)
             final = {k: x.copy() for k, x in obs.items()}
-        reward = v["reward"].copy()
-        terminated, truncated = v["terminated"].copy(), v["truncated"].copy()
-        info = {k: v[k].copy() for k in ("episode_done",) + W.STAT_KEYS}
+        reward = v["reward"][gs].copy()
+        terminated, truncated = v["terminated"][gs].copy(), v["truncated"][gs].copy()
+        info = {"episode_done": ended.copy()}
+        info.update({k: v[k][gs].astype(np.float32) for k in W.STAT_KEYS[:-1]})
+        if self.has_success:
+            info["episode_success"] = v["episode_success"][gs].astype(np.float32)
         for s, ret, length, depth in cut:
+            h = slice(s.start - gs.start, s.stop - gs.start)  # the cut envs, within the group
             for k in self.obs_keys:
-                final[k][s] = self._last_obs[k][s]
-            reward[s], terminated[s], truncated[s] = 0.0, False, True
-            info["episode_done"][s] = True
-            info["episode_return"][s], info["episode_length"][s], info["episode_depth"][s] = ret, length, depth
-            score = self._last_obs["blstats"][s, W.BL_SCORE] if "blstats" in self._last_obs else 0
-            info["episode_score"][s], info["episode_success"][s] = score, False
-        if not self.has_success:
-            del info["episode_success"]
-        info = {k: x.astype(np.float32) if k != "episode_done" else x for k, x in info.items()}
+                final[k][h] = self._last_obs[k][s]
+            reward[h], terminated[h], truncated[h] = 0.0, False, True
+            info["episode_done"][h] = True
+            info["episode_return"][h], info["episode_length"][h], info["episode_depth"][h] = ret, length, depth
+            info["episode_score"][h] = self._last_obs["blstats"][s, W.BL_SCORE] if "blstats" in obs else 0
+            if self.has_success:
+                info["episode_success"][h] = 0.0
         info["final_obs"] = final
-        self._last_obs = obs
-        return {k: x.copy() for k, x in obs.items()}, reward, terminated, truncated, info
+        for k, x in obs.items():
+            self._last_obs[k][gs] = x
+        return obs, reward, terminated, truncated, info
+
+    def _check_actions(self, actions, n: int) -> np.ndarray:
+        self._check_open()
+        if self._last_obs is None:
+            raise RuntimeError("NLEPool.step/send called before reset(). Fix: call reset() first")
+        actions = np.asarray(actions).reshape(-1)
+        if actions.shape[0] != n:
+            raise ValueError(f"actions: expected {n} actions, got shape {np.shape(actions)}")
+        if actions.min() < 0 or actions.max() >= self.num_actions:
+            raise ValueError(f"actions: must lie in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
+        return actions
 
     def _check_open(self):
         if not self._shm_box:
@@ -376,6 +478,13 @@ class NLEPool:
     def __repr__(self):
         return (f"NLEPool({self.task!r}, num_envs={self.num_envs}, num_workers={self.num_workers}, "
                 f"obs_keys={self.obs_keys})")
+
+
+def _concat(parts):
+    """Concatenates the groups' results (arrays or dicts of arrays) along the env axis."""
+    if isinstance(parts[0], dict):
+        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
 
 
 def make(name: str, num_envs: Optional[int] = None, **kwargs) -> NLEPool:

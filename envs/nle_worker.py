@@ -5,17 +5,20 @@ starts each worker as ``python nle_worker.py FD CONFIG_JSON``, so a worker start
 imports JAX, and is never forked from a process that already runs JAX threads.
 
 Protocol (one stream socket per worker; :func:`send_msg` / :func:`recv_msg`): a message is one command byte,
-followed -- for the commands that carry data -- by a 4-byte little-endian length and the payload. A step costs one
-byte each way: a blocking socket read is far cheaper than a ``select``-based wait (``multiprocessing.connection``
-builds a selector on every wait), which matters at tens of thousands of steps per second.
+followed -- for the commands that carry data -- by a 4-byte little-endian length and the payload (``b"S"``: by
+one byte, the group). A step costs two bytes in and one byte out: a blocking socket read is far cheaper than a
+``select``-based wait (``multiprocessing.connection`` builds a selector on every wait), which matters at tens of
+thousands of steps per second.
 
-* host -> worker: ``b"S"`` step every env of the worker with the actions in shared memory, ``b"R"`` reset them,
-  ``b"C"`` close.
-* worker -> host: ``b"K"`` done, ``b"H" + JSON`` the start-up handshake, ``b"E" + traceback`` on an error.
+* host -> worker: ``b"S" + bytes([g])`` step the worker's envs of group ``g`` with the actions in shared memory,
+  ``b"R"`` reset all its envs, ``b"C"`` close. Commands queue up in the socket, so the host can hand a worker the
+  next group while it still steps the current one: the worker never waits between groups.
+* worker -> host: ``b"K"`` done (one per command, in order), ``b"H" + JSON`` the start-up handshake,
+  ``b"E" + traceback`` on an error.
 
 All data -- actions, observations, final observations, rewards, flags, episode statistics, the running statistics of
 unfinished episodes and each env's episode counter -- lives in one shared-memory segment laid out by :func:`layout`;
-a worker writes only its own slice ``[start, start + count)`` of every array.
+a worker writes only its own slices ``[start, start + count)`` (one per group) of every array.
 """
 from __future__ import annotations
 
@@ -43,11 +46,17 @@ STAT_KEYS = ("episode_return", "episode_length", "episode_depth", "episode_score
 
 
 WITH_PAYLOAD = b"HE"  # message codes followed by a length and a payload
+WITH_ARG = b"S"  # message codes followed by one argument byte
 
 
 def send_msg(sock, code: bytes, payload: bytes = b"") -> None:
-    """Sends one message (``code``: one byte; ``payload`` only for the codes in :data:`WITH_PAYLOAD`)."""
-    sock.sendall(code + len(payload).to_bytes(4, "little") + payload if code in WITH_PAYLOAD else code)
+    """Sends one message (``code``: one byte; ``payload``: for the codes in :data:`WITH_PAYLOAD` any bytes, for
+    those in :data:`WITH_ARG` exactly one byte)."""
+    if code in WITH_PAYLOAD:
+        sock.sendall(code + len(payload).to_bytes(4, "little") + payload)
+    else:
+        assert len(payload) == (code in WITH_ARG), (code, payload)
+        sock.sendall(code + payload)
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -65,6 +74,8 @@ def recv_msg(sock) -> bytes:
     code = _recv_exact(sock, 1)
     if code in WITH_PAYLOAD:
         return code + _recv_exact(sock, int.from_bytes(_recv_exact(sock, 4), "little"))
+    if code in WITH_ARG:
+        return code + _recv_exact(sock, 1)
     return code
 
 
@@ -340,33 +351,37 @@ class EnvSlot:
 
 
 class Worker:
-    """The envs ``[start, start + count)`` of a pool, stepped in order; array-wide results written at once."""
+    """A worker's envs: group ``g`` is the slots in ``groups[g] = (start, slots)``, i.e. the pool's envs
+    ``[start, start + len(slots))``; each group is stepped in order and its array-wide results written at once."""
 
-    def __init__(self, slots: list, v: dict, start: int, keys):
-        self.slots, self.v, self.keys = slots, v, tuple(keys)
-        self.sl = slice(start, start + len(slots))
+    def __init__(self, groups: list, v: dict):
+        self.v = v
+        self.groups = [(slice(start, start + len(slots)), slots) for start, slots in groups]
 
-    def _publish_running(self):
-        v, sl, slots = self.v, self.sl, self.slots
+    def _publish_running(self, sl, slots):
+        v = self.v
         v["run_return"][sl] = [s.ret for s in slots]
         v["run_length"][sl] = [s.length for s in slots]
         v["run_depth"][sl] = [s.depth for s in slots]
 
     def reset(self):
-        for s in self.slots:
-            s.reset()
-        self._publish_running()
+        for sl, slots in self.groups:
+            for s in slots:
+                s.reset()
+            self._publish_running(sl, slots)
 
-    def step(self):
-        v, sl = self.v, self.sl
-        out = [s.step(a) for s, a in zip(self.slots, v["action"][sl].tolist())]
+    def step(self, group: int):
+        v, (sl, slots) = self.v, self.groups[group]
+        if not slots:
+            return
+        out = [s.step(a) for s, a in zip(slots, v["action"][sl].tolist())]
         rew, term, trunc = zip(*out)
         done = [a or b for a, b in zip(term, trunc)]
         v["reward"][sl], v["terminated"][sl], v["truncated"][sl], v["episode_done"][sl] = rew, term, trunc, done
-        for s, d in zip(self.slots, done):
+        for s, d in zip(slots, done):
             if d:
                 s.reset()
-        self._publish_running()
+        self._publish_running(sl, slots)
 
 
 def has_success(env) -> bool:
@@ -392,10 +407,11 @@ def main(fd: int, cfg: dict) -> int:
             shm = _attach(cfg["shm"])
             lay, _ = layout(cfg["num_envs"], cfg["obs_keys"], cfg["crop"])
             v = views(shm.buf, lay)
-            start, count = cfg["start"], cfg["count"]
-            slots = [EnvSlot(make_env(cfg["task"], cfg["env_kwargs"], cfg["obs_keys"]), start + j, v,
-                             cfg["obs_keys"], cfg["seed"]) for j in range(count)]
-            worker = Worker(slots, v, start, cfg["obs_keys"])
+            groups = [(start, [EnvSlot(make_env(cfg["task"], cfg["env_kwargs"], cfg["obs_keys"]), start + j, v,
+                                       cfg["obs_keys"], cfg["seed"]) for j in range(count)])
+                      for start, count in cfg["groups"]]
+            slots = [s for _, group in groups for s in group]
+            worker = Worker(groups, v)
             worker.reset()
             env = slots[0].env
             hello = {"num_actions": int(env.action_space.n), "has_success": has_success(env), "pid": os.getpid()}
@@ -406,8 +422,8 @@ def main(fd: int, cfg: dict) -> int:
         while True:
             cmd = recv_msg(sock)
             try:
-                if cmd == b"S":
-                    worker.step()
+                if cmd[:1] == b"S":
+                    worker.step(cmd[1])
                 elif cmd == b"R":
                     worker.reset()
                 elif cmd == b"C":

@@ -63,6 +63,9 @@ class Config(ppo.Config):
     the PPO minibatch scan ~10x slower than outside; turn on for GPU runs."""
     overlap: bool = False
     """Collect the next rollout while the previous one is learned from (one update of policy lag)."""
+    env_groups: int = 1
+    """Split the envs into this many groups and pipeline collection: the policy acts on one group while the
+    workers step the other (2: neither the workers nor the learner wait within a rollout; see NLEPool.send)."""
 
     def validate(self) -> None:
         require(envs.nethack.is_host_env(self.env_name), "env_name",
@@ -78,8 +81,13 @@ class Config(ppo.Config):
                 "add the keys to --obs-keys or drop them from --encode-keys")
         require(self.crop >= 1 and self.crop % 2 == 1, "crop", f"must be odd and positive, got {self.crop}",
                 "pass e.g. --crop 9")
-        require(0 <= self.num_workers <= self.num_envs, "num_workers",
-                f"must be in [0, num_envs={self.num_envs}], got {self.num_workers}", "pass e.g. --num-workers 0")
+        require(self.env_groups >= 1 and self.num_envs % self.env_groups == 0, "env_groups",
+                f"must be >= 1 and divide num_envs={self.num_envs}, got {self.env_groups}",
+                "pass --env-groups 1, or 2 with an even --num-envs")
+        per_group = self.num_envs // self.env_groups
+        require(0 <= self.num_workers <= per_group, "num_workers",
+                f"must be in [0, num_envs / env_groups = {per_group}], got {self.num_workers}",
+                "pass e.g. --num-workers 0")
         require(self.max_episode_steps >= 0, "max_episode_steps", f"must be >= 0, got {self.max_episode_steps}",
                 "pass 0 for the task's default")
         for name in ("glyph_dim", "channels", "features"):
@@ -91,7 +99,8 @@ def make_pool(cfg: Config, seed: int = 0):
     """The env pool ``cfg`` describes (a host env; close it when done)."""
     env_kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps else {}
     pool, _ = envs.make(cfg.env_name, num_envs=cfg.num_envs, seed=seed, num_workers=cfg.num_workers or None,
-                        obs_keys=cfg.obs_keys, crop=(cfg.crop, cfg.crop), env_kwargs=env_kwargs)
+                        obs_keys=cfg.obs_keys, crop=(cfg.crop, cfg.crop), env_kwargs=env_kwargs,
+                        num_groups=cfg.env_groups)
     return pool
 
 

@@ -9,11 +9,17 @@ A host env is any object with::
         # numpy [N]; info: "final_obs" (dict like obs: the true last observation where an episode ended),
         # "episode_done", "episode_return", "episode_length" and any other "episode_*" statistics, [N] each
     close()
+    # optional, for pipelined collection (NLEPool): num_groups: int, send(actions, group), recv(group) -> as step
+    # for the group's envs [group * N / num_groups, (group + 1) * N / num_groups)
 
 Each iteration: collect ``num_steps`` steps with the jitted ``act`` -> one jitted ``learn`` (reward-model update,
 reward transform, advantages, PPO epochs). With ``overlap=True`` the next rollout is collected with the
 previous parameters while ``learn`` runs in a background thread (one update of policy lag, corrected by PPO's
 importance ratio since the behaviour log-probs are stored).
+
+With an env of ``num_groups > 1`` (``NLEPool(num_groups=2)``), collection is pipelined: the policy acts on one
+group's observations while the workers step the other group, so neither the learner's host thread nor the
+workers wait for each other within a rollout. The trajectory is the same ``[num_steps, num_envs]`` batch.
 """
 from __future__ import annotations
 
@@ -90,37 +96,65 @@ class HostTrainer:
         return HostState(train_state, reward_state, key, state.update_step + 1), metrics
 
     def collect(self, params, key):
-        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs)."""
+        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs).
+
+        Groups (see the module docstring) are stepped round-robin: group ``g`` is sent its next actions as soon
+        as its results are in, and the others step meanwhile."""
         env, T = self.env, self.cfg.num_steps
+        G = getattr(env, "num_groups", 1) if hasattr(env, "send") else 1
+        send, recv = (env.send, env.recv) if G > 1 else (self._sync_send, self._sync_recv)
+        B = env.num_envs // G
         if self._obs is None:
             self._obs = env.reset()
-        obs = self._obs
-        buf = {"obs": [], "action": [], "log_prob": [], "value": [], "reward": [], "terminated": [],
-               "truncated": [], "final_obs": [], "info": []}
+        obs = [{k: x[g * B:(g + 1) * B] for k, x in self._obs.items()} for g in range(G)]
+        buf = [{"obs": [], "action": [], "log_prob": [], "value": [], "reward": [], "terminated": [],
+                "truncated": [], "final_obs": [], "info": []} for _ in range(G)]
         # per-step keys as host arrays: indexing a device array costs a dispatch per step (~0.4 ms on CPU)
-        keys = np.asarray(jax.random.split(key, T))
-        for t in range(T):
-            action, log_prob, value = self._act(params, obs, keys[t])
+        keys = np.asarray(jax.random.split(key, T * G)).reshape(T, G, -1)
+        acted = [None] * G
+
+        def act(g, t):
+            action, log_prob, value = self._act(params, obs[g], keys[t, g])
             action = np.asarray(action)
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            done = np.logical_or(terminated, truncated)
-            final = info.pop("final_obs")
-            if done.any():
-                final_obs = jax.tree.map(
-                    lambda f, n: np.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), f, n), final, next_obs)
-            else:  # nothing ended: the true next observation is next_obs (stacking below copies it)
-                final_obs = next_obs
-            for k, v in (("obs", obs), ("action", action), ("log_prob", log_prob), ("value", value),
-                         ("reward", reward), ("terminated", terminated), ("truncated", truncated),
-                         ("final_obs", final_obs), ("info", {k: v for k, v in info.items() if k.startswith("episode_")})):
-                buf[k].append(v)
-            obs = next_obs
-        self._obs = obs
+            send(action, g)
+            acted[g] = (action, log_prob, value)
+
+        for g in range(G):
+            act(g, 0)
+        for t in range(T):
+            for g in range(G):
+                next_obs, reward, terminated, truncated, info = recv(g)
+                done = np.logical_or(terminated, truncated)
+                final = info.pop("final_obs")
+                if done.any():
+                    final_obs = jax.tree.map(
+                        lambda f, n: np.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), f, n), final, next_obs)
+                else:  # nothing ended: the true next observation is next_obs (stacking below copies it)
+                    final_obs = next_obs
+                action, log_prob, value = acted[g]
+                for k, v in (("obs", obs[g]), ("action", action), ("log_prob", log_prob), ("value", value),
+                             ("reward", reward), ("terminated", terminated), ("truncated", truncated),
+                             ("final_obs", final_obs),
+                             ("info", {k: v for k, v in info.items() if k.startswith("episode_")})):
+                    buf[g][k].append(v)
+                obs[g] = next_obs
+                if t + 1 < T:
+                    act(g, t + 1)
+        self._obs = obs[0] if G == 1 else {k: np.concatenate([o[k] for o in obs]) for k in obs[0]}
+        # [T, B] per group -> [T, N]: groups side by side along the env axis
         stack = lambda xs: jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *xs)
-        traj = Transition(stack(buf["obs"]), stack(buf["action"]), stack(buf["log_prob"]), stack(buf["value"]),
-                          stack(buf["reward"]).astype(np.float32), stack(buf["terminated"]).astype(bool),
-                          stack(buf["truncated"]).astype(bool), stack(buf["final_obs"]), stack(buf["info"]))
-        return traj, obs
+        cat = lambda k: stack(buf[0][k]) if G == 1 else jax.tree.map(
+            lambda *a: np.concatenate(a, axis=1), *[stack(b[k]) for b in buf])
+        traj = Transition(cat("obs"), cat("action"), cat("log_prob"), cat("value"),
+                          cat("reward").astype(np.float32), cat("terminated").astype(bool),
+                          cat("truncated").astype(bool), cat("final_obs"), cat("info"))
+        return traj, self._obs
+
+    def _sync_send(self, actions, group):
+        self._sent_actions = actions
+
+    def _sync_recv(self, group):
+        return self.env.step(self._sent_actions)
 
     def run(self, state: HostState, hp_or_updates=None, num_updates: Optional[int] = None):
         """``run(state, num_updates)``, or ``run(state, hp, num_updates)`` as the runner calls it."""

@@ -211,6 +211,125 @@ def test_fast_step_refuses_what_it_does_not_replay():
         env.close()
 
 
+def test_groups_pipelined_equal_envs_stepped_one_by_one():
+    """Two groups stepped with send/recv (one group in flight while the other's results are read) give exactly
+    the sequential envs' results."""
+    n, seed, task = 8, 4, ROOM
+    with nethack.NLEPool(task, num_envs=n, num_workers=2, num_groups=2, seed=seed, obs_keys=ALL_KEYS) as pool:
+        assert (pool.num_groups, pool.group_size) == (2, 4)
+        assert [w.groups for w in pool._workers] == [[(0, 2), (4, 2)], [(2, 2), (6, 2)]]
+        ref = _Reference(task, n, seed, pool.env_kwargs)
+        obs = pool.reset()
+        rng = np.random.default_rng(0)
+        acts = {g: rng.integers(pool.num_actions, size=4) for g in (0, 1)}
+        pool.send(acts[0], 0)
+        pool.send(acts[1], 1)
+        ended = 0
+        for t in range(240):
+            g = t % 2
+            obs, r, term, trunc, info = pool.recv(g)
+            assert obs["glyphs"].shape == (4, 21, 79) and r.shape == (4,)
+            for j in range(4):
+                i = 4 * g + j
+                fin, rr, te, tr, stats = ref.step(i, acts[g][j])
+                what = f"step {t} group {g} env {i}"
+                _check_obs(info["final_obs"], j, fin, what)
+                _check_obs(obs, j, ref.obs[i], what)
+                assert r[j] == pytest.approx(rr, abs=1e-6) and term[j] == te and trunc[j] == tr, what
+                assert bool(info["episode_done"][j]) == (stats is not None), what
+                if stats is not None:
+                    ended += 1
+                    assert info["episode_length"][j] == stats[1], what
+            acts[g] = rng.integers(pool.num_actions, size=4)
+            pool.send(acts[g], g)
+        assert ended >= 4
+        # step() steps both groups; reset() drops the step still in flight
+        pool.recv(0)
+        obs = pool.reset()
+        obs, r, *_ = pool.step(np.zeros(n, int))
+        assert obs["glyphs"].shape == (n, 21, 79) and r.shape == (n,)
+        with pytest.raises(RuntimeError, match="no step in flight"):
+            pool.recv()
+        pool.send(np.zeros(4, int), 1)
+        with pytest.raises(RuntimeError, match="already has a step in flight"):
+            pool.send(np.zeros(4, int), 1)
+        pool.send(np.zeros(4, int), 0)
+        with pytest.raises(ValueError, match="was sent first"):
+            pool.recv(0)
+        pool.recv(1)
+        with pytest.raises(ValueError, match="expected 4 actions"):
+            pool.send(np.zeros(8, int), 1)
+    with pytest.raises(ValueError, match="num_groups"):
+        nethack.NLEPool(ROOM, num_envs=6, num_groups=4)
+    with pytest.raises(ValueError, match="num_workers"):
+        nethack.NLEPool(ROOM, num_envs=4, num_groups=2, num_workers=3)
+
+
+def test_worker_killed_with_groups_in_flight():
+    """A worker dies while both groups are in flight: both groups report its envs' episodes as truncated (with
+    the observations last returned) and go on with fresh episodes; the other worker's envs are untouched."""
+    with nethack.NLEPool(ROOM, num_envs=8, num_workers=2, num_groups=2, seed=0, step_timeout=5.0) as pool:
+        pool.reset()
+        rng = np.random.default_rng(0)
+        last = {}
+        for g in (0, 1):
+            pool.send(rng.integers(8, size=4), g)
+        for t in range(6):
+            g = t % 2
+            last[g] = pool.recv(g)[0]
+            if t < 4:
+                pool.send(rng.integers(8, size=4), g)
+        old = pool.worker_pids
+        pool.send(rng.integers(8, size=4), 0)  # group 0 in flight, group 1 received: both must report the cut
+        os.kill(old[1], signal.SIGKILL)  # envs 2, 3 (group 0) and 6, 7 (group 1)
+        with pytest.warns(RuntimeWarning, match="worker 1"):
+            obs0, r0, term0, trunc0, info0 = pool.recv(0)
+        assert trunc0[2:].all() and info0["episode_done"][2:].all() and (r0[2:] == 0).all()
+        np.testing.assert_array_equal(info0["final_obs"]["glyphs_crop"][2:], last[0]["glyphs_crop"][2:])
+        pool.send(rng.integers(8, size=4), 1)
+        obs1, r1, term1, trunc1, info1 = pool.recv(1)
+        assert trunc1[2:].all() and info1["episode_done"][2:].all() and (r1[2:] == 0).all()
+        np.testing.assert_array_equal(info1["final_obs"]["glyphs_crop"][2:], last[1]["glyphs_crop"][2:])
+        assert pool.restarts == 1 and pool.worker_pids[0] == old[0] and not _alive(old[1])
+        for t in range(20):  # the run goes on, cuts reported once
+            g = t % 2
+            pool.send(rng.integers(8, size=4), g)
+            *_, trunc, info = pool.recv(g)
+            assert info["episode_length"][info["episode_done"]].min(initial=100) >= 1
+
+
+@pytest.mark.parametrize("env_groups", [1, 2])
+def test_pipelined_rollout_replays_exactly(env_groups):
+    """A rollout collected with pipelined groups is the [T, N] batch the same envs give when its actions are
+    replayed one by one: the groups' steps land in the right rows and columns."""
+    import jax
+    from experiments.ppo_nethack import Config, make_pool, make_trainer
+    cfg = Config(env_name=ROOM, num_envs=4, num_workers=2, num_steps=110, env_groups=env_groups,
+                 total_timesteps=4 * 110 * 10)
+    pool = make_pool(cfg, seed=9)
+    try:
+        assert pool.num_groups == env_groups
+        tr = make_trainer(cfg, pool)
+        state = tr.init(jax.random.PRNGKey(0))
+        traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
+        ref = _Reference(ROOM, 4, 9, pool.env_kwargs)
+    finally:
+        pool.close()
+    assert traj.action.shape == (110, 4) and traj.obs["blstats"].shape == (110, 4, 27)
+    for t in range(110):  # Room-5x5 episodes end within 100 steps
+        for i in range(4):
+            what = f"t {t} env {i}"
+            np.testing.assert_array_equal(traj.obs["blstats"][t, i], ref.obs[i]["blstats"], err_msg=what)
+            fin, r, te, tr_, _ = ref.step(i, traj.action[t, i])
+            np.testing.assert_array_equal(traj.final_obs["blstats"][t, i], fin["blstats"], err_msg=what)
+            np.testing.assert_array_equal(traj.final_obs["message"][t, i], fin["message"], err_msg=what)
+            assert traj.reward[t, i] == pytest.approx(r, abs=1e-6) and traj.terminated[t, i] == te, what
+            assert traj.truncated[t, i] == tr_, what
+    for i in range(4):
+        np.testing.assert_array_equal(last["blstats"][i], ref.obs[i]["blstats"])
+    assert (traj.terminated | traj.truncated).any(axis=0).all()
+
+
 def test_pool_stats_and_spec_for_host_loop():
     from jaxrl_pref.sebulba import host_spec
     with nethack.NLEPool(ROOM, num_envs=3, num_workers=1, seed=0) as pool:
@@ -353,9 +472,11 @@ def test_stopped_run_resumes_from_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_learns_minihack_room_beats_random():
+@pytest.mark.parametrize("env_groups", [1, 2])
+def test_ppo_learns_minihack_room_beats_random(env_groups):
     """Room-5x5: random play reaches the goal in ~55% of its 100-step episodes (mean return ~0.35); after
-    20 updates (10k steps) PPO's episodes end at the goal quickly. Margin: +0.4 over random."""
+    20 updates (10k steps) PPO's episodes end at the goal quickly, with or without pipelined env groups.
+    Margin: +0.4 over random."""
     import jax
     from experiments.ppo_nethack import Config, make_pool, make_trainer
     pool, _ = envs.make(ROOM, num_envs=16, seed=100)
@@ -368,7 +489,7 @@ def test_ppo_learns_minihack_room_beats_random():
     pool.close()
     random_return = float(np.mean(rets))
     cfg = Config(env_name=ROOM, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20, learning_rate=1e-3,
-                 update_epochs=4)
+                 update_epochs=4, env_groups=env_groups)
     pool = make_pool(cfg, seed=0)
     try:
         tr = make_trainer(cfg, pool)
