@@ -122,7 +122,7 @@ class _Worker:
 
     @property
     def envs(self) -> str:
-        return ", ".join(f"{a}..{a + n - 1}" for a, n in self.groups if n)
+        return ", ".join(f"{a}..{a + n - 1}" for a, n in self.groups)
 
 
 def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
@@ -222,7 +222,8 @@ class NLEPool:
         self._queue: collections.deque = collections.deque()  # groups sent and not yet received, in send order
         self._sent: dict = {}  # group -> workers that got its step command
         self._send_failed: dict = {}  # group -> [(worker, why)] that could not be sent to
-        self._cut: dict = {g: [] for g in range(num_groups)}  # group -> episodes cut by a restart, reported at recv
+        # group -> [(worker, its slice, running return, length, depth)]: episodes cut by a restart, reported at recv
+        self._cut: dict = {g: [] for g in range(num_groups)}
         self.num_actions = None
         self.has_success = False
         try:
@@ -285,11 +286,15 @@ class NLEPool:
         v = self._v
         for g in range(self.num_groups):  # keep what the cut episodes reached before the new worker overwrites it
             s = w.slice(g)
-            if self._last_obs is not None and s.stop > s.start:
-                self._cut[g].append((s, v["run_return"][s].copy(), v["run_length"][s].copy(),
+            if self._last_obs is not None:
+                self._cut[g].append((w, s, v["run_return"][s].copy(), v["run_length"][s].copy(),
                                      v["run_depth"][s].copy()))
-            if w in self._sent.get(g, ()):  # the new worker never got this step: nothing to wait for
+            # a group in flight: the new worker never got its step (nothing to wait for) and must not be
+            # restarted again for a send that failed on the old one
+            if w in self._sent.get(g, ()):
                 self._sent[g].remove(w)
+            if g in self._send_failed:
+                self._send_failed[g] = [f for f in self._send_failed[g] if f[0] is not w]
             v["episode_index"][s] += 1  # the cut episodes count as played: fresh seeds for the new ones
         self._kill(w)
         self._launch(w)
@@ -340,8 +345,8 @@ class NLEPool:
     def shm_name(self) -> Optional[str]:
         return self._shm_box[0].name if self._shm_box else None
 
-    def _obs(self, prefix: str) -> dict:
-        return {k: self._v[prefix + k].copy() for k in self.obs_keys}
+    def _obs(self, prefix: str, envs: slice = slice(None)) -> dict:
+        return {k: self._v[prefix + k][envs].copy() for k in self.obs_keys}
 
     def reset(self) -> dict:
         """Starts a new episode in every env (episode counters go on, so seeds are fresh) and returns the batch.
@@ -355,7 +360,7 @@ class NLEPool:
         for w, why in self._command(b"R"):
             self._restart(w, why)
         self._cut = {g: [] for g in range(self.num_groups)}  # every episode starts afresh
-        self._last_obs = {k: v["obs/" + k].copy() for k in self.obs_keys}
+        self._last_obs = self._obs("obs/")
         return {k: x.copy() for k, x in self._last_obs.items()}
 
     def step(self, actions):
@@ -391,9 +396,8 @@ class NLEPool:
                                "before sending it again")
         B = self.group_size
         self._v["action"][group * B:(group + 1) * B] = actions
-        todo = [w for w in self._workers if w.groups[group][1] and not any(
-            s.start == w.groups[group][0] for s, *_ in self._cut[group])]  # a restarted worker's group: no step
-        sent, failed = self._send(b"S" + bytes([group]), todo)
+        restarted = {c[0] for c in self._cut[group]}  # their envs here are fresh: no step, reported as cut
+        sent, failed = self._send(b"S" + bytes([group]), [w for w in self._workers if w not in restarted])
         self._queue.append(group)
         self._sent[group], self._send_failed[group] = sent, failed
 
@@ -417,12 +421,12 @@ class NLEPool:
     def _results(self, g: int):
         v, B = self._v, self.group_size
         gs = slice(g * B, (g + 1) * B)
-        obs = {k: v["obs/" + k][gs].copy() for k in self.obs_keys}
+        obs = self._obs("obs/", gs)
         ended = v["episode_done"][gs]
         cut, self._cut[g] = self._cut[g], []
         if ended.any() or cut:  # workers write final/* only where an episode ended
             mask = ended.copy()
-            for s, *_ in cut:
+            for _, s, *_ in cut:
                 mask[s.start - gs.start:s.stop - gs.start] = False
             final = {k: np.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), v["final/" + k][gs], x)
                      for k, x in obs.items()}
@@ -434,7 +438,7 @@ class NLEPool:
         info.update({k: v[k][gs].astype(np.float32) for k in W.STAT_KEYS[:-1]})
         if self.has_success:
             info["episode_success"] = v["episode_success"][gs].astype(np.float32)
-        for s, ret, length, depth in cut:
+        for _, s, ret, length, depth in cut:
             h = slice(s.start - gs.start, s.stop - gs.start)  # the cut envs, within the group
             for k in self.obs_keys:
                 final[k][h] = self._last_obs[k][s]

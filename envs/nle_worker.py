@@ -372,8 +372,6 @@ class Worker:
 
     def step(self, group: int):
         v, (sl, slots) = self.v, self.groups[group]
-        if not slots:
-            return
         out = [s.step(a) for s, a in zip(slots, v["action"][sl].tolist())]
         rew, term, trunc = zip(*out)
         done = [a or b for a, b in zip(term, trunc)]

@@ -330,6 +330,25 @@ def test_pipelined_rollout_replays_exactly(env_groups):
     assert (traj.terminated | traj.truncated).any(axis=0).all()
 
 
+def test_worker_dead_at_send_is_restarted_once():
+    """A worker already dead when group 1 is sent (the send fails) and noticed at group 0's recv is restarted
+    once: group 1's recv reports its envs as cut, not a second failure of the new worker."""
+    with nethack.NLEPool(ROOM, num_envs=8, num_workers=2, num_groups=2, seed=0, step_timeout=5.0) as pool:
+        pool.reset()
+        rng = np.random.default_rng(0)
+        pool.send(rng.integers(8, size=4), 0)
+        old = pool.worker_pids
+        os.kill(old[1], signal.SIGKILL)
+        assert _wait_until(lambda: pool._workers[1].proc.poll() is not None)
+        pool.send(rng.integers(8, size=4), 1)
+        assert [w.index for w, _ in pool._send_failed[1]] == [1]  # its socket is closed: the send failed
+        with pytest.warns(RuntimeWarning, match="worker 1"):
+            *_, trunc0, _ = pool.recv(0)
+        *_, trunc1, info1 = pool.recv(1)
+        assert trunc0[2:].all() and trunc1[2:].all() and info1["episode_done"][2:].all()
+        assert pool.restarts == 1 and _alive(pool.worker_pids[1])
+
+
 def test_pool_stats_and_spec_for_host_loop():
     from jaxrl_pref.sebulba import host_spec
     with nethack.NLEPool(ROOM, num_envs=3, num_workers=1, seed=0) as pool:
