@@ -453,9 +453,9 @@ def _loop(trainer, ckpt: Checkpointer, logger: Logger, proxy: _LogProxy, *, stat
             write_metrics(run_dir, history, steps_per_update)
             logger.log_chunk(a, chunk)
         interrupted = stop.signum
-
-    logger.flush()
-    ckpt.wait()
+        # still under the handler: a SIGTERM now (say a requeue as the run ends) must not kill the last save
+        logger.flush()
+        ckpt.wait()
     paths = {"run_dir": run_dir, "config": run_dir / "config.json", "checkpoints": ckpt.directory}
     if history:
         paths["metrics_csv"], paths["metrics_jsonl"] = write_metrics(run_dir, history, steps_per_update)

@@ -140,6 +140,42 @@ def test_resume_after_sigterm_and_crash_is_bitwise_exact(baseline, tmp_path):
     assert_same_run(r4, baseline)
 
 
+def test_sigterm_while_the_last_save_finishes_keeps_it(baseline, tmp_path, monkeypatch):
+    """A SIGTERM that arrives after the last chunk, while its checkpoint is still being written (a Slurm requeue
+    as the run ends), is caught: the save completes and the run reports itself finished."""
+    class Killed(Exception):
+        pass
+
+    def outside_handler(signum, frame):  # what would run if the runner's handler were not in place
+        raise Killed
+
+    wait, save = Checkpointer.wait, Checkpointer.save
+    saved, sent = [], []
+
+    def save_recorded(self, step, *args, **kwargs):  # recorded once started: save() itself waits first
+        out = save(self, step, *args, **kwargs)
+        saved.append(step)
+        return out
+
+    def wait_after_sigterm(self):  # the signal lands while the last chunk's checkpoint is in flight
+        if saved and saved[-1] == 7 and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return wait(self)
+
+    monkeypatch.setattr(Checkpointer, "save", save_recorded)
+    monkeypatch.setattr(Checkpointer, "wait", wait_after_sigterm)
+    old = signal.signal(signal.SIGTERM, outside_handler)
+    try:
+        r = run_experiment(ppo.make_trainer, CFG, run_dir=tmp_path / "run", **RUN)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert sent and r.finished and r.updates_done == 7
+    ck = Checkpointer(tmp_path / "run" / "checkpoints")
+    assert ck.latest_step() == 7
+    ck.close()
+
+
 def test_resume_from_corrupt_latest_falls_back(baseline, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(baseline.run_dir, d)
