@@ -343,8 +343,10 @@ def test_sweep_on_real_slurm(slurm, tmp_path):
 
 @pytest.mark.slow  # ~75 s on a busy 2-core machine; .ci/run runs it
 def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
-    # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there
-    f = _write_sweep(tmp_path / "long.json", "long", {**TINY, "total_timesteps": 4 * 32 * 120,
+    # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there. 600 updates
+    # (60 checkpoints, several seconds) so that the requeue lands mid-run, not after a fast machine has finished
+    updates = 600
+    f = _write_sweep(tmp_path / "long.json", "long", {**TINY, "total_timesteps": 4 * 32 * updates,
                                                        "checkpoint_every": 10},
                      {"learning_rate": [1e-3]}, 1)
     out = tmp_path / "sweep"
@@ -356,7 +358,7 @@ def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
     while not list((run / "checkpoints").glob("[0-9]*")) if (run / "checkpoints").exists() else True:
         assert time.time() < deadline, "no checkpoint appeared"
         assert slurm.job_states(job), "the job ended before it could be requeued"
-        time.sleep(1)
+        time.sleep(0.2)
     r = slurm.run("scontrol", "requeue", f"{job}_0")
     assert r.returncode == 0, r.stderr
     # a requeued job waits out a begin-time delay (minutes) once its processes have exited; let it start now
@@ -372,10 +374,10 @@ def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
     assert status["slurm_restart_count"] == 1
     assert "resumed" in log and "received SIGTERM" in log, log[-3000:]
     resumed_at = int(log.split("resumed ")[1].split(" at update ")[1].split("/")[0])
-    assert 0 < resumed_at < 120 and resumed_at % 10 == 0
+    assert 0 < resumed_at < updates and resumed_at % 10 == 0
     st = report.task_state(out, m["tasks"][0])
-    assert st["state"] == "done" and st["updates"] == 120
-    np.testing.assert_array_equal(st["metrics"]["update"], np.arange(1, 121))
+    assert st["state"] == "done" and st["updates"] == updates
+    np.testing.assert_array_equal(st["metrics"]["update"], np.arange(1, updates + 1))
 
 
 @pytest.mark.slow  # two processes compile and train: ~1-2 min on a busy 2-core machine
