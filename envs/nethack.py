@@ -7,8 +7,10 @@ with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, aut
 * ``num_workers`` processes (default: one per CPU core, at most one per env) each step ``num_envs / num_workers``
   envs. Workers are plain ``python envs/nle_worker.py`` processes: they never import JAX, start in well under a
   second and are never forked from a process running JAX threads.
-* Observations are written by the workers into one shared-memory segment; a step sends two bytes to each worker
-  and gets one byte back -- nothing is pickled per step. ``step`` returns copies, so earlier results stay valid.
+* Observations are written by the workers into one shared-memory segment, and a step's command and its
+  completion are counters in that segment too (on x86-64 each side polls them briefly before it sleeps on a
+  socket: a wake-up through the kernel costs ~60 us across cores on a VM; ``spin``, :mod:`envs.nle_worker`).
+  Nothing is pickled per step. ``step`` returns copies, so earlier results stay valid.
 * Workers step each env with :class:`envs.nle_worker.FastStep` (NLE's own step without the gym layer: same
   results, 1.6-2x fewer CPU-seconds per step) where it replays the task exactly, else through gym.
 * ``num_groups=2`` splits the envs into two groups that :meth:`NLEPool.send` / :meth:`NLEPool.recv` step on
@@ -115,6 +117,8 @@ class _Worker:
         self.index, self.groups = index, groups
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
+        self.seq = 0  # commands issued to this process
+        self.waiter: Optional[W.Waiter] = None
 
     def slice(self, group: int) -> slice:
         start, count = self.groups[group]
@@ -126,11 +130,12 @@ class _Worker:
 
 
 def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
-    """Stops workers (politely, then SIGKILL) and unlinks the segment; safe to call twice."""
+    """Stops workers (closing their sockets ends them; SIGKILL after ``timeout``) and unlinks the segment; safe to
+    call twice."""
     for w in workers:
         if w.sock is not None:
             try:
-                w.sock.sendall(b"C")
+                w.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
     deadline = time.monotonic() + timeout
@@ -176,12 +181,15 @@ class NLEPool:
       step_timeout: seconds a worker may take for one step before it counts as hung.
       start_timeout: seconds a worker may take to start.
       max_restarts: total worker restarts after which the pool gives up (RuntimeError).
+      spin: seconds each side polls shared memory for the other before it sleeps on its socket (default 1 ms on
+        x86-64, where polling is safe; 0 elsewhere: wake-ups through the socket only). See
+        :mod:`envs.nle_worker`.
     """
 
     def __init__(self, task: str, num_envs: int = 8, num_workers: Optional[int] = None, seed: int = 0,
                  obs_keys: Sequence[str] = ("glyphs_crop", "blstats", "message"), crop: Sequence[int] = (9, 9),
                  env_kwargs: Optional[dict] = None, step_timeout: float = 60.0, start_timeout: float = 120.0,
-                 max_restarts: int = 100, num_groups: int = 1):
+                 max_restarts: int = 100, num_groups: int = 1, spin: Optional[float] = None):
         _check_task(task)
         if num_envs < 1:
             raise ValueError(f"num_envs: must be >= 1, got {num_envs}. Fix: pass num_envs=8")
@@ -192,9 +200,16 @@ class NLEPool:
         if len(crop) != 2 or any(c < 1 or c % 2 == 0 for c in crop):
             raise ValueError(f"crop: must be two odd positive sizes, got {crop}. Fix: pass crop=(9, 9)")
         num_groups = int(num_groups)
-        if num_groups < 1 or num_envs % num_groups:
-            raise ValueError(f"num_groups: must be >= 1 and divide num_envs={num_envs}, got {num_groups}. "
-                             "Fix: pass num_groups=1, or 2 with an even num_envs")
+        if num_groups < 1 or num_envs % num_groups or num_groups > W.MAX_GROUPS:
+            raise ValueError(f"num_groups: must be in [1, {W.MAX_GROUPS}] and divide num_envs={num_envs}, got "
+                             f"{num_groups}. Fix: pass num_groups=1, or 2 with an even num_envs")
+        spin = W.SPIN_DEFAULT if spin is None else float(spin)
+        if not 0 <= spin <= 1:
+            raise ValueError(f"spin: must be in [0, 1] seconds, got {spin}. Fix: pass spin=None (the default)")
+        if spin > 0 and W.SPIN_DEFAULT == 0:
+            raise ValueError(f"spin: polling shared memory is only safe on x86-64, this is {W.platform.machine()}. "
+                             "Fix: pass spin=0 (or leave it out)")
+        self.spin = spin
         group_size = num_envs // num_groups
         num_workers = min(group_size, os.cpu_count() or 1) if num_workers is None else int(num_workers)
         if not 1 <= num_workers <= group_size:
@@ -207,7 +222,7 @@ class NLEPool:
         self.restarts = 0
         self._spec = W.obs_spec(self.obs_keys, crop)
 
-        lay, size = W.layout(num_envs, self.obs_keys, crop)
+        lay, size = W.layout(num_envs, self.obs_keys, crop, num_workers)
         shm = shared_memory.SharedMemory(create=True, size=size)
         self._shm_box = [shm]
         self._v = W.views(shm.buf, lay)
@@ -239,15 +254,19 @@ class NLEPool:
     # -- workers ---------------------------------------------------------------------------------------------
     def _launch(self, w: _Worker) -> None:
         parent, child = socket.socketpair()
+        row = self._v["ctl/seq"][w.index]
+        row[:] = 0  # a new process: counters restart
+        w.seq = 0
         cfg = {"shm": self._shm_box[0].name, "num_envs": self.num_envs, "obs_keys": list(self.obs_keys),
-               "crop": list(self.crop), "groups": w.groups, "task": self.task,
-               "env_kwargs": self.env_kwargs, "seed": self.seed}
+               "crop": list(self.crop), "groups": w.groups, "task": self.task, "num_workers": self.num_workers,
+               "worker": w.index, "spin": self.spin, "env_kwargs": self.env_kwargs, "seed": self.seed}
         try:
             w.proc = subprocess.Popen([sys.executable, W.__file__, str(child.fileno()), json.dumps(cfg)],
                                       pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             child.close()
         w.sock = parent
+        w.waiter = W.Waiter(row, W.DONE_SEQ, W.HOST_WAITS, parent, self.spin)
 
     def _handshake(self, w: _Worker) -> dict:
         reply = self._recv(w, self.start_timeout)
@@ -291,8 +310,8 @@ class NLEPool:
                                      v["run_depth"][s].copy()))
             # a group in flight: the new worker never got its step (nothing to wait for) and must not be
             # restarted again for a send that failed on the old one
-            if w in self._sent.get(g, ()):
-                self._sent[g].remove(w)
+            if g in self._sent:
+                self._sent[g] = [(x, q) for x, q in self._sent[g] if x is not w]
             if g in self._send_failed:
                 self._send_failed[g] = [f for f in self._send_failed[g] if f[0] is not w]
             v["episode_index"][s] += 1  # the cut episodes count as played: fresh seeds for the new ones
@@ -300,17 +319,25 @@ class NLEPool:
         self._launch(w)
         self._handshake(w)
 
-    def _command(self, cmd: bytes) -> list[tuple[_Worker, str]]:
-        """Sends ``cmd`` to every worker and waits for all (``step_timeout`` in all); returns the workers that
-        failed and why. Replies are read in worker order with blocking reads: all are needed anyway."""
-        return self._wait(self._send(cmd, self._workers))
+    def _command(self, code: int) -> list[tuple[_Worker, str]]:
+        """Gives every worker command ``code`` and waits for all (``step_timeout`` in all); returns the workers
+        that failed and why."""
+        return self._wait(self._send(code, self._workers))
 
-    def _send(self, cmd: bytes, workers) -> tuple[list, list]:
+    def _send(self, code: int, workers) -> tuple[list, list]:
+        """Queues ``code`` for ``workers``; returns ``([(worker, its command's sequence number)], failed)``."""
         sent, failed = [], []
         for w in workers:
+            row = self._v["ctl/seq"][w.index]
+            seq = w.seq + 1
+            self._v["ctl/cmd"][w.index, seq % W.RING] = code
+            row[W.CMD_SEQ] = w.seq = seq
             try:
-                w.sock.sendall(cmd)
-                sent.append(w)
+                if self.spin == 0 or row[W.WORKER_WAITS]:
+                    w.sock.sendall(W.WAKE)
+                elif w.proc.poll() is not None:
+                    raise OSError("exited")
+                sent.append((w, seq))
             except OSError:
                 failed.append((w, "died (could not send)"))
         return sent, failed
@@ -318,20 +345,27 @@ class NLEPool:
     def _wait(self, sent_failed) -> list[tuple[_Worker, str]]:
         sent, failed = sent_failed
         deadline = time.monotonic() + self.step_timeout
-        for w in sent:
+        for w, seq in sent:
             try:
-                w.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                reply = W.recv_msg(w.sock)
-            except socket.timeout:
-                failed.append((w, f"did not answer within step_timeout={self.step_timeout}s"))
-                continue
+                done = w.waiter.wait(seq, max(deadline - time.monotonic(), 1e-3))
             except (EOFError, OSError):
                 code = w.proc.wait() if w.proc is not None else None
                 failed.append((w, f"died (exit status {code})"))
                 continue
-            if reply[:1] != b"K":
-                failed.append((w, "raised an error:\n" + reply[1:].decode(errors="replace")))
+            if not done:
+                failed.append((w, f"did not answer within step_timeout={self.step_timeout}s"))
+            elif self._v["ctl/status"][w.index, seq % W.RING]:
+                failed.append((w, "raised an error:\n" + self._error_text(w)))
         return failed
+
+    def _error_text(self, w: _Worker) -> str:
+        """The traceback a worker sent for a failed command (wake bytes before it are skipped)."""
+        while True:
+            reply = self._recv(w, 5.0)
+            if reply is None:
+                return "(no traceback: the worker went silent)"
+            if reply[:1] == b"E":
+                return reply[1:].decode(errors="replace")
 
     # -- host-env interface ----------------------------------------------------------------------------------
     def observation_spec(self) -> dict:
@@ -357,7 +391,7 @@ class NLEPool:
         v = self._v
         if self._last_obs is not None:
             v["episode_index"] += 1
-        for w, why in self._command(b"R"):
+        for w, why in self._command(W.CMD_RESET):
             self._restart(w, why)
         self._cut = {g: [] for g in range(self.num_groups)}  # every episode starts afresh
         self._last_obs = self._obs("obs/")
@@ -397,7 +431,7 @@ class NLEPool:
         B = self.group_size
         self._v["action"][group * B:(group + 1) * B] = actions
         restarted = {c[0] for c in self._cut[group]}  # their envs here are fresh: no step, reported as cut
-        sent, failed = self._send(b"S" + bytes([group]), [w for w in self._workers if w not in restarted])
+        sent, failed = self._send(group, [w for w in self._workers if w not in restarted])
         self._queue.append(group)
         self._sent[group], self._send_failed[group] = sent, failed
 

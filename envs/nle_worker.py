@@ -4,17 +4,26 @@ This file is deliberately standalone (numpy, gymnasium and nle/minihack only; no
 starts each worker as ``python nle_worker.py FD CONFIG_JSON``, so a worker starts in well under a second, never
 imports JAX, and is never forked from a process that already runs JAX threads.
 
-Protocol (one stream socket per worker; :func:`send_msg` / :func:`recv_msg`): a message is one command byte,
-followed -- for the commands that carry data -- by a 4-byte little-endian length and the payload (``b"S"``: by
-one byte, the group). A step costs two bytes in and one byte out: a blocking socket read is far cheaper than a
-``select``-based wait (``multiprocessing.connection`` builds a selector on every wait), which matters at tens of
-thousands of steps per second.
+Protocol. Commands and their completion go through a control block in the shared segment (one 64-byte row of
+counters per worker, :func:`layout`): the host writes the command code into the worker's ring ``ctl/cmd`` and
+bumps ``CMD_SEQ``; the worker runs it, writes its status and bumps ``DONE_SEQ``. Commands queue up (the ring holds
+:data:`RING`), so the host can hand a worker the next group while it still steps the current one. Codes: a group
+index ``g`` (step the worker's envs of group ``g`` with the actions in shared memory), :data:`CMD_RESET`,
+:data:`CMD_CLOSE`.
 
-* host -> worker: ``b"S" + bytes([g])`` step the worker's envs of group ``g`` with the actions in shared memory,
-  ``b"R"`` reset all its envs, ``b"C"`` close. Commands queue up in the socket, so the host can hand a worker the
-  next group while it still steps the current one: the worker never waits between groups.
-* worker -> host: ``b"K"`` done (one per command, in order), ``b"H" + JSON`` the start-up handshake,
-  ``b"E" + traceback`` on an error.
+How a side waits for the other (:class:`Waiter`), by ``spin`` (seconds):
+
+* ``spin > 0`` (x86-64, the default there): poll the counter, yielding the core between polls, for up to ``spin``
+  seconds; only then sleep on the socket, after raising a flag in the control block that tells the other side to
+  send one wake byte ``b"W"``. On a VM a socket wake-up across cores costs ~60 us each way (an IPI to a halted
+  vCPU); a shared-memory poll sees the other side within ~1 us, and a step of a few envs takes ~100 us.
+* ``spin == 0`` (other CPUs: their memory model does not order the plain stores to shared memory that polling
+  relies on): every command and every completion is also announced with one ``b"W"`` on the socket, and each side
+  sleeps until it arrives -- the socket's system calls order memory.
+
+The socket (one stream socket per worker; :func:`send_msg` / :func:`recv_msg`) also carries the start-up
+handshake ``b"H" + JSON``, the traceback ``b"E" + text`` of a command that failed (after its ``W``, if any), and
+end-of-file when either side is gone -- a sleeping side notices a dead peer at once.
 
 All data -- actions, observations, final observations, rewards, flags, episode statistics, the running statistics of
 unfinished episodes and each env's episode counter -- lives in one shared-memory segment laid out by :func:`layout`;
@@ -24,7 +33,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import select
+import socket
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -46,7 +59,16 @@ STAT_KEYS = ("episode_return", "episode_length", "episode_depth", "episode_score
 
 
 WITH_PAYLOAD = b"HE"  # message codes followed by a length and a payload
-WITH_ARG = b"S"  # message codes followed by one argument byte
+WITH_ARG = b""  # message codes followed by one argument byte
+WAKE = b"W"
+
+# the control block: one row of int64 counters per worker (a row is 64 bytes: no false sharing between workers)
+CMD_SEQ, DONE_SEQ, WORKER_WAITS, HOST_WAITS = 0, 1, 2, 3
+RING = 64  # commands a worker can have queued (ctl/cmd and ctl/status are rings indexed by sequence % RING)
+CMD_RESET, CMD_CLOSE = 254, 255  # command codes besides group indices (0 ... RING // 2 - 1)
+MAX_GROUPS = RING // 2
+# polling shared memory is safe where plain stores are seen in program order (x86's TSO)
+SPIN_DEFAULT = 1e-3 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else 0.0
 
 
 def send_msg(sock, code: bytes, payload: bytes = b"") -> None:
@@ -79,6 +101,65 @@ def recv_msg(sock) -> bytes:
     return code
 
 
+class PeerGone(EOFError):
+    """The other side closed its socket (it exited or was killed)."""
+
+
+class Waiter:
+    """Waits for counter ``row[index]`` to reach a target, as the module docstring describes: by polling for up
+    to ``spin`` seconds, then asleep on ``sock`` with flag ``row[flag]`` raised (``spin == 0``: asleep at once,
+    until the peer's ``b"W"`` for this command)."""
+
+    def __init__(self, row: np.ndarray, index: int, flag: int, sock, spin: float):
+        self.row, self.index, self.flag, self.sock, self.spin = row, index, flag, sock, float(spin)
+
+    def wait(self, target: int, timeout: float | None = None) -> bool:
+        """True once the counter reached ``target``; False after ``timeout`` seconds; :class:`PeerGone` if the
+        peer's socket closed. Stops early, returning True, when an error message (``b"E"``) is waiting."""
+        row, i = self.row, self.index
+        if self.spin > 0:
+            if row[i] >= target:
+                return True
+            end = time.perf_counter() + self.spin
+            while True:
+                os.sched_yield()  # a peer on this core runs now; else this only costs a system call
+                if row[i] >= target:
+                    return True
+                if time.perf_counter() > end:
+                    break
+        deadline = None if timeout is None else time.monotonic() + timeout
+        row[self.flag] = 1
+        try:
+            while True:
+                if self.spin > 0 and row[i] >= target:
+                    return True
+                # polling: a 2 ms cap bounds the rare lost wake-up (flag and counter are plain stores)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                cap = 2e-3 if self.spin > 0 else 0.25
+                ready, _, _ = select.select([self.sock], [], [], cap if left is None else min(cap, left))
+                if not ready:
+                    continue
+                head = self.sock.recv(1, socket.MSG_PEEK)
+                if not head:
+                    raise PeerGone("the peer closed the socket")
+                if head != WAKE:  # an error message: the caller reads it
+                    return True
+                self.sock.recv(1)
+                if self.spin == 0:  # one wake byte per command
+                    return True
+        finally:
+            row[self.flag] = 0
+
+
+def notify(row: np.ndarray, flag: int, sock, spin: float) -> None:
+    """Tells the peer a counter moved: with ``spin == 0`` always (one ``b"W"`` per command), else only if it
+    sleeps (its flag is up)."""
+    if spin == 0 or row[flag]:
+        sock.sendall(WAKE)
+
+
 def obs_spec(keys, crop=(9, 9)) -> dict:
     """``{key: (shape, dtype name)}`` for one env's observation."""
     shapes = {"glyphs": (DUNGEON_SHAPE, "int16"), "glyphs_crop": (tuple(crop), "int16"),
@@ -87,10 +168,11 @@ def obs_spec(keys, crop=(9, 9)) -> dict:
     return {k: shapes[k] for k in keys}
 
 
-def layout(num_envs: int, keys, crop=(9, 9)) -> tuple[list[tuple[str, tuple, str, int]], int]:
+def layout(num_envs: int, keys, crop=(9, 9), num_workers: int = 1) -> tuple[list[tuple[str, tuple, str, int]], int]:
     """The shared segment's arrays as ``[(name, shape, dtype, byte offset)]`` and its total size."""
-    n = int(num_envs)
-    arrays = [("action", (n,), "int32"), ("reward", (n,), "float32"), ("terminated", (n,), "bool"),
+    n, w = int(num_envs), int(num_workers)
+    arrays = [("ctl/seq", (w, 8), "int64"), ("ctl/cmd", (w, RING), "uint8"), ("ctl/status", (w, RING), "uint8"),
+              ("action", (n,), "int32"), ("reward", (n,), "float32"), ("terminated", (n,), "bool"),
               ("truncated", (n,), "bool"), ("episode_done", (n,), "bool"),
               ("episode_return", (n,), "float32"), ("episode_length", (n,), "int32"),
               ("episode_depth", (n,), "int32"), ("episode_score", (n,), "int32"),
@@ -397,13 +479,12 @@ def _attach(name: str):
 
 
 def main(fd: int, cfg: dict) -> int:
-    import socket
     sock = socket.socket(fileno=fd)
     shm, v, slots = None, None, []
     try:
         try:
             shm = _attach(cfg["shm"])
-            lay, _ = layout(cfg["num_envs"], cfg["obs_keys"], cfg["crop"])
+            lay, _ = layout(cfg["num_envs"], cfg["obs_keys"], cfg["crop"], cfg["num_workers"])
             v = views(shm.buf, lay)
             groups = [(start, [EnvSlot(make_env(cfg["task"], cfg["env_kwargs"], cfg["obs_keys"]), start + j, v,
                                        cfg["obs_keys"], cfg["seed"]) for j in range(count)])
@@ -417,26 +498,39 @@ def main(fd: int, cfg: dict) -> int:
         except Exception:
             send_msg(sock, b"E", traceback.format_exc().encode())
             return 1
+        index, spin = cfg["worker"], float(cfg["spin"])
+        row, cmds, status = v["ctl/seq"][index], v["ctl/cmd"][index], v["ctl/status"][index]
+        waiter = Waiter(row, CMD_SEQ, WORKER_WAITS, sock, spin)
+        seq = int(row[DONE_SEQ])
         while True:
-            cmd = recv_msg(sock)
+            seq += 1
+            waiter.wait(seq)
+            code = int(cmds[seq % RING])
+            error = None
             try:
-                if cmd[:1] == b"S":
-                    worker.step(cmd[1])
-                elif cmd == b"R":
+                if code == CMD_RESET:
                     worker.reset()
-                elif cmd == b"C":
-                    break
-                else:
-                    raise ValueError(f"unknown command {cmd!r}")
-                sock.sendall(b"K")
+                elif code < MAX_GROUPS:
+                    worker.step(code)
+                elif code != CMD_CLOSE:
+                    raise ValueError(f"unknown command {code}")
             except Exception:
-                send_msg(sock, b"E", traceback.format_exc().encode())
-        for s in slots:
-            s.env.close()
-        return 0
-    except (EOFError, OSError):  # the host went away: nothing left to do
+                error = traceback.format_exc().encode()
+            status[seq % RING] = error is not None
+            row[DONE_SEQ] = seq
+            notify(row, HOST_WAITS, sock, spin)
+            if error is not None:
+                send_msg(sock, b"E", error)
+            if code == CMD_CLOSE:
+                return 0
+    except (EOFError, OSError):  # the host closed the socket (the pool's close) or went away
         return 0
     finally:
+        for s in slots:
+            try:
+                s.env.close()
+            except Exception:  # closing what is left; the process ends either way
+                pass
         del v  # views must go before the buffer can be closed
         if shm is not None:
             try:

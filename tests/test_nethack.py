@@ -90,10 +90,16 @@ def _check_obs(batch, i, ref_obs, what):
     np.testing.assert_array_equal(batch["chars_crop"][i], _pad_crop(ref_obs["chars"], x, y, 9, ord(" ")))
 
 
+# wake-ups (envs.nle_worker): polling then sleeping (default where polling is safe), sleeping at once with flags
+# (a 1 us poll), and socket-only (spin=0, the mode of CPUs other than x86-64)
+SPINS = [None, 1e-6, 0.0] if W.SPIN_DEFAULT > 0 else [0.0]
+
+
+@pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
 @pytest.mark.parametrize("task,steps", [(ROOM, 150), ("NetHackScore-v0", 25)])
-def test_batched_equals_envs_stepped_one_by_one(task, steps):
+def test_batched_equals_envs_stepped_one_by_one(task, steps, spin):
     n, seed = 4, 3
-    pool, params = envs.make(task, num_envs=n, num_workers=2, seed=seed, obs_keys=ALL_KEYS)
+    pool, params = envs.make(task, num_envs=n, num_workers=2, seed=seed, obs_keys=ALL_KEYS, spin=spin)
     assert params is None and isinstance(pool, nethack.NLEPool)
     try:
         ref = _Reference(task, n, seed, pool.env_kwargs)
@@ -211,11 +217,13 @@ def test_fast_step_refuses_what_it_does_not_replay():
         env.close()
 
 
-def test_groups_pipelined_equal_envs_stepped_one_by_one():
+@pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
+def test_groups_pipelined_equal_envs_stepped_one_by_one(spin):
     """Two groups stepped with send/recv (one group in flight while the other's results are read) give exactly
     the sequential envs' results."""
     n, seed, task = 8, 4, ROOM
-    with nethack.NLEPool(task, num_envs=n, num_workers=2, num_groups=2, seed=seed, obs_keys=ALL_KEYS) as pool:
+    with nethack.NLEPool(task, num_envs=n, num_workers=2, num_groups=2, seed=seed, obs_keys=ALL_KEYS,
+                         spin=spin) as pool:
         assert (pool.num_groups, pool.group_size) == (2, 4)
         assert [w.groups for w in pool._workers] == [[(0, 2), (4, 2)], [(2, 2), (6, 2)]]
         ref = _Reference(task, n, seed, pool.env_kwargs)
@@ -265,10 +273,12 @@ def test_groups_pipelined_equal_envs_stepped_one_by_one():
         nethack.NLEPool(ROOM, num_envs=4, num_groups=2, num_workers=3)
 
 
-def test_worker_killed_with_groups_in_flight():
+@pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
+def test_worker_killed_with_groups_in_flight(spin):
     """A worker dies while both groups are in flight: both groups report its envs' episodes as truncated (with
     the observations last returned) and go on with fresh episodes; the other worker's envs are untouched."""
-    with nethack.NLEPool(ROOM, num_envs=8, num_workers=2, num_groups=2, seed=0, step_timeout=5.0) as pool:
+    with nethack.NLEPool(ROOM, num_envs=8, num_workers=2, num_groups=2, seed=0, step_timeout=5.0,
+                         spin=spin) as pool:
         pool.reset()
         rng = np.random.default_rng(0)
         last = {}
@@ -369,8 +379,9 @@ def test_pool_stats_and_spec_for_host_loop():
             pool.step(np.array([0, 1, 99]))
 
 
-def test_worker_kill_and_hang_recovery():
-    with nethack.NLEPool(ROOM, num_envs=4, num_workers=2, seed=0, step_timeout=3.0) as pool:
+@pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
+def test_worker_kill_and_hang_recovery(spin):
+    with nethack.NLEPool(ROOM, num_envs=4, num_workers=2, seed=0, step_timeout=3.0, spin=spin) as pool:
         pool.reset()
         rng = np.random.default_rng(0)
         for _ in range(3):
@@ -518,3 +529,17 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     final = float(np.nanmean(m["episode_return"][-5:]))
     print(f"MiniHack-Room-5x5: random mean return {random_return:.3f}, PPO (last 5 of 20 updates) {final:.3f}")
     assert final > random_return + 0.4, (final, random_return)
+
+
+@pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
+def test_worker_error_reaches_the_host_with_its_traceback(spin):
+    """A command that fails in a worker comes back as that worker's failure with the worker's traceback, and the
+    worker (and the other one) go on serving commands in order."""
+    with nethack.NLEPool(ROOM, num_envs=2, num_workers=2, seed=0, spin=spin) as pool:
+        pool.reset()
+        failed = pool._wait(pool._send(200, pool._workers[:1]))  # no such command
+        assert [w.index for w, _ in failed] == [0]
+        assert "raised an error" in failed[0][1] and "unknown command 200" in failed[0][1]
+        for _ in range(5):  # both workers still answer, nothing left over in either direction
+            *_, info = pool.step(np.zeros(2, np.int64))
+        assert pool.restarts == 0 and all(_alive(p) for p in pool.worker_pids)
