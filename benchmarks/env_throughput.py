@@ -10,16 +10,22 @@ reported):
   for; auto-reset by hand) -- the single-process baseline;
 * ``raw_fast``: the same through :class:`envs.nle_worker.FastStep` (NLE's step without the gym layer, as the
   pool's workers step) -- separates that gain from the pool's parallelism;
+* ``raw_vec``: all ``--num-envs`` nle envs stepped round-robin in this process through gym's ``step`` -- what a
+  single-process vector env (gymnasium's ``SyncVectorEnv``) does with the pool's batch: the pool's parallel
+  speed-up at equal batch size;
 * ``raw_rr``: as many nle envs as one pool worker holds (``num_envs / num_workers``), stepped round-robin in
   this process through FastStep -- separates the cost of many NetHack instances per process (each loads its own
   copy of the game library) from the pool's own overhead;
 * ``pool``: :class:`envs.nethack.NLEPool` (``--num-envs`` envs over ``--num-workers`` processes) with random
   actions, observations copied out each step as the trainer gets them; with ``--env-groups 2`` the two groups
   are pipelined (``send``/``recv``), as the PPO loop runs them;
+* ``pool_socket``: the same pool with ``spin=0`` (every wake-up through the socket, as on CPUs other than
+  x86-64): what polling the shared-memory counters saves;
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
-Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores) and ppo/pool (target >= 0.5); and
+Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores), pool/raw_vec and ppo/pool (target
+>= 0.5); and
 steps per CPU-second of raw and of the pool (host + workers), which separates the pool's own overhead from the
 effect of other load on the machine (wall-clock ratios on a shared machine mostly measure the scheduler).
 """
@@ -146,17 +152,24 @@ def main(argv=None) -> int:
                                  num_steps=a.num_steps, overlap=a.overlap, env_groups=a.env_groups,
                                  total_timesteps=a.num_envs * a.num_steps * 10_000)
         pool = ppo_nethack.make_pool(cfg, seed=0)
+        socket_pool = None
         try:
+            socket_pool = ppo_nethack.make_pool(cfg, seed=0, spin=0.0) if pool.spin > 0 else None
             ppo_run = PPORun(cfg, pool)
             per_worker = -(-a.num_envs // pool.num_workers)  # envs per worker, all groups
             rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],
                      "raw_fast": [], "raw_fast_per_cpu_s": [],
-                     "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": []}
+                     "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": [],
+                     "raw_vec": [], "raw_vec_per_cpu_s": [], "pool_socket": [], "pool_socket_per_cpu_s": [],
+                     "pool_socket_episode_len": []}
             for _ in range(a.reps):
                 for k, fn in (("raw", lambda: raw_rate(task, a.seconds)),
                               ("raw_fast", lambda: raw_rate(task, a.seconds, fast=True)),
                               ("raw_rr", lambda: raw_rate(task, a.seconds, num_envs=per_worker, fast=True)),
-                              ("pool", lambda: pool_rate(pool, a.seconds))):
+                              ("raw_vec", lambda: raw_rate(task, a.seconds, num_envs=a.num_envs)),
+                              ("pool", lambda: pool_rate(pool, a.seconds)),
+                              ("pool_socket", lambda: pool_rate(socket_pool, a.seconds) if socket_pool else
+                               (float("nan"),) * 3)):
                     rate, per_cpu, *ep_len = fn()
                     rates[k].append(rate)
                     rates[k + "_per_cpu_s"].append(per_cpu)
@@ -168,6 +181,8 @@ def main(argv=None) -> int:
                 rates["ppo_episode_len"].append(ep_len)
         finally:
             pool.close()
+            if socket_pool is not None:
+                socket_pool.close()
         med = {k: statistics.median(v) for k, v in rates.items()}
         r = {**{f"{k}_steps_per_s": v for k, v in med.items()},
              "pool_over_raw": med["pool"] / med["raw"], "ppo_over_pool": med["ppo"] / med["pool"],
@@ -177,6 +192,10 @@ def main(argv=None) -> int:
               f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
         fast = med["raw_fast_per_cpu_s"] / med["raw_per_cpu_s"]
         r["raw_fast_over_raw_per_cpu_s"] = fast
+        r["pool_over_raw_vec"] = med["pool"] / med["raw_vec"]
+        print(f"{'':24s} {a.num_envs} envs round-robin in one process through gym's step (a single-process vector "
+              f"env): {med['raw_vec']:.0f}/s; pool / that: {r['pool_over_raw_vec']:.2f}; socket-only pool (spin=0): "
+              f"{med['pool_socket']:.0f}/s, pool / that: {med['pool'] / med['pool_socket']:.2f}")
         print(f"{'':24s} one env through FastStep (as the workers step): {med['raw_fast']:.0f}/s, "
               f"{fast:.2f}x gym's step per CPU-second; pool / that: {med['pool'] / med['raw_fast']:.2f}")
         eff = med["pool_per_cpu_s"] / med["raw_per_cpu_s"]
@@ -191,7 +210,7 @@ def main(argv=None) -> int:
               f"{med['ppo_episode_len']:.0f} (each episode costs a reset: a policy that ends them sooner steps "
               f"slower)")
         print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
-              f"(host + workers) = {eff:.2f}x raw: the pool's overhead; with {pool.num_workers} idle cores it "
+              f"(host + workers, polling included) = {eff:.2f}x raw; with {pool.num_workers} idle cores it "
               f"could reach ~{eff * pool.num_workers:.1f}x raw")
     if a.json:
         with open(a.json, "w") as f:

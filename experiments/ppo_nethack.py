@@ -95,12 +95,13 @@ class Config(ppo.Config):
         require(self.num_devices == 1, "num_devices", "the host loop runs on one device", "pass --num-devices 1")
 
 
-def make_pool(cfg: Config, seed: int = 0):
-    """The env pool ``cfg`` describes (a host env; close it when done)."""
+def make_pool(cfg: Config, seed: int = 0, **pool_kwargs):
+    """The env pool ``cfg`` describes (a host env; close it when done); ``pool_kwargs`` go to
+    :class:`envs.nethack.NLEPool` (e.g. ``spin``)."""
     env_kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps else {}
     pool, _ = envs.make(cfg.env_name, num_envs=cfg.num_envs, seed=seed, num_workers=cfg.num_workers or None,
                         obs_keys=cfg.obs_keys, crop=(cfg.crop, cfg.crop), env_kwargs=env_kwargs,
-                        num_groups=cfg.env_groups)
+                        num_groups=cfg.env_groups, **pool_kwargs)
     return pool
 
 
