@@ -8,8 +8,8 @@ Protocol. Commands and their completion go through a control block in the shared
 counters per worker, :func:`layout`): the host writes the command code into the worker's ring ``ctl/cmd`` and
 bumps ``CMD_SEQ``; the worker runs it, writes its status and bumps ``DONE_SEQ``. Commands queue up (the ring holds
 :data:`RING`), so the host can hand a worker the next group while it still steps the current one. Codes: a group
-index ``g`` (step the worker's envs of group ``g`` with the actions in shared memory), :data:`CMD_RESET`,
-:data:`CMD_CLOSE`.
+index ``g`` (step the worker's envs of group ``g`` with the actions in shared memory) or :data:`CMD_RESET`. The
+pool stops a worker by shutting its socket down.
 
 How a side waits for the other (:class:`Waiter`), by ``spin`` (seconds):
 
@@ -59,26 +59,25 @@ STAT_KEYS = ("episode_return", "episode_length", "episode_depth", "episode_score
 
 
 WITH_PAYLOAD = b"HE"  # message codes followed by a length and a payload
-WITH_ARG = b""  # message codes followed by one argument byte
 WAKE = b"W"
 
 # the control block: one row of int64 counters per worker (a row is 64 bytes: no false sharing between workers)
 CMD_SEQ, DONE_SEQ, WORKER_WAITS, HOST_WAITS = 0, 1, 2, 3
 RING = 64  # commands a worker can have queued (ctl/cmd and ctl/status are rings indexed by sequence % RING)
-CMD_RESET, CMD_CLOSE = 254, 255  # command codes besides group indices (0 ... RING // 2 - 1)
+CMD_RESET = 255  # the command code besides group indices (0 ... MAX_GROUPS - 1)
 MAX_GROUPS = RING // 2
 # polling shared memory is safe where plain stores are seen in program order (x86's TSO)
 SPIN_DEFAULT = 1e-3 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else 0.0
 
 
 def send_msg(sock, code: bytes, payload: bytes = b"") -> None:
-    """Sends one message (``code``: one byte; ``payload``: for the codes in :data:`WITH_PAYLOAD` any bytes, for
-    those in :data:`WITH_ARG` exactly one byte)."""
+    """Sends one message (``code``: one byte; ``payload``: any bytes for the codes in :data:`WITH_PAYLOAD`, none
+    for the others)."""
     if code in WITH_PAYLOAD:
         sock.sendall(code + len(payload).to_bytes(4, "little") + payload)
     else:
-        assert len(payload) == (code in WITH_ARG), (code, payload)
-        sock.sendall(code + payload)
+        assert not payload, (code, payload)
+        sock.sendall(code)
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -96,8 +95,6 @@ def recv_msg(sock) -> bytes:
     code = _recv_exact(sock, 1)
     if code in WITH_PAYLOAD:
         return code + _recv_exact(sock, int.from_bytes(_recv_exact(sock, 4), "little"))
-    if code in WITH_ARG:
-        return code + _recv_exact(sock, 1)
     return code
 
 
@@ -512,7 +509,7 @@ def main(fd: int, cfg: dict) -> int:
                     worker.reset()
                 elif code < MAX_GROUPS:
                     worker.step(code)
-                elif code != CMD_CLOSE:
+                else:
                     raise ValueError(f"unknown command {code}")
             except Exception:
                 error = traceback.format_exc().encode()
@@ -521,8 +518,6 @@ def main(fd: int, cfg: dict) -> int:
             notify(row, HOST_WAITS, sock, spin)
             if error is not None:
                 send_msg(sock, b"E", error)
-            if code == CMD_CLOSE:
-                return 0
     except (EOFError, OSError):  # the host closed the socket (the pool's close) or went away
         return 0
     finally:

@@ -69,8 +69,10 @@ def test_vmap_over_hyperparameters_equals_separate_runs():
     single = jax.jit(train)
     for i in range(3):
         one = single(keys[i], ppo.hparams(cfg, learning_rate=lrs[i], ent_coef=ents[i], clip_eps=clips[i]))
+        # equal up to float32 summation order: XLA's batched and unbatched kernels add in different orders (on an
+        # AVX-512 CPU two of 128 weights near 4e-3 end 1.1e-6 apart after training); the settings differ (below)
         for a, b in zip(jax.tree.leaves(one.train_state.params), jax.tree.leaves(batched.train_state.params)):
-            np.testing.assert_allclose(a, b[i], rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b[i], rtol=2e-5, atol=1e-5)
         np.testing.assert_allclose(one.metrics["loss/value"], batched.metrics["loss/value"][i], rtol=2e-5)
     # the three settings really differ
     p = jax.tree.leaves(batched.train_state.params)[0]
