@@ -14,8 +14,9 @@ reported):
   single-process vector env (gymnasium's ``SyncVectorEnv``) does with the pool's batch: the pool's parallel
   speed-up at equal batch size;
 * ``raw_rr``: as many nle envs as one pool worker holds (``num_envs / num_workers``), stepped round-robin in
-  this process through FastStep -- separates the cost of many NetHack instances per process (each loads its own
-  copy of the game library) from the pool's own overhead;
+  this process through FastStep -- separates the cost of many NetHack instances per core (their game data evict
+  each other from the caches; sharing one copy of the game's code made no difference) from the pool's own
+  overhead;
 * ``pool``: :class:`envs.nethack.NLEPool` (``--num-envs`` envs over ``--num-workers`` processes) with random
   actions, observations copied out each step as the trainer gets them; with ``--env-groups 2`` the two groups
   are pipelined (``send``/``recv``), as the PPO loop runs them;
