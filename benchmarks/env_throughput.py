@@ -25,10 +25,13 @@ reported):
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
-Printed: steps/s of each and the ratios pool/raw (target >= 1.6 on 2 cores), pool/raw_vec and ppo/pool (target
->= 0.5); and
-steps per CPU-second of raw and of the pool (host + workers), which separates the pool's own overhead from the
-effect of other load on the machine (wall-clock ratios on a shared machine mostly measure the scheduler).
+Printed: steps/s of each and the ratios pool/raw and pool/raw_vec (target >= 1.6 on 2 cores: against one env,
+and against a single process stepping the same batch), and ppo/pool (target >= 0.5); and steps per CPU-second of
+raw and of the pool (host + workers), which separates the pool's own overhead from the effect of other load on the
+machine (wall-clock ratios on a shared machine mostly measure the scheduler).
+
+``--host-envs K`` has the training process step ``K`` envs of each group itself (``NLEPool(host_envs=K)``, one
+worker process fewer), pool and PPO alike.
 """
 from __future__ import annotations
 
@@ -140,24 +143,29 @@ def main(argv=None) -> int:
     p.add_argument("--overlap", action="store_true", help="PPO with collection/learning overlap")
     p.add_argument("--env-groups", type=int, default=ppo_nethack.Config.env_groups,
                    help="env groups (pipelined: one steps while the host works on the other), pool and PPO alike")
+    p.add_argument("--host-envs", type=int, default=ppo_nethack.Config.host_envs,
+                   help="envs per group the training process steps itself (NLEPool host_envs; -1: auto, as in "
+                        "experiments.ppo_nethack), pool and PPO alike")
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}; num_envs={a.num_envs}, "
-          f"env_groups={a.env_groups}, overlap={a.overlap}, "
+          f"env_groups={a.env_groups}, host_envs={a.host_envs}, overlap={a.overlap}, "
           f"num_workers={a.num_workers or 'cores'}, {a.reps} reps x {a.seconds:.0f} s each, medians")
     results = {}
     for task in a.tasks:
         cfg = ppo_nethack.Config(env_name=task, num_envs=a.num_envs, num_workers=a.num_workers,
                                  num_steps=a.num_steps, overlap=a.overlap, env_groups=a.env_groups,
+                                 host_envs=a.host_envs,
                                  total_timesteps=a.num_envs * a.num_steps * 10_000)
         pool = ppo_nethack.make_pool(cfg, seed=0)
         socket_pool = None
         try:
             socket_pool = ppo_nethack.make_pool(cfg, seed=0, spin=0.0) if pool.spin > 0 else None
             ppo_run = PPORun(cfg, pool)
-            per_worker = -(-a.num_envs // pool.num_workers)  # envs per worker, all groups
+            procs = pool.num_workers + (pool.host_envs > 0)  # the host steps envs too with --host-envs
+            per_worker = -(-a.num_envs // procs)  # envs per process, all groups
             rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],
                      "raw_fast": [], "raw_fast_per_cpu_s": [],
                      "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": [],
@@ -187,16 +195,18 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in rates.items()}
         r = {**{f"{k}_steps_per_s": v for k, v in med.items()},
              "pool_over_raw": med["pool"] / med["raw"], "ppo_over_pool": med["ppo"] / med["pool"],
-             "workers": pool.num_workers, "all": rates}
+             "workers": pool.num_workers, "host_envs": pool.host_envs, "all": rates}
         results[task] = r
-        print(f"{task:24s} raw {med['raw']:8.0f}/s   pool {med['pool']:8.0f}/s   ppo {med['ppo']:8.0f}/s   "
+        r["pool_over_raw_vec"] = med["pool"] / med["raw_vec"]
+        print(f"{task:24s} ({pool.num_workers} worker processes, {pool.host_envs} envs per group in the host)")
+        print(f"{'':24s} raw {med['raw']:8.0f}/s   pool {med['pool']:8.0f}/s   ppo {med['ppo']:8.0f}/s   "
               f"pool/raw {r['pool_over_raw']:.2f} (target 1.6)   ppo/pool {r['ppo_over_pool']:.2f} (target 0.5)")
         fast = med["raw_fast_per_cpu_s"] / med["raw_per_cpu_s"]
         r["raw_fast_over_raw_per_cpu_s"] = fast
-        r["pool_over_raw_vec"] = med["pool"] / med["raw_vec"]
         print(f"{'':24s} {a.num_envs} envs round-robin in one process through gym's step (a single-process vector "
-              f"env): {med['raw_vec']:.0f}/s; pool / that: {r['pool_over_raw_vec']:.2f}; socket-only pool (spin=0): "
-              f"{med['pool_socket']:.0f}/s, pool / that: {med['pool'] / med['pool_socket']:.2f}")
+              f"env, the pool's batch): {med['raw_vec']:.0f}/s; pool / that: {r['pool_over_raw_vec']:.2f} (target "
+              f"1.6); socket-only pool (spin=0): {med['pool_socket']:.0f}/s, pool / that: "
+              f"{med['pool'] / med['pool_socket']:.2f}")
         print(f"{'':24s} one env through FastStep (as the workers step): {med['raw_fast']:.0f}/s, "
               f"{fast:.2f}x gym's step per CPU-second; pool / that: {med['pool'] / med['raw_fast']:.2f}")
         eff = med["pool_per_cpu_s"] / med["raw_per_cpu_s"]
@@ -211,8 +221,8 @@ def main(argv=None) -> int:
               f"{med['ppo_episode_len']:.0f} (each episode costs a reset: a policy that ends them sooner steps "
               f"slower)")
         print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
-              f"(host + workers, polling included) = {eff:.2f}x raw; with {pool.num_workers} idle cores it "
-              f"could reach ~{eff * pool.num_workers:.1f}x raw")
+              f"(host + workers, polling included) = {eff:.2f}x raw; with {procs} idle cores it "
+              f"could reach ~{eff * procs:.1f}x raw")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -15,6 +15,11 @@ with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, aut
   results, 1.6-2x fewer CPU-seconds per step) where it replays the task exactly, else through gym.
 * ``num_groups=2`` splits the envs into two groups that :meth:`NLEPool.send` / :meth:`NLEPool.recv` step on
   their own: the host works on one group's results (the policy's next actions) while the workers step the other.
+* ``host_envs=K``: the host process steps the first ``K`` envs of each group itself, in :meth:`NLEPool.send`
+  right after handing the workers their envs' step (default number of workers: one per core less one). On 2 cores
+  this beats 2 workers: a host that polls for its workers competes with them for the cores, one that sleeps pays
+  a ~60 us wake-up per step, and one that steps envs does neither. Those envs are not isolated: an error in one is
+  raised by ``send``/``step`` (the step is withdrawn) instead of restarting a worker.
 * Observations (``obs_keys``): ``glyphs_crop`` (``crop`` window of glyph ids centred on the agent, padded with
   ``nle.nethack.MAX_GLYPH``), ``glyphs`` (the full 21x79 map), ``chars``/``chars_crop``, ``blstats`` (27 int32)
   and ``message`` (the 256 raw message bytes, uint8, for reward models).
@@ -129,9 +134,14 @@ class _Worker:
         return ", ".join(f"{a}..{a + n - 1}" for a, n in self.groups)
 
 
-def _shutdown(workers: list, shm_box: list, timeout: float = 2.0) -> None:
-    """Stops workers (closing their sockets ends them; SIGKILL after ``timeout``) and unlinks the segment; safe to
-    call twice."""
+def _shutdown(workers: list, shm_box: list, local_slots: list, timeout: float = 2.0) -> None:
+    """Stops workers (closing their sockets ends them; SIGKILL after ``timeout``), closes the host's own envs and
+    unlinks the segment; safe to call twice."""
+    while local_slots:
+        try:
+            local_slots.pop().env.close()
+        except Exception:  # closing what is left; the segment is freed either way
+            pass
     for w in workers:
         if w.sock is not None:
             try:
@@ -168,8 +178,8 @@ class NLEPool:
     Args:
       task: ``NetHackScore-v0`` ... or a ``MiniHack-*`` id.
       num_envs: envs in the batch.
-      num_workers: worker processes (default ``min(num_envs // num_groups, os.cpu_count())``); each group's envs
-        are split evenly over them, in order.
+      num_workers: worker processes (default: one per CPU core, less one if ``host_envs``, at most one per env);
+        each group's envs (after the host's) are split evenly over them, in order.
       num_groups: envs ``[g * B, (g + 1) * B)`` (``B = num_envs // num_groups``) form group ``g``, which
         :meth:`send` and :meth:`recv` step on its own, so the host can work on one group's results while the
         workers step the next (see :meth:`send`). :meth:`step` steps all groups.
@@ -184,12 +194,14 @@ class NLEPool:
       spin: seconds each side polls shared memory for the other before it sleeps on its socket (default 1 ms on
         x86-64, where polling is safe; 0 elsewhere: wake-ups through the socket only). See
         :mod:`envs.nle_worker`.
+      host_envs: envs per group (the first of each) that this process steps itself while the workers step the
+        rest (see the module docstring); ``host_envs == num_envs // num_groups`` means no worker processes.
     """
 
     def __init__(self, task: str, num_envs: int = 8, num_workers: Optional[int] = None, seed: int = 0,
                  obs_keys: Sequence[str] = ("glyphs_crop", "blstats", "message"), crop: Sequence[int] = (9, 9),
                  env_kwargs: Optional[dict] = None, step_timeout: float = 60.0, start_timeout: float = 120.0,
-                 max_restarts: int = 100, num_groups: int = 1, spin: Optional[float] = None):
+                 max_restarts: int = 100, num_groups: int = 1, spin: Optional[float] = None, host_envs: int = 0):
         _check_task(task)
         if num_envs < 1:
             raise ValueError(f"num_envs: must be >= 1, got {num_envs}. Fix: pass num_envs=8")
@@ -211,10 +223,17 @@ class NLEPool:
                              "Fix: pass spin=0 (or leave it out)")
         self.spin = spin
         group_size = num_envs // num_groups
-        num_workers = min(group_size, os.cpu_count() or 1) if num_workers is None else int(num_workers)
-        if not 1 <= num_workers <= group_size:
-            raise ValueError(f"num_workers: must be in [1, num_envs // num_groups = {group_size}], got "
-                             f"{num_workers}. Fix: pass fewer workers than envs per group")
+        host_envs = int(host_envs)
+        if not 0 <= host_envs <= group_size:
+            raise ValueError(f"host_envs: must be in [0, num_envs // num_groups = {group_size}], got {host_envs}. "
+                             "Fix: pass host_envs=0 (every env in a worker process)")
+        worker_envs = group_size - host_envs
+        if num_workers is None:  # one process per core, the host counting as one if it steps envs
+            num_workers = min(worker_envs, max((os.cpu_count() or 1) - (host_envs > 0), 1))
+        num_workers = int(num_workers)
+        if not (1 if worker_envs else 0) <= num_workers <= worker_envs:
+            raise ValueError(f"num_workers: must be in [{1 if worker_envs else 0}, num_envs // num_groups - host_envs "
+                             f"= {worker_envs}], got {num_workers}. Fix: pass fewer workers than envs per group")
         self.task, self.num_envs, self.num_workers, self.seed = task, int(num_envs), num_workers, int(seed)
         self.obs_keys, self.crop = tuple(obs_keys), crop
         self.env_kwargs = {"fix_moon_phase": True, **(env_kwargs or {})}
@@ -228,11 +247,14 @@ class NLEPool:
         self._v = W.views(shm.buf, lay)
         self._v["episode_index"][:] = 0
         self.num_groups, self.group_size = num_groups, group_size
-        sizes = [group_size // num_workers + (i < group_size % num_workers) for i in range(num_workers)]
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        sizes = [worker_envs // num_workers + (i < worker_envs % num_workers) for i in range(num_workers)]
+        starts = host_envs + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         self._workers = [_Worker(i, [(g * group_size + int(a), int(c)) for g in range(num_groups)])
                          for i, (a, c) in enumerate(zip(starts, sizes))]
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._shm_box)
+        self.host_envs = host_envs
+        self._local_slots: list = []  # the host's own envs (EnvSlots), closed by the finaliser
+        self._local: Optional[W.Worker] = None
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._shm_box, self._local_slots)
         self._last_obs = None
         self._queue: collections.deque = collections.deque()  # groups sent and not yet received, in send order
         self._sent: dict = {}  # group -> workers that got its step command
@@ -244,6 +266,17 @@ class NLEPool:
         try:
             for w in self._workers:
                 self._launch(w)
+            if host_envs:  # built while the workers start
+                groups = []
+                for g in range(num_groups):
+                    slots = [W.EnvSlot(W.make_env(task, self.env_kwargs, self.obs_keys), g * group_size + j,
+                                       self._v, self.obs_keys, self.seed) for j in range(host_envs)]
+                    self._local_slots.extend(slots)
+                    groups.append((g * group_size, slots))
+                self._local = W.Worker(groups, self._v)
+                self._local.reset()
+                env = self._local_slots[0].env
+                self.num_actions, self.has_success = int(env.action_space.n), W.has_success(env)
             for w in self._workers:
                 hello = self._handshake(w)
                 self.num_actions, self.has_success = hello["num_actions"], hello["has_success"]
@@ -319,11 +352,6 @@ class NLEPool:
         self._launch(w)
         self._handshake(w)
 
-    def _command(self, code: int) -> list[tuple[_Worker, str]]:
-        """Gives every worker command ``code`` and waits for all (``step_timeout`` in all); returns the workers
-        that failed and why."""
-        return self._wait(self._send(code, self._workers))
-
     def _send(self, code: int, workers) -> tuple[list, list]:
         """Queues ``code`` for ``workers``; returns ``([(worker, its command's sequence number)], failed)``."""
         sent, failed = [], []
@@ -391,7 +419,10 @@ class NLEPool:
         v = self._v
         if self._last_obs is not None:
             v["episode_index"] += 1
-        for w, why in self._command(W.CMD_RESET):
+        sent = self._send(W.CMD_RESET, self._workers)
+        if self._local is not None:
+            self._local.reset()
+        for w, why in self._wait(sent):
             self._restart(w, why)
         self._cut = {g: [] for g in range(self.num_groups)}  # every episode starts afresh
         self._last_obs = self._obs("obs/")
@@ -410,7 +441,8 @@ class NLEPool:
 
     def send(self, actions, group: int = 0) -> None:
         """Starts a step of group ``group`` (envs ``[group * group_size, (group + 1) * group_size)``) with
-        ``actions`` ``[group_size]`` and returns at once; :meth:`recv` gets its results. Groups are received in
+        ``actions`` ``[group_size]`` and returns at once (after stepping the group's ``host_envs``, if any);
+        :meth:`recv` gets its results. Groups are received in
         the order they were sent; a group can have one step in flight. With two groups, the host computes one
         group's next actions while the workers step the other, and the workers never wait between steps::
 
@@ -434,6 +466,16 @@ class NLEPool:
         sent, failed = self._send(group, [w for w in self._workers if w not in restarted])
         self._queue.append(group)
         self._sent[group], self._send_failed[group] = sent, failed
+        if self._local is not None:  # the host's own envs, while the workers step theirs
+            try:
+                self._local.step(group)
+            except Exception as e:  # not a worker to restart: the step is withdrawn and the error raised
+                self._queue.pop()
+                for w, why in self._wait((self._sent.pop(group), self._send_failed.pop(group))):
+                    self._restart(w, why)
+                raise RuntimeError(f"NLEPool: stepping group {group}'s host envs failed ({e!r}); the step is "
+                                   "withdrawn (workers' envs of the group did step). Fix: check the env, or "
+                                   "pass host_envs=0 to keep every env in a worker process") from e
 
     def recv(self, group: Optional[int] = None):
         """Waits for the oldest step in flight (``group``, if given, must be that one) and returns its

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,12 @@ class Config(ppo.Config):
     update_epochs: int = 2
     num_minibatches: int = 2
     num_workers: int = 0
-    """Env worker processes (0: one per CPU core)."""
+    """Env worker processes (0: one per CPU core, less one if host-envs > 0)."""
+    host_envs: int = -1
+    """Envs per group stepped by the training process itself while the workers step theirs (NLEPool host_envs):
+    on few cores the host then works instead of waiting, and one worker process fewer shares the cores; those envs
+    are not isolated in a worker process. -1 (auto): 2 on machines with at most 2 cores (measured best there) unless
+    num-workers is given, else 0."""
     obs_keys: tuple[str, ...] = ("glyphs_crop", "blstats", "message")
     """Observation keys the pool produces (from glyphs, glyphs_crop, chars, chars_crop, blstats, message)."""
     encode_keys: tuple[str, ...] = ("glyphs_crop", "blstats")
@@ -55,15 +61,15 @@ class Config(ppo.Config):
     """Side of the glyph crop around the agent (odd)."""
     max_episode_steps: int = 0
     """Episode step limit (0: the task's default: 5000 NetHack, task-specific MiniHack)."""
-    glyph_dim: int = 16
+    glyph_dim: int = 8
     channels: int = 16
-    features: int = 128
+    features: int = 64
     crop_conv: bool = False
     """Two 3x3 convs over the embedded crop (the glyph CNN). Off by default: on CPU, XLA runs convolutions inside
     the PPO minibatch scan ~10x slower than outside; turn on for GPU runs."""
     overlap: bool = False
     """Collect the next rollout while the previous one is learned from (one update of policy lag)."""
-    env_groups: int = 1
+    env_groups: int = 2
     """Split the envs into this many groups and pipeline collection: the policy acts on one group while the
     workers step the other (2: neither the workers nor the learner wait within a rollout; see NLEPool.send)."""
 
@@ -85,14 +91,29 @@ class Config(ppo.Config):
                 f"must be >= 1 and divide num_envs={self.num_envs}, got {self.env_groups}",
                 "pass --env-groups 1, or 2 with an even --num-envs")
         per_group = self.num_envs // self.env_groups
-        require(0 <= self.num_workers <= per_group, "num_workers",
-                f"must be in [0, num_envs / env_groups = {per_group}], got {self.num_workers}",
-                "pass e.g. --num-workers 0")
+        require(-1 <= self.host_envs <= per_group, "host_envs",
+                f"must be -1 (auto) or in [0, num_envs / env_groups = {per_group}], got {self.host_envs}",
+                "pass --host-envs -1 (auto) or 0 (every env in a worker process)")
+        host = self.resolved_host_envs()
+        require(0 <= self.num_workers <= per_group - host, "num_workers",
+                f"must be in [0, num_envs / env_groups - host_envs = {per_group - host}], got "
+                f"{self.num_workers}", "pass e.g. --num-workers 0")
+        require(host < per_group or self.num_workers == 0, "num_workers",
+                "no envs are left for worker processes (host-envs takes every env of a group)",
+                "pass --num-workers 0, or a smaller --host-envs")
         require(self.max_episode_steps >= 0, "max_episode_steps", f"must be >= 0, got {self.max_episode_steps}",
                 "pass 0 for the task's default")
         for name in ("glyph_dim", "channels", "features"):
             require(getattr(self, name) > 0, name, "must be positive", f"pass e.g. --{name.replace('_', '-')} 16")
         require(self.num_devices == 1, "num_devices", "the host loop runs on one device", "pass --num-devices 1")
+
+
+    def resolved_host_envs(self) -> int:
+        """``host_envs`` with -1 (auto) resolved for this machine (at most the envs in a group)."""
+        if self.host_envs >= 0:
+            return self.host_envs
+        auto = (os.cpu_count() or 1) <= 2 and self.num_workers == 0  # an explicit --num-workers means no host envs
+        return min(2, self.num_envs // self.env_groups - 1) if auto else 0
 
 
 def make_pool(cfg: Config, seed: int = 0, **pool_kwargs):
@@ -101,7 +122,7 @@ def make_pool(cfg: Config, seed: int = 0, **pool_kwargs):
     env_kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps else {}
     pool, _ = envs.make(cfg.env_name, num_envs=cfg.num_envs, seed=seed, num_workers=cfg.num_workers or None,
                         obs_keys=cfg.obs_keys, crop=(cfg.crop, cfg.crop), env_kwargs=env_kwargs,
-                        num_groups=cfg.env_groups, **pool_kwargs)
+                        num_groups=cfg.env_groups, host_envs=cfg.resolved_host_envs(), **pool_kwargs)
     return pool
 
 
@@ -183,7 +204,8 @@ def run_main(opts: Options, agent: str = "ppo_nethack", module: str = "experimen
                                    log_every=opts.log_every, checkpoint_every=opts.checkpoint_every, resume=resume,
                                    progress=opts.progress, agent=agent,
                                    trainer_kwargs={"env": pool, **(trainer_kwargs or {})},
-                                   run_info={"num_workers": pool.num_workers, **(run_info or {})}),
+                                   run_info={"num_workers": pool.num_workers, "host_envs": pool.host_envs,
+                                             **(run_info or {})}),
             module=module, run_dir=run_dir)
     finally:
         pool.close()

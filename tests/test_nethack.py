@@ -217,6 +217,26 @@ def test_fast_step_refuses_what_it_does_not_replay():
         env.close()
 
 
+def _check_group(ref, g, actions, result, when, size=4):
+    """Checks one group's ``recv`` result against the reference envs ``[g * size, (g + 1) * size)`` stepped with
+    ``actions``; returns how many episodes ended."""
+    obs, r, term, trunc, info = result
+    ended = 0
+    for j in range(size):
+        i = size * g + j
+        fin, rr, te, tr, stats = ref.step(i, actions[j])
+        what = f"{when} group {g} env {i}"
+        _check_obs(info["final_obs"], j, fin, what)
+        _check_obs(obs, j, ref.obs[i], what)
+        assert r[j] == pytest.approx(rr, abs=1e-6) and term[j] == te and trunc[j] == tr, what
+        assert bool(info["episode_done"][j]) == (stats is not None), what
+        if stats is not None:
+            ended += 1
+            assert info["episode_length"][j] == stats[1], what
+            assert info["episode_return"][j] == pytest.approx(stats[0], abs=1e-4), what
+    return ended
+
+
 @pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
 def test_groups_pipelined_equal_envs_stepped_one_by_one(spin):
     """Two groups stepped with send/recv (one group in flight while the other's results are read) give exactly
@@ -237,17 +257,7 @@ def test_groups_pipelined_equal_envs_stepped_one_by_one(spin):
             g = t % 2
             obs, r, term, trunc, info = pool.recv(g)
             assert obs["glyphs"].shape == (4, 21, 79) and r.shape == (4,)
-            for j in range(4):
-                i = 4 * g + j
-                fin, rr, te, tr, stats = ref.step(i, acts[g][j])
-                what = f"step {t} group {g} env {i}"
-                _check_obs(info["final_obs"], j, fin, what)
-                _check_obs(obs, j, ref.obs[i], what)
-                assert r[j] == pytest.approx(rr, abs=1e-6) and term[j] == te and trunc[j] == tr, what
-                assert bool(info["episode_done"][j]) == (stats is not None), what
-                if stats is not None:
-                    ended += 1
-                    assert info["episode_length"][j] == stats[1], what
+            ended += _check_group(ref, g, acts[g], (obs, r, term, trunc, info), f"step {t}")
             acts[g] = rng.integers(pool.num_actions, size=4)
             pool.send(acts[g], g)
         assert ended >= 4
@@ -271,6 +281,72 @@ def test_groups_pipelined_equal_envs_stepped_one_by_one(spin):
         nethack.NLEPool(ROOM, num_envs=6, num_groups=4)
     with pytest.raises(ValueError, match="num_workers"):
         nethack.NLEPool(ROOM, num_envs=4, num_groups=2, num_workers=3)
+
+
+@pytest.mark.parametrize("num_workers,host_envs", [(1, 1), (0, 4)], ids=["host+worker", "host only"])
+def test_host_envs_equal_envs_stepped_one_by_one(num_workers, host_envs):
+    """Envs the host steps itself (host_envs per group, the first of each group) give exactly the sequential envs'
+    results, pipelined or not, next to the workers' envs; with host_envs = the group size there are no workers."""
+    n, seed, task = 8, 5, ROOM
+    with nethack.NLEPool(task, num_envs=n, num_workers=num_workers or None, num_groups=2, seed=seed,
+                         obs_keys=ALL_KEYS, host_envs=host_envs) as pool:
+        assert pool.num_workers == num_workers and pool.host_envs == host_envs
+        if num_workers:
+            assert [w.groups for w in pool._workers] == [[(1, 3), (5, 3)]]  # envs 0 and 4 are the host's
+        ref = _Reference(task, n, seed, pool.env_kwargs)
+        obs = pool.reset()
+        for i in range(n):
+            _check_obs(obs, i, ref.obs[i], f"reset env {i}")
+        rng = np.random.default_rng(1)
+        acts = {g: rng.integers(pool.num_actions, size=4) for g in (0, 1)}
+        pool.send(acts[0], 0)
+        pool.send(acts[1], 1)
+        ended = 0
+        for t in range(200):
+            g = t % 2
+            ended += _check_group(ref, g, acts[g], pool.recv(g), f"step {t}")
+            acts[g] = rng.integers(pool.num_actions, size=4)
+            pool.send(acts[g], g)
+        assert ended >= 4
+        for g in (0, 1):  # the steps still in flight
+            _check_group(ref, g, acts[g], pool.recv(g), "last step")
+        for t in range(30):  # step(): both groups at once
+            a = rng.integers(pool.num_actions, size=n)
+            obs, r, term, trunc, info = pool.step(a)
+            for i in range(n):
+                fin, rr, te, tr, stats = ref.step(i, a[i])
+                _check_obs(obs, i, ref.obs[i], f"step() {t} env {i}")
+                assert r[i] == pytest.approx(rr, abs=1e-6), (t, i)
+        pids = pool.worker_pids
+    assert not any(_alive(p) for p in pids)
+
+
+def test_host_envs_worker_kill_and_host_env_error():
+    """With host envs, a killed worker is still restarted (its envs cut, the host's untouched); a host env that
+    raises withdraws the step with an error that says what to do, and the pool goes on."""
+    with nethack.NLEPool(ROOM, num_envs=4, num_workers=1, seed=0, host_envs=2, step_timeout=5.0) as pool:
+        pool.reset()
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            pool.step(rng.integers(8, size=4))
+        os.kill(pool.worker_pids[0], signal.SIGKILL)
+        with pytest.warns(RuntimeWarning, match="worker 0"):
+            obs, r, term, trunc, info = pool.step(rng.integers(8, size=4))
+        assert trunc[2:].all() and info["episode_done"][2:].all() and not info["episode_done"][:2].any()
+        assert pool.restarts == 1
+        slot = pool._local_slots[0]
+        slot.step = lambda a: (_ for _ in ()).throw(OSError("nle broke"))
+        with pytest.raises(RuntimeError, match="host envs failed.*host_envs=0"):
+            pool.step(rng.integers(8, size=4))
+        del slot.step  # the class's step again
+        obs, r, *_ = pool.step(rng.integers(8, size=4))
+        assert obs["glyphs_crop"].shape == (4, 9, 9) and pool.restarts == 1
+    with pytest.raises(ValueError, match="host_envs"):
+        nethack.NLEPool(ROOM, num_envs=4, num_groups=2, host_envs=3)
+    with pytest.raises(ValueError, match="num_workers"):
+        nethack.NLEPool(ROOM, num_envs=4, num_groups=2, host_envs=1, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        nethack.NLEPool(ROOM, num_envs=4, host_envs=4, num_workers=1)
 
 
 @pytest.mark.parametrize("spin", SPINS, ids=lambda s: f"spin={s}")
@@ -461,6 +537,26 @@ def test_bad_names_and_options():
     with pytest.raises(nethack.WorkerError, match="failed to start"):
         envs.make(ROOM, num_envs=1, env_kwargs={"no_such_option": 1})
     assert "NetHackScore-v0" in envs.registered() and ROOM in envs.registered()
+
+
+def test_host_envs_option_auto_and_errors(monkeypatch):
+    """--host-envs -1 (the default) gives 2 host envs per group on a machine of <= 2 cores unless --num-workers is
+    given, else 0; bad values name the field and the fix."""
+    from experiments.ppo_nethack import Config
+    from jaxrl_pref.config import ConfigError
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert Config(env_name=ROOM).resolved_host_envs() == 2
+    assert Config(env_name=ROOM, num_envs=4).resolved_host_envs() == 1  # a worker keeps one env per group
+    assert Config(env_name=ROOM, num_workers=2).resolved_host_envs() == 0
+    assert Config(env_name=ROOM, host_envs=3).resolved_host_envs() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert Config(env_name=ROOM).resolved_host_envs() == 0
+    with pytest.raises(ConfigError, match="host_envs.*--host-envs"):
+        Config(env_name=ROOM, host_envs=9)  # 8 envs per group
+    with pytest.raises(ConfigError, match="num_workers"):
+        Config(env_name=ROOM, host_envs=8, num_workers=1)
+    with pytest.raises(ConfigError, match="num_workers"):
+        Config(env_name=ROOM, host_envs=6, num_workers=3)
 
 
 def test_cli_trains_and_checkpoints(tmp_path):
