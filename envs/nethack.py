@@ -545,8 +545,9 @@ class NLEPool:
             raise RuntimeError("NLEPool is closed")
 
     def close(self) -> None:
-        """Stops the workers and frees the shared memory (idempotent)."""
+        """Stops the workers, closes the host's envs and frees the shared memory (idempotent)."""
         self._v = {}
+        self._local = None  # its envs hold views of the segment: they go (closed by the finaliser) before it does
         self._finalizer()
 
     @property

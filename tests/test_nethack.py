@@ -317,8 +317,9 @@ def test_host_envs_equal_envs_stepped_one_by_one(num_workers, host_envs):
                 fin, rr, te, tr, stats = ref.step(i, a[i])
                 _check_obs(obs, i, ref.obs[i], f"step() {t} env {i}")
                 assert r[i] == pytest.approx(rr, abs=1e-6), (t, i)
-        pids = pool.worker_pids
-    assert not any(_alive(p) for p in pids)
+        pids, shm, slots = pool.worker_pids, pool.shm_name, list(pool._local_slots)
+    assert not any(_alive(p) for p in pids) and not _shm_exists(shm) and pool.closed
+    assert not pool._local_slots and all(s.env.unwrapped.nethack._pynethack is None for s in slots)  # envs closed
 
 
 def test_host_envs_worker_kill_and_host_env_error():
