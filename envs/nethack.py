@@ -137,11 +137,7 @@ class _Worker:
 def _shutdown(workers: list, shm_box: list, local_slots: list, timeout: float = 2.0) -> None:
     """Stops workers (closing their sockets ends them; SIGKILL after ``timeout``), closes the host's own envs and
     unlinks the segment; safe to call twice."""
-    while local_slots:
-        try:
-            local_slots.pop().env.close()
-        except Exception:  # closing what is left; the segment is freed either way
-            pass
+    W.close_envs(local_slots)
     for w in workers:
         if w.sock is not None:
             try:
@@ -266,17 +262,13 @@ class NLEPool:
         try:
             for w in self._workers:
                 self._launch(w)
-            if host_envs:  # built while the workers start
-                groups = []
-                for g in range(num_groups):
-                    slots = [W.EnvSlot(W.make_env(task, self.env_kwargs, self.obs_keys), g * group_size + j,
-                                       self._v, self.obs_keys, self.seed) for j in range(host_envs)]
-                    self._local_slots.extend(slots)
-                    groups.append((g * group_size, slots))
-                self._local = W.Worker(groups, self._v)
+            if host_envs:  # built while the workers start, as a worker builds its own
+                self._local = W.Worker.build(task, self.env_kwargs, self.obs_keys, self.seed,
+                                             [(g * group_size, host_envs) for g in range(num_groups)], self._v,
+                                             self._local_slots)
                 self._local.reset()
-                env = self._local_slots[0].env
-                self.num_actions, self.has_success = int(env.action_space.n), W.has_success(env)
+                spec = self._local.spec()
+                self.num_actions, self.has_success = spec["num_actions"], spec["has_success"]
             for w in self._workers:
                 hello = self._handshake(w)
                 self.num_actions, self.has_success = hello["num_actions"], hello["has_success"]

@@ -436,6 +436,26 @@ class Worker:
     def __init__(self, groups: list, v: dict):
         self.v = v
         self.groups = [(slice(start, start + len(slots)), slots) for start, slots in groups]
+        self.slots = [s for _, slots in groups for s in slots]
+
+    @classmethod
+    def build(cls, task: str, env_kwargs: dict, keys, seed: int, groups, v: dict, made: list) -> "Worker":
+        """New envs of ``task`` for the pool's envs ``[start, start + count)`` of each ``(start, count)`` in
+        ``groups``, written into the shared arrays ``v``. Each slot is appended to ``made`` as soon as it exists,
+        so the caller can close what was built (:func:`close_envs`) if a later env fails to start."""
+        out = []
+        for start, count in groups:
+            group = []
+            for j in range(count):
+                group.append(EnvSlot(make_env(task, env_kwargs, keys), start + j, v, keys, seed))
+                made.append(group[-1])
+            out.append((start, group))
+        return cls(out, v)
+
+    def spec(self) -> dict:
+        """What the host needs to know about the task: its number of actions and whether it defines success."""
+        env = self.slots[0].env
+        return {"num_actions": int(env.action_space.n), "has_success": has_success(env)}
 
     def _publish_running(self, sl, slots):
         v = self.v
@@ -461,6 +481,16 @@ class Worker:
         self._publish_running(sl, slots)
 
 
+def close_envs(slots: list) -> None:
+    """Closes (and removes from ``slots``) every slot's env, going on past any that fails to close: what is left
+    is being torn down either way."""
+    while slots:
+        try:
+            slots.pop().env.close()
+        except Exception:
+            pass
+
+
 def has_success(env) -> bool:
     """Whether the task defines success (NLE's StepStatus has TASK_SUCCESSFUL: Staircase*, Oracle, MiniHack)."""
     return hasattr(type(env.unwrapped).StepStatus, "TASK_SUCCESSFUL")
@@ -483,14 +513,10 @@ def main(fd: int, cfg: dict) -> int:
             shm = _attach(cfg["shm"])
             lay, _ = layout(cfg["num_envs"], cfg["obs_keys"], cfg["crop"], cfg["num_workers"])
             v = views(shm.buf, lay)
-            groups = [(start, [EnvSlot(make_env(cfg["task"], cfg["env_kwargs"], cfg["obs_keys"]), start + j, v,
-                                       cfg["obs_keys"], cfg["seed"]) for j in range(count)])
-                      for start, count in cfg["groups"]]
-            slots = [s for _, group in groups for s in group]
-            worker = Worker(groups, v)
+            worker = Worker.build(cfg["task"], cfg["env_kwargs"], cfg["obs_keys"], cfg["seed"], cfg["groups"], v,
+                                  slots)
             worker.reset()
-            env = slots[0].env
-            hello = {"num_actions": int(env.action_space.n), "has_success": has_success(env), "pid": os.getpid()}
+            hello = {**worker.spec(), "pid": os.getpid()}
             send_msg(sock, b"H", json.dumps(hello).encode())
         except Exception:
             send_msg(sock, b"E", traceback.format_exc().encode())
@@ -521,11 +547,7 @@ def main(fd: int, cfg: dict) -> int:
     except (EOFError, OSError):  # the host closed the socket (the pool's close) or went away
         return 0
     finally:
-        for s in slots:
-            try:
-                s.env.close()
-            except Exception:  # closing what is left; the process ends either way
-                pass
+        close_envs(slots)
         del v  # views must go before the buffer can be closed
         if shm is not None:
             try:

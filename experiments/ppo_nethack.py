@@ -98,15 +98,11 @@ class Config(ppo.Config):
         require(0 <= self.num_workers <= per_group - host, "num_workers",
                 f"must be in [0, num_envs / env_groups - host_envs = {per_group - host}], got "
                 f"{self.num_workers}", "pass e.g. --num-workers 0")
-        require(host < per_group or self.num_workers == 0, "num_workers",
-                "no envs are left for worker processes (host-envs takes every env of a group)",
-                "pass --num-workers 0, or a smaller --host-envs")
         require(self.max_episode_steps >= 0, "max_episode_steps", f"must be >= 0, got {self.max_episode_steps}",
                 "pass 0 for the task's default")
         for name in ("glyph_dim", "channels", "features"):
             require(getattr(self, name) > 0, name, "must be positive", f"pass e.g. --{name.replace('_', '-')} 16")
         require(self.num_devices == 1, "num_devices", "the host loop runs on one device", "pass --num-devices 1")
-
 
     def resolved_host_envs(self) -> int:
         """``host_envs`` with -1 (auto) resolved for this machine (at most the envs in a group)."""
