@@ -24,6 +24,10 @@ with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, aut
   ``nle.nethack.MAX_GLYPH``), ``glyphs`` (the full 21x79 map), ``chars``/``chars_crop``, ``blstats`` (27 int32)
   and ``message`` (the 256 raw message bytes, uint8, for reward models).
 * Episodes end by termination (death, task success) or truncation (NLE's step limit, ``StepStatus.ABORTED``).
+  Where the task's rule or the step limit ends an episode while the game still runs, gym's NLE plays out a quit
+  sequence (prompts, tombstone, score files: ~0.4-0.7 ms, half a reset) whose screen its step then returns; the
+  workers skip it, since the env is reset at once, and ``final_obs`` is the observation the episode ended on
+  (:class:`envs.nle_worker.FastStep` ``quit=False``; tasks it does not replay keep gym's behaviour).
   ``info`` holds, per env, ``episode_done`` and for finished episodes ``episode_return``, ``episode_length``,
   ``episode_depth`` (deepest dungeon level reached), ``episode_score`` (in-game score at the end) and, for tasks
   that define success (``NetHackStaircase*``, ``NetHackOracle``, MiniHack), ``episode_success``.

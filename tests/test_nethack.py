@@ -48,11 +48,28 @@ def _pad_crop(board, x, y, size, pad):
     return big[y:y + size, x:x + size]
 
 
+def _record_quits(env) -> list:
+    """Makes ``env`` (gym) keep, in the returned list, a copy of the observation on which NLE starts its quit
+    sequence (``_quit_game``): the observation an episode ended on, which the pool reports as ``final_obs`` (it
+    skips the quit and resets; see ``FastStep(quit=False)``)."""
+    u, seen = env.unwrapped, []
+    quit_game = u._quit_game
+
+    def recording(observation, done):
+        seen.append({k: x.copy() for k, x in u._get_observation(observation).items()})
+        return quit_game(observation, done)
+
+    u._quit_game = recording
+    return seen
+
+
 class _Reference:
-    """The same envs stepped one by one in this process, seeded as the pool seeds them."""
+    """The same envs stepped one by one in this process, seeded as the pool seeds them. Where NLE quits the game
+    at an episode's end, the step returns the observation before the quit (what the pool reports)."""
 
     def __init__(self, task, n, seed, kwargs):
         self.envs = [W.make_env(task, kwargs, ALL_KEYS) for _ in range(n)]
+        self.quits = [_record_quits(e) for e in self.envs]
         self.seed, self.episode = seed, [0] * n
         self.obs = [self._reset(i) for i in range(n)]
         self.ret = [0.0] * n
@@ -64,7 +81,7 @@ class _Reference:
 
     def step(self, i, a):
         obs, r, done, trunc, info = self.envs[i].step(int(a))
-        obs = {k: v.copy() for k, v in obs.items()}
+        obs = self.quits[i].pop() if self.quits[i] else {k: v.copy() for k, v in obs.items()}
         trunc = bool(trunc) or int(info["end_status"]) == -1  # StepStatus.ABORTED: the step limit
         term = bool(done) and not trunc
         self.ret[i] += r
@@ -156,22 +173,26 @@ def test_fast_step_equals_gym_step(task, kwargs, steps, must_see):
     kwargs = dict(kwargs)
     nle_limit = kwargs.pop("nle_limit", None)
     keys = ("glyphs", "chars", "blstats", "message")
-    gym_env, fast_env = (W.make_env(task, {"fix_moon_phase": True, **kwargs}, keys) for _ in range(2))
+    gym_env, fast_env, pool_env = (W.make_env(task, {"fix_moon_phase": True, **kwargs}, keys) for _ in range(3))
     assert W.FastStep.supports(fast_env), task
     fast = W.FastStep(fast_env)
+    no_quit = W.FastStep(pool_env, quit=False)  # as the pool steps: no quit sequence at an episode's end
+    quits = _record_quits(gym_env)
     assert (fast.kind == "other") == (task == "NetHackScout-v0") and (fast.rm is not None) == ("Eat" in task
                                                                                               and "Mini" in task)
     if nle_limit:
-        gym_env.unwrapped._max_episode_steps = fast_env.unwrapped._max_episode_steps = nle_limit
+        for e in (gym_env, fast_env, pool_env):
+            e.unwrapped._max_episode_steps = nle_limit
     rng = np.random.default_rng(1)
-    episode, ends, statuses = 0, 0, set()
+    episode, ends, statuses, quit_ends = 0, 0, set(), 0
 
     def reset():
-        for e in (gym_env, fast_env):
+        for e in (gym_env, fast_env, pool_env):
             e.unwrapped.seed(*W.episode_seeds(5, 0, episode), reseed=False)
-        a, b = gym_env.reset()[0], fast_env.reset()[0]
+        a, b, c = gym_env.reset()[0], fast_env.reset()[0], pool_env.reset()[0]
         for k in keys:
             np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_array_equal(a[k], c[k])
 
     reset()
     for t in range(steps):
@@ -184,6 +205,13 @@ def test_fast_step_equals_gym_step(task, kwargs, steps, must_see):
             np.testing.assert_array_equal(fobs[k], obs[k], err_msg=f"{what}: {k}")
         assert (fr, fdone, ftrunc, fstatus) == (r, done, trunc, int(info["end_status"])), what
         assert type(fr) is float
+        pobs, *rest = no_quit.step(a)
+        assert tuple(rest) == (fr, fdone, ftrunc, fstatus), what
+        before_quit = quits.pop() if quits else None  # gym quit the game in this step: compare with before it
+        quit_ends += before_quit is not None
+        for k in keys:
+            np.testing.assert_array_equal(pobs[k], obs[k] if before_quit is None else before_quit[k],
+                                          err_msg=f"{what} (quit=False): {k}")
         statuses.add(fstatus)
         if done or trunc:
             ends += 1
@@ -191,7 +219,8 @@ def test_fast_step_equals_gym_step(task, kwargs, steps, must_see):
             reset()
     assert must_see <= statuses, f"{task}: the run saw end statuses {statuses}, the test needs {must_see}"
     assert ends >= 1 or "max_episode_steps" not in kwargs  # gym's TimeLimit truncated (status stays 0)
-    for e in (gym_env, fast_env):
+    assert quit_ends >= 1 or not must_see - {1}, f"{task}: no episode ended by a quit"  # success or step limit
+    for e in (gym_env, fast_env, pool_env):
         e.close()
 
 
