@@ -22,6 +22,10 @@ reported):
   are pipelined (``send``/``recv``), as the PPO loop runs them;
 * ``pool_socket``: the same pool with ``spin=0`` (every wake-up through the socket, as on CPUs other than
   x86-64): what polling the shared-memory counters saves;
+* ``c_step_us`` / ``python_step_us`` / ``reset_us``: the ``raw_rr`` run again, timing NetHack's C step, the
+  Python around it and the resets apart: they give the C-only ceiling (what ``num_workers`` processes could step
+  with no Python at all) and the bound resets put on ppo/pool (a policy that ends episodes sooner pays more
+  resets; the bound assumes a free learner and policy);
 * ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
@@ -40,6 +44,7 @@ import json
 import os
 import statistics
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -66,19 +71,44 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1, fast: bool = False) -> tuple[float, float]:
+class _TimedGame:
+    """Stands in for an nle env's ``nethack._pynethack`` (the C game) and adds the time spent in its ``step`` to
+    ``clock[0]``: separates NetHack's own C step from the Python around it."""
+
+    def __init__(self, game, clock: list):
+        self._game, self._clock = game, clock
+
+    def step(self, action):
+        t = time.perf_counter()
+        self._game.step(action)
+        self._clock[0] += time.perf_counter() - t
+
+    def __getattr__(self, name):
+        return getattr(self._game, name)
+
+
+def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1, fast: bool = False,
+             split: Optional[dict] = None) -> tuple[float, float]:
     """(steps per second, steps per CPU-second) of ``num_envs`` nle envs stepped round-robin in this process
-    through gym's ``step`` (``fast``: through the workers' :class:`envs.nle_worker.FastStep`)."""
+    through gym's ``step`` (``fast``: through the workers' :class:`envs.nle_worker.FastStep`, ending episodes as
+    they do, without NLE's quit sequence). ``split``: filled with the seconds spent in NetHack's C step
+    (``c_step``) and in resets (``reset``), and the number of ``steps`` and ``resets``."""
     envs_ = [nle_worker.make_env(task, {"fix_moon_phase": True}, ("glyphs_crop", "blstats", "message"))
              for _ in range(num_envs)]
-    steppers = [nle_worker.FastStep(e).step if fast and nle_worker.FastStep.supports(e) else e.step for e in envs_]
+    c_clock = [0.0]
+    if split is not None:
+        for e in envs_:
+            e.unwrapped.nethack._pynethack = _TimedGame(e.unwrapped.nethack._pynethack, c_clock)
+    steppers = [nle_worker.FastStep(e, quit=False).step if fast and nle_worker.FastStep.supports(e) else e.step
+                for e in envs_]
     rng = np.random.default_rng(seed)
     n_act = envs_[0].action_space.n
     episode = [0] * num_envs
     for i, env in enumerate(envs_):
         env.unwrapped.seed(*nle_worker.episode_seeds(seed, i, 0), reseed=False)
         env.reset()
-    steps, t0, c0 = 0, time.perf_counter(), time.process_time()
+    steps, resets, reset_s, t0, c0 = 0, 0, 0.0, time.perf_counter(), time.process_time()
+    c_clock[0] = 0.0
     while time.perf_counter() - t0 < seconds:
         for row in rng.integers(n_act, size=(max(256 // num_envs, 1), num_envs)).tolist():
             for i, (env, step, a) in enumerate(zip(envs_, steppers, row)):
@@ -86,11 +116,17 @@ def raw_rate(task: str, seconds: float, seed: int = 0, num_envs: int = 1, fast: 
                 steps += 1
                 if done or trunc:
                     episode[i] += 1
+                    r0, c_before = time.perf_counter(), c_clock[0]
                     env.unwrapped.seed(*nle_worker.episode_seeds(seed, i, episode[i]), reseed=False)
                     env.reset()
+                    reset_s += time.perf_counter() - r0
+                    c_clock[0] = c_before  # steps NLE's reset takes count as reset time
+                    resets += 1
     rate, cpu = steps / (time.perf_counter() - t0), time.process_time() - c0
     for env in envs_:
         env.close()
+    if split is not None:
+        split.update(c_step=c_clock[0], reset=reset_s, steps=steps, resets=resets, cpu=cpu)
     return rate, steps / cpu
 
 
@@ -170,7 +206,7 @@ def main(argv=None) -> int:
                      "raw_fast": [], "raw_fast_per_cpu_s": [],
                      "raw_rr": [], "raw_rr_per_cpu_s": [], "pool_episode_len": [], "ppo_episode_len": [],
                      "raw_vec": [], "raw_vec_per_cpu_s": [], "pool_socket": [], "pool_socket_per_cpu_s": [],
-                     "pool_socket_episode_len": []}
+                     "pool_socket_episode_len": [], "c_step_us": [], "python_step_us": [], "reset_us": []}
             for _ in range(a.reps):
                 for k, fn in (("raw", lambda: raw_rate(task, a.seconds)),
                               ("raw_fast", lambda: raw_rate(task, a.seconds, fast=True)),
@@ -184,6 +220,11 @@ def main(argv=None) -> int:
                     rates[k + "_per_cpu_s"].append(per_cpu)
                     if ep_len:
                         rates[k + "_episode_len"].append(ep_len[0])
+                split = {}
+                raw_rate(task, a.seconds, num_envs=per_worker, fast=True, split=split)
+                rates["c_step_us"].append(split["c_step"] / split["steps"] * 1e6)
+                rates["python_step_us"].append((split["cpu"] - split["c_step"] - split["reset"]) / split["steps"] * 1e6)
+                rates["reset_us"].append(split["reset"] / max(split["resets"], 1) * 1e6)
                 ppo_run.trainer._obs = None  # the pool was reset by the random-action run
                 rate, ep_len = ppo_run.rate(a.seconds)
                 rates["ppo"].append(rate)
@@ -223,6 +264,23 @@ def main(argv=None) -> int:
         print(f"{'':24s} steps per CPU-second: raw {med['raw_per_cpu_s']:.0f}, pool {med['pool_per_cpu_s']:.0f} "
               f"(host + workers, polling included) = {eff:.2f}x raw; with {procs} idle cores it "
               f"could reach ~{eff * procs:.1f}x raw")
+        # what bounds the targets here: NetHack's own C step (no Python at all), and the resets a policy pays
+        c_us, reset_us = med["c_step_us"], med["reset_us"]
+        ceiling = procs / ((c_us + reset_us / med["pool_episode_len"]) * 1e-6)
+        r["c_only_ceiling_over_raw"] = ceiling / med["raw"]
+        fast_ceiling = procs / ((c_us + med["python_step_us"] + reset_us / med["pool_episode_len"]) * 1e-6)
+        r["fast_step_ceiling_over_raw"] = fast_ceiling / med["raw"]
+        pool_cpu_us = 1e6 / med["pool_per_cpu_s"]  # all the pool's CPU per step, resets at random play included
+        per_step_us = pool_cpu_us - reset_us / med["pool_episode_len"]
+        bound = pool_cpu_us / (per_step_us + reset_us / med["ppo_episode_len"])
+        r["ppo_over_pool_reset_bound"] = bound
+        print(f"{'':24s} NetHack's C step with {per_worker} games per process: {c_us:.1f} us (+ "
+              f"{med['python_step_us']:.1f} us of Python in FastStep); with no Python at all {procs} processes "
+              f"could step at most {ceiling:.0f}/s = {ceiling / med['raw']:.2f}x raw; with FastStep's Python and no "
+              f"other cost (no pool) {fast_ceiling:.0f}/s = {fast_ceiling / med['raw']:.2f}x raw")
+        print(f"{'':24s} resets: {reset_us:.0f} us each; at PPO's {med['ppo_episode_len']:.0f} steps per episode "
+              f"(random play {med['pool_episode_len']:.0f}) ppo/pool could reach at most {bound:.2f} even with a "
+              f"free learner and policy (the pool's CPU per step, {pool_cpu_us:.0f} us, with PPO's reset rate)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -51,8 +51,9 @@ class Config(ppo.Config):
     host_envs: int = -1
     """Envs per group stepped by the training process itself while the workers step theirs (NLEPool host_envs):
     on few cores the host then works instead of waiting, and one worker process fewer shares the cores; those envs
-    are not isolated in a worker process. -1 (auto): 2 on machines with at most 2 cores (measured best there) unless
-    num-workers is given, else 0."""
+    are not isolated in a worker process. -1 (auto), on machines with at most 2 cores unless num-workers is given:
+    3/8 of a group (at least 1, at most all but one: 3 of 8, the best of 2, 3, 4 there, since the host also runs the
+    policy and the pool's bookkeeping); else 0."""
     obs_keys: tuple[str, ...] = ("glyphs_crop", "blstats", "message")
     """Observation keys the pool produces (from glyphs, glyphs_crop, chars, chars_crop, blstats, message)."""
     encode_keys: tuple[str, ...] = ("glyphs_crop", "blstats")
@@ -109,7 +110,8 @@ class Config(ppo.Config):
         if self.host_envs >= 0:
             return self.host_envs
         auto = (os.cpu_count() or 1) <= 2 and self.num_workers == 0  # an explicit --num-workers means no host envs
-        return min(2, self.num_envs // self.env_groups - 1) if auto else 0
+        per_group = self.num_envs // self.env_groups
+        return min(max(1, 3 * per_group // 8), per_group - 1) if auto else 0
 
 
 def make_pool(cfg: Config, seed: int = 0, **pool_kwargs):

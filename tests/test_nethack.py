@@ -570,13 +570,15 @@ def test_bad_names_and_options():
 
 
 def test_host_envs_option_auto_and_errors(monkeypatch):
-    """--host-envs -1 (the default) gives 2 host envs per group on a machine of <= 2 cores unless --num-workers is
-    given, else 0; bad values name the field and the fix."""
+    """--host-envs -1 (the default) gives 3/8 of each group to the host (at least 1, at most all but one) on a
+    machine of <= 2 cores unless --num-workers is given, else 0; bad values name the field and the fix."""
     from experiments.ppo_nethack import Config
     from jaxrl_pref.config import ConfigError
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert Config(env_name=ROOM).resolved_host_envs() == 2
+    assert Config(env_name=ROOM).resolved_host_envs() == 3  # 16 envs, 2 groups
+    assert Config(env_name=ROOM, num_envs=32).resolved_host_envs() == 6
     assert Config(env_name=ROOM, num_envs=4).resolved_host_envs() == 1  # a worker keeps one env per group
+    assert Config(env_name=ROOM, num_envs=2).resolved_host_envs() == 0  # one env per group: all in the worker
     assert Config(env_name=ROOM, num_workers=2).resolved_host_envs() == 0
     assert Config(env_name=ROOM, host_envs=3).resolved_host_envs() == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
