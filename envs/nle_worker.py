@@ -414,8 +414,8 @@ class EnvSlot:
         self.ret, self.length, self.depth = 0.0, 0, int(obs["blstats"][BL_DEPTH])
 
     def step(self, action: int):
-        """Steps once, writes ``obs/*`` (or ``final/*`` if the episode ended); returns (reward, terminated, truncated). On an episode's end also
-        writes its ``episode_*`` statistics (the caller then resets)."""
+        """Steps once, writes ``obs/*`` (or ``final/*`` if the episode ended); returns (reward, terminated,
+        truncated). On an episode's end also writes its ``episode_*`` statistics (the caller then resets)."""
         if self.fast is not None:
             obs, reward, done, truncated, status = self.fast.step(action)
         else:
