@@ -272,12 +272,13 @@ def main(argv=None) -> int:
               f"could reach ~{eff * procs:.1f}x raw")
         # what bounds the targets here: NetHack's own C step (no Python at all), and the resets a policy pays
         c_us, reset_us = med["c_step_us"], med["reset_us"]
-        ceiling = procs / ((c_us + reset_us / med["pool_episode_len"]) * 1e-6)
+        random_reset_us = reset_us / med["pool_episode_len"]  # resets' share of a step at random play
+        ceiling = procs / ((c_us + random_reset_us) * 1e-6)
         r["c_only_ceiling_over_raw"] = ceiling / med["raw"]
-        fast_ceiling = procs / ((c_us + med["python_step_us"] + reset_us / med["pool_episode_len"]) * 1e-6)
+        fast_ceiling = procs / ((c_us + med["python_step_us"] + random_reset_us) * 1e-6)
         r["fast_step_ceiling_over_raw"] = fast_ceiling / med["raw"]
         pool_cpu_us = 1e6 / med["pool_per_cpu_s"]  # all the pool's CPU per step, resets at random play included
-        per_step_us = pool_cpu_us - reset_us / med["pool_episode_len"]
+        per_step_us = pool_cpu_us - random_reset_us
         bound = pool_cpu_us / (per_step_us + reset_us / med["ppo_episode_len"])
         r["ppo_over_pool_reset_bound"] = bound
         print(f"{'':24s} NetHack's C step with {per_worker} games per process: {c_us:.1f} us (+ "
