@@ -438,9 +438,9 @@ class NLEPool:
     def send(self, actions, group: int = 0) -> None:
         """Starts a step of group ``group`` (envs ``[group * group_size, (group + 1) * group_size)``) with
         ``actions`` ``[group_size]`` and returns at once (after stepping the group's ``host_envs``, if any);
-        :meth:`recv` gets its results. Groups are received in
-        the order they were sent; a group can have one step in flight. With two groups, the host computes one
-        group's next actions while the workers step the other, and the workers never wait between steps::
+        :meth:`recv` gets its results. Groups are received in the order they were sent; a group can have one step
+        in flight. With two groups, the host computes one group's next actions while the workers step the other,
+        and the workers never wait between steps::
 
             pool.send(policy(obs[0]), 0); pool.send(policy(obs[1]), 1)
             while training:
