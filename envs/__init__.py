@@ -35,6 +35,8 @@ def _base(name: str, kwargs: dict):
     if name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
     if name not in gymnax.registered_envs:
+        if name.startswith(_sparse.XMINIGRID_PREFIX):  # xminigrid's ids register only when it is installed
+            _sparse._require_xminigrid(name)
         close = difflib.get_close_matches(name, registered(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"env_name: unknown environment {name!r}.{hint} Known: {', '.join(registered())}")

@@ -20,10 +20,15 @@ name                            reward                                          
                                 by a random one) with success reported.
 ``KeyDoor-{N}``, N in SIZES_KD  N x N gridworld written here: a wall splits it, its door opens only when   see class
                                 the agent holds the key; 1 on reaching the goal behind the door.
+``MiniGrid-*`` (extra ``grid``)  xminigrid's MiniGrid ports (DoorKey, Unlock, UnlockPickUp, LockedRoom,   per task
+                                BlockedUnlockPickUp, FourRooms, Memory, Empty...): ``1 - 0.9 t / T`` at
+                                the goal, else 0. Success: a terminating step that pays. See
+                                :class:`XMiniGrid` for the observation.
 ==============================  =======================================================================  ==========
 
 Keyword arguments of :func:`envs.make` override fields of the task's params, as for gymnax envs, e.g.
-``envs.make("SparseCartPole-v1", max_steps_in_episode=100)`` or ``envs.make("KeyDoor-5", slip_prob=0.1)``.
+``envs.make("SparseCartPole-v1", max_steps_in_episode=100)``, ``envs.make("KeyDoor-5", slip_prob=0.1)`` or
+``envs.make("MiniGrid-DoorKey-8x8", max_steps=200)`` (xminigrid's ``EnvParams``).
 
 Building blocks: :class:`SuccessReward` wraps any gymnax-style base env (``step_env``/``reset_env``/
 ``is_truncated``) with a success predicate and optionally replaces the reward by ``scale * success``
@@ -211,6 +216,94 @@ def _key_door(size: int):
     return factory
 
 
+# -- XLand-MiniGrid (xminigrid) ---------------------------------------------------------------------------------
+
+XMINIGRID_PREFIX = "MiniGrid-"
+XMINIGRID_FIX = "pip install -e '.[grid]' (or: pip install xminigrid)"
+
+
+class XMiniGrid:
+    """A gymnax-style base env (``reset_env``/``step_env``/``is_truncated``) over an ``xminigrid`` MiniGrid task.
+
+    State: xminigrid's ``TimeStep`` (its step is a function of the previous one). Reward: xminigrid's own,
+    ``1 - 0.9 * steps / max_steps`` on reaching the goal and 0 otherwise. ``terminated`` is xminigrid's (the goal
+    reached, or a losing end such as the wrong object in ``MiniGrid-Memory*``); success is a terminating step that
+    pays. The time limit ``params.max_steps`` truncates.
+
+    Observation (float32 vector): the egocentric ``view_size x view_size`` view one-hot per cell (tile, then
+    colour), then the agent's direction (one-hot, 4) and what it carries (tile and colour one-hot): xminigrid's own
+    view leaves both out, and a feed-forward policy needs them on key/door tasks.
+    """
+
+    def __init__(self, env, name: str):
+        from xminigrid.core.constants import NUM_COLORS, NUM_TILES
+        self._xenv, self._name = env, name
+        self.num_tiles, self.num_colors = int(NUM_TILES), int(NUM_COLORS)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def action_space(self, params=None):
+        return spaces.Discrete(self._xenv.num_actions(params))
+
+    def observation_space(self, params):
+        v = params.view_size
+        return spaces.Box(0.0, 1.0, (v * v * (self.num_tiles + self.num_colors) + 4 + self.num_tiles
+                                     + self.num_colors,), jnp.float32)
+
+    def get_obs(self, timestep) -> jax.Array:
+        t, c, agent = self.num_tiles, self.num_colors, timestep.state.agent
+        view = timestep.observation
+        return jnp.concatenate([
+            jax.nn.one_hot(view[..., 0], t, dtype=jnp.float32).reshape(-1),
+            jax.nn.one_hot(view[..., 1], c, dtype=jnp.float32).reshape(-1),
+            jax.nn.one_hot(agent.direction, 4, dtype=jnp.float32),
+            jax.nn.one_hot(agent.pocket[0], t, dtype=jnp.float32),
+            jax.nn.one_hot(agent.pocket[1], c, dtype=jnp.float32)])
+
+    def reset_env(self, key, params):
+        timestep = self._xenv.reset(params, key)
+        return self.get_obs(timestep), timestep
+
+    def step_env(self, key, timestep, action, params):
+        new = self._xenv.step(params, timestep, jnp.asarray(action, jnp.int32))
+        terminated = new.discount == 0.0
+        success = terminated & (new.reward > 0.0)
+        return (self.get_obs(new), new, new.reward.astype(jnp.float32), terminated,
+                {"episode_success": success.astype(jnp.float32)})
+
+    def is_truncated(self, timestep, params) -> jax.Array:
+        return timestep.state.step_num >= params.max_steps
+
+
+def _require_xminigrid(name: str):
+    try:
+        import xminigrid
+    except ImportError as e:
+        raise ModuleNotFoundError(f"env_name: {name} comes from the optional package xminigrid, which is not "
+                                  f"installed. Fix: {XMINIGRID_FIX}") from e
+    return xminigrid
+
+
+def _xminigrid(name: str):
+    def factory(**kwargs):
+        xminigrid = _require_xminigrid(name)
+        env, params = xminigrid.make(name)
+        return XMiniGrid(env, name), _override(params, kwargs, name)
+    return factory
+
+
+def xminigrid_tasks() -> list[str]:
+    """xminigrid's ``MiniGrid-*`` ids (empty if xminigrid is not installed). Its ``XLand-MiniGrid-*`` meta-RL
+    tasks are left out: they need a ruleset benchmark that xminigrid downloads."""
+    try:
+        import xminigrid
+    except ImportError:
+        return []
+    return [n for n in xminigrid.registered_environments() if n.startswith(XMINIGRID_PREFIX)]
+
+
 def tasks() -> dict[str, Callable]:
     """``{name: factory(**kwargs) -> (base_env, params)}`` for every task of the suite."""
     out = {
@@ -223,6 +316,7 @@ def tasks() -> dict[str, Callable]:
     }
     out.update({f"DeepSea-{n}": _deep_sea(n) for n in SIZES})
     out.update({f"KeyDoor-{n}": _key_door(n) for n in SIZES_KD})
+    out.update({n: _xminigrid(n) for n in xminigrid_tasks()})
     return out
 
 

@@ -1,4 +1,5 @@
 """The sparse-reward suite (envs/sparse.py): registration, success metric, pay-only-on-success wrappers, KeyDoor."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,7 @@ def test_every_task_registered():
 @pytest.mark.parametrize("name", ["DeepSea-5", "KeyDoor-5"] + [
     pytest.param(n, marks=pytest.mark.slow) for n in sorted(sparse.tasks()) if n not in ("DeepSea-5", "KeyDoor-5")])
 def test_tasks_jittable_with_success(name):
-    kw = {"max_steps_in_episode": 10} if "DeepSea" not in name else {}
+    kw = {} if "DeepSea" in name else {"max_steps": 10} if name.startswith("MiniGrid-") else {"max_steps_in_episode": 10}
     tr = _random_rollout(name, steps=24, **kw)
     succ = np.asarray(tr.info["episode_success"])
     done = np.asarray(tr.done)
@@ -134,3 +135,125 @@ def test_key_door_slip_and_random_start():
 def test_unknown_kwarg_names_valid_fields():
     with pytest.raises(ValueError, match="slip_prob"):
         envs.make("KeyDoor-5", slipprob=0.1)
+
+
+# -- xminigrid (extra "grid") ---------------------------------------------------------------------------------
+
+FWD, RIGHT, LEFT, PICK, DROP, TOGGLE = range(6)  # xminigrid's actions
+
+
+def _xmg_step(step, p, st, a):
+    return step(jax.random.PRNGKey(3), st, jnp.int32(a), p)
+
+
+def _xmg_obs_parts(obs, env):
+    """(view tiles [7, 7], view colours [7, 7], direction, pocket tile, pocket colour) decoded from one-hots."""
+    base = env.unwrapped
+    t, c = base.num_tiles, base.num_colors
+    n = 7 * 7
+    tiles = np.asarray(obs[:n * t]).reshape(7, 7, t)
+    colours = np.asarray(obs[n * t:n * (t + c)]).reshape(7, 7, c)
+    rest = np.asarray(obs[n * (t + c):])
+    assert (tiles.sum(-1) == 1).all() and (colours.sum(-1) == 1).all() and rest[:4].sum() == 1
+    return tiles.argmax(-1), colours.argmax(-1), rest[:4].argmax(), rest[4:4 + t].argmax(), rest[4 + t:].argmax()
+
+
+def test_xminigrid_registered_spec_and_observation():
+    pytest.importorskip("xminigrid")
+    names = [n for n in envs.registered() if n.startswith("MiniGrid-")]
+    assert {"MiniGrid-DoorKey-5x5", "MiniGrid-Empty-5x5", "MiniGrid-UnlockPickUp"} <= set(names)
+    assert not [n for n in envs.registered() if n.startswith("XLand-")]  # need a downloaded ruleset: left out
+    env, p = envs.make("MiniGrid-DoorKey-5x5", num_envs=4)
+    sp = envs.spec(env, p)
+    assert sp.discrete and sp.num_actions == 6 and sp.obs_shape == (7 * 7 * 25 + 4 + 25,)
+    obs, st = jax.jit(env.reset)(jax.random.PRNGKey(0), p)
+    chex.assert_shape(obs, (4, 1254))
+    chex.assert_type(obs, jnp.float32)
+    for i in range(4):
+        tiles, colours, direction, pocket, _ = _xmg_obs_parts(obs[i], env)
+        assert direction == int(st.env_state.state.agent.direction[i]) and pocket == 0
+        assert tiles[6, 3] == 1 and (tiles == 7).sum() <= 1  # the agent's own cell (floor), one key at most
+    with pytest.raises(ValueError, match="max_steps"):
+        envs.make("MiniGrid-DoorKey-5x5", max_steps_in_episode=10)
+
+
+def test_xminigrid_empty_scripted_success_and_auto_reset():
+    pytest.importorskip("xminigrid")
+    env, p = envs.make("MiniGrid-Empty-5x5")
+    obs, st = env.reset(jax.random.PRNGKey(0), p)
+    agent = st.env_state.state.agent
+    assert tuple(np.asarray(agent.position)) == (1, 1) and int(agent.direction) == 1  # goal at (3, 3)
+    step = jax.jit(env.step)
+    rewards = []
+    for a in (FWD, FWD, RIGHT, FWD, FWD):
+        obs, st, r, te, tu, info = _xmg_step(step, p, st, a)
+        rewards.append(float(r))
+    assert bool(te) and not bool(tu) and float(info["episode_success"]) == 1.0
+    assert rewards[:-1] == [0.0] * 4 and rewards[-1] == pytest.approx(1 - 0.9 * 5 / p.max_steps)
+    assert float(info["episode_return"]) == pytest.approx(rewards[-1]) and int(info["episode_length"]) == 5
+    assert int(st.env_state.state.step_num) == 0  # auto-reset: the returned state is the next episode's
+
+
+def test_xminigrid_door_key_scripted_and_locked_door():
+    pytest.importorskip("xminigrid")
+    env, p = envs.make("MiniGrid-DoorKey-5x5")
+    obs, st = env.reset(jax.random.PRNGKey(0), p)
+    grid = np.asarray(st.env_state.state.grid[..., 0])
+    agent = st.env_state.state.agent
+    # the layout of PRNGKey(0): agent at (2, 1) facing up, key (7) below it, locked door (8) at (1, 2), goal (3, 3)
+    assert tuple(np.asarray(agent.position)) == (2, 1) and int(agent.direction) == 0
+    assert grid[3, 1] == 7 and grid[1, 2] == 8 and grid[3, 3] == 6
+    step = jax.jit(env.step)
+    # without the key, toggling the locked door does nothing and the agent cannot walk through it
+    s = st
+    for a in (FWD, RIGHT, TOGGLE, FWD):
+        _, s, r, te, tu, info = _xmg_step(step, p, s, a)
+    assert tuple(np.asarray(s.env_state.state.agent.position)) == (1, 1) and int(s.env_state.state.grid[1, 2, 0]) == 8
+    # turn to the key, pick it up (it shows in the observation's pocket), open the door, walk to the goal
+    s = st
+    for a in (RIGHT, RIGHT, PICK):
+        obs, s, r, te, tu, info = _xmg_step(step, p, s, a)
+    assert _xmg_obs_parts(obs, env)[3] == 7
+    rewards = []
+    for a in (LEFT, LEFT, FWD, RIGHT, TOGGLE, FWD, FWD, RIGHT, FWD, FWD):
+        obs, s, r, te, tu, info = _xmg_step(step, p, s, a)
+        rewards.append(float(r))
+    assert bool(te) and float(info["episode_success"]) == 1.0 and sum(rewards) == pytest.approx(1 - 0.9 * 13 / 250)
+
+
+def test_xminigrid_time_limit_truncates_without_success():
+    pytest.importorskip("xminigrid")
+    env, p = envs.make("MiniGrid-Empty-5x5", num_envs=2, max_steps=4)
+    obs, st = env.reset(jax.random.PRNGKey(0), p)
+    step = jax.jit(env.step)
+    flags = []
+    for _ in range(4):  # turning in place never reaches the goal
+        obs, st, r, te, tu, info = step(jax.random.PRNGKey(1), st, jnp.full(2, LEFT, jnp.int32), p)
+        flags.append((bool(te.any()), bool(tu.all()), float(r.sum()), float(info["episode_success"].sum())))
+    assert flags[:3] == [(False, False, 0.0, 0.0)] * 3 and flags[3] == (False, True, 0.0, 0.0)
+    assert (np.asarray(info["episode_length"]) == 4).all()
+
+
+def test_xminigrid_missing_package_names_the_extra(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "xminigrid", None)  # import xminigrid now raises ImportError
+    for name in ("MiniGrid-DoorKey-5x5", "MiniGrid-NotAnEnv"):  # registered or not, the error names the extra
+        with pytest.raises(ModuleNotFoundError, match=r"\.\[grid\]"):
+            envs.make(name)
+
+
+@pytest.mark.slow
+def test_ppo_learns_xminigrid_door_key_5x5():
+    """PPO (MLP on the one-hot view + direction + pocket) on MiniGrid-DoorKey-5x5, 4 seeds, 123k steps each
+    (measured: final returns 0.96, 0.96, 0.94, 0.90, every episode solved). A uniformly random policy solves 10% of
+    its 250-step episodes (return ~0.04)."""
+    from agents import ppo
+    cfg = ppo.Config(env_name="MiniGrid-DoorKey-5x5", num_envs=32, num_steps=64, total_timesteps=32 * 64 * 60,
+                     learning_rate=3e-4, update_epochs=8, num_minibatches=8)
+    out = jax.jit(jax.vmap(ppo.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 4))
+    ret = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -5:], axis=1)
+    success = np.nanmean(np.asarray(out.metrics["episode_success"])[:, -5:], axis=1)
+    tr = _random_rollout("MiniGrid-DoorKey-5x5", n=32, steps=500)
+    random_return = float(episode_metrics(tr.info)["episode_return"])
+    assert random_return < 0.2, random_return
+    assert (ret >= 0.8).all() and ret.mean() >= 0.9 and (success >= 0.95).all(), (ret, success)
