@@ -280,9 +280,10 @@ class FastStep:
 
     def __init__(self, env, quit: bool = True):
         from nle import nethack
+        k = self._known()
         self.quit = quit
         self.u = u = env.unwrapped
-        self.minihack = self._known().STEPS[type(u).step]
+        self.minihack = k.STEPS[type(u).step]
         self.kind = self.REWARDS.get(type(u)._reward_fn, "other")
         self.rm = getattr(u, "reward_manager", None)
         self.copy_prev = self.kind == "other" or self.rm is not None
@@ -293,6 +294,14 @@ class FastStep:
         keys = u._observation_keys
         self.ib, self.ii, self.ip = u._blstats_index, u._internal_index, u._program_state_index
         self.index = {k: keys.index(k) for k in ("glyphs", "chars", "blstats", "message") if k in keys}
+        # the game itself and NLE's observation buffers, which it rewrites in place on every step (supports()
+        # admits no env that copies them): calling the game directly skips two Python frames per step
+        self.game = u.nethack._pynethack
+        self.buffers = u.nethack._obs
+        self.sources = {k: self.buffers[i] for k, i in self.index.items()}  # key -> buffer, for EnvSlot
+        self.blstats, self.internal, self.program = (self.buffers[i] for i in (self.ib, self.ii, self.ip))
+        # NLE's own _is_episode_end (NetHack tasks) always says "running": no call needed
+        self.episode_end = None if type(u)._is_episode_end is k.BASE._is_episode_end else u._is_episode_end
 
     def _penalty(self, old_time: int, new_time: int) -> float:
         """``NetHackScore._get_time_penalty`` on ints (it updates ``_frozen_steps`` the same way)."""
@@ -315,24 +324,36 @@ class FastStep:
     def step(self, action: int):
         """One step; returns ``(observation buffers by key, reward, done, truncated, end_status as int)``, with
         the meanings of ``NLE.step``'s returns."""
-        u, nh = self.u, self.u.nethack
+        _, reward, done, truncated, status = self.step_blstats(action)
+        return {k: self.buffers[i] for k, i in self.index.items()}, reward, done, truncated, status
+
+    def step_blstats(self, action: int):
+        """:meth:`step` for the pool's workers: returns ``(blstats as a list of ints, reward, done, truncated,
+        end_status)``; the observation is in :attr:`sources` (NLE's buffers, by key). The blstats are those of the
+        observation the episode ended on even where the quit sequence (``quit=True``) then ran."""
+        u, game = self.u, self.game
         last = u.last_observation
         bl_old = last[self.ib].tolist()
         hunger_old = int(last[self.ii][7]) if self.kind == "eat" else 0
         prev = tuple(a.copy() for a in last) if self.copy_prev else None
         if self.minihack:
             u._previous_obs, u._previous_action = prev, action
-        observation, done = nh.step(self.actions[action])
+        game.step(self.actions[action])  # NLE's Nethack.step without its two Python frames
+        observation, done = self.buffers, game.done()
         truncated = u._steps >= u._max_episode_steps
-        if observation[self.ip][0] == 1 or not u._allow_all_modes:
-            internal = observation[self.ii]
+        if self.program[0] == 1 or not u._allow_all_modes:
+            internal = self.internal
             if not done and (internal[1] or internal[2] or internal[3]):  # otherwise the loop would just break
                 observation, done = u._perform_known_steps(observation, done, exceptions=True)
         u._steps += 1
         u.last_observation = observation
-        status = -1 if u._steps >= u._max_episode_steps else int(u._is_episode_end(observation))
+        if u._steps >= u._max_episode_steps:
+            status = -1
+        else:
+            status = 0 if self.episode_end is None else int(self.episode_end(observation))
         status = 1 if done else status  # StepStatus(done or end_status)
-        reward = self._reward(bl_old, hunger_old, prev, action, observation, status)
+        bl = self.blstats.tolist()
+        reward = self._reward(bl_old, bl, hunger_old, prev, action, observation, status)
         if status and not done:
             if self.quit:
                 u._quit_game(observation, done)
@@ -340,13 +361,12 @@ class FastStep:
         for w in self.limits:  # gymnasium's TimeLimit.step
             w._elapsed_steps += 1
             truncated = truncated or w._elapsed_steps >= w._max_episode_steps
-        return {k: observation[i] for k, i in self.index.items()}, reward, done, truncated, status
+        return bl, reward, done, truncated, status
 
-    def _reward(self, bl_old, hunger_old, prev, action, observation, status) -> float:
+    def _reward(self, bl_old, bl, hunger_old, prev, action, observation, status) -> float:
         u, kind = self.u, self.kind
         if kind == "other":
             return float(u._reward_fn(prev, action, observation, u.StepStatus(status)))
-        bl = observation[self.ib]
         if kind == "stairs" or kind == "minihack":
             if kind == "minihack" and self.rm is not None:
                 r = self.rm.collect_reward()
@@ -356,92 +376,105 @@ class FastStep:
                 r = 0
             else:  # death or aborted
                 r = u.reward_lose
-            return float(r + self._penalty(bl_old[self.TIME], int(bl[self.TIME])))
+            return float(r + self._penalty(bl_old[self.TIME], bl[self.TIME]))
         if kind == "score":  # the score difference is 0 outside a normal game; the penalty always counts
-            r = int(bl[self.SCORE]) - bl_old[self.SCORE] if u.nethack.in_normal_game() else 0.0
-            return float(r + self._penalty(bl_old[self.TIME], int(bl[self.TIME])))
-        if not u.nethack.in_normal_game():  # gold and eat return before the penalty
+            r = bl[self.SCORE] - bl_old[self.SCORE] if self.game.in_normal_game() else 0.0
+            return float(r + self._penalty(bl_old[self.TIME], bl[self.TIME]))
+        if not self.game.in_normal_game():  # gold and eat return before the penalty
             return 0.0
         if kind == "gold":
-            r = int(bl[self.GOLD]) - bl_old[self.GOLD]
+            r = bl[self.GOLD] - bl_old[self.GOLD]
         else:  # eat
-            r = max(0, int(observation[self.ii][7]) - hunger_old)
-        return float(r + self._penalty(bl_old[self.TIME], int(bl[self.TIME])))
+            r = max(0, int(self.internal[7]) - hunger_old)
+        return float(r + self._penalty(bl_old[self.TIME], bl[self.TIME]))
 
 
 class EnvSlot:
     """One env of a worker: steps it and writes its observations into index ``i`` of the shared arrays ``v``
     (``obs/*``: the next observation to act on; ``final/*``: the observation an episode ended on, written only
-    then). Running episode statistics are kept here and published by :class:`Worker` in one write per array."""
+    then), its step's reward and flags, and its running episode statistics; resets it when an episode ends."""
 
     def __init__(self, env, i: int, v: dict, keys, seed: int):
         self.env, self.i, self.v, self.keys, self.seed = env, i, v, tuple(keys), seed
         self.base = env.unwrapped
         self.fast = FastStep(env, quit=False) if FastStep.supports(env) else None  # reset after every end
         self.ret, self.length, self.depth = 0.0, 0, 0
-        # per key: (source key, destination view) -- views made once, not per step
-        self.out = {p: [(k[:-5] if k.endswith("_crop") else k, k.endswith("_crop"), v[p + k][i]) for k in keys]
-                    for p in ("obs/", "final/")}
-        # crops: the map is copied into the middle of a board padded by half the crop on each side, so the
-        # window around the agent at (x, y) is board[y:y + h, x:x + w] -- no bounds arithmetic per step
-        self.boards = {}
+        # per prefix: [(source key, destination)] copied whole, and [(source key, board middle, board, h, w,
+        # destination)] cropped. A crop's source is copied into the middle of a board padded by half the crop on
+        # each side, so the window around the agent at (x, y) is board[y:y + h, x:x + w]: no bounds arithmetic
+        self.whole, self.crops = {}, {}
+        boards = {}
         for k in keys:
             if k.endswith("_crop"):
                 h, w = v["obs/" + k].shape[1:]
                 pad = PAD_GLYPH if k == "glyphs_crop" else PAD_CHAR
-                self.boards[k[:-5]] = (np.full((DUNGEON_SHAPE[0] + h - 1, DUNGEON_SHAPE[1] + w - 1), pad,
-                                               v["obs/" + k].dtype), h, w)
+                board = np.full((DUNGEON_SHAPE[0] + h - 1, DUNGEON_SHAPE[1] + w - 1), pad, v["obs/" + k].dtype)
+                boards[k] = (board[h // 2:h // 2 + DUNGEON_SHAPE[0], w // 2:w // 2 + DUNGEON_SHAPE[1]], board, h, w)
+        for p in ("obs/", "final/"):
+            self.whole[p] = [(k, v[p + k][i]) for k in keys if not k.endswith("_crop")]
+            self.crops[p] = [(k[:-5],) + boards[k] + (v[p + k][i],) for k in keys if k.endswith("_crop")]
+        # this env's cells of the per-step arrays, written one value at a time
+        self.out = [v[k] for k in ("reward", "terminated", "truncated", "episode_done", "run_return", "run_length",
+                                   "run_depth")]
 
-    def write(self, obs, prefix: str):
-        bl = obs["blstats"]
-        x, y = int(bl[BL_X]), int(bl[BL_Y])
-        filled = set()
-        for src, is_crop, dst in self.out[prefix]:
-            if is_crop:
-                board, h, w = self.boards[src]
-                if src not in filled:
-                    board[h // 2:h // 2 + DUNGEON_SHAPE[0], w // 2:w // 2 + DUNGEON_SHAPE[1]] = obs[src]
-                    filled.add(src)
-                dst[...] = board[y:y + h, x:x + w]
-            else:
-                dst[...] = obs[src]
+    def write(self, obs, x: int, y: int, prefix: str):
+        """Writes observation ``obs`` (key -> array; the agent at ``x, y``) into the ``prefix`` arrays."""
+        for src, dst in self.whole[prefix]:
+            dst[...] = obs[src]
+        for src, middle, board, h, w, dst in self.crops[prefix]:
+            middle[...] = obs[src]
+            dst[...] = board[y:y + h, x:x + w]
+
+    def _publish_running(self):
+        i, out = self.i, self.out
+        out[4][i], out[5][i], out[6][i] = self.ret, self.length, self.depth
 
     def reset(self):
         v, i = self.v, self.i
         self.base.seed(*episode_seeds(self.seed, i, v["episode_index"][i]), reseed=False)
         obs, _ = self.env.reset()
-        self.write(obs, "obs/")
-        self.ret, self.length, self.depth = 0.0, 0, int(obs["blstats"][BL_DEPTH])
+        bl = obs["blstats"]
+        self.write(obs, int(bl[BL_X]), int(bl[BL_Y]), "obs/")
+        self.ret, self.length, self.depth = 0.0, 0, int(bl[BL_DEPTH])
+        self._publish_running()
 
-    def step(self, action: int):
-        """Steps once, writes ``obs/*`` (or ``final/*`` if the episode ended); returns (reward, terminated,
-        truncated). On an episode's end also writes its ``episode_*`` statistics (the caller then resets)."""
+    def step(self, action: int) -> None:
+        """Steps once and writes the results at index ``i``: ``obs/*`` (or ``final/*`` if the episode ended),
+        reward, flags and running statistics. On an episode's end also writes its ``episode_*`` statistics and
+        resets the env (``obs/*`` then holds the next episode's first observation)."""
         if self.fast is not None:
-            obs, reward, done, truncated, status = self.fast.step(action)
+            bl, reward, done, truncated, status = self.fast.step_blstats(action)
+            obs = self.fast.sources
         else:
             obs, reward, done, truncated, info = self.env.step(action)
             status = int(info.get("end_status", 0))
+            bl = obs["blstats"].tolist()
         truncated = bool(truncated) or status == STATUS_ABORTED
         terminated = bool(done) and not truncated
-        self.write(obs, "final/" if terminated or truncated else "obs/")
-        bl = obs["blstats"]
+        ended = terminated or truncated
+        self.write(obs, bl[BL_X], bl[BL_Y], "final/" if ended else "obs/")
         self.ret += reward
         self.length += 1
-        self.depth = max(self.depth, int(bl[BL_DEPTH]))
-        if terminated or truncated:
-            v, i = self.v, self.i
+        if bl[BL_DEPTH] > self.depth:
+            self.depth = bl[BL_DEPTH]
+        i, out = self.i, self.out
+        out[0][i], out[1][i], out[2][i], out[3][i] = reward, terminated, truncated, ended
+        if ended:
+            v = self.v
             v["episode_return"][i] = self.ret
             v["episode_length"][i] = self.length
             v["episode_depth"][i] = self.depth
             v["episode_score"][i] = bl[BL_SCORE]
             v["episode_success"][i] = status == STATUS_SUCCESS
             v["episode_index"][i] += 1
-        return reward, terminated, truncated
+            self.reset()
+        else:
+            self._publish_running()
 
 
 class Worker:
     """A worker's envs: group ``g`` is the slots in ``groups[g] = (start, slots)``, i.e. the pool's envs
-    ``[start, start + len(slots))``; each group is stepped in order and its array-wide results written at once."""
+    ``[start, start + len(slots))``, stepped in order."""
 
     def __init__(self, groups: list, v: dict):
         self.v = v
@@ -467,28 +500,14 @@ class Worker:
         env = self.slots[0].env
         return {"num_actions": int(env.action_space.n), "has_success": has_success(env)}
 
-    def _publish_running(self, sl, slots):
-        v = self.v
-        v["run_return"][sl] = [s.ret for s in slots]
-        v["run_length"][sl] = [s.length for s in slots]
-        v["run_depth"][sl] = [s.depth for s in slots]
-
     def reset(self):
-        for sl, slots in self.groups:
-            for s in slots:
-                s.reset()
-            self._publish_running(sl, slots)
+        for s in self.slots:
+            s.reset()
 
     def step(self, group: int):
-        v, (sl, slots) = self.v, self.groups[group]
-        out = [s.step(a) for s, a in zip(slots, v["action"][sl].tolist())]
-        rew, term, trunc = zip(*out)
-        done = [a or b for a, b in zip(term, trunc)]
-        v["reward"][sl], v["terminated"][sl], v["truncated"][sl], v["episode_done"][sl] = rew, term, trunc, done
-        for s, d in zip(slots, done):
-            if d:
-                s.reset()
-        self._publish_running(sl, slots)
+        sl, slots = self.groups[group]
+        for s, a in zip(slots, self.v["action"][sl].tolist()):
+            s.step(a)
 
 
 def close_envs(slots: list) -> None:
