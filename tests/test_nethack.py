@@ -20,12 +20,23 @@ ROOM = "MiniHack-Room-5x5-v0"  # episodes of <= 100 steps: auto-reset happens wi
 ALL_KEYS = ("glyphs", "glyphs_crop", "chars", "chars_crop", "blstats", "message")
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, T stopped, Z zombie...); "X" once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return "X"
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "X")
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOPs ``pid`` and waits until it is stopped: a command sent after this cannot complete."""
+    os.kill(pid, signal.SIGSTOP)
+    assert _wait_until(lambda: _state(pid) in ("T", "t"), timeout=5.0), _state(pid)
 
 
 def _shm_exists(name: str) -> bool:
@@ -396,6 +407,7 @@ def test_worker_killed_with_groups_in_flight(spin):
             if t < 4:
                 pool.send(rng.integers(8, size=4), g)
         old = pool.worker_pids
+        _stop(old[1])  # stopped first, so it cannot finish group 0's step before it dies
         pool.send(rng.integers(8, size=4), 0)  # group 0 in flight, group 1 received: both must report the cut
         os.kill(old[1], signal.SIGKILL)  # envs 2, 3 (group 0) and 6, 7 (group 1)
         with pytest.warns(RuntimeWarning, match="worker 1"):
@@ -452,8 +464,9 @@ def test_worker_dead_at_send_is_restarted_once():
     with nethack.NLEPool(ROOM, num_envs=8, num_workers=2, num_groups=2, seed=0, step_timeout=5.0) as pool:
         pool.reset()
         rng = np.random.default_rng(0)
-        pool.send(rng.integers(8, size=4), 0)
         old = pool.worker_pids
+        _stop(old[1])  # stopped first, so it cannot finish group 0's step before it dies
+        pool.send(rng.integers(8, size=4), 0)
         os.kill(old[1], signal.SIGKILL)
         assert _wait_until(lambda: pool._workers[1].proc.poll() is not None)
         pool.send(rng.integers(8, size=4), 1)
