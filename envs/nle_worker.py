@@ -325,7 +325,7 @@ class FastStep:
         """One step; returns ``(observation buffers by key, reward, done, truncated, end_status as int)``, with
         the meanings of ``NLE.step``'s returns."""
         _, reward, done, truncated, status = self.step_blstats(action)
-        return {k: self.buffers[i] for k, i in self.index.items()}, reward, done, truncated, status
+        return dict(self.sources), reward, done, truncated, status
 
     def step_blstats(self, action: int):
         """:meth:`step` for the pool's workers: returns ``(blstats as a list of ints, reward, done, truncated,
@@ -413,9 +413,9 @@ class EnvSlot:
         for p in ("obs/", "final/"):
             self.whole[p] = [(k, v[p + k][i]) for k in keys if not k.endswith("_crop")]
             self.crops[p] = [(k[:-5],) + boards[k] + (v[p + k][i],) for k in keys if k.endswith("_crop")]
-        # this env's cells of the per-step arrays, written one value at a time
-        self.out = [v[k] for k in ("reward", "terminated", "truncated", "episode_done", "run_return", "run_length",
-                                   "run_depth")]
+        # the per-step arrays, of which this env writes cell i one value at a time
+        self.flags = tuple(v[k] for k in ("reward", "terminated", "truncated", "episode_done"))
+        self.running = tuple(v[k] for k in ("run_return", "run_length", "run_depth"))
 
     def write(self, obs, x: int, y: int, prefix: str):
         """Writes observation ``obs`` (key -> array; the agent at ``x, y``) into the ``prefix`` arrays."""
@@ -426,8 +426,9 @@ class EnvSlot:
             dst[...] = board[y:y + h, x:x + w]
 
     def _publish_running(self):
-        i, out = self.i, self.out
-        out[4][i], out[5][i], out[6][i] = self.ret, self.length, self.depth
+        ret, length, depth = self.running
+        i = self.i
+        ret[i], length[i], depth[i] = self.ret, self.length, self.depth
 
     def reset(self):
         v, i = self.v, self.i
@@ -457,8 +458,9 @@ class EnvSlot:
         self.length += 1
         if bl[BL_DEPTH] > self.depth:
             self.depth = bl[BL_DEPTH]
-        i, out = self.i, self.out
-        out[0][i], out[1][i], out[2][i], out[3][i] = reward, terminated, truncated, ended
+        r, te, tr, en = self.flags
+        i = self.i
+        r[i], te[i], tr[i], en[i] = reward, terminated, truncated, ended
         if ended:
             v = self.v
             v["episode_return"][i] = self.ret
