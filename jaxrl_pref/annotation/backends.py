@@ -156,20 +156,47 @@ class OpenAIBackend:
     def __repr__(self):
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
-    def _chat(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
+    def describe(self) -> str:
+        key = "set" if self._key else "not set"
+        return f"openai model={self.model} at {self.base_url} (API key from ${self.api_key_env}: {key})"
+
+    def _request(self, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None) -> bytes:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = "Bearer " + self._key
-        req = urllib.request.Request(self.base_url + "/chat/completions", body, headers, method="POST")
+        req = urllib.request.Request(self.base_url + path, body, headers, method="GET" if body is None else "POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = resp.read(MAX_REPLY_BYTES + 1)
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return resp.read(MAX_REPLY_BYTES + 1)
         except urllib.error.HTTPError as e:
-            raise BackendError(f"HTTP {e.code} from {self.base_url}") from None
+            detail = " ".join(e.read(400).decode("utf-8", "replace").split())[:200]
+            raise BackendError(f"HTTP {e.code} from {self.base_url}{path}" + (f": {detail}" if detail else "")) \
+                from None
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
             raise BackendError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}") from None
+
+    def preflight(self, timeout: float = 10.0) -> None:
+        """Checks, before any work, that the server answers ``GET /models`` and (when it lists models) serves
+        ``model``. Raises :class:`BackendError` saying what is wrong."""
+        try:
+            data = self._request("/models", timeout=timeout)
+        except BackendError as e:
+            if str(e).startswith(("HTTP 404", "HTTP 405", "HTTP 501")):  # no model list here: it answered, enough
+                return
+            if str(e).startswith(("HTTP 401", "HTTP 403")):
+                raise BackendError(f"{e} (the API key: set ${self.api_key_env})") from None
+            raise
+        try:
+            served = [m["id"] for m in json.loads(data)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return  # not a model list: the server is there, the first chat request will tell the rest
+        if served and self.model not in served:
+            raise BackendError(f"{self.base_url} does not serve model {self.model!r} (it serves {served[:10]})")
+
+    def _chat(self, messages: list[dict]) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        data = self._request("/chat/completions", body)
         if len(data) > MAX_REPLY_BYTES:
             return "\x00oversized reply"
         return data.decode("utf-8", "replace")
@@ -212,6 +239,9 @@ class EmbeddedBackend:
         self.margin, self.tie_margin = margin, tie_margin
         self.encoder = encoder if encoder is not None else SentenceEncoder.load()
         self._refs: dict = {}
+
+    def describe(self) -> str:
+        return f"embedded {self.model} (offline sentence similarity, margin={self.margin})"
 
     def warmup(self) -> None:
         self.encoder.warmup(self.batch_size)

@@ -3,6 +3,7 @@ service they describe."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from jaxrl_pref.config import require
@@ -26,6 +27,10 @@ class AnnotatorConfig:
     """SQLite label store (default: <run-dir>/labels.db). Share one between runs to reuse labels."""
     prompt_task: str = ""
     """Prompt file task (default from the env: nethack_score, nethack_staircase, nethack_oracle, minihack)."""
+    allow_unreachable_llm: bool = False
+    """openai annotator: start even if the LLM server does not answer at start-up (by default the run stops with an
+    error naming the URL). Messages then stay pending in the label store, with their errors recorded and warned
+    about, and are labelled once the server answers."""
 
     def __post_init__(self):
         require(self.annotator in ("embedded", "openai"), "annotator", f"unknown annotator {self.annotator!r}",
@@ -43,14 +48,38 @@ class AnnotatorConfig:
         return self.prompt_task or task_for_env(env_name)
 
 
+def check_llm(cfg: AnnotatorConfig) -> None:
+    """The preflight of the openai annotator: asks the LLM server ``GET /models``. Raises RuntimeError naming the URL
+    and the fix if it does not answer (or does not serve the model), unless ``allow_unreachable_llm``: then says so
+    on stderr and returns."""
+    from jaxrl_pref.annotation.backends import BackendError, OpenAIBackend
+    try:
+        OpenAIBackend(cfg.llm_base_url, cfg.llm_model, api_key_env=cfg.llm_api_key_env).preflight()
+    except BackendError as e:
+        if not cfg.allow_unreachable_llm:
+            raise RuntimeError(
+                f"the LLM server at {cfg.llm_base_url} does not answer: {e}. Fix: start an OpenAI-compatible server "
+                f"there (e.g. `vllm serve {cfg.llm_model or 'MODEL'} --port PORT`) or pass the right "
+                "--llm-base-url / --llm-model; or pass --allow-unreachable-llm True to start without it (messages "
+                "stay pending until it answers)") from None
+        print(f"annotator: WARNING: the LLM server at {cfg.llm_base_url} does not answer ({e}); starting anyway "
+              "(--allow-unreachable-llm): messages stay pending until it answers", file=sys.stderr, flush=True)
+
+
 def start_annotator(cfg: AnnotatorConfig, run_dir):
-    """``(process or None, url)``: the service named by ``--annotator-url``, or a new child process writing
-    ``run_dir/annotator.log``."""
-    from jaxrl_pref.annotation.client import start_server
+    """``(supervisor or None, url)``: the service named by ``--annotator-url`` (None: not ours to run), or a new
+    supervised child process writing ``run_dir/annotator.log`` and restarted whenever it dies (see
+    :class:`~jaxrl_pref.annotation.client.Supervisor`). The openai annotator is checked first (:func:`check_llm`).
+    A client made afterwards with ``AnnotatorClient(url, task)`` writes its messages ahead into the label store."""
+    from jaxrl_pref.annotation.client import remember_store, start_server
     if cfg.annotator_url:
+        if cfg.label_store:
+            remember_store(cfg.annotator_url, cfg.label_store)
         return None, cfg.annotator_url
     extra = []
     if cfg.annotator == "openai":
-        extra = ["--base-url", cfg.llm_base_url, "--model", cfg.llm_model, "--api-key-env", cfg.llm_api_key_env]
+        check_llm(cfg)
+        extra = ["--base-url", cfg.llm_base_url, "--model", cfg.llm_model, "--api-key-env", cfg.llm_api_key_env,
+                 "--preflight", "False"]  # checked here; a restarted service must not refuse to start
     return start_server(cfg.store_path(run_dir), cfg.annotator, log_path=str(Path(run_dir) / "annotator.log"),
-                        extra_args=extra)
+                        extra_args=extra, supervise=True)

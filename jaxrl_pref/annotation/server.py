@@ -6,25 +6,39 @@ An HTTP service bound to 127.0.0.1 (JSON in, JSON out):
   not already in the store become pending work (dedup against everything ever seen);
 * ``GET /changes?task=t&since=seq`` -> ``{"labels": [[text, label]], "pairs": [[a, b, pref]], "seq": s}``: answers
   stored after ``seq`` (label null = could not be labelled);
-* ``GET /metrics`` -> queue depth, labels/s, parse failures, backend errors, latency, store counts;
+* ``GET /metrics`` -> queue depth, labels/s, parse failures, backend errors (and the last one), latency, store counts;
+* ``GET /summary?task=t`` -> how many items of ``t`` are labelled, unlabelled, pending, and why (see
+  :meth:`LabelStore.summary`);
 * ``GET /health`` -> ``{"ok": true}``.
 
-Work is taken from the store's pending rows (so pending work survives crashes), in batches of the backend's
-``batch_size``, at most ``max_concurrency`` batches at once. Backend errors are retried with exponential backoff
-(``max_retries`` times, then the items stay pending and are tried again after ``cooldown`` seconds). Replies that do
-not parse are asked again up to ``parse_retries`` times, then recorded as unlabeled -- never a crash, never a silent 0.
+Work is taken from the store's pending rows (so pending work survives crashes; learners may add rows directly, see
+the client), in batches of the backend's ``batch_size``, at most ``max_concurrency`` batches at once. Each batch is
+*claimed* first (a lease of ``lease`` seconds, see :meth:`LabelStore.claim`), so several services on one store share
+the work instead of each doing all of it. Backend errors are retried with exponential backoff (``max_retries`` times;
+then the items stay pending with their ``attempts`` and last ``error`` recorded, and are tried again after
+``cooldown`` seconds) and written to stdout (the run's ``annotator.log``) at most once per ``log_every`` seconds.
+Replies that do not parse are asked again up to ``parse_retries`` times, then recorded as unlabeled -- never a
+crash, never a silent 0.
+
+At start-up an OpenAI-compatible backend is asked ``GET /models`` (``--preflight``): if it does not answer, the
+service exits with status 2 and says so, instead of running while every request fails.
 
 ``--port 0`` picks a free port; ``--port-file`` receives it (the run that starts the service reads it there).
+On SIGTERM/SIGINT it stops taking work, waits briefly for the batches in flight, releases its claims and closes the
+store (checkpointing the WAL).
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,10 +46,16 @@ from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
 from jaxrl_pref.annotation.backends import BackendError, Prompt, make_backend
-from jaxrl_pref.annotation.store import LabelStore
+from jaxrl_pref.annotation.store import LabelStore, owner_id
+from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import ConfigError, require
 
 MAX_BODY = 32 * 1024 * 1024
+
+
+def log(msg: str) -> None:
+    """A line of the service's log (its stdout: the run's ``annotator.log``)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} annotator: {msg}", flush=True)
 
 
 class Annotator:
@@ -44,14 +64,19 @@ class Annotator:
 
     def __init__(self, store: LabelStore, backend, *, max_concurrency: int = 4, max_retries: int = 3,
                  parse_retries: int = 2, backoff: float = 0.5, cooldown: float = 5.0, prompt_dir=None,
-                 prompt_version: Optional[str] = None, poll: float = 0.2):
+                 prompt_version: Optional[str] = None, poll: float = 0.2, lease: float = 300.0,
+                 log_every: float = 10.0, rate_window: float = 10.0):
         self.store, self.backend = store, backend
         self.max_concurrency, self.max_retries, self.parse_retries = max_concurrency, max_retries, parse_retries
-        self.backoff, self.cooldown, self.poll = backoff, cooldown, poll
+        self.backoff, self.cooldown, self.poll, self.lease = backoff, cooldown, poll, lease
         self.prompt_dir, self.prompt_version = prompt_dir, prompt_version
+        self.rate_window = rate_window
+        self.owner = f"{owner_id()}:{uuid.uuid4().hex[:8]}"  # claims: this process, this engine
+        self.last_error: Optional[str] = None
+        self._errors_logged = Throttle(log_every)
         self._prompts: dict = {}
         self._inflight: set = set()
-        self._cool: dict = {}  # item id -> time before which it is not retried (backend kept failing)
+        self._futures: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -82,48 +107,74 @@ class Annotator:
         self._thread.start()
         return self
 
-    def stop(self, wait: bool = True):
+    def stop(self, wait: bool = True, timeout: Optional[float] = None):
+        """Stops taking work; with ``wait``, waits (at most ``timeout`` s) for the batches in flight to be recorded;
+        then releases this engine's claims (what it did not finish is free for the next service at once)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        if wait:
+            concurrent.futures.wait(list(self._futures), timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.store.release(self.owner)
+        except Exception as e:  # the store is gone: the claims expire with their lease
+            log(f"could not release claims: {type(e).__name__}: {e}")
 
     def _loop(self):
         bs = max(1, int(self.backend.batch_size))
+        next_reclaim = 0.0
         while not self._stop.is_set():
-            now = time.time()
-            with self._lock:
-                busy = set(self._inflight) | {i for i, t in self._cool.items() if t > now}
-            items = self.store.pending(limit=bs * self.max_concurrency, exclude=busy)
-            groups = collections.defaultdict(list)
-            for it in items:
-                groups[(it["task"], it["kind"])].append(it)
-            launched = 0
-            for (task, kind), its in groups.items():
-                for s in range(0, len(its), bs):
-                    if not self._slots.acquire(timeout=0.5):
-                        break
-                    if self._stop.is_set():
-                        self._slots.release()
-                        return
-                    batch = its[s:s + bs]
-                    with self._lock:
-                        self._inflight.update(it["id"] for it in batch)
-                    self._pool.submit(self._work, task, kind, batch)
-                    launched += 1
-            if not launched:
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            try:
+                if time.time() >= next_reclaim:  # claims of services that died (this host) are free again at once
+                    n = self.store.release_dead()
+                    if n:
+                        log(f"took back {n} item(s) claimed by a service that died")
+                    next_reclaim = time.time() + 5.0
+                batch = [] if self._stop.is_set() else self.store.claim(self.owner, bs, self.lease)
+            except Exception as e:  # e.g. the store is locked for longer than its timeout: try again, say so
+                batch = []
+                self._internal_error(0, e)
+            if not batch:
+                self._slots.release()
                 self._wake.wait(self.poll)
                 self._wake.clear()
+                continue
+            with self._lock:
+                self._inflight.update(it["id"] for it in batch)
+            fut = self._pool.submit(self._work, batch[0]["task"], batch[0]["kind"], batch)
+            self._futures.add(fut)
+            fut.add_done_callback(self._futures.discard)
+
+    def _failed(self, what: str, n_items: int, error: str) -> None:
+        """Logs a failure (rate-limited) with the error text."""
+        n = self._errors_logged.hit()
+        if n:
+            log(f"{what} on {n_items} item(s): {error} ({n} failure(s) since the last report, backend errors in all:"
+                f" {self.m['backend_errors']}; the items stay pending and are tried again in {self.cooldown:g}s)")
+
+    def _internal_error(self, ids, e: Exception) -> None:
+        self.m["internal_errors"] += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        if ids:
+            try:
+                self.store.note_error(ids, self.last_error, tries=0, retry_at=time.time() + self.cooldown)
+            except Exception:
+                pass  # the store itself is failing: the claim expires with its lease
+        self._failed("internal error", len(ids or ()), self.last_error)
 
     def _work(self, task: str, kind: str, batch: list):
         ids = [it["id"] for it in batch]
         try:
             prompt = self.prompt(task)
             t0 = time.time()
-            replies = None
+            replies, tries = None, 0
             for attempt in range(self.max_retries + 1):
                 try:
+                    tries += 1
                     if kind == "label":
                         replies = self.backend.label(prompt, [it["a"] for it in batch])
                     else:
@@ -137,15 +188,16 @@ class Annotator:
                     replies = None
                     if attempt < self.max_retries and not self._stop.is_set():
                         self._stop.wait(self.backoff * 2 ** attempt)
-            if replies is None:  # the backend is down: leave the work pending, try again later
-                with self._lock:
-                    until = time.time() + self.cooldown
-                    self._cool.update({i: until for i in ids})
+                    else:
+                        break
+            if replies is None:  # the backend is down: the work stays pending (with its error), tried again later
+                self.store.note_error(ids, self.last_error, tries=tries, retry_at=time.time() + self.cooldown)
+                self._failed(f"backend failed {tries} time(s)", len(ids), self.last_error)
                 return
             dt = time.time() - t0
             results = []
             for it, r in zip(batch, replies):
-                final = r.label is not None or it["attempts"] + 1 > self.parse_retries
+                final = r.label is not None or it["parse_failures"] + 1 > self.parse_retries
                 if r.label is None:
                     self.m["parse_failures"] += 1
                     if final:
@@ -160,11 +212,7 @@ class Annotator:
             self._done_times.extend([now] * done)
             self._latency.append(dt / max(len(batch), 1))
         except Exception as e:  # never let one batch kill the service
-            self.m["internal_errors"] += 1
-            self.last_error = f"{type(e).__name__}: {e}"
-            with self._lock:
-                until = time.time() + self.cooldown
-                self._cool.update({i: until for i in ids})
+            self._internal_error(ids, e)
         finally:
             with self._lock:
                 self._inflight.difference_update(ids)
@@ -173,8 +221,8 @@ class Annotator:
 
     def metrics(self) -> dict:
         now = time.time()
-        recent = [t for t in list(self._done_times) if t > now - 10.0]
-        window = min(10.0, max(now - self.started, 1e-3))
+        recent = [t for t in list(self._done_times) if t > now - self.rate_window]
+        window = min(self.rate_window, max(now - self.started, 1e-3))
         lat = sorted(self._latency)
         counts = self.store.counts()
         return {"queue_depth": counts["pending"], "labeled_total": counts["labeled"],
@@ -184,7 +232,7 @@ class Annotator:
                 "internal_errors": self.m["internal_errors"], "submitted": self.m["submitted"],
                 "latency_s_mean": sum(lat) / len(lat) if lat else 0.0,
                 "latency_s_p90": lat[int(0.9 * (len(lat) - 1))] if lat else 0.0,
-                "last_error": getattr(self, "last_error", None)}
+                "uptime_s": now - self.started, "last_error": self.last_error}
 
 
 def make_http_server(annotator: Annotator, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
@@ -212,6 +260,8 @@ def make_http_server(annotator: Annotator, host: str = "127.0.0.1", port: int = 
                     task = q.get("task", [""])[0]
                     since = int(q.get("since", ["0"])[0])
                     return self._send(200, annotator.store.changes_since(task, since))
+                if u.path == "/summary":
+                    return self._send(200, annotator.store.summary(q.get("task", [""])[0]))
                 self._send(404, {"error": f"no route {u.path}"})
             except (ValueError, KeyError) as e:
                 self._send(400, {"error": str(e)})
@@ -262,6 +312,16 @@ class ServerConfig:
     cooldown: float = 5.0
     prompt_dir: str = ""
     """Directory of <task>.v<N>.txt prompt files (default: the packaged ones)."""
+    preflight: bool = True
+    """openai backend: ask the server GET /models before serving and exit 2 if it does not answer (False: start
+    anyway; the work stays pending, with its errors recorded, until the server answers)."""
+    lease: float = 300.0
+    """Seconds a claim on a batch holds off other services on the same store (a dead service's claims on this host are
+    taken back at once; elsewhere they expire after this)."""
+    log_every: float = 10.0
+    """Backend errors are logged at most once per this many seconds (with the count and the last error)."""
+    rate_window: float = 10.0
+    """labels_per_s is measured over the last this many seconds."""
 
     def __post_init__(self):
         require(self.backend in ("embedded", "openai"), "backend", f"unknown backend {self.backend!r}",
@@ -271,7 +331,7 @@ class ServerConfig:
                     "pass e.g. --base-url http://127.0.0.1:8000/v1")
             require(bool(self.model), "model", "the openai backend needs a model name",
                     "pass e.g. --model meta-llama/Llama-3.1-8B-Instruct")
-        for f in ("max_concurrency", "backoff"):
+        for f in ("max_concurrency", "backoff", "lease", "rate_window"):
             require(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}", f"pass a positive --{f.replace('_', '-')}")
         for f in ("max_retries", "parse_retries", "port"):
             require(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}", f"pass --{f.replace('_', '-')} 0 or more")
@@ -280,10 +340,20 @@ class ServerConfig:
 def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     backend = make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
                            temperature=cfg.temperature)
+    if cfg.backend == "openai" and cfg.preflight:
+        try:
+            backend.preflight()
+        except BackendError as e:
+            raise ConfigError("base_url", f"the LLM server does not answer: {e}",
+                              f"start an OpenAI-compatible server at {cfg.base_url} (e.g. `vllm serve MODEL`) or fix "
+                              "--base-url; or pass --preflight False to start anyway") from None
     store = LabelStore(cfg.store)
     ann = Annotator(store, backend, max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
                     parse_retries=cfg.parse_retries, backoff=cfg.backoff, cooldown=cfg.cooldown,
-                    prompt_dir=cfg.prompt_dir or None).start()
+                    prompt_dir=cfg.prompt_dir or None, lease=cfg.lease, log_every=cfg.log_every,
+                    rate_window=cfg.rate_window)
+    freed = store.release_dead()
+    ann.start()
     if hasattr(backend, "warmup"):  # compile the embedded model while the first messages are on their way
         threading.Thread(target=backend.warmup, name="warmup", daemon=True).start()
     httpd = make_http_server(ann, cfg.host, cfg.port)
@@ -292,8 +362,8 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
         tmp = Path(cfg.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(cfg.port_file)
-    print(f"annotator: {backend!r} on http://{cfg.host}:{port} store={cfg.store} "
-          f"pending={store.counts()['pending']}", flush=True)
+    log(f"{backend.describe()} on http://{cfg.host}:{port} (pid {os.getpid()}), store {cfg.store}: "
+        f"{store.counts()['pending']} pending" + (f", {freed} taken back from dead services" if freed else ""))
     stop = lambda *a: threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -302,8 +372,10 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
-        ann.stop(wait=False)
+        ann.stop(wait=True, timeout=3.0)
         httpd.server_close()
+        store.close()
+        log("stopped; store closed")
 
 
 def main(argv=None) -> int:

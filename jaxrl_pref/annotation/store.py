@@ -12,11 +12,25 @@ returns. Pending work *is* the pending rows: a process killed mid-batch leaves i
 (asked again after restart, since their answers were never stored) and every stored answer stays (never asked
 again). ``seq`` increases with every state change, so readers poll ``changes_since(seq)``.
 
-Concurrency: one writer process (the annotator service) and any number of readers (WAL lets them read while it
-writes). Each thread must use its own :class:`LabelStore` (own connection); the service uses one with a lock.
+Write-ahead: the learner's client adds its messages here (pending) before it reports them submitted, so a crash of
+the learner or of the service loses none; the service finds them among the pending rows.
+
+Concurrency: several processes may write (learners adding work, one or more annotator services answering it; WAL lets
+readers read meanwhile). Services *claim* work before asking the backend (:meth:`LabelStore.claim`): a claim is a
+lease (``claimed_by``, ``lease_until``) that other services respect until it expires, so two services on one store
+never ask for the same item at once; a claim whose owner process is dead (same host) is taken back at once
+(:meth:`release_dead`). Each thread must use its own :class:`LabelStore` (own connection); the service uses one with
+a lock. :meth:`close` checkpoints the WAL, so a clean close of the last connection leaves no ``-wal``/``-shm``
+files.
+
+Per item, ``attempts`` counts every time it was sent to the backend (transport errors included) and ``error``
+holds the last error (a transport error, or why a reply did not parse); ``parse_failures`` counts replies that did not
+parse (the service gives up after ``parse_retries`` + 1 of them).
 """
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -44,6 +58,34 @@ CREATE INDEX IF NOT EXISTS items_seq ON items (task, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 """
+# columns added after the first version (stores written by it gain them on open)
+COLUMNS = {"parse_failures": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT", "lease_until": "REAL"}
+NOT_ASKED = "not sent to the backend yet (the run ended first, or no annotator service was running)"
+ITEM_FIELDS = ("id", "task", "kind", "a", "b", "attempts", "parse_failures")
+ITEM_COLS = ", ".join(ITEM_FIELDS)
+
+
+def _item(row) -> dict:
+    return dict(zip(ITEM_FIELDS, row))
+
+
+def owner_id() -> str:
+    """Who claims work: ``host:pid`` (a claim of a dead pid on this host is taken back at once)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_dead(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid[:anything]``) is a process of this host that no longer exists."""
+    host, pid = (owner.split(":") + [""])[:2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine: only the lease expiry frees its claims
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
 
 
 class LabelStore:
@@ -51,16 +93,41 @@ class LabelStore:
         self.path = str(path)
         if not readonly:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
-        self.db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
         self.lock = threading.RLock()
-        if not readonly:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
+        if readonly:  # a read-write connection that refuses writes: it can still clean up the WAL when it closes last
+            try:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=timeout,
+                                          isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA query_only=ON")
+            except sqlite3.OperationalError:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout,
+                                          isolation_level=None, check_same_thread=False)
+            return
+        self.db = sqlite3.connect(f"file:{self.path}", uri=True, timeout=timeout, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self):
+        def fn():
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(items)")}
+            for name, decl in COLUMNS.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {decl}")
+                    if name == "parse_failures":  # the first version counted only replies in attempts
+                        self.db.execute("UPDATE items SET parse_failures=attempts WHERE status='pending'")
+        self._write(fn)
 
     def close(self):
-        self.db.close()
+        """Checkpoints the WAL into the database and closes (the last connection to close removes the WAL files)."""
+        with self.lock:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # another connection is mid-transaction: it checkpoints when it closes
+            self.db.close()
 
     # -- writes (one transaction each) ----------------------------------------------------------------------------
     def _tx(self, fn):
@@ -70,6 +137,18 @@ class LabelStore:
                 seq = self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0] + 1
                 out = fn(seq)
                 self.db.execute("UPDATE meta SET value=? WHERE key='seq'", (seq,))
+                self.db.execute("COMMIT")
+                return out
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _write(self, fn):
+        """One transaction that changes no answer (claims, errors): ``seq`` is left alone."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn()
                 self.db.execute("COMMIT")
                 return out
             except BaseException:
@@ -94,8 +173,10 @@ class LabelStore:
 
     def record(self, results: Sequence[dict]) -> None:
         """Stores answers. Each result: ``id``, ``label`` (float, or None when the reply did not parse), ``final``
-        (a None label is final: the item becomes ``unlabeled``; else it stays pending with ``attempts`` + 1),
-        and optionally ``raw_reply``, ``error``, ``backend``, ``model``, ``prompt_version``."""
+        (a None label is final: the item becomes ``unlabeled``; else it stays pending with ``parse_failures`` + 1),
+        and optionally ``raw_reply``, ``error``, ``backend``, ``model``, ``prompt_version``. Each answer counts one
+        attempt and releases the item's claim. An item that is no longer pending (another service answered it
+        first) is left as it is: the first answer wins."""
         now = time.time()
 
         def fn(seq):
@@ -108,11 +189,57 @@ class LabelStore:
                     status = "pending"
                 self.db.execute(
                     "UPDATE items SET status=?, label=?, backend=?, model=?, prompt_version=?, raw_reply=?, error=?,"
-                    " attempts=attempts+1, answered=?, seq=? WHERE id=? AND status='pending'",
+                    " attempts=attempts+1, parse_failures=parse_failures+?, answered=?, seq=?, claimed_by=NULL,"
+                    " lease_until=NULL WHERE id=? AND status='pending'",
                     (status, r.get("label"), r.get("backend"), r.get("model"), r.get("prompt_version"),
-                     r.get("raw_reply"), r.get("error"), now if status != "pending" else None,
+                     r.get("raw_reply"), r.get("error"), int(r.get("label") is None),
+                     now if status != "pending" else None,
                      seq if status != "pending" else self._seq_of(r["id"]), r["id"]))
         self._tx(fn)
+
+    # -- work claims (several services on one store) -----------------------------------------------------------------
+    def claim(self, owner: str, limit: int, lease: float, now: Optional[float] = None) -> list[dict]:
+        """Claims up to ``limit`` of the oldest pending items that nobody holds (no claim, or its lease has expired),
+        all of one task and kind (one backend batch), for ``lease`` seconds. Returns them (see :meth:`pending`)."""
+        now = time.time() if now is None else now
+        free = "status='pending' AND (lease_until IS NULL OR lease_until<?)"
+
+        def fn():
+            first = self.db.execute(f"SELECT task, kind FROM items WHERE {free} ORDER BY id LIMIT 1", (now,)).fetchone()
+            if first is None:
+                return []
+            rows = self.db.execute(f"SELECT {ITEM_COLS} FROM items WHERE {free} "
+                                   "AND task=? AND kind=? ORDER BY id LIMIT ?", (now, *first, limit)).fetchall()
+            self.db.executemany("UPDATE items SET claimed_by=?, lease_until=? WHERE id=?",
+                                [(owner, now + lease, r[0]) for r in rows])
+            return [_item(r) for r in rows]
+        return self._write(fn)
+
+    def note_error(self, ids: Sequence[int], error: str, tries: int = 1, retry_at: Optional[float] = None) -> None:
+        """The backend failed on these items ``tries`` times: counts the attempts, keeps ``error`` as the item's last
+        error, and keeps the claim until ``retry_at`` (then any service may try again). Answers are untouched."""
+        self._write(lambda: self.db.executemany(
+            "UPDATE items SET attempts=attempts+?, error=?, lease_until=? WHERE id=? AND status='pending'",
+            [(tries, error, retry_at, i) for i in ids]))
+
+    def release(self, owner: str, ids: Optional[Sequence[int]] = None) -> int:
+        """Drops ``owner``'s claims (all of them, or those on ``ids``). Returns how many were dropped."""
+        def fn():
+            before = self.db.total_changes
+            if ids is None:
+                self.db.execute("UPDATE items SET claimed_by=NULL, lease_until=NULL WHERE claimed_by=?", (owner,))
+            else:
+                self.db.executemany("UPDATE items SET claimed_by=NULL, lease_until=NULL WHERE claimed_by=? AND id=?",
+                                    [(owner, i) for i in ids])
+            return self.db.total_changes - before
+        return self._write(fn)
+
+    def release_dead(self) -> int:
+        """Drops the claims of owners that are dead processes on this host (e.g. a killed service). Returns how many."""
+        with self.lock:
+            owners = [r[0] for r in self.db.execute(
+                "SELECT DISTINCT claimed_by FROM items WHERE claimed_by IS NOT NULL AND status='pending'")]
+        return sum(self.release(o) for o in owners if _owner_dead(o))
 
     def _seq_of(self, item_id):
         row = self.db.execute("SELECT seq FROM items WHERE id=?", (item_id,)).fetchone()
@@ -122,7 +249,7 @@ class LabelStore:
     def pending(self, limit: int = 100, exclude: Iterable[int] = (), kind: Optional[str] = None) -> list[dict]:
         """Oldest pending items, skipping ids in ``exclude`` (work already in flight)."""
         exclude = set(exclude)
-        q = "SELECT id, task, kind, a, b, attempts FROM items WHERE status='pending'"
+        q = f"SELECT {ITEM_COLS} FROM items WHERE status='pending'"
         args: list = []
         if kind:
             q += " AND kind=?"
@@ -131,7 +258,7 @@ class LabelStore:
         args.append(limit + len(exclude))
         with self.lock:
             rows = self.db.execute(q, args).fetchall()
-        out = [dict(id=r[0], task=r[1], kind=r[2], a=r[3], b=r[4], attempts=r[5]) for r in rows if r[0] not in exclude]
+        out = [_item(r) for r in rows if r[0] not in exclude]
         return out[:limit]
 
     def changes_since(self, task: str, seq: int = 0, limit: int = 10_000) -> dict:
@@ -148,11 +275,13 @@ class LabelStore:
     def get(self, task: str, message: str, b: Optional[str] = None) -> Optional[dict]:
         kind, bb = ("label", "") if b is None else ("pair", b)
         with self.lock:
-            r = self.db.execute("SELECT status, label, attempts, raw_reply, backend, model, prompt_version, error "
-                                "FROM items WHERE task=? AND kind=? AND a=? AND b=?", (task, kind, message, bb)).fetchone()
+            r = self.db.execute("SELECT status, label, attempts, raw_reply, backend, model, prompt_version, error, "
+                                "parse_failures, claimed_by FROM items WHERE task=? AND kind=? AND a=? AND b=?",
+                                (task, kind, message, bb)).fetchone()
         if r is None:
             return None
-        return dict(zip(("status", "label", "attempts", "raw_reply", "backend", "model", "prompt_version", "error"), r))
+        return dict(zip(("status", "label", "attempts", "raw_reply", "backend", "model", "prompt_version", "error",
+                         "parse_failures", "claimed_by"), r))
 
     def counts(self) -> dict:
         """``{"pending": n, "labeled": n, "unlabeled": n}`` over all tasks and kinds."""
@@ -160,4 +289,37 @@ class LabelStore:
             rows = self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall()
         out = {"pending": 0, "labeled": 0, "unlabeled": 0}
         out.update(dict(rows))
+        return out
+
+    def summary(self, task: str, items: Optional[Iterable[tuple]] = None) -> dict:
+        """Where the items of ``task`` stand (all of them, or those in ``items``: ``(kind, a, b)`` keys, ``b`` = ""
+        for messages): ``{"total", "labeled", "unlabeled", "pending", "missing", "reasons": {why: n}}``, ``why``
+        saying for each item not labelled why not (its last error, or that it was never sent)."""
+        with self.lock:
+            rows = self.db.execute("SELECT kind, a, b, status, error, attempts FROM items WHERE task=?",
+                                   (task,)).fetchall()
+        want = None if items is None else set(items)
+        out = {"total": 0, "labeled": 0, "unlabeled": 0, "pending": 0, "missing": 0, "reasons": {}}
+        seen = set()
+        for kind, a, b, status, error, attempts in rows:
+            if want is not None:
+                if (kind, a, b) not in want:
+                    continue
+                seen.add((kind, a, b))
+            out["total"] += 1
+            out[status] += 1
+            if status == "labeled":
+                continue
+            if status == "unlabeled":
+                why = f"the replies never parsed ({error or 'no answer'})"
+            elif error:
+                why = f"backend failed ({attempts} attempt(s)): {error}"
+            else:
+                why = NOT_ASKED
+            out["reasons"][why] = out["reasons"].get(why, 0) + 1
+        if want is not None:
+            out["missing"] = len(want - seen)
+            out["total"] += out["missing"]
+            if out["missing"]:
+                out["reasons"]["never reached the label store"] = out["missing"]
         return out
