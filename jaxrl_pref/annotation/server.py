@@ -137,7 +137,7 @@ class Annotator:
                 batch = [] if self._stop.is_set() else self.store.claim(self.owner, bs, self.lease)
             except Exception as e:  # e.g. the store is locked for longer than its timeout: try again, say so
                 batch = []
-                self._internal_error(0, e)
+                self._internal_error((), e)
             if not batch:
                 self._slots.release()
                 self._wake.wait(self.poll)
@@ -203,7 +203,7 @@ class Annotator:
                     if final:
                         self.m["unlabeled"] += 1
                 results.append(dict(id=it["id"], label=r.label, final=final, raw_reply=r.raw, error=r.error,
-                                    backend=self.backend.name, model=self.backend.model,
+                                    tries=tries, backend=self.backend.name, model=self.backend.model,
                                     prompt_version=f"{prompt.task}.v{prompt.version}"))
             self.store.record(results)
             done = sum(1 for r in results if r["label"] is not None)

@@ -60,7 +60,7 @@ INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 """
 # columns added after the first version (stores written by it gain them on open)
 COLUMNS = {"parse_failures": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT", "lease_until": "REAL"}
-NOT_ASKED = "not sent to the backend yet (the run ended first, or no annotator service was running)"
+NOT_ASKED = "pending, not sent to the backend yet (the run ended first, or no annotator service was running)"
 ITEM_FIELDS = ("id", "task", "kind", "a", "b", "attempts", "parse_failures")
 ITEM_COLS = ", ".join(ITEM_FIELDS)
 
@@ -174,8 +174,8 @@ class LabelStore:
     def record(self, results: Sequence[dict]) -> None:
         """Stores answers. Each result: ``id``, ``label`` (float, or None when the reply did not parse), ``final``
         (a None label is final: the item becomes ``unlabeled``; else it stays pending with ``parse_failures`` + 1),
-        and optionally ``raw_reply``, ``error``, ``backend``, ``model``, ``prompt_version``. Each answer counts one
-        attempt and releases the item's claim. An item that is no longer pending (another service answered it
+        and optionally ``raw_reply``, ``error``, ``backend``, ``model``, ``prompt_version``, ``tries`` (requests it
+        took, failed ones included; default 1: added to ``attempts``). Each answer releases the item's claim. An item that is no longer pending (another service answered it
         first) is left as it is: the first answer wins."""
         now = time.time()
 
@@ -189,10 +189,10 @@ class LabelStore:
                     status = "pending"
                 self.db.execute(
                     "UPDATE items SET status=?, label=?, backend=?, model=?, prompt_version=?, raw_reply=?, error=?,"
-                    " attempts=attempts+1, parse_failures=parse_failures+?, answered=?, seq=?, claimed_by=NULL,"
+                    " attempts=attempts+?, parse_failures=parse_failures+?, answered=?, seq=?, claimed_by=NULL,"
                     " lease_until=NULL WHERE id=? AND status='pending'",
                     (status, r.get("label"), r.get("backend"), r.get("model"), r.get("prompt_version"),
-                     r.get("raw_reply"), r.get("error"), int(r.get("label") is None),
+                     r.get("raw_reply"), r.get("error"), r.get("tries", 1), int(r.get("label") is None),
                      now if status != "pending" else None,
                      seq if status != "pending" else self._seq_of(r["id"]), r["id"]))
         self._tx(fn)
@@ -296,12 +296,11 @@ class LabelStore:
         for messages): ``{"total", "labeled", "unlabeled", "pending", "missing", "reasons": {why: n}}``, ``why``
         saying for each item not labelled why not (its last error, or that it was never sent)."""
         with self.lock:
-            rows = self.db.execute("SELECT kind, a, b, status, error, attempts FROM items WHERE task=?",
-                                   (task,)).fetchall()
+            rows = self.db.execute("SELECT kind, a, b, status, error FROM items WHERE task=?", (task,)).fetchall()
         want = None if items is None else set(items)
         out = {"total": 0, "labeled": 0, "unlabeled": 0, "pending": 0, "missing": 0, "reasons": {}}
         seen = set()
-        for kind, a, b, status, error, attempts in rows:
+        for kind, a, b, status, error in rows:
             if want is not None:
                 if (kind, a, b) not in want:
                     continue
@@ -311,9 +310,9 @@ class LabelStore:
             if status == "labeled":
                 continue
             if status == "unlabeled":
-                why = f"the replies never parsed ({error or 'no answer'})"
+                why = f"unlabelled, the replies never parsed: {error or 'no answer'}"
             elif error:
-                why = f"backend failed ({attempts} attempt(s)): {error}"
+                why = f"pending, last error: {error}"
             else:
                 why = NOT_ASKED
             out["reasons"][why] = out["reasons"].get(why, 0) + 1
