@@ -17,7 +17,7 @@ from envs import wrappers
 from envs.wrappers import (AutoReset, ClipAction, EpisodeStats, FlattenObservation, NormalizeObservation,
                            NormalizeReward)
 
-__all__ = ["make", "register", "registered", "spec", "EnvSpec", "wrappers"]
+__all__ = ["make", "register", "registered", "check_name", "spec", "EnvSpec", "wrappers"]
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -29,6 +29,20 @@ def register(name: str, factory: Callable) -> None:
 
 def registered() -> list[str]:
     return sorted(set(gymnax.registered_envs) | set(_REGISTRY) | set(_nethack.registered()))
+
+
+def check_name(name: str) -> None:
+    """Raises :class:`~jaxrl_pref.config.ConfigError` (field ``env_name``) unless ``name`` is a known env. Cheap:
+    builds nothing (xminigrid ids need xminigrid installed, and say so)."""
+    from jaxrl_pref.config import ConfigError
+    if name in _REGISTRY or name in gymnax.registered_envs or _nethack.is_host_env(name):
+        return
+    try:
+        _base(name, {})
+    except (ValueError, ImportError) as e:
+        problem, _, fix = str(e).split(": ", 1)[-1].partition(" Fix: ")
+        raise ConfigError("env_name", problem.rstrip("."),
+                          fix or "pick a registered env (python -c 'import envs; print(envs.registered())')") from None
 
 
 def _base(name: str, kwargs: dict):

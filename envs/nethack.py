@@ -43,6 +43,7 @@ with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, aut
 from __future__ import annotations
 
 import collections
+import dataclasses
 import difflib
 import json
 import os
@@ -63,7 +64,7 @@ NETHACK_TASKS = ("NetHackScore-v0", "NetHackStaircase-v0", "NetHackStaircasePet-
                  "NetHackGold-v0", "NetHackEat-v0", "NetHackScout-v0", "NetHackChallenge-v0", "NetHack-v0")
 INSTALL_HINT = 'install the NetHack extra: pip install -e ".[nle]"  (pip packages nle and minihack)'
 
-__all__ = ["NLEPool", "make", "is_host_env", "registered", "require_nle", "NETHACK_TASKS"]
+__all__ = ["NLEPool", "PoolConfig", "make", "is_host_env", "registered", "require_nle", "NETHACK_TASKS"]
 
 
 def require_nle(task: str = "NetHack-v0"):
@@ -566,6 +567,73 @@ def _concat(parts):
     if isinstance(parts[0], dict):
         return {k: _concat([p[k] for p in parts]) for k in parts[0]}
     return np.concatenate(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """How a NetHack/MiniHack pool steps its envs, and how the host loop drives it (defaults for 2 CPU cores)."""
+    num_workers: int = 0
+    """Env worker processes (0: one per CPU core, less one if host-envs > 0)."""
+    host_envs: int = -1
+    """Envs per group stepped by the training process itself while the workers step theirs (NLEPool host_envs):
+    on few cores the host then works instead of waiting, and one worker process fewer shares the cores; those envs
+    are not isolated in a worker process. -1 (auto), on machines with at most 2 cores unless num-workers is given:
+    3/8 of a group (at least 1, at most all but one: 3 of 8, the best of 2, 3, 4 there, since the host also runs the
+    policy and the pool's bookkeeping); else 0."""
+    obs_keys: tuple[str, ...] = ("glyphs_crop", "blstats", "message")
+    """Observation keys the pool produces (from glyphs, glyphs_crop, chars, chars_crop, blstats, message)."""
+    crop: int = 9
+    """Side of the glyph crop around the agent (odd)."""
+    max_episode_steps: int = 0
+    """Episode step limit (0: the task's default: 5000 NetHack, task-specific MiniHack)."""
+    env_groups: int = 2
+    """Split the envs into this many groups and pipeline collection: the policy acts on one group while the
+    workers step the other (2: neither the workers nor the learner wait within a rollout; see NLEPool.send)."""
+    overlap: bool = False
+    """Collect the next rollout while the previous one is learned from (one update of policy lag)."""
+
+    def __post_init__(self):
+        from jaxrl_pref.config import require
+        bad = [k for k in self.obs_keys if k not in W.OBS_KEYS]
+        require(not bad and len(self.obs_keys) > 0, "obs_keys", f"unknown keys {bad}",
+                f"choose from {' '.join(W.OBS_KEYS)}")
+        require(self.crop >= 1 and self.crop % 2 == 1, "crop", f"must be odd and positive, got {self.crop}",
+                "pass e.g. --crop 9")
+        require(self.max_episode_steps >= 0, "max_episode_steps", f"must be >= 0, got {self.max_episode_steps}",
+                "pass 0 for the task's default")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}",
+                "pass e.g. --num-workers 0")
+
+    def check(self, num_envs: int) -> None:
+        """Checks the settings that depend on the pool's size."""
+        from jaxrl_pref.config import require
+        require(self.env_groups >= 1 and num_envs % self.env_groups == 0, "env_groups",
+                f"must be >= 1 and divide num_envs={num_envs}, got {self.env_groups}",
+                "pass --env-groups 1, or 2 with an even --num-envs")
+        per_group = num_envs // self.env_groups
+        require(-1 <= self.host_envs <= per_group, "host_envs",
+                f"must be -1 (auto) or in [0, num_envs / env_groups = {per_group}], got {self.host_envs}",
+                "pass --host-envs -1 (auto) or 0 (every env in a worker process)")
+        host = self.resolved_host_envs(num_envs)
+        require(0 <= self.num_workers <= per_group - host, "num_workers",
+                f"must be in [0, num_envs / env_groups - host_envs = {per_group - host}], got "
+                f"{self.num_workers}", "pass e.g. --num-workers 0")
+
+    def resolved_host_envs(self, num_envs: int) -> int:
+        """``host_envs`` with -1 (auto) resolved for this machine (at most the envs in a group)."""
+        if self.host_envs >= 0:
+            return self.host_envs
+        auto = (os.cpu_count() or 1) <= 2 and self.num_workers == 0  # an explicit --num-workers means no host envs
+        per_group = num_envs // self.env_groups
+        return min(max(1, 3 * per_group // 8), per_group - 1) if auto else 0
+
+    def make_pool(self, env_name: str, num_envs: int, seed: int = 0, **pool_kwargs) -> "NLEPool":
+        """The pool these settings describe (close it when done); ``pool_kwargs`` go to :class:`NLEPool`."""
+        self.check(num_envs)
+        env_kwargs = {"max_episode_steps": self.max_episode_steps} if self.max_episode_steps else {}
+        return make(env_name, num_envs=num_envs, seed=seed, num_workers=self.num_workers or None,
+                    obs_keys=self.obs_keys, crop=(self.crop, self.crop), env_kwargs=env_kwargs,
+                    num_groups=self.env_groups, host_envs=self.resolved_host_envs(num_envs), **pool_kwargs)
 
 
 def make(name: str, num_envs: Optional[int] = None, **kwargs) -> NLEPool:

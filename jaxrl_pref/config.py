@@ -44,12 +44,44 @@ def _default(cfg, name):
     return "..."
 
 
+def vmappable(default: float):
+    """A config field that is also a traced, vmappable hyperparameter (see :func:`hparams_class`)."""
+    return dataclasses.field(default=default, metadata={"vmappable": True})
+
+
+def vmappable_fields(cls) -> tuple[str, ...]:
+    """The fields of config class ``cls`` declared with :func:`vmappable`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("vmappable"))
+
+
+def hparams_class(cls, name: str = "HParams"):
+    """A flax struct dataclass with one traced leaf per vmappable field of ``cls`` (declared once, on the config)."""
+    import jax
+    from flax import struct
+    ns = {"__annotations__": {n: jax.Array for n in vmappable_fields(cls)}, "__module__": cls.__module__,
+          "__qualname__": name}
+    return struct.dataclass(type(name, (), ns))
+
+
+def build_hparams(hp_cls, cfg, overrides: dict, dtypes: Optional[dict] = None):
+    """``hp_cls`` from ``cfg``'s values; ``overrides`` (maybe arrays with a leading sweep axis) replace some. All
+    leaves are broadcast to one common shape so ``jax.vmap`` maps over them together."""
+    import jax.numpy as jnp
+    names = tuple(f.name for f in dataclasses.fields(hp_cls))
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "is not a vmappable hyperparameter", f"use one of {names}")
+    vals = {k: jnp.asarray(overrides.get(k, getattr(cfg, k)), (dtypes or {}).get(k, jnp.float32)) for k in names}
+    shape = jnp.broadcast_shapes(*(v.shape for v in vals.values()))
+    return hp_cls(**{k: jnp.broadcast_to(v, shape) for k, v in vals.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How an experiment runs an agent (seeds, outputs, checkpoints, resume): mixed into each experiment's
-    ``Options`` next to the agent's ``Config``; call :meth:`validate_run` from ``validate``."""
+    """How an experiment runs an agent: seeds, outputs, checkpoints, resume, devices across processes."""
     num_seeds: int = 1
-    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i)."""
+    """Independent seeds trained together (vmapped); seed i uses PRNGKey(seed + i). Host-loop (NetHack/MiniHack)
+    runs train one seed per process."""
     seed: int = 0
     """First random seed."""
     run_dir: Optional[str] = None
@@ -59,12 +91,32 @@ class RunOptions:
     checkpoint_every: int = 100
     """Updates per compiled chunk; a checkpoint is saved after each chunk."""
     resume: Optional[str] = None
-    """Continue the run in this directory from its latest checkpoint (its config.json supplies the options;
-    options given with --resume override them)."""
+    """Continue a run from its latest checkpoint: '--resume RUN_DIR' (options are read from RUN_DIR/config.json;
+    options given as well override them, and the run refuses settings that change its results), or a bare
+    '--resume' for the run in --run-dir (starts fresh when it has no checkpoint yet)."""
     no_resume: bool = False
     """Start over even if --run-dir holds checkpoints (old checkpoints/ and tb/ are moved aside, not deleted)."""
     progress: bool = True
     """Show a progress bar (plain lines when stdout is not a terminal or CI=true)."""
+    per_seed: bool = False
+    """Also write per-seed curves (seed_<i>/...) to tensorboard."""
+    hp_values: Optional[str] = None
+    """Vmapped hyperparameter sweep inside one run: JSON {field: [one value per seed]} for the agent's vmappable
+    fields, e.g. '{"learning_rate": [1e-4, 3e-4]}' with --num-seeds 2 (seed i uses value i)."""
+    distributed: bool = False
+    """Multi-process data parallelism: call jax.distributed.initialize (coordinator/process count/id from
+    --coordinator/--num-processes/--process-id, else the Slurm step, else JAX's detection on TPU pods/GKE/MPI) and
+    use --num-devices devices across all processes. Process 0 writes logs and metrics; every process writes its
+    checkpoint shards (use a shared --run-dir)."""
+    coordinator: Optional[str] = None
+    """host:port of process 0 for --distributed (default: from Slurm / JAX's detection)."""
+    num_processes: Optional[int] = None
+    """Number of processes for --distributed (default: from Slurm / JAX's detection)."""
+    process_id: Optional[int] = None
+    """This process's index for --distributed (default: from Slurm / JAX's detection)."""
+
+    def __post_init__(self):
+        self.validate_run()
 
     def validate_run(self) -> None:
         for name in ("num_seeds", "log_every", "checkpoint_every"):
@@ -74,6 +126,31 @@ class RunOptions:
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
         require(not (self.no_resume and self.resume is not None), "no_resume",
                 "--resume and --no-resume contradict each other", "pass only one of them")
+        if self.run_dir and self.resume:
+            from pathlib import Path
+            require(Path(self.resume).resolve() == Path(self.run_dir).resolve(), "run_dir",
+                    f"--resume {self.resume} and --run-dir {self.run_dir} differ",
+                    "pass only --resume RUN_DIR, or --run-dir RUN_DIR with a bare --resume")
+
+    def hp_overrides(self, fields: Sequence[str]) -> dict:
+        """``--hp-values`` parsed and checked against the agent's vmappable ``fields``: {field: [num_seeds floats]}."""
+        if self.hp_values is None:
+            return {}
+        example = """pass e.g. '{"learning_rate": [1e-4, 3e-4]}'"""
+        try:
+            vals = json.loads(self.hp_values)
+        except ValueError as e:
+            raise ConfigError("hp_values", f"is not JSON ({e})", example) from None
+        require(isinstance(vals, dict) and bool(vals), "hp_values", f"must be a JSON object, got {self.hp_values!r}",
+                example)
+        for k, v in vals.items():
+            require(k in fields, "hp_values", f"{k!r} cannot be vmapped",
+                    f"use fields among {list(fields)}; other fields need separate runs")
+            require(isinstance(v, list) and len(v) == self.num_seeds
+                    and all(isinstance(x, (int, float)) for x in v), "hp_values",
+                    f"{k} needs one number per seed ({self.num_seeds}), got {v!r}",
+                    f"give {self.num_seeds} values or set --num-seeds {len(v) if isinstance(v, list) else 1}")
+        return {k: [float(x) for x in v] for k, v in vals.items()}
 
 
 def to_dict(cfg) -> dict:

@@ -350,3 +350,42 @@ def plot_learning_curve(metrics: Mapping[str, Any], path, steps_per_update: Opti
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_oni_curves(metrics: Mapping[str, Any], path, steps_per_update: int) -> None:
+    """ONI's three panels over env steps: extrinsic vs intrinsic reward per step, episode return, label counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def get(k):  # mean over seeds; updates where no episode ended stay NaN
+        if k not in metrics:
+            return None
+        a = np.asarray(metrics[k], np.float64)
+        a = a.reshape(-1, a.shape[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(a, 0)
+    n = np.shape(next(iter(metrics.values())))[-1]
+    x = (np.arange(n) + 1) * steps_per_update
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for k, lab in (("reward/extrinsic", "extrinsic"), ("reward/intrinsic", "intrinsic (normalised)")):
+        if get(k) is not None:
+            ax[0].plot(x, get(k), label=lab)
+    ax[0].set_title("reward per step")
+    ax[0].legend()
+    if get("episode_return") is not None:
+        r = get("episode_return")
+        ok = ~np.isnan(r)
+        ax[1].plot(x[ok], r[ok])
+    ax[1].set_title("episode return (extrinsic)")
+    for k in ("labels/labeled", "labels/positive", "labels/pairs", "messages/distinct_seen"):
+        if get(k) is not None and np.nanmax(get(k)) > 0:
+            ax[2].plot(x, get(k), label=k.split("/")[1])
+    ax[2].set_title("annotation")
+    ax[2].legend()
+    for a in ax:
+        a.set_xlabel("env steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,6 +1,7 @@
 """Network torsos and actor-critic heads shared by the agents."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import distrax
@@ -163,3 +164,34 @@ class EncoderActorCritic(nn.Module):
     def __call__(self, obs):
         h = self.encoder(obs)
         return _dense(self.num_actions, 0.01)(h), _dense(1, 1.0)(h)[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class NetHackNetConfig:
+    """The policy network on NetHack/MiniHack observation dicts: :class:`NetHackEncoder` → actor-critic heads."""
+    encode_keys: tuple[str, ...] = ("glyphs_crop", "blstats")
+    """Keys the policy network encodes (a subset of obs-keys; message is carried for reward models either way)."""
+    glyph_dim: int = 8
+    channels: int = 16
+    features: int = 64
+    crop_conv: bool = False
+    """Two 3x3 convs over the embedded crop (the glyph CNN). Off by default: on CPU, XLA runs convolutions inside
+    the PPO minibatch scan ~10x slower than outside; turn on for GPU runs."""
+
+    def __post_init__(self):
+        from jaxrl_pref.config import require
+        require(len(self.encode_keys) > 0, "encode_keys", "must name at least one observation key",
+                "pass e.g. --encode-keys glyphs_crop blstats")
+        for name in ("glyph_dim", "channels", "features"):
+            require(getattr(self, name) > 0, name, "must be positive", f"pass e.g. --{name.replace('_', '-')} 16")
+
+    def check(self, obs_keys: Sequence[str]) -> None:
+        from jaxrl_pref.config import require
+        require(set(self.encode_keys) <= set(obs_keys), "encode_keys",
+                f"{self.encode_keys} must be a subset of obs-keys {tuple(obs_keys)}",
+                "add the keys to --obs-keys or drop them from --encode-keys")
+
+    def network(self, num_actions: int) -> EncoderActorCritic:
+        return EncoderActorCritic(num_actions, NetHackEncoder(glyph_dim=self.glyph_dim, channels=self.channels,
+                                                              features=self.features, keys=tuple(self.encode_keys),
+                                                              crop_conv=self.crop_conv))

@@ -1,0 +1,268 @@
+"""One command line for every experiment: options composed from config sections, ``--resume``, validation, exit codes.
+
+An experiment declares an :class:`Experiment`: its option sections (typed dataclasses: the agent's config, the env
+pool's, the reward model's, the run options), its per-env defaults and a ``train(opts, run_dir) -> RunResult``.
+:func:`main` does the rest the same way for every agent:
+
+* the flags are the sections' field names (``--learning-rate``, ``--num-envs``; ``--env`` for ``--env-name``);
+  ``--help`` lists them section by section; a bare boolean flag means True;
+* defaults come from the dataclasses, then the experiment's per-env defaults (e.g. PPO's sizes for the NetHack
+  pool), then, with ``--resume RUN_DIR``, the options saved in ``RUN_DIR/config.json``; flags given override all;
+* validation happens before anything is built: each section checks itself when constructed, the experiment checks
+  the combination (``error: <field>: <problem>. Fix: <fix>``, exit 2);
+* ``--distributed`` joins the other processes before JAX starts; SIGTERM/SIGINT finish the chunk, save and exit
+  ``128 + signal``; a NaN loss exits 1; a bad option or unusable checkpoint exits 2.
+
+Sections marked ``host_only`` (the NetHack/MiniHack pool and its network) apply to host envs only: for a JAX env
+they are left out of the saved config, and setting one of them is an error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from jaxrl_pref.config import ConfigError, RunOptions, require
+
+__all__ = ["Section", "Experiment", "Options", "parse", "main", "setup", "is_host_env"]
+
+ENV_FLAGS = ("--env", "--env-name", "--env_name")
+_RESUME_HERE = ""  # the value of a bare --resume: the run in --run-dir
+
+
+def setup() -> None:
+    """Entry points call this before importing JAX code: synchronous CPU dispatch (jax#25861) and, with
+    ``--distributed`` on the command line, joining the other processes before the backend exists."""
+    from jaxrl_pref import distributed
+    from jaxrl_pref.runner import use_sync_cpu_dispatch
+    use_sync_cpu_dispatch()
+    try:
+        distributed.initialize_if_requested(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_host_env(name: str) -> bool:
+    """Whether ``name`` is a NetHack/MiniHack pool env (host loop) rather than a JAX env (jitted loop)."""
+    from envs import nethack
+    return nethack.is_host_env(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One group of options: ``name`` (the attribute on :class:`Options`), its dataclass, whether it applies to
+    NetHack/MiniHack pool envs only, and whether it is part of the saved (and on resume compared) config."""
+    name: str
+    cls: type
+    host_only: bool = False
+    saved: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What an entry point declares; :func:`main` does the rest."""
+    name: str                                       # agent name: config.json "agent", runs/<name>-<env>-<time>
+    module: str                                     # python -m <module> (printed in the resume hint)
+    doc: str                                        # the module docstring: its first paragraph heads --help
+    sections: tuple[Section, ...]                   # the last one is the run options (a RunOptions)
+    train: Callable[["Options", str], Any]          # (options, run_dir) -> RunResult
+    default_env: str
+    defaults: Callable[[str, bool], dict] = lambda env, host: {}  # (env, host) -> {field: default}
+    check: Optional[Callable[["Options"], None]] = None          # checks across sections (raise ConfigError)
+    hparam_fields: tuple[str, ...] = ()             # fields --hp-values may vmap
+    unit: str = "update"
+    errors: tuple = ()                              # further exceptions that mean "exit 2 with the message"
+
+
+class Options:
+    """Parsed options: one attribute per section (``opts.ppo``, ``opts.run``...), and each field by its own name
+    (``opts.num_envs``). ``config`` is the flat view of the sections that apply, saved as ``config.json``'s
+    ``config`` and compared on resume."""
+
+    def __init__(self, spec: Experiment, sections: dict, host: bool):
+        self.spec, self.sections, self.host = spec, sections, host
+
+    def __getattr__(self, name):
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        for s in sections.values():
+            if name in {f.name for f in dataclasses.fields(s)}:
+                return getattr(s, name)
+        raise AttributeError(name)
+
+    @property
+    def run(self) -> RunOptions:
+        return self.sections[self.spec.sections[-1].name]
+
+    @property
+    def env_name(self) -> str:
+        return self.__getattr__("env_name")
+
+    def applies(self, section: Section) -> bool:
+        return self.host or not section.host_only
+
+    @property
+    def config(self):
+        """One frozen dataclass holding every field of the sections that apply (the run options excepted)."""
+        parts = [(s, self.sections[s.name]) for s in self.spec.sections[:-1] if self.applies(s) and s.saved]
+        fields = [(f.name, f.type) for _, obj in parts for f in dataclasses.fields(obj)]
+        cls = dataclasses.make_dataclass(f"{self.spec.name}_config", fields, frozen=True)
+        return cls(**{f.name: getattr(obj, f.name) for _, obj in parts for f in dataclasses.fields(obj)})
+
+    def runner_kwargs(self, run_dir) -> dict:
+        """The run options as :func:`jaxrl_pref.runner.run_experiment` keywords."""
+        r = self.run
+        return dict(run_dir=run_dir, num_seeds=r.num_seeds, seed=r.seed, log_every=r.log_every,
+                    checkpoint_every=r.checkpoint_every, progress=r.progress, per_seed=r.per_seed,
+                    resume=True if r.resume is not None else (False if r.no_resume else None),
+                    agent=self.spec.name)
+
+    def default_run_dir(self) -> str:
+        return self.run.run_dir or self.run.resume or \
+            f"runs/{self.spec.name}-{self.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# -- parsing ------------------------------------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool_fields(spec: Experiment) -> set:
+    return {_flag(f.name) for s in spec.sections for f in dataclasses.fields(s.cls) if f.type in ("bool", bool)}
+
+
+def _normalise(spec: Experiment, argv: Sequence[str]) -> tuple[list[str], Optional[str], Optional[str]]:
+    """Aliases and bare flags made explicit; returns (argv, the --resume path or None, the --env value or None)."""
+    bools, out, resume, env = _bool_fields(spec), [], None, None
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+        name, eq, val = a.partition("=")
+        if name in ENV_FLAGS:
+            a = "--env-name" + eq + val
+            env = val if eq else (None if bare else argv[i + 1])
+        if name == "--resume":
+            if eq:
+                resume = val or None
+            elif bare:
+                a = f"--resume={_RESUME_HERE}"
+            else:
+                resume = argv[i + 1]
+        out.append(a)
+        if not eq and bare and name in bools:
+            out.append("True")
+    return out, resume, env
+
+
+def _saved_options(resume_path: str) -> dict:
+    """The options of the run in ``resume_path``: its config, its run settings and any section it saved apart."""
+    cfg_file = Path(resume_path) / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
+                          "pass the --run-dir of an earlier run, or leave out --resume to start a new one")
+    try:
+        saved = json.loads(cfg_file.read_text())
+        config, run = dict(saved["config"]), dict(saved["run"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("resume", f"{cfg_file} is unreadable ({e})", "start a new run, or restore that file") from None
+    for v in run.values():  # sections an older version saved under run (e.g. run["heron"])
+        if isinstance(v, dict) and not any(k.startswith(".") for k in v):
+            config.update(v)
+    config.update({k: run[k] for k in ("num_seeds", "seed", "checkpoint_every", "log_every", "host") if k in run})
+    if run.get("hp_batched") and isinstance(run.get("hp"), dict):  # a --hp-values run: the varied fields
+        varied = {k.lstrip("."): v for k, v in run["hp"].items() if isinstance(v, list) and len(set(v)) > 1}
+        if varied:
+            config["hp_values"] = json.dumps(varied)
+    config["run_dir"] = str(resume_path)
+    return config
+
+
+def _defaults(spec: Experiment, overrides: dict) -> dict:
+    """Each section's default instance: its dataclass defaults with ``overrides`` (by field name) applied."""
+    out = {}
+    for s in spec.sections:
+        names = {f.name for f in dataclasses.fields(s.cls)}
+        out[s.name] = s.cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if k in names})
+    return out
+
+
+def _section_type(spec: Experiment, host: bool, defaults: dict):
+    """The nested dataclass tyro parses: one field per section, defaulting to ``defaults[section]``."""
+    import tyro
+    from typing import Annotated
+    fields = []
+    for s in spec.sections:
+        doc = " ".join((s.cls.__doc__ or "").split("\n\n")[0].split())
+        if s.host_only:
+            doc += " (NetHack/MiniHack pool envs only" + (")" if host else "; not used with this env)")
+        fields.append((s.name, Annotated[s.cls, tyro.conf.arg(help=doc)],
+                       dataclasses.field(default=defaults[s.name])))
+    return dataclasses.make_dataclass(f"{spec.name}_options", fields, frozen=True)
+
+
+def parse(spec: Experiment, argv: Optional[Sequence[str]] = None) -> Options:
+    """Parses and validates the command line; a bad value prints ``error: ...`` and exits with status 2."""
+    import tyro
+    argv, resume, env = _normalise(spec, list(sys.argv[1:] if argv is None else argv))
+    helping = any(a in ("-h", "--help") for a in argv)
+    try:
+        saved = _saved_options(resume) if resume is not None and not helping else {}
+        env = env or saved.get("env_name") or spec.default_env
+        host = is_host_env(env)
+        flat_names = [f.name for s in spec.sections for f in dataclasses.fields(s.cls)]
+        dup = {n for n in flat_names if flat_names.count(n) > 1}
+        assert not dup, f"option names appear in two sections: {dup}"
+        defaults = _defaults(spec, {"env_name": spec.default_env, **spec.defaults(env, host), **saved})
+        parsed = tyro.cli(_section_type(spec, host, defaults), args=argv, prog=f"python -m {spec.module}",
+                          description=spec.doc.split("\n\n")[0] + " (--env is short for --env-name)",
+                          config=(tyro.conf.FlagConversionOff, tyro.conf.OmitArgPrefixes))
+        opts = Options(spec, {s.name: getattr(parsed, s.name) for s in spec.sections}, host)
+        _check(opts, defaults)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return opts
+
+
+def _check(opts: Options, defaults: dict) -> None:
+    spec = opts.spec
+    from envs import check_name
+    check_name(opts.env_name)
+    for s in spec.sections:  # a pool option set for a JAX env
+        if not opts.applies(s):
+            for f in dataclasses.fields(s.cls):
+                require(getattr(opts.sections[s.name], f.name) == getattr(defaults[s.name], f.name), f.name,
+                        f"applies to NetHack/MiniHack pool envs only, and {opts.env_name} is a JAX env",
+                        f"drop {_flag(f.name)}, or pass a NetHack/MiniHack --env")
+    opts.run.hp_overrides(spec.hparam_fields)  # validates --hp-values
+    if opts.host:
+        require(opts.run.num_seeds == 1, "num_seeds",
+                f"host-env runs train one seed per process, got {opts.run.num_seeds}",
+                "pass --num-seeds 1 and start one process per seed (--seed 0, --seed 1, ...)")
+        require(opts.run.hp_values is None, "hp_values", "host-env runs cannot vmap hyperparameters",
+                "start one process per value")
+    if spec.check is not None:
+        spec.check(opts)
+
+
+def main(spec: Experiment, argv: Optional[Sequence[str]] = None) -> int:
+    """Parses ``argv``, trains (``spec.train``) and returns the exit status (see the module docstring)."""
+    from jaxrl_pref import distributed
+    from jaxrl_pref.runner import run_for_cli
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before parsing: validation may look at jax.devices(), which must already be the global list
+        distributed.initialize_if_requested(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = parse(spec, argv)
+    run_dir = opts.default_run_dir()
+    status, _ = run_for_cli(lambda: spec.train(opts, run_dir), module=spec.module, run_dir=run_dir,
+                            unit=spec.unit, errors=spec.errors)
+    return status
