@@ -567,6 +567,9 @@ def test_run_survives_annotator_killed_twice(tmp_path, fake_llm, monkeypatch, ca
         assert client.metrics()["annotator/restarts"] == 2
         summary = client.summary()
         assert (summary["total"], summary["labeled"], summary["pending"]) == (len(seen), len(seen), 0), summary
+        stop_server(sup)  # a clean close of the service checkpoints the WAL (the learner's connection is still open)
+        wal = Path(str(cfg.store_path(run)) + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0, wal.stat()
     finally:
         client.close()
         reader.close()
@@ -577,7 +580,7 @@ def test_run_survives_annotator_killed_twice(tmp_path, fake_llm, monkeypatch, ca
     assert all(store.get("minihack", m)["status"] == "labeled" for m in seen)
     assert store.counts() == {"pending": 0, "labeled": len(seen), "unlabeled": 0}
     store.close()
-    assert _wal_files(cfg.store_path(run)) == []  # the clean close checkpointed the WAL the kills left
+    assert _wal_files(cfg.store_path(run)) == []  # and the last connection's close removed the files the kills left
     err = capfd.readouterr().err
     log = (run / "annotator.log").read_text()
     for text in (err, log):
