@@ -1,6 +1,6 @@
 """ONI: PPO with an intrinsic reward learned online from LLM (or embedded) feedback on the agent's messages.
 
-Not a copy of PPO: it is the host-side PPO trainer (:class:`jaxrl_pref.sebulba.HostTrainer`) with
+Not a copy of PPO: it is PPO's host-loop trainer (:class:`agents.ppo.HostTrainer`) with
 
 * a reward transform (the seam of :mod:`jaxrl_pref.rewards.transform`)::
 
@@ -24,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from agents import ppo
 from jaxrl_pref.config import require
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
@@ -199,15 +200,15 @@ class ONILoop:
 
 def make_trainer(cfg, env, client, log_fn=None, log_every: int = 1, network=None, overlap: bool = False,
                  seed: int = 0):
-    """A :class:`~jaxrl_pref.sebulba.HostTrainer` running ONI on host env ``env`` (whose observations include
-    ``message``). ``cfg`` has PPO's and :class:`ONIOptions`' fields. Usable as ``run_experiment``'s make_trainer."""
-    from jaxrl_pref.sebulba import HostTrainer
+    """PPO's host trainer (:func:`agents.ppo.make_trainer` with ``env``) running ONI on host env ``env`` (whose
+    observations include ``message``). ``cfg`` has PPO's and :class:`ONIOptions`' fields. Usable as
+    ``run_experiment``'s make_trainer."""
     if "message" not in env.observation_spec():
         raise ValueError("ONI needs message observations: the env's observation_spec() has no 'message' key "
                          "(for NetHack pools include 'message' in obs_keys)")
     reward = make_reward(cfg)
     loop = ONILoop(cfg, reward, client, seed)
-    trainer = HostTrainer(cfg, env, reward=reward, log_fn=log_fn, log_every=log_every, overlap=overlap,
-                          network=network, host_hook=loop)
+    trainer = ppo.make_trainer(cfg, reward, log_fn, log_every, env=env, network=network, overlap=overlap,
+                               host_hook=loop)
     trainer.oni_loop = loop
     return trainer

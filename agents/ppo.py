@@ -24,14 +24,17 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from flax import struct
 
 import envs
+from envs.host import host_spec
 from jaxrl_pref import distributed
 from jaxrl_pref.config import ConfigError, in_range, positive, require
 from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, distribution
+from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
 from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
@@ -252,6 +255,17 @@ class PPO:
             metrics = jax.lax.pmean(metrics, axis_name)
         return state, metrics
 
+    def learn(self, state: TrainState, reward, reward_state, hp: HParams, traj: Transition, last_obs, key_reward,
+              key_update, axis_name: Optional[str] = None):
+        """Learns from one rollout, in the Anakin step and the host loop alike: reward-model update -> learning
+        reward (the reward-transform seam) -> advantages -> PPO epochs. Returns (state, reward_state, metrics)."""
+        reward_state, model_metrics = reward.update(reward_state, traj, key_reward, axis_name)
+        learning_reward, reward_metrics = reward(reward_state, traj)
+        adv, ret = self.targets(state.params, hp, traj, learning_reward, last_obs)
+        state, loss_metrics = self.update(state, hp, traj, adv, ret, key_update, axis_name)
+        return state, reward_state, {**episode_metrics(traj.info, axis_name), **loss_metrics, **model_metrics,
+                                     **reward_metrics}
+
 
 def shuffle_indices(key, n: int):
     """A uniformly random permutation of ``range(n)``.
@@ -275,95 +289,136 @@ def make_env(cfg: Config, num_envs: int | None = None):
                      normalize_reward=cfg.normalize_reward, gamma=cfg.gamma)
 
 
-LogFn = Callable[[Any, dict], None]  # (update_step, metrics) -> None, called on the host
+class Trainer(ScanLoop):
+    """PPO's chunked Anakin loop: a :class:`~jaxrl_pref.loop.ScanLoop` over :meth:`init_state` and :meth:`step`.
 
-
-class Trainer:
-    """The chunked Anakin loop: ``init(key, hp) -> RunnerState`` and ``run(state, hp, n) -> (state, metrics)``.
-
-    Both are pure and jittable (``n`` static). With ``cfg.num_devices > 1`` they run under ``shard_map`` over a
-    1-D device mesh: envs are split across devices, parameters are replicated, gradients averaged.
-
-    Seeds and hyperparameters: ``jax.vmap`` over ``init``/``run`` (or ``make_train``) with ``num_devices == 1``.
-    With ``num_devices > 1`` run seeds one after another: vmapping a shard_map'd trainer is rejected by jax 0.10's
-    varying-axes checker, and vmapping inside the device map deadlocks XLA:CPU's in-process all-reduce on
-    forced host devices (seen with 4 devices on 2 cores).
+    ``init(key, hp) -> RunnerState`` and ``run(state, hp, n) -> (state, metrics)`` are pure and jittable (``n``
+    static). With ``cfg.num_devices > 1`` they run under ``shard_map`` over a 1-D device mesh: envs are split
+    across devices, parameters are replicated, gradients averaged. Seeds and hyperparameters: ``jax.vmap`` over
+    ``init``/``run`` (or ``make_train``) with ``num_devices == 1``; with more devices run seeds one after another.
     """
 
-    def __init__(self, cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1):
+    def __init__(self, cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1, network=None):
         self.cfg = cfg
         self.env, self.env_params = make_env(cfg)
         self.spec = envs.spec(self.env, self.env_params)
-        self.agent = PPO(cfg, self.spec)
+        self.agent = PPO(cfg, self.spec, network)
         self.reward = reward if reward is not None else IdentityReward()
-        self.log_fn, self.log_every = log_fn, log_every
-        self.mesh = distributed.data_mesh(cfg.num_devices) if cfg.num_devices > 1 else None
-        self.axis = distributed.DATA_AXIS if self.mesh is not None else None
+        # train state, reward state and step replicated; env state/obs split over envs; keys per device
+        D, R = distributed.SPLIT, distributed.REPLICATED
+        super().__init__(self.init_state, self.step, partial(hparams, cfg), lambda rs: rs.update_step,
+                         log_fn=log_fn, log_every=log_every, num_devices=cfg.num_devices,
+                         state_specs=RunnerState(R, D, D, R, D, R))
 
-    # -- per-device bodies -------------------------------------------------------------------------------------
-    def _init(self, key, hp):
+    def init_state(self, key, hp: HParams, axis_name: Optional[str] = None) -> RunnerState:
         k_params, k_reward, k_env, k_run = jax.random.split(key, 4)
-        if self.axis is not None:  # identical params everywhere, different envs per device
-            k_env = jax.random.fold_in(k_env, jax.lax.axis_index(self.axis))
-            k_run = jax.random.fold_in(k_run, jax.lax.axis_index(self.axis))
+        if axis_name is not None:  # identical params everywhere, different envs per device
+            k_env = jax.random.fold_in(k_env, jax.lax.axis_index(axis_name))
+            k_run = jax.random.fold_in(k_run, jax.lax.axis_index(axis_name))
         train_state = self.agent.init(k_params, hp)
         obs, env_state = self.env.reset(k_env, self.env_params)
         return RunnerState(train_state, env_state, obs, self.reward.init(k_reward, self.spec), k_run,
                            jnp.int32(0))
 
-    def _update(self, rs: RunnerState, hp: HParams):
-        agent, cfg = self.agent, self.cfg
+    def step(self, rs: RunnerState, hp: HParams, axis_name: Optional[str] = None):
+        """One update: an in-jit rollout of ``num_steps`` steps, then :meth:`PPO.learn`."""
         key, k_roll, k_reward, k_upd = jax.random.split(rs.key, 4)
-        policy = partial(agent.act, rs.train_state.params)
+        policy = partial(self.agent.act, rs.train_state.params)
         env_state, obs, traj = collect(self.env, self.env_params, policy, rs.env_state, rs.obs, k_roll,
-                                       cfg.num_steps)
-        reward_state, r_metrics = self.reward.update(rs.reward_state, traj, k_reward, self.axis)
-        reward, r2_metrics = self.reward(reward_state, traj)
-        adv, ret = agent.targets(rs.train_state.params, hp, traj, reward, obs)
-        train_state, l_metrics = agent.update(rs.train_state, hp, traj, adv, ret, k_upd, self.axis)
-        metrics = {**episode_metrics(traj.info, self.axis), **l_metrics, **r_metrics, **r2_metrics}
-        step = rs.update_step + 1
-        if self.log_fn is not None:
-            self._log(step, metrics)
-        return RunnerState(train_state, env_state, obs, reward_state, key, step), metrics
-
-    def _log(self, step, metrics):
-        fn = self.log_fn
-        if self.axis is not None:  # every device holds the same averaged metrics: log device 0's only
-            first = jax.lax.axis_index(self.axis) == 0
-            cb = lambda s, m, f: fn(s, m) if f else None
-            do = lambda: jax.debug.callback(cb, step, metrics, first)
-        else:
-            do = lambda: jax.debug.callback(fn, step, metrics)
-        jax.lax.cond(step % self.log_every == 0, do, lambda: None)
-
-    def _run(self, rs, hp, num_updates: int):
-        return jax.lax.scan(lambda c, _: self._update(c, hp), rs, None, length=num_updates)
-
-    # -- public -----------------------------------------------------------------------------------------------
-    def init(self, key, hp: Optional[HParams] = None) -> RunnerState:
-        hp = hparams(self.cfg) if hp is None else hp
-        if self.mesh is None:
-            return self._init(key, hp)
-        return distributed.shard(self._init, self.mesh, in_specs=(None, None), out_specs=self._rs_specs)(key, hp)
-
-    def run(self, rs: RunnerState, hp: Optional[HParams] = None, num_updates: int = 1):
-        hp = hparams(self.cfg) if hp is None else hp
-        if self.mesh is None:
-            return self._run(rs, hp, num_updates)
-        body = partial(self._run, num_updates=num_updates)
-        return distributed.shard(body, self.mesh, in_specs=(self._rs_specs, None),
-                                 out_specs=(self._rs_specs, None))(rs, hp)
-
-    @property
-    def _rs_specs(self):
-        # train state, reward state and step replicated; env state/obs split over envs; keys per device
-        D, R = distributed.SPLIT, distributed.REPLICATED
-        return RunnerState(R, D, D, R, D, R)
+                                       self.cfg.num_steps)
+        train_state, reward_state, metrics = self.agent.learn(rs.train_state, self.reward, rs.reward_state, hp,
+                                                              traj, obs, k_reward, k_upd, axis_name)
+        return RunnerState(train_state, env_state, obs, reward_state, key, rs.update_step + 1), metrics
 
 
-def make_trainer(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1) -> Trainer:
-    return Trainer(cfg, reward, log_fn, log_every)
+@struct.dataclass
+class HostState:
+    """What the host loop carries between updates (device side); a checkpoint is this pytree."""
+    train_state: TrainState
+    reward_state: Any
+    key: jax.Array
+    update_step: jax.Array
+
+
+class HostTrainer(HostLoop):
+    """PPO on a host env (the interface in :mod:`envs.host`): a :class:`~jaxrl_pref.loop.HostLoop` over
+    :meth:`collect` (the jitted ``act`` on the host, :func:`~jaxrl_pref.loop.host_rollout`) and the same
+    :meth:`PPO.learn` as the Anakin step, jitted. ``init(key, hp) -> HostState``; ``run(state, hp, num_updates)
+    -> (state, metrics)`` with ``[num_updates]`` numpy metrics (the Anakin trainer's keys plus ``env_steps_per_s``
+    and the host hook's); ``hp`` is ignored there: the hyperparameters come from ``cfg``.
+
+    ``host_hook(state, traj) -> (state, host_metrics)`` runs on the host after each rollout, before its update (e.g.
+    ONI: send new messages to the annotator, load new labels into ``state.reward_state``); its metrics (plain
+    floats) are logged with the update's. ``overlap=True`` collects the next rollout with the previous parameters
+    while the update runs (one update of policy lag, corrected by PPO's importance ratio since the behaviour
+    log-probs are stored). An env with ``num_groups > 1`` (``NLEPool(num_groups=2)``) is stepped pipelined: the
+    policy acts on one group's observations while the workers step the other; the batch is the same
+    ``[num_steps, num_envs]``."""
+
+    def __init__(self, cfg: Config, env, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1,
+                 overlap: bool = False, network=None, host_hook: Optional[Callable] = None):
+        self.cfg, self.env = cfg, env
+        self.spec = host_spec(env)
+        self.agent = PPO(cfg, self.spec, network)
+        self.hp = hparams(cfg)
+        self.reward = reward if reward is not None else IdentityReward()
+        # the policy's random draws use XLA's RngBitGenerator (an "rbg" key, 4 uint32 words, made from the rollout
+        # key on the host): threefry's bits are a while loop of small ops, which on CPU cost more than the whole
+        # forward pass (8 envs: 240 us per act with threefry, 145 us with rbg; 66 us vs 217 us with glyph_dim 8)
+        self._act = jax.jit(lambda params, obs, key: self.agent.act(
+            params, obs, jax.random.wrap_key_data(key, impl="rbg")))
+        self._learn = jax.jit(self._learn_step)
+        self._obs = None  # the env's current observations: reset before the first rollout, then carried on
+        hook = None if host_hook is None else (lambda state, batch: host_hook(state, batch[0]))
+        super().__init__(self._collect_batch, lambda state, batch: self._learn(state, *batch),
+                         lambda state: int(state.update_step), self._rate, log_fn=log_fn, log_every=log_every,
+                         overlap=overlap, host_hook=hook)
+
+    def init(self, key, hp: Optional[HParams] = None) -> HostState:
+        k_params, k_reward, k_run = jax.random.split(key, 3)
+        return HostState(self.agent.init(k_params, self.hp if hp is None else hp),
+                         self.reward.init(k_reward, self.spec), k_run, jnp.int32(0))
+
+    def collect(self, params, key):
+        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs)."""
+        env, T, G = self.env, self.cfg.num_steps, env_groups(self.env)
+        if self._obs is None:
+            self._obs = env.reset()
+        # per-step keys as host arrays: indexing a device array costs a dispatch per step (~0.4 ms on CPU); each
+        # is the data of an rbg key (two threefry keys' words, see __init__)
+        keys = np.asarray(jax.random.key_data(jax.random.split(key, 2 * T * G))).reshape(T, G, 4)
+        policy = lambda obs, t, g: self._act(params, obs, keys[t, g])  # noqa: E731
+        s, self._obs = host_rollout(env, policy, self._obs, T, G)
+        log_prob, value = s.extras
+        traj = Transition(s.obs, s.action, log_prob, value, s.reward.astype(np.float32),
+                          s.terminated.astype(bool), s.truncated.astype(bool), s.final_obs, s.info)
+        return traj, self._obs
+
+    def _collect_batch(self, state: HostState, ahead: bool):
+        key = jax.random.fold_in(state.key, 7)
+        return self.collect(state.train_state.params, jax.random.fold_in(key, 1) if ahead else key)
+
+    def _learn_step(self, state: HostState, traj: Transition, last_obs):
+        key, k_reward, k_upd = jax.random.split(state.key, 3)
+        train_state, reward_state, metrics = self.agent.learn(state.train_state, self.reward, state.reward_state,
+                                                              self.hp, traj, last_obs, k_reward, k_upd)
+        return HostState(train_state, reward_state, key, state.update_step + 1), metrics
+
+    def _rate(self, seconds: float) -> dict:
+        return {"env_steps_per_s": np.float32(self.cfg.num_steps * self.env.num_envs / max(seconds, 1e-9))}
+
+
+def make_trainer(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1, *, env=None,
+                 network=None, overlap: bool = False, host_hook: Optional[Callable] = None):
+    """PPO's trainer for :func:`jaxrl_pref.runner.run_experiment`: with ``env=None`` the Anakin loop on
+    ``cfg.env_name`` (:class:`Trainer`); with a host env (``NLEPool``, ``JaxHostEnv``) the host loop
+    (:class:`HostTrainer`; ``overlap`` and ``host_hook`` apply to it only). ``network``: the policy network
+    (default: from the env's observations, see :class:`PPO`)."""
+    if env is None:
+        if overlap or host_hook is not None:
+            raise ValueError("make_trainer: overlap and host_hook apply to the host loop only (pass env=...)")
+        return Trainer(cfg, reward, log_fn, log_every, network)
+    return HostTrainer(cfg, env, reward, log_fn, log_every, overlap, network, host_hook)
 
 
 def make_train(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1):

@@ -57,16 +57,16 @@ Differences from the paper / reference (``effective_horizon/sb3/algorithms/sqirl
 * Defaults for small CPU budgets: learning rate 1e-3 (reference 1e-4) and ``n_epochs`` 16 (reference 1): with
   tens of episodes per timestep, one pass gives only a handful of Adam steps per timestep.
 
-Host envs (NetHack/MiniHack pool, or :class:`jaxrl_pref.sebulba.JaxHostEnv`): :class:`HostTrainer` collects the
+Host envs (NetHack/MiniHack pool, or :class:`envs.host.JaxHostEnv`): :class:`HostTrainer` collects the
 same episodes with the same jitted time-indexed ``act`` on the host and calls the same jitted ``learn`` step
 (steps 2-4) as the in-jit trainer.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -76,7 +76,9 @@ import optax
 from flax import struct
 
 import envs
+from envs.host import host_spec
 from jaxrl_pref.config import ConfigError, in_range, positive, require
+from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, host_rollout
 from jaxrl_pref.losses import discounted_returns, fitted_q_targets, huber
 from jaxrl_pref.networks import ACTIVATIONS, MLP, NetHackEncoder, orthogonal
 from jaxrl_pref.rollout import episode_metrics
@@ -450,15 +452,12 @@ def eval_metrics(ro: Rollout) -> dict:
     return out
 
 
-# -- in-jit (Anakin) trainer ---------------------------------------------------------------------------------------
+# -- trainers: the learner in the scanned loop and in the host loop (jaxrl_pref.loop) ----------------------------
 
-LogFn = Callable[[Any, dict], None]
-
-
-class Trainer:
-    """``init(key, hp) -> SQIRLState`` and ``run(state, hp, n) -> (state, metrics)``: pure, jittable, vmappable over
-    seeds and hyperparameters; the protocol :func:`jaxrl_pref.runner.run_experiment` drives (one update = one
-    timestep)."""
+class Trainer(ScanLoop):
+    """``init(key, hp) -> SQIRLState`` and ``run(state, hp, n) -> (state, metrics)``: a
+    :class:`~jaxrl_pref.loop.ScanLoop` over :meth:`step` (one update = one timestep); pure, jittable, vmappable
+    over seeds and hyperparameters."""
 
     def __init__(self, cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1):
         self.cfg = cfg
@@ -467,7 +466,8 @@ class Trainer:
         self.spec = envs.spec(self.env, self.env_params)
         self.horizon = cfg.resolved_horizon()
         self.agent = SQIRL(cfg, self.spec, self.horizon)
-        self.log_fn, self.log_every = log_fn, log_every
+        super().__init__(lambda key, hp, axis_name: self.agent.init(key, hp), self.step,
+                         functools.partial(hparams, cfg), lambda state: state.t, log_fn=log_fn, log_every=log_every)
 
     def rollout(self, env, policies, greedy_until, last_policy, depth, key) -> Rollout:
         k_reset, k_steps = jax.random.split(key)
@@ -490,30 +490,87 @@ class Trainer:
         _, ro = jax.lax.scan(step, (env_state, obs, jnp.ones((n,), bool)), xs)
         return ro
 
-    def _iteration(self, state: SQIRLState, hp: HParams):
+    def step(self, state: SQIRLState, hp: HParams, axis_name: Optional[str] = None):
+        """One timestep: explore, learn (:meth:`SQIRL.learn`), evaluate the greedy time-indexed policy."""
         key, k_col, k_eval = jax.random.split(state.key, 3)
         state = state.replace(key=key)
         ro = self.rollout(self.env, state.policies, state.t, state.t - 1, hp.planning_depth, k_col)
         t = state.t
         state, metrics = self.agent.learn(state, hp, ro)
         ev = self.rollout(self.eval_env, state.policies, self.horizon, t, hp.planning_depth, k_eval)
-        metrics = {**eval_metrics(ev), **metrics}
-        if self.log_fn is not None:
-            fn = self.log_fn
-            jax.lax.cond(state.t % self.log_every == 0, lambda: jax.debug.callback(fn, state.t, metrics),
-                         lambda: None)
-        return state, metrics
+        return state, {**eval_metrics(ev), **metrics}
+
+
+class HostTrainer(HostLoop):
+    """SQIRL on a host env (the interface in :mod:`envs.host`): a :class:`~jaxrl_pref.loop.HostLoop` whose
+    iteration collects the timestep's episodes with the same jitted time-indexed ``act`` on the host
+    (:func:`~jaxrl_pref.loop.host_rollout`, stopping once every first episode has ended), calls the same jitted
+    :meth:`SQIRL.learn` as the in-jit trainer and evaluates; one timestep per update.
+
+    The env must hold ``cfg.episodes_per_timestep`` envs (exploration) and is also used for evaluation
+    (``eval_episodes`` is then its ``num_envs``). ``horizon`` defaults to ``cfg.horizon`` (required: host envs have
+    no params to read the time limit from). ``run(state, hp, num_updates)`` ignores ``hp`` (from ``cfg``)."""
+
+    def __init__(self, cfg: Config, env, log_fn: Optional[LogFn] = None, log_every: int = 1,
+                 horizon: Optional[int] = None, network: Optional[QNetwork] = None):
+        if env.num_envs != cfg.episodes_per_timestep:
+            raise ConfigError("episodes_per_timestep", f"{cfg.episodes_per_timestep} does not match the host env's "
+                              f"num_envs={env.num_envs}", f"pass --episodes-per-timestep {env.num_envs}")
+        self.horizon = int(horizon or cfg.horizon or 0)
+        if self.horizon < 1:
+            raise ConfigError("horizon", "a host env needs an explicit horizon", "pass --horizon H")
+        self.cfg, self.env = cfg, env
+        self.spec = host_spec(env)
+        self.agent = SQIRL(cfg, self.spec, self.horizon, network)
+        self.hp = hparams(cfg)
+        self._act = jax.jit(self.agent.act)
+        self._learn = jax.jit(self.agent.learn)
+        self._eval = jax.jit(eval_metrics)
+        super().__init__(self._collect, self._learn_and_evaluate, lambda state: int(state.t),
+                         lambda seconds: {"time/iteration_s": np.float32(seconds)}, log_fn=log_fn,
+                         log_every=log_every)
 
     def init(self, key, hp: Optional[HParams] = None) -> SQIRLState:
-        return self.agent.init(key, hparams(self.cfg) if hp is None else hp)
+        return self.agent.init(key, self.hp if hp is None else hp)
 
-    def run(self, state: SQIRLState, hp: Optional[HParams] = None, num_updates: int = 1):
-        hp = hparams(self.cfg) if hp is None else hp
-        return jax.lax.scan(lambda s, _: self._iteration(s, hp), state, None, length=num_updates)
+    def rollout(self, state: SQIRLState, greedy_until: int, last_policy: int, key) -> Rollout:
+        """Each env's first episode from a reset, ``[H, N]``; steps after all of them ended are not taken but
+        padded (masked: ``alive`` False, zero reward)."""
+        H = self.horizon
+        keys = np.asarray(jax.random.split(key, H))  # host array: no device dispatch per step
+        policy = lambda obs, i, g: (self._act(state.policies, jnp.int32(i), jnp.int32(greedy_until),  # noqa: E731
+                                              jnp.int32(last_policy), obs, keys[i], self.hp.planning_depth),)
+        s, _ = host_rollout(self.env, policy, self.env.reset(), H, until_first_episodes_end=True)
+        done = np.logical_or(s.terminated, s.truncated)
+        pad = H - done.shape[0]
+        last = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x  # noqa: E731
+        zeros = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x  # noqa: E731
+        done = last(done)
+        alive = np.concatenate([np.ones_like(done[:1]), np.logical_and.accumulate(~done[:-1], axis=0)])
+        return Rollout(jax.tree.map(last, s.obs), last(s.action).astype(np.int32),
+                       zeros(s.reward.astype(np.float32)), done, jax.tree.map(last, s.final_obs), alive,
+                       jax.tree.map(zeros, s.info))
+
+    def _collect(self, state: SQIRLState, ahead: bool = False):
+        t = int(state.t)
+        k_col, k_eval = jax.random.split(jax.random.fold_in(state.key, 17))
+        return self.rollout(state, t, t - 1, k_col), t, k_eval
+
+    def _learn_and_evaluate(self, state: SQIRLState, batch):
+        ro, t, k_eval = batch
+        state, metrics = self._learn(state, self.hp, ro)
+        ev = self.rollout(state, self.horizon, t, k_eval)
+        return state, {**self._eval(ev), **metrics}
 
 
-def make_trainer(cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1) -> Trainer:
-    return Trainer(cfg, log_fn, log_every)
+def make_trainer(cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1, *, env=None,
+                 horizon: Optional[int] = None):
+    """SQIRL's trainer for :func:`jaxrl_pref.runner.run_experiment`: with ``env=None`` the in-jit loop on
+    ``cfg.env_name`` (:class:`Trainer`); with a host env (``NLEPool``, ``JaxHostEnv``) the host loop
+    (:class:`HostTrainer`, ``horizon`` defaulting to ``cfg.horizon``)."""
+    if env is None:
+        return Trainer(cfg, log_fn, log_every)
+    return HostTrainer(cfg, env, log_fn, log_every, horizon=horizon)
 
 
 def make_train(cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1):
@@ -526,85 +583,3 @@ def make_train(cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1):
         return TrainOutput(state, metrics)
 
     return train
-
-
-# -- host-env trainer ----------------------------------------------------------------------------------------------
-
-class HostTrainer:
-    """SQIRL on a host env (the interface in :mod:`jaxrl_pref.sebulba`: ``reset() -> obs dict``,
-    ``step(actions) -> (obs, reward, terminated, truncated, info)`` with ``info["final_obs"]`` and ``episode_*``).
-
-    The env must hold ``cfg.episodes_per_timestep`` envs (exploration) and is also used for evaluation
-    (``eval_episodes`` is then its ``num_envs``). ``horizon`` defaults to ``cfg.horizon`` (required: host envs have
-    no params to read the time limit from). Same ``act``/``learn`` as the in-jit trainer; one timestep per update.
-    Follows the runner's host-trainer protocol (``jittable = False``)."""
-    jittable = False
-
-    def __init__(self, cfg: Config, env, log_fn: Optional[LogFn] = None, log_every: int = 1,
-                 horizon: Optional[int] = None, network: Optional[QNetwork] = None):
-        from jaxrl_pref.sebulba import host_spec
-        if env.num_envs != cfg.episodes_per_timestep:
-            raise ConfigError("episodes_per_timestep", f"{cfg.episodes_per_timestep} does not match the host env's "
-                              f"num_envs={env.num_envs}", f"pass --episodes-per-timestep {env.num_envs}")
-        self.horizon = int(horizon or cfg.horizon or 0)
-        if self.horizon < 1:
-            raise ConfigError("horizon", "a host env needs an explicit horizon", "pass --horizon H")
-        self.cfg, self.env = cfg, env
-        self.spec = host_spec(env)
-        self.agent = SQIRL(cfg, self.spec, self.horizon, network)
-        self.hp = hparams(cfg)
-        self.log_fn, self.log_every = log_fn, log_every
-        self._act = jax.jit(self.agent.act)
-        self._learn = jax.jit(self.agent.learn)
-        self._eval = jax.jit(eval_metrics)
-
-    def init(self, key, hp: Optional[HParams] = None) -> SQIRLState:
-        return self.agent.init(key, self.hp if hp is None else hp)
-
-    def rollout(self, state: SQIRLState, greedy_until: int, last_policy: int, key) -> Rollout:
-        env = self.env
-        obs = env.reset()
-        alive = np.ones(env.num_envs, bool)
-        keys = np.asarray(jax.random.split(key, self.horizon))  # host array: no device dispatch per step
-        recs = []
-        for i in range(self.horizon):
-            a = np.asarray(self._act(state.policies, jnp.int32(i), jnp.int32(greedy_until), jnp.int32(last_policy),
-                                     obs, keys[i], self.hp.planning_depth))
-            nobs, r, term, trunc, info = env.step(a)
-            done = np.logical_or(term, trunc)
-            final = info.pop("final_obs")
-            final = jax.tree.map(lambda f, o: np.where(done.reshape(done.shape + (1,) * (o.ndim - 1)), f, o),
-                                 final, nobs)
-            ep = {k: np.asarray(v) for k, v in info.items() if k.startswith("episode_")}
-            recs.append((obs, a, np.asarray(r, np.float32), done, final, alive.copy(), ep))
-            alive &= ~done
-            obs = nobs
-            if not alive.any():  # every first episode is over: pad the rest (masked) instead of stepping
-                pad = recs[-1]
-                recs += [(pad[0], pad[1], np.zeros_like(pad[2]), pad[3], pad[4], np.zeros_like(alive),
-                          {k: np.zeros_like(v) for k, v in pad[6].items()})] * (self.horizon - 1 - i)
-                break
-        stack = lambda xs: jax.tree.map(lambda *a: np.stack(a), *xs)  # noqa: E731
-        cols = list(zip(*recs))
-        return Rollout(stack(cols[0]), stack(cols[1]).astype(np.int32), stack(cols[2]), stack(cols[3]),
-                       stack(cols[4]), stack(cols[5]), stack(cols[6]))
-
-    def run(self, state: SQIRLState, hp_or_updates=None, num_updates: Optional[int] = None):
-        """``run(state, num_updates)`` or, as the runner calls it, ``run(state, hp, num_updates)``."""
-        if num_updates is None:
-            num_updates = int(hp_or_updates)
-        history = []
-        for _ in range(num_updates):
-            t0 = time.perf_counter()
-            t = int(state.t)
-            k_col, k_eval = jax.random.split(jax.random.fold_in(state.key, 17))
-            ro = self.rollout(state, t, t - 1, k_col)
-            state, metrics = self._learn(state, self.hp, ro)
-            ev = self.rollout(state, self.horizon, t, k_eval)
-            metrics = jax.tree.map(np.asarray, {**self._eval(ev), **metrics})
-            metrics["time/iteration_s"] = np.float32(time.perf_counter() - t0)
-            history.append(metrics)
-            if self.log_fn is not None and int(state.t) % self.log_every == 0:
-                self.log_fn(int(state.t), metrics)
-        stacked = {k: np.stack([m[k] for m in history]) for k in history[0]} if history else {}
-        return state, stacked

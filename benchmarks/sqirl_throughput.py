@@ -42,7 +42,7 @@ def time_sqirl(cfg: sqirl.Config, seeds: int, iters: int):
 
 
 def time_host(cfg: sqirl.Config, iters: int):
-    from jaxrl_pref.sebulba import JaxHostEnv
+    from envs.host import JaxHostEnv
     env = JaxHostEnv(cfg.env_name, cfg.episodes_per_timestep, seed=0)
     # JaxHostEnv.reset jits env.reset anew on every call (~3 s of compilation here); SQIRL resets twice per
     # iteration, so measure the loop with a reset compiled once (same keys, same observations).
@@ -56,9 +56,9 @@ def time_host(cfg: sqirl.Config, iters: int):
     env.reset = reset
     tr = sqirl.HostTrainer(cfg, env, horizon=cfg.resolved_horizon())
     state = tr.init(jax.random.PRNGKey(0))
-    state, _ = tr.run(state, 1)  # compiles act / learn
+    state, _ = tr.run(state, None, 1)  # compiles act / learn
     t0 = time.perf_counter()
-    state, m = tr.run(state, iters)
+    state, m = tr.run(state, None, iters)
     wall = time.perf_counter() - t0
     # host iterations include the evaluation rollout on the same env: 2 x episodes x H env steps each
     steps = iters * cfg.episodes_per_timestep * tr.horizon

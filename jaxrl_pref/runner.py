@@ -5,7 +5,9 @@ An agent provides ``make_trainer(cfg, log_fn=..., log_every=...)`` returning an 
 * ``init(key, hp) -> state`` and
 * ``run(state, hp, num_updates) -> (state, metrics)`` (``metrics[k]`` has a leading ``[num_updates]`` axis),
 
-both pure and jittable, as :class:`agents.ppo.Trainer` does. :func:`run_experiment` then
+both pure and jittable, as a :class:`jaxrl_pref.loop.ScanLoop` (e.g. :class:`agents.ppo.Trainer`) is.
+:func:`run` (``run(make_trainer, cfg, RunSpec(...))``, or :func:`run_experiment` with the spec's fields as
+keywords) then
 
 1. builds one PRNG key per seed (seed ``i`` of a run uses ``PRNGKey(seed + i)``) and ``vmap``\\ s ``init``/``run``
    over seeds (``hp`` optionally batched over seeds too);
@@ -21,7 +23,7 @@ both pure and jittable, as :class:`agents.ppo.Trainer` does. :func:`run_experime
    aborts at once);
 6. writes ``run_dir/{config.json, metrics.csv, metrics.jsonl, learning_curve.png, tb/, checkpoints/}``.
 
-Host-side trainers (:class:`jaxrl_pref.sebulba.HostTrainer`, ``jittable = False``: envs stepped outside jit) go
+Host-side trainers (:class:`jaxrl_pref.loop.HostLoop`, ``jittable = False``: envs stepped outside jit) go
 through the same chunks, checkpoints, logging and resume; their ``run`` is called as plain Python (it jits its own
 ``act``/``learn``), one seed per process. Their checkpoints hold the learner (parameters, optimiser, keys,
 counters), not the host envs' games: a resumed run continues with fresh episodes, so it is not bitwise equal to an
@@ -51,7 +53,7 @@ from jaxrl_pref.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.logging import Logger, plot_learning_curve, write_metrics
 
-__all__ = ["run_experiment", "RunResult", "DivergenceError", "chunk_bounds", "seed_keys", "use_sync_cpu_dispatch"]
+__all__ = ["run_experiment", "run", "RunSpec", "RunResult", "DivergenceError", "chunk_bounds", "seed_keys", "use_sync_cpu_dispatch"]
 
 
 def use_sync_cpu_dispatch() -> bool:
@@ -252,67 +254,103 @@ def run_for_cli(run: Callable[[], "RunResult"], *, module: str, run_dir, unit: s
     return 0, result
 
 
-def run_experiment(make_trainer: Callable, cfg, *, run_dir, num_seeds: int = 1, seed: int = 0,
-                   log_every: int = 10, checkpoint_every: int = 100, resume: Optional[bool] = None,
-                   progress: bool = True, per_seed: bool = False, hp: Any = None, hp_batched: bool = False,
-                   num_updates: Optional[int] = None, steps_per_update: Optional[int] = None,
-                   agent: Optional[str] = None, run_info: Optional[Mapping] = None,
-                   stop_after: Optional[int] = None, max_to_keep: int = 3, tensorboard: bool = True,
-                   plot: bool = True, handle_signals: bool = True,
-                   nan_check: Sequence[str] = ("loss",), stream=None, trainer_kwargs: Optional[Mapping] = None
-                   ) -> RunResult:
-    """Trains ``num_seeds`` seeds of ``make_trainer(cfg, ...)`` in checkpointed chunks; see the module docstring.
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """How to run an experiment (everything but the trainer and the agent's config); see :func:`run`.
 
-    Args:
-      make_trainer: ``make_trainer(cfg, log_fn=..., log_every=..., **trainer_kwargs)`` -> trainer
-        (e.g. :func:`agents.ppo.make_trainer`).
-      cfg: the agent's config dataclass; saved to ``config.json`` and compared on resume. ``num_updates``,
-        ``steps_per_update`` (default ``cfg.num_envs * cfg.num_steps``) and ``num_devices`` are read from it
-        unless given.
-      run_dir: output directory (created).
-      resume: ``True`` continues from the newest intact checkpoint in ``run_dir`` (or starts fresh if there is
-        none); ``False`` starts over, moving old ``checkpoints/`` and ``tb/`` aside; ``None`` starts fresh but
-        refuses (ConfigError) if ``run_dir`` already holds checkpoints.
-      hp: hyperparameters passed to ``init``/``run`` (``None``: the trainer's defaults). With ``hp_batched`` every
-        leaf has a leading ``[num_seeds]`` axis (a sweep: seed ``i`` uses ``hp[i]``).
-      stop_after: stop (saved, resumable) once at least this many updates are done -- to fit a time slot.
-      nan_check: metric-name prefixes whose NaN stops the run (:class:`DivergenceError`).
-      stream: where progress and the summary are printed (default stdout).
-
-    Returns a :class:`RunResult`. Raises :class:`~jaxrl_pref.config.ConfigError` for bad settings (before
-    compiling), :class:`~jaxrl_pref.checkpoint.CheckpointError` for unusable checkpoints and
-    :class:`DivergenceError` on NaN losses.
+    ``resume``: ``True`` continues from the newest intact checkpoint in ``run_dir`` (or starts fresh if there is
+    none); ``False`` starts over, moving old ``checkpoints/`` and ``tb/`` aside; ``None`` starts fresh but refuses
+    (ConfigError) if ``run_dir`` already holds checkpoints. ``hp``: hyperparameters passed to ``init``/``run``
+    (``None``: the trainer's defaults); with ``hp_batched`` every leaf has a leading ``[num_seeds]`` axis (a sweep:
+    seed ``i`` uses ``hp[i]``). ``num_updates`` / ``steps_per_update`` default to ``cfg.num_updates`` /
+    ``cfg.num_envs * cfg.num_steps``. ``stop_after``: stop (saved, resumable) once at least this many updates are
+    done -- to fit a time slot. ``nan_check``: metric-name prefixes whose NaN stops the run
+    (:class:`DivergenceError`). ``stream``: where progress and the summary are printed (default stdout).
+    ``trainer_kwargs``: passed on to ``make_trainer``.
     """
-    # -- settings ------------------------------------------------------------------------------------------------
+    run_dir: Path
+    num_seeds: int = 1
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    resume: Optional[bool] = None
+    progress: bool = True
+    per_seed: bool = False
+    hp: Any = None
+    hp_batched: bool = False
+    num_updates: Optional[int] = None
+    steps_per_update: Optional[int] = None
+    agent: Optional[str] = None
+    run_info: Optional[Mapping] = None
+    stop_after: Optional[int] = None
+    max_to_keep: int = 3
+    tensorboard: bool = True
+    plot: bool = True
+    handle_signals: bool = True
+    nan_check: Sequence[str] = ("loss",)
+    stream: Any = None
+    trainer_kwargs: Optional[Mapping] = None
+
+
+def run_experiment(make_trainer: Callable, cfg, *, run_dir, **options) -> RunResult:
+    """Trains ``num_seeds`` seeds of ``make_trainer(cfg, ...)`` in checkpointed chunks: :func:`run` with
+    ``RunSpec(run_dir=run_dir, **options)`` (the keywords are :class:`RunSpec`'s fields)."""
+    return run(make_trainer, cfg, RunSpec(run_dir=Path(run_dir), **options))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run derives from the agent's config and its :class:`RunSpec` before anything is built."""
+    spec: RunSpec
+    num_updates: int
+    steps_per_update: int
+    sequential: bool   # several devices and seeds: seeds one after another
+    vmapped: bool      # several seeds vmapped
+    identity: dict     # {"config": ..., "run": ...}, saved and compared on resume
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.spec.run_dir)
+
+    @property
+    def hp_axis(self):
+        return 0 if self.spec.hp_batched else None
+
+    def hp_of(self, i: int):
+        hp = self.spec.hp
+        return jax.tree.map(lambda x: x[i], hp) if (self.spec.hp_batched and hp is not None) else hp
+
+
+def _plan(cfg, spec: RunSpec) -> _Plan:
     if jax.process_count() > 1 and jax.process_index() != 0:  # multi-process (jax.distributed): process 0 logs
-        tensorboard, plot, progress = False, False, False
-    for name, v, example in (("num_seeds", num_seeds, 1), ("log_every", log_every, 10),
-                             ("checkpoint_every", checkpoint_every, 100)):
+        spec = dataclasses.replace(spec, tensorboard=False, plot=False, progress=False)
+    for name, example in (("num_seeds", 1), ("log_every", 10), ("checkpoint_every", 100)):
+        v = getattr(spec, name)
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ConfigError(name, f"must be a positive integer, got {v!r}",
                               f"pass e.g. --{name.replace('_', '-')} {example}")
-    num_updates = int(cfg.num_updates if num_updates is None else num_updates)
+    num_updates = int(cfg.num_updates if spec.num_updates is None else spec.num_updates)
+    steps_per_update = spec.steps_per_update
     if steps_per_update is None:
         steps_per_update = int(getattr(cfg, "num_envs", 1) * getattr(cfg, "num_steps", 1))
-    num_devices = int(getattr(cfg, "num_devices", 1))
-    sequential = num_devices > 1 and num_seeds > 1
-    vmapped = num_seeds > 1 and not sequential
-    if hp_batched and hp is not None:
-        bad = [x.shape for x in jax.tree.leaves(hp) if np.ndim(x) == 0 or np.shape(x)[0] != num_seeds]
+    sequential = int(getattr(cfg, "num_devices", 1)) > 1 and spec.num_seeds > 1
+    if spec.hp_batched and spec.hp is not None:
+        bad = [x.shape for x in jax.tree.leaves(spec.hp) if np.ndim(x) == 0 or np.shape(x)[0] != spec.num_seeds]
         if bad:
-            raise ConfigError("hp", f"hp_batched needs a leading [num_seeds={num_seeds}] axis on every leaf, got "
-                              f"shapes {bad}", "broadcast the hyperparameters to one value per seed")
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    cfg_dict = _config_dict(cfg)
-    run_dict = {"num_seeds": num_seeds, "seed": seed, "checkpoint_every": checkpoint_every,
-                "num_updates": num_updates, "hp": _hp_json(hp), "hp_batched": hp_batched,
-                "steps_per_update": steps_per_update, "log_every": log_every,
-                "seeds_sequential": sequential, **_json_safe(dict(run_info or {}))}
-    identity = {"config": cfg_dict, "run": run_dict}
+            raise ConfigError("hp", f"hp_batched needs a leading [num_seeds={spec.num_seeds}] axis on every leaf, "
+                              f"got shapes {bad}", "broadcast the hyperparameters to one value per seed")
+    run_dict = {"num_seeds": spec.num_seeds, "seed": spec.seed, "checkpoint_every": spec.checkpoint_every,
+                "num_updates": num_updates, "hp": _hp_json(spec.hp), "hp_batched": spec.hp_batched,
+                "steps_per_update": steps_per_update, "log_every": spec.log_every,
+                "seeds_sequential": sequential, **_json_safe(dict(spec.run_info or {}))}
+    return _Plan(spec, num_updates, steps_per_update, sequential, spec.num_seeds > 1 and not sequential,
+                 {"config": _config_dict(cfg), "run": run_dict})
 
-    # -- resume policy (before anything expensive) ---------------------------------------------------------------
-    existing = has_checkpoints(ckpt_dir)
+
+def _resume_policy(plan: _Plan) -> tuple[bool, list]:
+    """Applies ``resume`` before anything expensive; returns (a checkpoint exists, paths moved aside)."""
+    run_dir, resume = plan.run_dir, plan.spec.resume
+    existing = has_checkpoints(run_dir / "checkpoints")
     if existing and resume is None:
         raise ConfigError("resume", f"{run_dir} already holds checkpoints of a run",
                           "pass --resume to continue it, --no-resume to start it over, or choose another --run-dir")
@@ -324,153 +362,187 @@ def run_experiment(make_trainer: Callable, cfg, *, run_dir, num_seeds: int = 1, 
             except ValueError:
                 saved_cfg = None
             if isinstance(saved_cfg, dict):
-                _check_same_run(saved_cfg, identity, run_dir)
+                _check_same_run(saved_cfg, plan.identity, run_dir)
     moved = []
     if existing and resume is False:
-        moved = [p for p in (move_aside(ckpt_dir), move_aside(run_dir / "tb")) if p is not None]
+        moved = [p for p in (move_aside(run_dir / "checkpoints"), move_aside(run_dir / "tb")) if p is not None]
+    return existing, moved
 
-    # -- build (may raise ConfigError, e.g. too few devices) -----------------------------------------------------
-    proxy = _LogProxy()
-    trainer = make_trainer(cfg, log_fn=proxy, log_every=log_every, **dict(trainer_kwargs or {}))
-    if not getattr(trainer, "jittable", True) and num_seeds != 1:
-        raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got {num_seeds}",
-                          "pass --num-seeds 1 and start one process per seed (--seed 0, --seed 1, ...)")
-    hp_axis = 0 if hp_batched else None
-    keys = seed_keys(seed, num_seeds)
 
-    def hp_of(i):
-        return jax.tree.map(lambda x: x[i], hp) if (hp_batched and hp is not None) else hp
-
-    t0 = time.perf_counter()
-    if sequential:
+def _init_state(trainer, plan: _Plan):
+    """Every seed's initial state: batched (vmapped seeds), a list (sequential seeds) or one state."""
+    spec = plan.spec
+    keys = seed_keys(spec.seed, spec.num_seeds)
+    if plan.sequential:
         init_one = jax.jit(trainer.init)
-        state = [init_one(keys[i], hp_of(i)) for i in range(num_seeds)]
-    elif vmapped:
-        state = jax.jit(jax.vmap(trainer.init, in_axes=(0, hp_axis)))(keys, hp)
-    else:
-        state = jax.jit(trainer.init)(keys[0], hp_of(0))
-    init_s = time.perf_counter() - t0
+        return [init_one(keys[i], plan.hp_of(i)) for i in range(spec.num_seeds)]
+    if plan.vmapped:
+        return jax.jit(jax.vmap(trainer.init, in_axes=(0, plan.hp_axis)))(keys, spec.hp)
+    return jax.jit(trainer.init)(keys[0], plan.hp_of(0))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=max_to_keep)
-    done, resumed_from, history = 0, None, None
+
+def run(make_trainer: Callable, cfg, spec: RunSpec) -> RunResult:
+    """Trains ``spec.num_seeds`` seeds of ``make_trainer(cfg, log_fn=..., log_every=..., **spec.trainer_kwargs)``
+    in checkpointed chunks (see the module docstring). ``cfg`` (the agent's config dataclass) is saved to
+    ``config.json`` and compared on resume; ``num_updates``, ``steps_per_update`` and ``num_devices`` are read from
+    it unless the spec gives them.
+
+    Returns a :class:`RunResult`. Raises :class:`~jaxrl_pref.config.ConfigError` for bad settings (before
+    compiling), :class:`~jaxrl_pref.checkpoint.CheckpointError` for unusable checkpoints and
+    :class:`DivergenceError` on NaN losses.
+    """
+    plan = _plan(cfg, spec)
+    spec = plan.spec
+    existing, moved = _resume_policy(plan)
+    proxy = _LogProxy()
+    trainer = make_trainer(cfg, log_fn=proxy, log_every=spec.log_every, **dict(spec.trainer_kwargs or {}))
+    if not getattr(trainer, "jittable", True) and spec.num_seeds != 1:
+        raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got "
+                          f"{spec.num_seeds}", "pass --num-seeds 1 and start one process per seed (--seed 0, ...)")
+    t0 = time.perf_counter()
+    state = _init_state(trainer, plan)
+    session = _Session(trainer, plan, proxy, state, compile_s=time.perf_counter() - t0)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    session.ckpt = Checkpointer(plan.run_dir / "checkpoints", max_to_keep=spec.max_to_keep)
     try:
-        if existing and resume:
-            restored = ckpt.restore(target=state)
-            _check_same_run(restored.extra, identity, run_dir)
-            state, done, resumed_from = restored.state, restored.step, restored.step
-            history = restored.history
-            if done not in {b for _, b in chunk_bounds(num_updates, checkpoint_every)} and done != 0:
-                raise CheckpointError(ckpt.step_dir(done), f"update {done} is not a chunk boundary of this run",
-                                      "resume with the same --checkpoint-every, or --no-resume")
-        config_json = {"agent": agent, "config": cfg_dict, "run": run_dict}
-        (run_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-
-        logger = Logger(run_dir, num_seeds=num_seeds, steps_per_update=steps_per_update, log_every=log_every,
-                        total_updates=num_updates, start_update=done, progress=progress, tensorboard=tensorboard,
-                        per_seed=per_seed, stream=stream, description=agent or "training")
+        if existing and spec.resume:
+            session.restore()
+        config_json = {"agent": spec.agent, **plan.identity}
+        (plan.run_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+        session.logger = Logger(plan.run_dir, num_seeds=spec.num_seeds, steps_per_update=plan.steps_per_update,
+                                log_every=spec.log_every, total_updates=plan.num_updates, start_update=session.done,
+                                progress=spec.progress, tensorboard=spec.tensorboard, per_seed=spec.per_seed,
+                                stream=spec.stream, description=spec.agent or "training")
         try:
-            return _loop(trainer, ckpt, logger, proxy, state=state, hp=hp, hp_axis=hp_axis, hp_of=hp_of,
-                         done=done, history=history, resumed_from=resumed_from, num_updates=num_updates,
-                         checkpoint_every=checkpoint_every, num_seeds=num_seeds, sequential=sequential,
-                         vmapped=vmapped, steps_per_update=steps_per_update, run_dir=run_dir, identity=identity,
-                         agent=agent, stop_after=stop_after, handle_signals=handle_signals, nan_check=nan_check,
-                         plot=plot, init_s=init_s, moved=moved)
+            return session.train(moved)
         finally:
-            logger.close()
+            session.logger.close()
     finally:
-        ckpt.close()
+        session.ckpt.close()
 
 
-def _loop(trainer, ckpt: Checkpointer, logger: Logger, proxy: _LogProxy, *, state, hp, hp_axis, hp_of, done,
-          history, resumed_from, num_updates, checkpoint_every, num_seeds, sequential, vmapped, steps_per_update,
-          run_dir: Path, identity, agent, stop_after, handle_signals, nan_check, plot, init_s, moved) -> RunResult:
-    history = dict(history or {})
-    chunks = [(a, b) for a, b in chunk_bounds(num_updates, checkpoint_every) if b > done]
-    if moved:
-        logger.message("moved the previous run's files aside: " + ", ".join(str(p) for p in moved))
-    if resumed_from is not None:
-        logger.message(f"resumed {run_dir} at update {resumed_from}/{num_updates}")
+class _Session:
+    """One process's run over the chunks still to train: compiled programs, checkpoints, metrics, timing."""
 
-    # -- one compiled program per chunk length, compiled ahead of time on first use (timed apart) --------------
-    compiled = {}
-    compile_s = init_s
+    def __init__(self, trainer, plan: _Plan, proxy: _LogProxy, state, compile_s: float):
+        self.trainer, self.plan, self.proxy, self.state = trainer, plan, proxy, state
+        self.done, self.resumed_from, self.history = 0, None, {}
+        self.compile_s, self.train_s = compile_s, 0.0
+        self.ckpt: Optional[Checkpointer] = None
+        self.logger: Optional[Logger] = None
+        self._compiled = {}
 
-    def program(n: int):
-        nonlocal compile_s
-        if n not in compiled:
+    def restore(self) -> None:
+        restored = self.ckpt.restore(target=self.state)
+        _check_same_run(restored.extra, self.plan.identity, self.plan.run_dir)
+        self.state, self.done, self.resumed_from = restored.state, restored.step, restored.step
+        self.history = dict(restored.history or {})
+        bounds = {b for _, b in chunk_bounds(self.plan.num_updates, self.plan.spec.checkpoint_every)}
+        if self.done not in bounds and self.done != 0:
+            raise CheckpointError(self.ckpt.step_dir(self.done), f"update {self.done} is not a chunk boundary of "
+                                  "this run", "resume with the same --checkpoint-every, or --no-resume")
+
+    def program(self, n: int):
+        """``run(state, hp, n)``: compiled ahead of time on first use per chunk length (timed apart)."""
+        if n not in self._compiled:
             t0 = time.perf_counter()
+            plan, trainer, state = self.plan, self.trainer, self.state
             body = lambda rs, h: trainer.run(rs, h, n)  # noqa: E731
             if not getattr(trainer, "jittable", True):  # host loop: jits its own pieces
-                compiled[n] = body
-            elif vmapped:
-                compiled[n] = jax.jit(jax.vmap(body, in_axes=(0, hp_axis))).lower(state, hp).compile()
+                self._compiled[n] = body
+            elif plan.vmapped:
+                self._compiled[n] = jax.jit(jax.vmap(body, in_axes=(0, plan.hp_axis))).lower(
+                    state, plan.spec.hp).compile()
             else:
-                compiled[n] = jax.jit(body).lower(state[0] if sequential else state, hp_of(0)).compile()
-            compile_s += time.perf_counter() - t0
-        return compiled[n]
+                self._compiled[n] = jax.jit(body).lower(state[0] if plan.sequential else state,
+                                                        plan.hp_of(0)).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._compiled[n]
 
-    def on_signal(signum):
-        logger.message(f"received {signal.Signals(signum).name}: finishing the current chunk, then saving and "
-                       "stopping (press Ctrl-C again to abort without saving)")
+    def run_chunk(self, n: int):
+        """Trains every seed ``n`` updates from ``self.state``; returns (new state, {k: [num_seeds, n]})."""
+        fn, plan = self.program(n), self.plan
+        t = time.perf_counter()
+        if plan.sequential:
+            outs = [fn(self.state[i], plan.hp_of(i)) for i in range(plan.spec.num_seeds)]
+            new_state = [o[0] for o in outs]
+            chunk = {k: np.stack([np.asarray(jax.device_get(o[1][k])) for o in outs]) for k in outs[0][1]}
+        else:
+            new_state, m = fn(self.state, plan.spec.hp)
+            chunk = _to_host(m, plan.vmapped)
+        jax.block_until_ready(new_state)
+        jax.effects_barrier()
+        self.train_s += time.perf_counter() - t
+        return new_state, chunk
 
-    proxy.target = logger
-    train_s, interrupted = 0.0, None
-    csv_path = run_dir / "metrics.csv"
-    with _GracefulStop(handle_signals, on_signal) as stop:
-        for a, b in chunks:
-            signum = _any_process_signal(stop.signum)
-            if signum is not None or (stop_after is not None and done >= stop_after):
-                stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
-                break
-            fn = program(b - a)
-            logger.reset_timer(a)
-            t = time.perf_counter()
-            if sequential:
-                outs = [fn(state[i], hp_of(i)) for i in range(num_seeds)]
-                new_state = [o[0] for o in outs]
-                chunk = {k: np.stack([np.asarray(jax.device_get(o[1][k])) for o in outs]) for k in outs[0][1]}
-            else:
-                new_state, m = fn(state, hp)
-                chunk = _to_host(m, vmapped)
-            jax.block_until_ready(new_state)
-            jax.effects_barrier()
-            train_s += time.perf_counter() - t
-            history = {k: np.concatenate([history[k], v], axis=1) if k in history else v for k, v in chunk.items()}
-            nan = _first_nan(chunk, nan_check)
-            if nan is not None:  # do not checkpoint a diverged state
-                write_metrics(run_dir, history, steps_per_update)
-                k, s, j = nan
-                last = ckpt.latest_step()
-                kept = (f"the last good checkpoint is update {last} in {ckpt.directory}" if last is not None
-                        else "no checkpoint was saved before it")
-                raise DivergenceError(
-                    f"{k} became NaN at update {a + j + 1} (seed {s}): training diverged and was stopped; {kept}; "
-                    f"metrics up to there are in {csv_path}. Fix: lower --learning-rate or --max-grad-norm, "
-                    "or normalise observations/rewards")
-            state, done = new_state, b
-            ckpt.save(done, state, extra_json={**identity, "agent": agent, "updates_done": done}, history=history)
-            write_metrics(run_dir, history, steps_per_update)
-            logger.log_chunk(a, chunk)
-        interrupted = stop.signum
-        # still under the handler: a SIGTERM now (say a requeue as the run ends) must not kill the last save
-        logger.flush()
-        ckpt.wait()
-    paths = {"run_dir": run_dir, "config": run_dir / "config.json", "checkpoints": ckpt.directory}
-    if history:
-        paths["metrics_csv"], paths["metrics_jsonl"] = write_metrics(run_dir, history, steps_per_update)
-    if plot and history and "episode_return" in history:
-        png = plot_learning_curve(history, run_dir / "learning_curve.png", steps_per_update,
-                                  title=f"{agent or 'agent'}: {identity['config'].get('env_name', '')}")
-        if png is not None:
-            paths["learning_curve"] = png
-    tb = run_dir / "tb"
-    if tb.exists():
-        paths["tensorboard"] = tb
-    result = RunResult(run_dir, state, history, done, num_updates, steps_per_update, resumed_from, interrupted,
-                       compile_s, train_s, paths)
-    logger.message(_summary(result, ckpt.latest_step()))
-    return result
+    def check_nan(self, chunk: Mapping, first_update: int) -> None:
+        """Raises :class:`DivergenceError` (metrics written, no checkpoint) if a watched metric is NaN."""
+        nan = _first_nan(chunk, self.plan.spec.nan_check)
+        if nan is None:
+            return
+        write_metrics(self.plan.run_dir, self.history, self.plan.steps_per_update)
+        k, s, j = nan
+        last = self.ckpt.latest_step()
+        kept = (f"the last good checkpoint is update {last} in {self.ckpt.directory}" if last is not None
+                else "no checkpoint was saved before it")
+        raise DivergenceError(
+            f"{k} became NaN at update {first_update + j + 1} (seed {s}): training diverged and was stopped; "
+            f"{kept}; metrics up to there are in {self.plan.run_dir / 'metrics.csv'}. Fix: lower --learning-rate "
+            "or --max-grad-norm, or normalise observations/rewards")
+
+    def train(self, moved: Sequence[Path]) -> RunResult:
+        plan, spec, logger = self.plan, self.plan.spec, self.logger
+        if moved:
+            logger.message("moved the previous run's files aside: " + ", ".join(str(p) for p in moved))
+        if self.resumed_from is not None:
+            logger.message(f"resumed {plan.run_dir} at update {self.resumed_from}/{plan.num_updates}")
+
+        def on_signal(signum):
+            logger.message(f"received {signal.Signals(signum).name}: finishing the current chunk, then saving and "
+                           "stopping (press Ctrl-C again to abort without saving)")
+
+        self.proxy.target = logger
+        with _GracefulStop(spec.handle_signals, on_signal) as stop:
+            for a, b in chunk_bounds(plan.num_updates, spec.checkpoint_every):
+                if b <= self.done:
+                    continue
+                signum = _any_process_signal(stop.signum)
+                if signum is not None or (spec.stop_after is not None and self.done >= spec.stop_after):
+                    stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
+                    break
+                logger.reset_timer(a)
+                new_state, chunk = self.run_chunk(b - a)
+                self.history = {k: np.concatenate([self.history[k], v], axis=1) if k in self.history else v
+                                for k, v in chunk.items()}
+                self.check_nan(chunk, a)  # a diverged state is not checkpointed
+                self.state, self.done = new_state, b
+                self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent, "updates_done": b},
+                               history=self.history)
+                write_metrics(plan.run_dir, self.history, plan.steps_per_update)
+                logger.log_chunk(a, chunk)
+            interrupted = stop.signum
+            # still under the handler: a SIGTERM now (say a requeue as the run ends) must not kill the last save
+            logger.flush()
+            self.ckpt.wait()
+        return self.finish(interrupted)
+
+    def finish(self, interrupted: Optional[int]) -> RunResult:
+        plan, history, run_dir = self.plan, self.history, self.plan.run_dir
+        paths = {"run_dir": run_dir, "config": run_dir / "config.json", "checkpoints": self.ckpt.directory}
+        if history:
+            paths["metrics_csv"], paths["metrics_jsonl"] = write_metrics(run_dir, history, plan.steps_per_update)
+        if plan.spec.plot and history and "episode_return" in history:
+            png = plot_learning_curve(history, run_dir / "learning_curve.png", plan.steps_per_update,
+                                      title=f"{plan.spec.agent or 'agent'}: "
+                                            f"{plan.identity['config'].get('env_name', '')}")
+            if png is not None:
+                paths["learning_curve"] = png
+        if (run_dir / "tb").exists():
+            paths["tensorboard"] = run_dir / "tb"
+        result = RunResult(run_dir, self.state, history, self.done, plan.num_updates, plan.steps_per_update,
+                           self.resumed_from, interrupted, self.compile_s, self.train_s, paths)
+        self.logger.message(_summary(result, self.ckpt.latest_step()))
+        return result
 
 
 def _summary(r: RunResult, latest: Optional[int]) -> str:

@@ -325,7 +325,7 @@ def test_heron_reward_model_in_the_nethack_host_loop():
     pool = pn.make_pool(cfg)
     try:
         tr = pn.make_trainer(cfg, pool, reward=rm)
-        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), 3)
+        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, 3)
     finally:
         pool.close()
     assert int(state.reward_state.count) == 48 and int(state.reward_state.updates) == 3

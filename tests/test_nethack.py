@@ -479,7 +479,7 @@ def test_worker_dead_at_send_is_restarted_once():
 
 
 def test_pool_stats_and_spec_for_host_loop():
-    from jaxrl_pref.sebulba import host_spec
+    from envs.host import host_spec
     with nethack.NLEPool(ROOM, num_envs=3, num_workers=1, seed=0) as pool:
         spec = host_spec(pool)
         assert spec.obs_shape == {"glyphs_crop": (9, 9), "blstats": (27,), "message": (256,)}

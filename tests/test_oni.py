@@ -180,7 +180,7 @@ def _run(reward_model, client, updates=24, **kw):
     env = MessageBandit(cfg.num_envs)
     tr = oni.make_trainer(cfg, env, client, network=EncoderActorCritic(env.num_actions, DictMLP()))
     state = tr.init(jax.random.PRNGKey(0))
-    state, metrics = tr.run(state, cfg.num_updates)
+    state, metrics = tr.run(state, None, cfg.num_updates)
     traj, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(5))
     return (np.asarray(traj.action) == 2).mean(), metrics, tr
 
@@ -266,7 +266,7 @@ def test_experiment_cli_on_minihack(tmp_path):
 def test_host_loop_restores_counts_after_resume_and_refreshes_labels():
     """ONILoop: counts and labels go into the reward state; a new loop (a resumed run) takes the checkpointed
     table back instead of starting from zero counts."""
-    from jaxrl_pref.sebulba import HostState
+    from agents.ppo import HostState
     cfg = oni.ONIOptions(reward_model="classification", table_capacity=1024, rm_capacity=16)
     reward = oni.make_reward(cfg)
     client = InstantClient(labels={"You find a hidden passage.": 1.0})

@@ -6,7 +6,8 @@ import pytest
 
 from agents import ppo
 from jaxrl_pref.networks import MLP, EncoderActorCritic
-from jaxrl_pref.sebulba import HostTrainer, JaxHostEnv, host_spec
+from agents.ppo import HostTrainer
+from envs.host import JaxHostEnv, host_spec
 
 
 class DictMLP(nn.Module):
@@ -40,7 +41,7 @@ def test_host_loop_learns_cartpole(overlap):
     cfg, tr = _trainer(overlap)
     state = tr.init(jax.random.PRNGKey(0))
     p0 = jax.tree.leaves(state.train_state.params)[0].copy()
-    state, metrics = tr.run(state, cfg.num_updates)
+    state, metrics = tr.run(state, None, cfg.num_updates)
     assert metrics["episode_return"].shape == (cfg.num_updates,)
     assert int(state.update_step) == cfg.num_updates
     assert not np.allclose(p0, jax.tree.leaves(state.train_state.params)[0])

@@ -171,12 +171,12 @@ def test_learns_deep_sea_5_at_fixed_seeds():
 @pytest.mark.slow
 def test_host_env_loop_uses_the_same_learner():
     """SQIRL on the host-env interface (a JAX env behind JaxHostEnv) learns DeepSea-4 at seed 0."""
-    from jaxrl_pref.sebulba import JaxHostEnv
+    from envs.host import JaxHostEnv
     cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=64, planning_depth=2, eval_episodes=4)
     env = JaxHostEnv("DeepSea-4", 64, seed=0)
     trainer = sqirl.HostTrainer(cfg, env, horizon=4)
     state = trainer.init(jax.random.PRNGKey(0))
-    state, m = trainer.run(state, 4)
+    state, m = trainer.run(state, None, 4)
     assert int(state.t) == 4 and m["episode_success"].shape == (4,)
     assert m["episode_success"][-1] == 1.0, m["episode_success"]
     assert {"loss/q_head1", "loss/q_head2", "explore/episode_success", "experience_steps"} <= set(m)
