@@ -37,7 +37,7 @@ REWARD_MODELS = ("retrieval", "classification", "ranking")
 
 @dataclasses.dataclass(frozen=True)
 class ONIOptions:
-    """ONI's own options (mixed into an agent config that also has PPO's fields)."""
+    """ONI's intrinsic reward: the reward model, its coefficients and shaping, and its training."""
     reward_model: str = "classification"
     """Intrinsic reward model: retrieval (label lookup by message hash), classification (P(helpful) model),
     ranking (Bradley-Terry on pairwise preferences)."""
@@ -61,6 +61,9 @@ class ONIOptions:
     """Ranking: new message pairs sent for comparison after each rollout."""
     table_capacity: int = 1 << 16
     """Message table slots (a power of two; holds at most half as many distinct messages)."""
+
+    def __post_init__(self):
+        self.validate_oni()
 
     def validate_oni(self) -> None:
         require(self.reward_model in REWARD_MODELS, "reward_model", f"unknown model {self.reward_model!r}",

@@ -32,7 +32,7 @@ from flax import struct
 import envs
 from envs.host import host_spec
 from jaxrl_pref import distributed
-from jaxrl_pref.config import ConfigError, in_range, positive, require
+from jaxrl_pref.config import build_hparams, hparams_class, in_range, positive, require, vmappable, vmappable_fields
 from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, distribution
 from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
 from jaxrl_pref.losses import gae, ppo_loss
@@ -42,20 +42,23 @@ from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """PPO configuration. Float hyperparameters can also be passed as (vmappable) arrays through :func:`hparams`."""
+    """PPO: the env batch, the update and the MLP network.
+
+    The fields declared ``vmappable`` can also be passed as (vmappable) arrays through :func:`hparams`.
+    Constructing a Config checks its values only; the env is checked when a trainer is built."""
     env_name: str = "CartPole-v1"
     num_envs: int = 4
     num_steps: int = 128
     total_timesteps: int = 500_000
-    learning_rate: float = 2.5e-4
+    learning_rate: float = vmappable(2.5e-4)
     update_epochs: int = 4
     num_minibatches: int = 4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    gamma: float = vmappable(0.99)
+    gae_lambda: float = vmappable(0.95)
+    clip_eps: float = vmappable(0.2)
+    ent_coef: float = vmappable(0.01)
+    vf_coef: float = vmappable(0.5)
+    max_grad_norm: float = vmappable(0.5)
     anneal_lr: bool = True
     clip_value: bool = True
     """Clip the value update to +-clip_eps around the old value (PPO2-style)."""
@@ -93,12 +96,6 @@ class Config:
         require(self.total_timesteps >= self.num_steps * self.num_envs, "total_timesteps",
                 f"{self.total_timesteps} is less than one update's batch ({self.num_steps * self.num_envs} steps)",
                 f"use at least {self.num_steps * self.num_envs}")
-        if self.env_name not in envs.registered():
-            try:
-                envs.make(self.env_name)
-            except ValueError as e:
-                raise ConfigError("env_name", str(e).split(": ", 1)[-1].rstrip("."),
-                                  "pick a registered env (python -c 'import envs; print(envs.registered())')") from None
 
     @property
     def num_updates(self) -> int:
@@ -113,30 +110,35 @@ def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
 
 
-HPARAM_FIELDS = ("learning_rate", "gamma", "gae_lambda", "clip_eps", "ent_coef", "vf_coef", "max_grad_norm")
+# Defaults of PPO on a NetHack/MiniHack pool (host loop), sized for 2 CPU cores; the CLI applies them for those envs.
+HOST_DEFAULTS = dict(num_envs=16, num_steps=32, total_timesteps=1_000_000, learning_rate=3e-4, update_epochs=2,
+                     num_minibatches=2)
 
 
-@struct.dataclass
-class HParams:
-    """Float hyperparameters as traced values, so they can be vmapped. Build with :func:`hparams`."""
-    learning_rate: jax.Array
-    gamma: jax.Array
-    gae_lambda: jax.Array
-    clip_eps: jax.Array
-    ent_coef: jax.Array
-    vf_coef: jax.Array
-    max_grad_norm: jax.Array
+def host_config(**fields) -> Config:
+    """A Config with the NetHack/MiniHack pool defaults (:data:`HOST_DEFAULTS`), ``fields`` overriding them."""
+    return Config(**{**HOST_DEFAULTS, "env_name": "NetHackScore-v0", **fields})
+
+HPARAM_FIELDS = vmappable_fields(Config)
+HParams = hparams_class(Config)
+HParams.__doc__ = """The vmappable fields of :class:`Config` as traced values, so they can be vmapped. Build with
+:func:`hparams`."""
 
 
 def hparams(cfg: Config, **overrides) -> HParams:
     """HParams from ``cfg``; ``overrides`` may be arrays with a leading sweep axis. All leaves are broadcast to
     that common leading shape so ``jax.vmap(train)(keys, hp)`` maps over them together."""
-    unknown = set(overrides) - set(HPARAM_FIELDS)
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "is not a vmappable hyperparameter", f"use one of {HPARAM_FIELDS}")
-    vals = {k: jnp.asarray(overrides.get(k, getattr(cfg, k)), jnp.float32) for k in HPARAM_FIELDS}
-    shape = jnp.broadcast_shapes(*(v.shape for v in vals.values()))
-    return HParams(**{k: jnp.broadcast_to(v, shape) for k, v in vals.items()})
+    return build_hparams(HParams, cfg, overrides)
+
+
+def check_env(cfg: Config, host: bool = False) -> None:
+    """Checks ``cfg`` against its env (a known name; a host env's limits); raises ConfigError naming the field."""
+    envs.check_name(cfg.env_name)
+    if host:
+        for name in ("normalize_obs", "normalize_reward"):
+            require(not getattr(cfg, name), name, f"not supported on the host env {cfg.env_name}",
+                    f"drop --{name.replace('_', '-')}")
+        require(cfg.num_devices == 1, "num_devices", "the host loop runs on one device", "pass --num-devices 1")
 
 
 @struct.dataclass

@@ -77,7 +77,8 @@ from flax import struct
 
 import envs
 from envs.host import host_spec
-from jaxrl_pref.config import ConfigError, in_range, positive, require
+from jaxrl_pref.config import (ConfigError, build_hparams, hparams_class, in_range, positive, require, vmappable,
+                               vmappable_fields)
 from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, host_rollout
 from jaxrl_pref.losses import discounted_returns, fitted_q_targets, huber
 from jaxrl_pref.networks import ACTIVATIONS, MLP, NetHackEncoder, orthogonal
@@ -100,18 +101,22 @@ class Config:
     horizon: Optional[int] = None
     """Timesteps H: policies learned (one training iteration each) and max steps per episode. None: the env's
     time limit (max_steps_in_episode)."""
-    episodes_per_timestep: int = 64
+    total_timesteps: Optional[int] = None
+    """Env-step budget. SQIRL always trains all H timesteps (its greedy policy is complete only then), each on
+    episodes_per_timestep episodes of H steps, so a budget sets episodes_per_timestep = total_timesteps // H**2
+    (at least 1; it overrides --episodes-per-timestep). None: use --episodes-per-timestep."""
+    episodes_per_timestep: int = vmappable(64)
     """Episodes collected per timestep (run as a batch of this many envs)."""
-    planning_depth: int = 1
+    planning_depth: int = vmappable(1)
     """k: Q-heads; head 1 fits Monte-Carlo returns of the random policy, heads 2..k do k-1 fitted-Q backups."""
-    gamma: float = 0.99
-    learning_rate: float = 1e-3
+    gamma: float = vmappable(0.99)
+    learning_rate: float = vmappable(1e-3)
     batch_size: int = 256
     n_epochs: int = 16
     """Adam steps per timestep = ceil(n_epochs * episodes_per_timestep * H / batch_size)."""
     max_grad_norm: float = 10.0
     huber_loss: bool = False
-    replay_priority_factor: float = 1.0
+    replay_priority_factor: float = vmappable(1.0)
     """Sampling weight of replay data stored s timesteps ago is this factor ** s (1: all data equal)."""
     buffer_timesteps: Optional[int] = None
     """Replay buffer size in timesteps (ring); None: H (keep everything)."""
@@ -138,27 +143,34 @@ class Config:
                 f"use one of {sorted(ACTIVATIONS)}")
         require(all(h > 0 for h in self.hidden), "hidden", f"layer sizes must be positive, got {self.hidden}",
                 "pass e.g. --hidden 64 64")
+        require(self.total_timesteps is None or self.total_timesteps >= 1, "total_timesteps",
+                f"must be positive (or unset), got {self.total_timesteps}", "pass e.g. --total-timesteps 100000")
+        require(not is_host_env(self.env_name) or self.horizon is not None, "horizon",
+                f"{self.env_name} is a host env with no time limit to read", "pass --horizon H (e.g. 50)")
+
+    def check_env(self) -> None:
+        """Checks the env (known, discrete actions, a horizon to use); raises ConfigError naming the field. Called
+        when a trainer is built (constructing a Config builds no env)."""
+        envs.check_name(self.env_name)
         if is_host_env(self.env_name):  # NetHack/MiniHack pool: checked when the pool starts
-            require(self.horizon is not None, "horizon", f"{self.env_name} is a host env with no time limit to "
-                    "read", "pass --horizon H (e.g. 50)")
             return
-        try:
-            env, params = envs.make(self.env_name)
-        except ValueError as e:
-            raise ConfigError("env_name", str(e).split(": ", 1)[-1].rstrip("."),
-                              "pick a registered env (python -c 'import envs; print(envs.registered())')") from None
-        sp = envs.spec(env, params)
-        require(sp.discrete, "env_name", f"{self.env_name} has continuous actions; SQIRL acts uniformly at random "
+        discrete, limit = _env_facts(self.env_name)
+        require(discrete, "env_name", f"{self.env_name} has continuous actions; SQIRL acts uniformly at random "
                 "over a discrete action set", "pick a discrete-action task, e.g. DeepSea-8, KeyDoor-5, "
                 "SparseMountainCar-v0, SparseCartPole-v1")
-        limit = getattr(params, "max_steps_in_episode", None)
         require(self.horizon is not None or limit is not None, "horizon",
                 f"{self.env_name} has no max_steps_in_episode to take the horizon from", "pass --horizon H")
 
     def resolved_horizon(self) -> int:
         if self.horizon is not None or is_host_env(self.env_name):
             return int(self.horizon)
-        return int(envs.make(self.env_name)[1].max_steps_in_episode)
+        return int(_env_facts(self.env_name)[1])
+
+    def with_budget(self) -> "Config":
+        """This config with ``total_timesteps`` turned into ``episodes_per_timestep`` (see that field)."""
+        if self.total_timesteps is None:
+            return self
+        return dataclasses.replace(self, episodes_per_timestep=max(1, self.total_timesteps // self.resolved_horizon() ** 2))
 
     @property
     def num_updates(self) -> int:
@@ -175,18 +187,17 @@ class Config:
         return math.ceil(self.n_epochs * self.episodes_per_timestep * self.resolved_horizon() / self.batch_size)
 
 
-HPARAM_FIELDS = ("learning_rate", "gamma", "replay_priority_factor", "planning_depth", "episodes_per_timestep")
+@functools.lru_cache(maxsize=None)
+def _env_facts(env_name: str) -> tuple[bool, Optional[int]]:
+    """(discrete actions, max_steps_in_episode or None) of a JAX env, built once per name."""
+    env, params = envs.make(env_name)
+    return envs.spec(env, params).discrete, getattr(params, "max_steps_in_episode", None)
 
 
-@struct.dataclass
-class HParams:
-    """Traced (vmappable) hyperparameters. ``planning_depth`` / ``episodes_per_timestep`` must not exceed the
-    config's values, which fix the number of heads and of envs."""
-    learning_rate: jax.Array
-    gamma: jax.Array
-    replay_priority_factor: jax.Array
-    planning_depth: jax.Array
-    episodes_per_timestep: jax.Array
+HPARAM_FIELDS = vmappable_fields(Config)
+HParams = hparams_class(Config)
+HParams.__doc__ = """Traced (vmappable) hyperparameters. ``planning_depth`` / ``episodes_per_timestep`` must not exceed
+the config's values, which fix the number of heads and of envs."""
 
 
 def hparams(cfg: Config, **overrides) -> HParams:
@@ -200,11 +211,7 @@ def hparams(cfg: Config, **overrides) -> HParams:
             require(bool(((v >= 1) & (v <= getattr(cfg, name))).all()), name,
                     f"swept values {v.tolist()} must lie in [1, {getattr(cfg, name)}] (the config's value is the "
                     "static maximum)", f"raise Config.{name} to at least {int(v.max())}")
-    ints = {"planning_depth", "episodes_per_timestep"}
-    vals = {k: jnp.asarray(overrides.get(k, getattr(cfg, k)), jnp.int32 if k in ints else jnp.float32)
-            for k in HPARAM_FIELDS}
-    shape = jnp.broadcast_shapes(*(v.shape for v in vals.values()))
-    return HParams(**{k: jnp.broadcast_to(v, shape) for k, v in vals.items()})
+    return build_hparams(HParams, cfg, overrides, {"planning_depth": jnp.int32, "episodes_per_timestep": jnp.int32})
 
 
 # -- Q-network ----------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ reported):
   Python around it and the resets apart: they give the C-only ceiling (what ``num_workers`` processes could step
   with no Python at all) and the bound resets put on ppo/pool (a policy that ends episodes sooner pays more
   resets; the bound assumes a free learner and policy);
-* ``ppo``: :class:`jaxrl_pref.sebulba.HostTrainer` with ``experiments.ppo_nethack.Config`` defaults
+* ``ppo``: PPO's host-loop trainer with the pool defaults of ``experiments.ppo`` (:func:`agents.ppo.host_config`)
   (``--num-envs``; policy act per step + PPO update per rollout), compile excluded (one warm-up update).
 
 Printed: steps/s of each and the ratios pool/raw and pool/raw_vec (target >= 1.6 on 2 cores: against one env,
@@ -60,7 +60,8 @@ use_sync_cpu_dispatch()
 import jax  # noqa: E402
 
 from envs import nle_worker  # noqa: E402
-from experiments import ppo_nethack  # noqa: E402
+from agents import launch, ppo  # noqa: E402
+from envs.nethack import PoolConfig  # noqa: E402
 
 
 def _cpu_seconds(pids) -> float:
@@ -157,10 +158,10 @@ def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float, float]
 
 
 class PPORun:
-    def __init__(self, cfg, pool):
-        self.cfg, self.trainer = cfg, ppo_nethack.make_trainer(cfg, pool)
+    def __init__(self, cfg, pool, pool_cfg):
+        self.cfg, self.trainer = cfg, launch.host_trainer(cfg, pool, pool_cfg)
         self.state = self.trainer.init(jax.random.PRNGKey(0))
-        self.state, _ = self.trainer.run(self.state, 1)  # compiles act and learn
+        self.state, _ = self.trainer.run(self.state, None, 1)  # compiles act and learn
         jax.block_until_ready(self.state)
 
     def rate(self, seconds: float) -> tuple[float, float]:
@@ -168,7 +169,7 @@ class PPORun:
         per = self.cfg.num_steps * self.cfg.num_envs
         steps, episodes, t0 = 0, 0.0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            self.state, m = self.trainer.run(self.state, 1)
+            self.state, m = self.trainer.run(self.state, None, 1)
             jax.block_until_ready(self.state)
             steps += per
             episodes += float(np.nansum(m.get("episodes", 0.0)))
@@ -178,15 +179,15 @@ class PPORun:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["NetHackScore-v0", "MiniHack-Corridor-R3-v0", "MiniHack-Room-5x5-v0"])
-    p.add_argument("--num-envs", type=int, default=ppo_nethack.Config.num_envs)
+    p.add_argument("--num-envs", type=int, default=ppo.HOST_DEFAULTS["num_envs"])
     p.add_argument("--num-workers", type=int, default=0, help="0: one per CPU core")
-    p.add_argument("--num-steps", type=int, default=ppo_nethack.Config.num_steps)
+    p.add_argument("--num-steps", type=int, default=ppo.HOST_DEFAULTS["num_steps"])
     p.add_argument("--overlap", action="store_true", help="PPO with collection/learning overlap")
-    p.add_argument("--env-groups", type=int, default=ppo_nethack.Config.env_groups,
+    p.add_argument("--env-groups", type=int, default=PoolConfig.env_groups,
                    help="env groups (pipelined: one steps while the host works on the other), pool and PPO alike")
-    p.add_argument("--host-envs", type=int, default=ppo_nethack.Config.host_envs,
+    p.add_argument("--host-envs", type=int, default=PoolConfig.host_envs,
                    help="envs per group the training process steps itself (NLEPool host_envs; -1: auto, as in "
-                        "experiments.ppo_nethack), pool and PPO alike")
+                        "experiments.ppo), pool and PPO alike")
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -196,15 +197,15 @@ def main(argv=None) -> int:
           f"num_workers={a.num_workers or 'cores'}, {a.reps} reps x {a.seconds:.0f} s each, medians")
     results = {}
     for task in a.tasks:
-        cfg = ppo_nethack.Config(env_name=task, num_envs=a.num_envs, num_workers=a.num_workers,
-                                 num_steps=a.num_steps, overlap=a.overlap, env_groups=a.env_groups,
-                                 host_envs=a.host_envs,
-                                 total_timesteps=a.num_envs * a.num_steps * 10_000)
-        pool = ppo_nethack.make_pool(cfg, seed=0)
+        cfg = ppo.host_config(env_name=task, num_envs=a.num_envs, num_steps=a.num_steps,
+                              total_timesteps=a.num_envs * a.num_steps * 10_000)
+        pool_cfg = PoolConfig(num_workers=a.num_workers, overlap=a.overlap, env_groups=a.env_groups,
+                              host_envs=a.host_envs)
+        pool = pool_cfg.make_pool(task, a.num_envs, seed=0)
         socket_pool = None
         try:
-            socket_pool = ppo_nethack.make_pool(cfg, seed=0, spin=0.0) if pool.spin > 0 else None
-            ppo_run = PPORun(cfg, pool)
+            socket_pool = pool_cfg.make_pool(task, a.num_envs, seed=0, spin=0.0) if pool.spin > 0 else None
+            ppo_run = PPORun(cfg, pool, pool_cfg)
             procs = pool.num_workers + (pool.host_envs > 0)  # the host steps envs too with --host-envs
             per_worker = -(-a.num_envs // procs)  # envs per process, all groups
             rates = {"raw": [], "pool": [], "ppo": [], "raw_per_cpu_s": [], "pool_per_cpu_s": [],

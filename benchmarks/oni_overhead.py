@@ -22,15 +22,16 @@ use_sync_cpu_dispatch()
 
 import jax  # noqa: E402
 
-from experiments import oni as oni_exp  # noqa: E402
-from experiments import ppo_nethack  # noqa: E402
+from agents import launch, oni, ppo  # noqa: E402
+from envs.nethack import PoolConfig  # noqa: E402
 from jaxrl_pref.annotation.backends import EmbeddedBackend, Prompt, task_for_env  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
 from jaxrl_pref.config import cli  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
-class Bench(oni_exp.Config):
+class Bench(oni.ONIOptions):
+    env_name: str = "MiniHack-KeyRoom-Fixed-S5-v0"
     num_envs: int = 16
     num_steps: int = 32
     updates: int = 2
@@ -42,21 +43,23 @@ class Bench(oni_exp.Config):
 
 def _time(trainer, state, n):
     t = time.perf_counter()
-    state, m = trainer.run(state, n)
+    state, m = trainer.run(state, None, n)
     jax.block_until_ready(state.train_state.params)
     return state, time.perf_counter() - t, m
 
 
 def main(argv=None) -> int:
     cfg = cli(Bench, argv, description=__doc__.split("\n\n")[0], aliases={"--env": "env_name"})
-    cfg = dataclasses.replace(cfg, total_timesteps=cfg.num_envs * cfg.num_steps * cfg.updates * (cfg.rounds + 1))
+    ppo_cfg = ppo.host_config(env_name=cfg.env_name, num_envs=cfg.num_envs, num_steps=cfg.num_steps,
+                              total_timesteps=cfg.num_envs * cfg.num_steps * cfg.updates * (cfg.rounds + 1))
     tmp = tempfile.mkdtemp(prefix="oni_bench_")
-    pool = ppo_nethack.make_pool(cfg, 0)
+    pool = PoolConfig().make_pool(cfg.env_name, cfg.num_envs, 0)
     proc, url = start_server(f"{tmp}/labels.db", "embedded", log_path=f"{tmp}/annotator.log")
     client = AnnotatorClient(url, task_for_env(cfg.env_name))
     try:
-        ppo_tr = ppo_nethack.make_trainer(cfg, pool)
-        oni_tr = oni_exp.make_trainer(cfg, pool, client)
+        ppo_tr = launch.host_trainer(ppo_cfg, pool)
+        reward = oni.make_reward(cfg)
+        oni_tr = launch.host_trainer(ppo_cfg, pool, reward=reward, host_hook=oni.ONILoop(cfg, reward, client))
         s_ppo, s_oni = ppo_tr.init(jax.random.PRNGKey(0)), oni_tr.init(jax.random.PRNGKey(0))
         s_ppo, _, _ = _time(ppo_tr, s_ppo, 2)  # warm-up: compile
         s_oni, _, _ = _time(oni_tr, s_oni, 2)

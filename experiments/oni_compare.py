@@ -3,7 +3,7 @@
     python -m experiments.oni_compare --envs MiniHack-KeyRoom-Fixed-S5-v0 NetHackStaircase-v0 \\
         --seeds 0 1 2 --total-timesteps 300000 --out runs/oni_compare
 
-Each (env, method, seed) is one ``python -m experiments.ppo_nethack`` / ``python -m experiments.oni`` process
+Each (env, method, seed) is one ``python -m experiments.ppo`` / ``python -m experiments.oni`` process
 (sequential; an interrupted comparison resumes: finished runs are kept, unfinished ones continue from their
 checkpoint). Method ``ppo`` is the extrinsic-only baseline; ``oni-<model>`` uses the embedded annotator unless
 ``--oni-args`` says otherwise (e.g. ``--oni-args "--annotator openai --llm-base-url ... --llm-model ..."``).
@@ -56,7 +56,7 @@ def run_one(cfg: CompareConfig, env: str, method: str, seed: int) -> Path:
               "--num-envs", str(cfg.num_envs), "--num-steps", str(cfg.num_steps), "--run-dir", str(run_dir),
               "--resume", "--progress", "False", "--log-every", "5", *shlex.split(cfg.common_args)]
     if method == "ppo":
-        cmd = [sys.executable, "-m", "experiments.ppo_nethack", *common]
+        cmd = [sys.executable, "-m", "experiments.ppo", *common]
     else:
         cmd = [sys.executable, "-m", "experiments.oni", *common, "--reward-model", method.split("-", 1)[1],
                *shlex.split(cfg.oni_args)]

@@ -115,3 +115,92 @@ def test_seeds_run_one_after_another_on_several_devices(tmp_path):
     seed0 = [r.split(",")[3:] for r in rows[1:] if r.startswith("0,")]
     seed1 = [r.split(",")[3:] for r in rows[1:] if r.startswith("1,")]
     assert seed0 != seed1  # different seeds, not one seed twice
+
+
+# -- one command line for every agent (jaxrl_pref.cli) -------------------------------------------------------------
+
+def test_any_agent_takes_any_env_with_per_env_defaults(capsys):
+    """`--env` picks the loop: a JAX env gets PPO's defaults and no pool options; a NetHack/MiniHack env gets the
+    pool-sized defaults and the pool/network sections; a pool option given for a JAX env is refused by name."""
+    from experiments import heron, oni, ppo, sqirl
+    jax_opts = ppo.parse(["--env", "CartPole-v1"])
+    assert not jax_opts.host and jax_opts.num_envs == 4 and jax_opts.num_steps == 128
+    assert "num_workers" not in dataclasses.asdict(jax_opts.config)
+    pool_opts = ppo.parse(["--env", "MiniHack-Room-5x5-v0", "--num-workers", "1"])
+    assert pool_opts.host and (pool_opts.num_envs, pool_opts.num_steps, pool_opts.update_epochs) == (16, 32, 2)
+    assert dataclasses.asdict(pool_opts.config)["num_workers"] == 1
+    assert ppo.parse(["--env", "MiniHack-Room-5x5-v0", "--num-envs", "8"]).num_envs == 8  # flags win
+    h = heron.parse(["--env", "MiniHack-Room-5x5-v0"])
+    assert h.host and h.heron.factors == ("depth", "damage", "steps") and h.heron.buffer_segments == 256
+    assert heron.parse(["--env", "Pendulum-v1"]).env_name == "PendulumFactors-v1"
+    assert sqirl.parse(["--env", "MiniHack-Room-5x5-v0", "--horizon", "5"]).host
+    for mod, argv, field in ((ppo, ["--env", "CartPole-v1", "--num-workers", "2"], "num_workers"),
+                             (ppo, ["--env", "CartPole-v1", "--crop-conv"], "crop_conv"),
+                             (ppo, ["--env", "MiniHack-Room-5x5-v0", "--num-seeds", "2"], "num_seeds"),
+                             (ppo, ["--env", "MiniHack-Room-5x5-v0", "--normalize-obs"], "normalize_obs"),
+                             (oni, ["--env", "CartPole-v1"], "env_name")):
+        with pytest.raises(SystemExit) as e:
+            mod.parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{field}:" in err and "Fix:" in err, (argv, err)
+
+
+def test_resume_reads_saved_options_and_flags_override(tmp_path):
+    """--resume DIR: the saved config and run settings are the defaults (also a section an older version saved
+    under run[...]); flags given with it override them."""
+    from experiments import heron, ppo
+    d = tmp_path / "run"
+    d.mkdir()
+    saved = dataclasses.asdict(ppo.parse(["--env", "Acrobot-v1", "--learning-rate", "0.003", "--hidden", "8", "8"]).config)
+    (d / "config.json").write_text(json.dumps({"agent": "ppo", "config": saved,
+                                               "run": {"num_seeds": 3, "seed": 5, "checkpoint_every": 7,
+                                                       "log_every": 2, "hp_batched": True,
+                                                       "hp": {".learning_rate": [1e-3, 2e-3, 3e-3],
+                                                              ".gamma": [0.99] * 3}}}))
+    o = ppo.parse(["--resume", str(d)])
+    assert (o.env_name, o.learning_rate, o.hidden, o.run.num_seeds, o.run.seed, o.run.checkpoint_every) == \
+        ("Acrobot-v1", 0.003, (8, 8), 3, 5, 7)
+    assert o.run.run_dir == str(d) and json.loads(o.run.hp_values) == {"learning_rate": [1e-3, 2e-3, 3e-3]}
+    assert ppo.parse(["--resume", str(d), "--learning-rate", "0.01"]).learning_rate == 0.01
+    pool_dir = tmp_path / "heron"
+    pool_dir.mkdir()
+    old = {"env_name": "MiniHack-Room-5x5-v0", "num_envs": 8, "num_steps": 16}  # heron_nethack's older layout
+    (pool_dir / "config.json").write_text(json.dumps({"config": old, "run": {"seed": 2, "heron": {
+        "factors": ["gold", "depth"], "margins": [0, 1]}}}))
+    h = heron.parse(["--resume", str(pool_dir)])
+    assert h.host and (h.num_envs, h.heron.factors, h.heron.margins, h.run.seed) == (8, ("gold", "depth"), (0, 1), 2)
+
+
+def test_configs_are_side_effect_free_and_declare_vmappable_fields_once(monkeypatch):
+    """Constructing a config builds no env; the traced HParams are derived from the fields declared vmappable."""
+    import envs
+    from agents import heron, ppo, sqirl
+    monkeypatch.setattr(envs, "make", lambda *a, **k: pytest.fail("a Config built an env"))
+    ppo.Config(env_name="NoSuchEnv-v0")
+    sqirl.Config(env_name="NoSuchEnv-v0")
+    heron.Config()
+    assert ppo.HPARAM_FIELDS == tuple(f.name for f in dataclasses.fields(ppo.HParams)) == \
+        ("learning_rate", "gamma", "gae_lambda", "clip_eps", "ent_coef", "vf_coef", "max_grad_norm")
+    assert set(sqirl.HPARAM_FIELDS) == {f.name for f in dataclasses.fields(sqirl.HParams)} == \
+        {"learning_rate", "gamma", "replay_priority_factor", "planning_depth", "episodes_per_timestep"}
+
+
+def test_sqirl_total_timesteps_sets_the_episodes_per_timestep(capsys):
+    """SQIRL trains all H timesteps; a budget of T env steps gives T // H**2 episodes per timestep."""
+    from experiments import sqirl
+    assert sqirl.parse(["--env", "DeepSea-8", "--total-timesteps", "50000"]).sqirl.episodes_per_timestep == 781
+    assert sqirl.parse(["--env", "DeepSea-8", "--total-timesteps", "10"]).sqirl.episodes_per_timestep == 1
+    assert sqirl.parse(["--env", "DeepSea-8"]).sqirl.episodes_per_timestep == 64
+    with pytest.raises(SystemExit):
+        sqirl.parse(["--env", "DeepSea-8", "--total-timesteps", "0"])
+    assert "total_timesteps:" in capsys.readouterr().err
+
+
+def test_sqirl_cli_runs_on_a_total_timesteps_budget(tmp_path):
+    """`python -m experiments.sqirl --env DeepSea-8 --total-timesteps 50000` runs all 8 timesteps of 781 episodes."""
+    p = subprocess.run([sys.executable, "-m", "experiments.sqirl", "--env", "DeepSea-8", "--total-timesteps", "50000",
+                        "--run-dir", str(tmp_path / "run"), "--progress", "False", "--n-epochs", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "true"})
+    assert p.returncode == 0, p.stderr
+    assert "8 timesteps x 781 episodes" in p.stdout and "finished 8 updates" in p.stdout, p.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["episodes_per_timestep"] == 781

@@ -270,7 +270,7 @@ def test_cli_parses_ranking_forms():
     a = cli.parse(["--env", "Pendulum-v1", "--factors", "angle>speed>energy", "--margins", "0.5", "1", "1"])
     b = cli.parse(["--env", "PendulumFactors-v1", "--factors", "angle", "speed", "energy", "--margins", "0.5", "1",
                    "1", "--random-margins"])
-    ra, rb = heron.reward_model(a.agent_config()), heron.reward_model(b.agent_config())
+    ra, rb = heron.reward_model(cli.agent_config(a)), heron.reward_model(cli.agent_config(b))
     assert ra.ranked_names == rb.ranked_names == ("angle", "speed", "energy")
     assert b.random_margins and not a.random_margins
     np.testing.assert_allclose(np.asarray(ra.margins), [0.5, 1, 1])
@@ -316,15 +316,16 @@ def test_heron_data_parallel_over_two_devices():
 def test_heron_reward_model_in_the_nethack_host_loop():
     """On a MiniHack pool (Sebulba loop) the factors come from blstats via FactorSet.from_transition."""
     pytest.importorskip("nle")
-    from experiments import ppo_nethack as pn
+    from agents import launch, ppo
+    from envs.nethack import PoolConfig
     from jaxrl_pref.rewards.factors import MINIHACK
-    cfg = pn.Config(env_name="MiniHack-Room-5x5-v0", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3,
-                    num_workers=1, update_epochs=1, num_minibatches=2)
+    cfg = ppo.host_config(env_name="MiniHack-Room-5x5-v0", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3,
+                          update_epochs=1, num_minibatches=2)
     rm = PreferenceReward(PreferenceConfig(factors=("depth", "damage", "steps"), margins=(0, 0, 1), segment_len=4,
                                            buffer_segments=64, min_segments=8, rm_batch_size=8), MINIHACK)
-    pool = pn.make_pool(cfg)
+    pool = PoolConfig(num_workers=1).make_pool(cfg.env_name, 4)
     try:
-        tr = pn.make_trainer(cfg, pool, reward=rm)
+        tr = launch.host_trainer(cfg, pool, reward=rm)
         state, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, 3)
     finally:
         pool.close()
@@ -361,7 +362,7 @@ def test_heron_nethack_cli_errors_name_the_field():
             hn.parse(argv)
         assert e.value.code == 2, (argv, field)
     opts = hn.parse(["--factors", "gold>depth", "--margins", "0", "1"])
-    assert opts.preference_config().resolve(MINIHACK)[0] == (1, 0)
+    assert opts.heron.resolve(MINIHACK)[0] == (1, 0)
 
 
 def test_heron_nethack_cli_trains_and_resumes(tmp_path, capsys):

@@ -431,13 +431,14 @@ def test_pipelined_rollout_replays_exactly(env_groups):
     """A rollout collected with pipelined groups is the [T, N] batch the same envs give when its actions are
     replayed one by one: the groups' steps land in the right rows and columns."""
     import jax
-    from experiments.ppo_nethack import Config, make_pool, make_trainer
-    cfg = Config(env_name=ROOM, num_envs=4, num_workers=2, num_steps=110, env_groups=env_groups,
-                 total_timesteps=4 * 110 * 10)
-    pool = make_pool(cfg, seed=9)
+    from agents import launch, ppo
+    from envs.nethack import PoolConfig
+    cfg = ppo.host_config(env_name=ROOM, num_envs=4, num_steps=110, total_timesteps=4 * 110 * 10)
+    pool_cfg = PoolConfig(num_workers=2, env_groups=env_groups)
+    pool = pool_cfg.make_pool(ROOM, 4, seed=9)
     try:
         assert pool.num_groups == env_groups
-        tr = make_trainer(cfg, pool)
+        tr = launch.host_trainer(cfg, pool, pool_cfg)
         state = tr.init(jax.random.PRNGKey(0))
         traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
         ref = _Reference(ROOM, 4, 9, pool.env_kwargs)
@@ -585,23 +586,23 @@ def test_bad_names_and_options():
 def test_host_envs_option_auto_and_errors(monkeypatch):
     """--host-envs -1 (the default) gives 3/8 of each group to the host (at least 1, at most all but one) on a
     machine of <= 2 cores unless --num-workers is given, else 0; bad values name the field and the fix."""
-    from experiments.ppo_nethack import Config
+    from envs.nethack import PoolConfig
     from jaxrl_pref.config import ConfigError
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert Config(env_name=ROOM).resolved_host_envs() == 3  # 16 envs, 2 groups
-    assert Config(env_name=ROOM, num_envs=32).resolved_host_envs() == 6
-    assert Config(env_name=ROOM, num_envs=4).resolved_host_envs() == 1  # a worker keeps one env per group
-    assert Config(env_name=ROOM, num_envs=2).resolved_host_envs() == 0  # one env per group: all in the worker
-    assert Config(env_name=ROOM, num_workers=2).resolved_host_envs() == 0
-    assert Config(env_name=ROOM, host_envs=3).resolved_host_envs() == 3
+    assert PoolConfig().resolved_host_envs(16) == 3  # 16 envs, 2 groups
+    assert PoolConfig().resolved_host_envs(32) == 6
+    assert PoolConfig().resolved_host_envs(4) == 1  # a worker keeps one env per group
+    assert PoolConfig().resolved_host_envs(2) == 0  # one env per group: all in the worker
+    assert PoolConfig(num_workers=2).resolved_host_envs(16) == 0
+    assert PoolConfig(host_envs=3).resolved_host_envs(16) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert Config(env_name=ROOM).resolved_host_envs() == 0
+    assert PoolConfig().resolved_host_envs(16) == 0
     with pytest.raises(ConfigError, match="host_envs.*--host-envs"):
-        Config(env_name=ROOM, host_envs=9)  # 8 envs per group
+        PoolConfig(host_envs=9).check(16)  # 8 envs per group
     with pytest.raises(ConfigError, match="num_workers"):
-        Config(env_name=ROOM, host_envs=8, num_workers=1)
+        PoolConfig(host_envs=8, num_workers=1).check(16)
     with pytest.raises(ConfigError, match="num_workers"):
-        Config(env_name=ROOM, host_envs=6, num_workers=3)
+        PoolConfig(host_envs=6, num_workers=3).check(16)
 
 
 def test_cli_trains_and_checkpoints(tmp_path):
@@ -625,14 +626,18 @@ def test_cli_trains_and_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_stopped_run_resumes_from_cli(tmp_path):
+    from agents import launch
     from experiments import ppo_nethack
     from jaxrl_pref.runner import run_experiment
     run = tmp_path / "run"
-    cfg = ppo_nethack.Config(env_name=ROOM, num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=256)
-    pool = ppo_nethack.make_pool(cfg, seed=0)
+    opts = ppo_nethack.parse(["--env", ROOM, "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+                              "--total-timesteps", "256"])
+    pool = opts.pool.make_pool(ROOM, 4, seed=0)
     try:  # stops (saved, resumable) after 2 of its 4 updates
-        res = run_experiment(ppo_nethack.make_trainer, cfg, run_dir=run, checkpoint_every=2, log_every=1,
-                             stop_after=2, progress=False, agent="ppo_nethack", trainer_kwargs={"env": pool})
+        make = lambda _, log_fn=None, log_every=1: launch.host_trainer(  # noqa: E731
+            opts.ppo, pool, opts.pool, opts.net, log_fn=log_fn, log_every=log_every)
+        res = run_experiment(make, opts.config, run_dir=run, num_updates=4, steps_per_update=64, checkpoint_every=2,
+                             log_every=1, stop_after=2, progress=False, agent="ppo_nethack")
     finally:
         pool.close()
     assert res.updates_done == 2 and not res.finished
@@ -649,7 +654,8 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     20 updates (10k steps) PPO's episodes end at the goal quickly, with or without pipelined env groups.
     Margin: +0.4 over random."""
     import jax
-    from experiments.ppo_nethack import Config, make_pool, make_trainer
+    from agents import launch, ppo
+    from envs.nethack import PoolConfig
     pool, _ = envs.make(ROOM, num_envs=16, seed=100)
     pool.reset()
     rng = np.random.default_rng(0)
@@ -659,11 +665,12 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
         rets += list(info["episode_return"][info["episode_done"]])
     pool.close()
     random_return = float(np.mean(rets))
-    cfg = Config(env_name=ROOM, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20, learning_rate=1e-3,
-                 update_epochs=4, env_groups=env_groups)
-    pool = make_pool(cfg, seed=0)
+    cfg = ppo.host_config(env_name=ROOM, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20,
+                          learning_rate=1e-3, update_epochs=4)
+    pool_cfg = PoolConfig(env_groups=env_groups)
+    pool = pool_cfg.make_pool(ROOM, 16, seed=0)
     try:
-        tr = make_trainer(cfg, pool)
+        tr = launch.host_trainer(cfg, pool, pool_cfg)
         state, m = tr.run(tr.init(jax.random.PRNGKey(0)), cfg.num_updates)
     finally:
         pool.close()

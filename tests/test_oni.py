@@ -294,7 +294,7 @@ def test_cli_resume_replays_the_oni_options(tmp_path):
     NetHack PPO ones; flags given with --resume still win."""
     import json
     from experiments import oni as oni_exp
-    cfg = oni_exp.Options(reward_model="ranking", int_coef=0.25, num_envs=4).agent_config()
+    cfg = oni_exp.parse(["--reward-model", "ranking", "--int-coef", "0.25", "--num-envs", "4"]).config
     (tmp_path / "config.json").write_text(json.dumps({"agent": "oni", "config": dataclasses.asdict(cfg),
                                                       "run": {"seed": 3, "log_every": 2}}))
     opts = oni_exp.parse(["--resume", str(tmp_path)])

@@ -410,7 +410,7 @@ srun {PY} -m experiments.ppo --distributed --num-devices 4 --num-envs 8 --num-st
 def test_hp_values_option_is_validated(capsys):
     from experiments import ppo as ppo_exp
     opts = ppo_exp.parse(["--num-seeds", "2", "--hp-values", '{"learning_rate": [0.001, 0.003]}'])
-    assert opts.hp_overrides() == {"learning_rate": [0.001, 0.003]}
+    assert opts.run.hp_overrides(ppo_exp.ppo.HPARAM_FIELDS) == {"learning_rate": [0.001, 0.003]}
     for bad, words in (('{"learning_rate": [0.001]}', "one number per seed"), ('{"hidden": [1, 2]}', "cannot be vmapped"),
                        ("[1,", "is not JSON")):
         with pytest.raises(SystemExit) as e:
