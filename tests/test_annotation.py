@@ -687,3 +687,40 @@ def test_two_services_on_one_store_share_the_work(tmp_path, fake_llm):
         stop_server(p1)
         stop_server(p2)
     assert _wal_files(store) == []
+
+
+def _gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"  # exited (maybe unreaped)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_service_does_not_outlive_its_run(tmp_path):
+    """A run killed without stopping its annotator: the orphaned service notices and stops cleanly (no stray
+    processes holding ports and stores), leaving the pending work in the store for the next run."""
+    db = tmp_path / "labels.db"
+    code = textwrap.dedent(f"""
+        import time
+        from jaxrl_pref.annotation.client import AnnotatorClient, start_server
+        proc, url = start_server({str(db)!r}, "openai", extra_args=["--base-url", "http://127.0.0.1:9/v1",
+                                 "--model", "m", "--preflight", "False"], supervise=True)
+        AnnotatorClient(url, "minihack").submit(["good-yes left"])
+        print(proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    try:
+        service = int(run.stdout.readline())
+    finally:
+        run.kill()
+        run.wait()
+    try:
+        assert _wait(lambda: _gone(service), 60)
+    finally:
+        if not _gone(service):
+            os.kill(service, signal.SIGKILL)
+    assert "is gone: stopping" in db.with_suffix(".server.log").read_text()
+    s = LabelStore(db, readonly=True)
+    assert s.get("minihack", "good-yes left")["status"] == "pending"
+    s.close()

@@ -258,7 +258,7 @@ def _launch(args: Sequence[str], store_path: Path, log_path: Path, port: int, ti
     """Starts the service on ``port`` (0: a free one) and waits until it answers. Returns ``(process, url)``."""
     port_file = store_path.with_name(f"{store_path.name}.port.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     cmd = [sys.executable, "-m", "jaxrl_pref.annotation.server", "--store", str(store_path), "--port", str(port),
-           "--port-file", str(port_file), *args]
+           "--port-file", str(port_file), "--parent-pid", str(os.getpid()), *args]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     try:

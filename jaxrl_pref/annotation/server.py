@@ -322,6 +322,8 @@ class ServerConfig:
     """Backend errors are logged at most once per this many seconds (with the count and the last error)."""
     rate_window: float = 10.0
     """labels_per_s is measured over the last this many seconds."""
+    parent_pid: int = 0
+    """Stop (cleanly) once this process is gone: a service started by a run does not outlive it (0: never)."""
 
     def __post_init__(self):
         require(self.backend in ("embedded", "openai"), "backend", f"unknown backend {self.backend!r}",
@@ -367,6 +369,13 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     stop = lambda *a: threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if cfg.parent_pid:
+        def orphaned():
+            while os.getppid() == cfg.parent_pid:
+                time.sleep(1.0)
+            log(f"the run that started this service (pid {cfg.parent_pid}) is gone: stopping")
+            stop()
+        threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
     if ready is not None:
         ready.set()
     try:

@@ -131,20 +131,16 @@ class LabelStore:
 
     # -- writes (one transaction each) ----------------------------------------------------------------------------
     def _tx(self, fn):
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0] + 1
-                out = fn(seq)
-                self.db.execute("UPDATE meta SET value=? WHERE key='seq'", (seq,))
-                self.db.execute("COMMIT")
-                return out
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        """One transaction that may change answers: ``fn(seq)`` with the next ``seq``, which becomes the store's."""
+        def body():
+            seq = self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0] + 1
+            out = fn(seq)
+            self.db.execute("UPDATE meta SET value=? WHERE key='seq'", (seq,))
+            return out
+        return self._write(body)
 
     def _write(self, fn):
-        """One transaction that changes no answer (claims, errors): ``seq`` is left alone."""
+        """One transaction; ``seq`` is left alone (claims, errors: no answer changes)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
