@@ -141,7 +141,8 @@ class AnnotatorClient:
     def summary(self) -> dict:
         """Where everything this client submitted stands: ``{"total", "labeled", "unlabeled", "pending",
         "missing", "reasons": {why: n}, "restarts", "text"}`` (``text``: a few lines for the end of a run). From the
-        label store when the client has one, else from the service (``GET /summary``: all items of the task)."""
+        label store when the client has one, else from the service (``GET /summary``: all items of the task). Call
+        it before :meth:`close`."""
         with self._lock:
             keys = set(self._submitted)
             in_memory = len(self._out_msgs) + len(self._out_pairs)

@@ -171,8 +171,8 @@ class LabelStore:
         """Stores answers. Each result: ``id``, ``label`` (float, or None when the reply did not parse), ``final``
         (a None label is final: the item becomes ``unlabeled``; else it stays pending with ``parse_failures`` + 1),
         and optionally ``raw_reply``, ``error``, ``backend``, ``model``, ``prompt_version``, ``tries`` (requests it
-        took, failed ones included; default 1: added to ``attempts``). Each answer releases the item's claim. An item that is no longer pending (another service answered it
-        first) is left as it is: the first answer wins."""
+        took, failed ones included; default 1: added to ``attempts``). Each answer releases the item's claim. An
+        item that is no longer pending (another service answered it first) is left as it is: the first answer wins."""
         now = time.time()
 
         def fn(seq):
