@@ -19,6 +19,7 @@ NetHack/MiniHack task.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -54,6 +55,7 @@ def train(opts, run_dir):
             plot_oni_curves(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
         return result
     finally:
+        print(client.summary()["text"], file=sys.stderr)  # how many messages stayed unlabelled, and why
         client.close()
         stop_server(proc)
 
