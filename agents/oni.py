@@ -10,7 +10,7 @@ Not a copy of PPO: it is PPO's host-loop trainer (:class:`agents.ppo.HostTrainer
   ``classification`` (a message classifier trained online with BCE) or ``ranking`` (Bradley-Terry on pairwise
   preferences) -- and :class:`~jaxrl_pref.rewards.shaping.ShapedIntrinsic` applies threshold and count decay;
 * a host hook (:class:`ONILoop`) run after every rollout, before its update: it counts the rollout's messages into
-  the message table, sends messages (or pairs, for ranking) never seen before to the annotator through the
+  the message table (which grows as needed; ``max_messages`` bounds it), sends messages (or pairs, for ranking) never seen before to the annotator through the
   non-blocking :class:`~jaxrl_pref.annotation.client.AnnotatorClient`, takes whatever labels arrived since the
   last update and loads them into the reward state (table / training buffer). The jitted update then takes a few
   reward-model steps, computes the intrinsic reward and runs PPO.
@@ -21,10 +21,12 @@ catch up when it returns. ``python -m experiments.oni`` runs it on NetHack/MiniH
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
 from agents import ppo
+from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import require
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
@@ -56,11 +58,17 @@ class ONIOptions:
     rm_batch_size: int = 128
     rm_learning_rate: float = 3e-3
     rm_capacity: int = 4096
-    """Labelled messages (or pairs, for ranking) kept for reward-model training (newest kept)."""
+    """Labelled messages (or pairs, for ranking) the reward model trains on: the newest this many (older labels
+    stay in the message table and the label store)."""
     pairs_per_update: int = 32
     """Ranking: new message pairs sent for comparison after each rollout."""
     table_capacity: int = 1 << 16
-    """Message table slots (a power of two; holds at most half as many distinct messages)."""
+    """Initial message table slots (a power of two >= 1024); the table doubles whenever it is half full (logged;
+    the update step recompiles once per doubling), so a run never stops for capacity."""
+    max_messages: int = 1 << 22
+    """Most distinct messages kept in the message table (34-68 bytes each, on host and on device). Beyond it the
+    rarest (lowest count) unlabelled messages are evicted, with a warning; labelled messages never are (the table
+    grows past the bound rather than drop a label). 0: no bound."""
 
     def __post_init__(self):
         self.validate_oni()
@@ -72,6 +80,8 @@ class ONIOptions:
             require(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}", f"pass --{f.replace('_', '-')} 0 or more")
         for f in ("rm_steps", "rm_batch_size", "rm_learning_rate", "rm_capacity", "pairs_per_update"):
             require(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}", f"pass a positive --{f.replace('_', '-')}")
+        require(self.max_messages >= 0, "max_messages", f"must be >= 0, got {self.max_messages}",
+                "pass --max-messages 0 (no bound) or more")
         c = self.table_capacity
         require(c >= 1024 and c & (c - 1) == 0, "table_capacity", f"must be a power of two >= 1024, got {c}",
                 "pass e.g. --table-capacity 65536")
@@ -98,35 +108,81 @@ def make_reward(cfg: ONIOptions) -> ScaledSum:
     return ScaledSum(shaped, ext_coef=cfg.ext_coef, int_coef=cfg.int_coef, normalize=cfg.normalize_intrinsic)
 
 
+class _Ring:
+    """The newest ``capacity`` rows of a few host arrays (a reward model's training sample; bounded)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.written, self.cols = capacity, 0, None
+
+    def extend(self, **cols) -> None:
+        n = len(next(iter(cols.values())))
+        if self.cols is None:
+            self.cols = {k: np.zeros((self.capacity, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in cols.items()}
+        for k, v in cols.items():
+            v = np.asarray(v)[-self.capacity:]
+            idx = (self.written + n - len(v) + np.arange(len(v))) % self.capacity
+            self.cols[k][idx] = v
+        self.written += n
+
+    def ordered(self) -> dict:
+        """The rows held, oldest first."""
+        n = min(self.written, self.capacity)
+        order = (self.written - n + np.arange(n)) % self.capacity
+        return {k: v[order] for k, v in self.cols.items()}
+
+
 class ONILoop:
     """The host hook: messages out to the annotator, labels in to the reward state (see the module doc).
 
     ``client`` is anything with ``submit(messages, pairs)``, ``poll() -> (labels, pairs)`` and ``metrics()``
     (an :class:`~jaxrl_pref.annotation.client.AnnotatorClient`, or an in-process stand-in in tests).
+
+    Per rollout its work is O(rollout), whatever the number of distinct messages so far: the rollout's messages are
+    hashed and counted into the :class:`~jaxrl_pref.rewards.retrieval.MessageTable` (vectorised), new ones are the
+    ones the table did not hold, only they are decoded and submitted; the device table is updated in place for the
+    slots that changed. Memory per distinct message is the table's slot (no per-message Python objects here).
+
+    * **Growth**: the table doubles when half full (said on stderr; the update step recompiles once per doubling);
+      a run never stops for capacity. Resuming takes the checkpointed table back at the capacity it had grown to.
+    * **Bound** (``max_messages``): beyond it the rarest unlabelled messages are evicted (warned on stderr);
+      labelled ones never are (the table exceeds the bound instead, warned). An evicted message seen again is
+      new again (the client and the label store ignore a message they already have).
+    * **Training sample**: the classifier's labelled messages and the ranking model's pairs are rings of the newest
+      ``rm_capacity`` (older labels stay in the table and the label store). Ranking pairs each message of the
+      rollout with one from a uniform sample (``PAIR_POOL``, reservoir-sampled) of the messages seen, or the empty
+      message.
     """
+    PAIR_POOL = 4096
+    WARN_EVERY = 60.0
 
     def __init__(self, cfg: ONIOptions, reward: ScaledSum, client, seed: int = 0):
         self.cfg, self.reward, self.client = cfg, reward, client
         self.model = reward.intrinsic.model
-        self.table = MessageTable(cfg.table_capacity)
+        self.table = MessageTable(cfg.table_capacity, max_size=cfg.max_messages, on_grow=self._grew)
         self.rng = np.random.default_rng(seed)
-        self.seen: dict[str, None] = {"": None}  # distinct message texts (ordered), the empty one included
+        self.pool: list[str] = [""]  # the empty message (the ranking model's zero point) + a sample of the others
+        self._pool_seen = 0
         self.asked_pairs: set = set()
-        self.lab_texts: dict[str, float] = {}
-        self.pairs: dict[tuple, float] = {}
-        self.unlabeled = 0
+        self.examples = _Ring(cfg.rm_capacity)  # classification: labelled messages; ranking: answered pairs
+        self.labeled = self.positive = self.unlabeled = self.pairs = 0
         self._data_dirty = False
         self._restored = False
+        self._evicted_said = 0
+        self._warn_evict, self._warn_over = Throttle(self.WARN_EVERY), Throttle(self.WARN_EVERY)
+
+    def _grew(self, old: int, new: int, size: int) -> None:
+        _say(f"message table grew from {old} to {new} slots ({size} distinct messages); the update step recompiles "
+             "for the new shape")
 
     def _restore(self, shaped_state):
-        """After a resume the host table is empty but the checkpointed one is not: take counts/labels back."""
+        """After a resume the host table is empty but the checkpointed one is not: take it back (counts, labels, the
+        capacity it had grown to)."""
         self._restored = True
-        t = {k: np.asarray(v) for k, v in shaped_state["table"].items()}
-        if t["used"].any() and self.table.size == 0 and len(t["used"]) == self.table.capacity:
-            self.table.k1[:], self.table.k2[:], self.table.used[:] = t["k1"], t["k2"], t["used"]
-            self.table.label[:], self.table.count[:] = t["label"], t["count"]
-            self.table.size = int(t["used"].sum())
-            self.table.dirty = self.table._keys_dirty = True
+        t = shaped_state["table"]
+        if self.table.size == 0 and bool(np.asarray(t["used"]).any()):
+            self.table.load(t)
+            lab = self.table.label[self.table.used]
+            self.labeled, self.positive = int((~np.isnan(lab)).sum()), int((lab > 0.5).sum())
 
     def __call__(self, state, traj):
         rs = state.reward_state
@@ -139,27 +195,31 @@ class ONILoop:
         _, first, counts = np.unique((h1.astype(np.uint64) << np.uint64(32)) | h2, return_index=True,
                                      return_counts=True)
         uniq = msgs[first]
-        self.table.add(uniq, counts=counts.astype(np.float32))
-        texts = decode_messages(uniq)
-        new = [t for t in texts if t not in self.seen]
-        self.seen.update(dict.fromkeys(new))
-        new_pairs = self._pairs(texts) if self.cfg.reward_model == "ranking" else []
-        if self.cfg.reward_model != "ranking" and new:
-            self.client.submit([t for t in new if t])
-        elif new_pairs:
-            self.client.submit((), new_pairs)
+        is_new = self.table.update(h1[first], h2[first], counts=counts.astype(np.float32))
+        new = [t for t in decode_messages(uniq[is_new]) if t]
+        self._sample(new)
+        if self.cfg.reward_model == "ranking":
+            new_pairs = self._pairs(decode_messages(uniq))
+            if new_pairs:
+                self.client.submit((), new_pairs)
+        elif new:
+            self.client.submit(new)
 
         labels, pairs = self.client.poll()
         got = {t: v for t, v in labels.items() if v is not None}
         self.unlabeled += sum(v is None for v in labels.values())
-        if got:
-            self.table.add(encode_messages(got), labels=np.array(list(got.values()), np.float32))
-            self.lab_texts.update(got)
-            self._data_dirty |= self.cfg.reward_model == "classification"
-        for a, b, p in pairs:
-            if p is not None:
-                self.pairs[(a, b)] = float(p)
-                self._data_dirty |= self.cfg.reward_model == "ranking"
+        texts, values = list(got), np.array(list(got.values()), np.float32)
+        for i in range(0, len(texts), LOAD_CHUNK):  # (a resumed run gets every label at once: bounded temporaries)
+            self._load_labels(texts[i:i + LOAD_CHUNK], values[i:i + LOAD_CHUNK])
+        answered = [(a, b, float(p)) for a, b, p in pairs if p is not None]
+        for i in range(0, len(answered), LOAD_CHUNK):
+            part = answered[i:i + LOAD_CHUNK]
+            self.examples.extend(a=encode_messages([a for a, _, _ in part]),
+                                 b=encode_messages([b for _, b, _ in part]),
+                                 pref=np.array([p for _, _, p in part], np.float32))
+            self.pairs += len(part)
+            self._data_dirty |= self.cfg.reward_model == "ranking"
+        self._warn()
 
         if self.table.dirty:
             shaped = {**shaped, "table": self.table.device()}
@@ -167,17 +227,56 @@ class ONILoop:
             shaped = {**shaped, "model": {**shaped["model"], "data": self._buffer()}}
             self._data_dirty = False
         state = state.replace(reward_state={**rs, "model": shaped})
-        pos = sum(v > 0.5 for v in self.lab_texts.values())
-        metrics = {"labels/labeled": len(self.lab_texts), "labels/positive": pos, "labels/unlabeled": self.unlabeled,
-                   "labels/pairs": len(self.pairs), "labels/new_this_update": len(got) + len(pairs),
-                   "messages/distinct_seen": len(self.seen) - 1, "messages/new_this_update": len(new)}
+        has_empty = int(self.table.find(np.zeros(1, np.uint32), np.zeros(1, np.uint32))[0] >= 0)  # key of b""
+        metrics = {"labels/labeled": self.labeled, "labels/positive": self.positive,
+                   "labels/unlabeled": self.unlabeled, "labels/pairs": self.pairs,
+                   "labels/new_this_update": len(got) + len(answered),
+                   "messages/distinct_seen": self.table.size - has_empty + self.table.evicted,
+                   "messages/new_this_update": len(new), "messages/evicted": self.table.evicted,
+                   "messages/table_capacity": self.table.capacity}
         metrics.update(self.client.metrics())
         return state, metrics
 
+    def _load_labels(self, texts: list, values: np.ndarray) -> None:
+        enc = encode_messages(texts)
+        h = message_hash_np(enc)
+        before = self.table.find(*h)
+        prev = np.where(before >= 0, self.table.label[before], np.nan)
+        self.table.update(*h, labels=values)
+        self.labeled += int(np.isnan(prev).sum())
+        self.positive += int((values > 0.5).sum()) - int((prev > 0.5).sum())
+        if self.cfg.reward_model == "classification":
+            self.examples.extend(bytes=enc, label=values)
+            self._data_dirty = True
+
+    def _warn(self) -> None:
+        t, bound = self.table, self.cfg.max_messages
+        if t.evicted > self._evicted_said:
+            n = self._warn_evict.hit(t.evicted - self._evicted_said)
+            self._evicted_said = t.evicted
+            if n:
+                _say(f"WARNING: --max-messages {bound} reached: evicted the {n} rarest unlabelled message(s) since "
+                     f"the last warning ({t.evicted} in all; their counts restart if they come back); labelled "
+                     "messages are kept")
+        if t.over_bound and self._warn_over.hit():
+            _say(f"WARNING: the message table holds {t.size} messages, more than --max-messages {bound}: labelled "
+                 "messages (and those of the current rollout) are never evicted, so it grows past the bound")
+
+    def _sample(self, new: list) -> None:
+        """Keeps ``pool[1:]`` a uniform sample of the (non-empty) messages seen (reservoir sampling)."""
+        for t in new:
+            self._pool_seen += 1
+            if len(self.pool) <= self.PAIR_POOL:
+                self.pool.append(t)
+            else:
+                j = int(self.rng.integers(self._pool_seen))
+                if j < self.PAIR_POOL:
+                    self.pool[1 + j] = t
+
     def _pairs(self, texts) -> list[tuple[str, str]]:
-        """Up to ``pairs_per_update`` new pairs: each a message of this rollout against a random seen one (the
-        empty message included, the ranking model's zero point)."""
-        pool = list(self.seen)
+        """Up to ``pairs_per_update`` new pairs: each a message of this rollout against one of the pool (a sample
+        of the messages seen, and the empty message)."""
+        pool = self.pool
         out = []
         for _ in range(4 * self.cfg.pairs_per_update):
             if len(out) >= self.cfg.pairs_per_update or len(pool) < 2:
@@ -193,12 +292,17 @@ class ONILoop:
         return out
 
     def _buffer(self):
+        d = self.examples.ordered()
         if self.cfg.reward_model == "classification":
-            texts = list(self.lab_texts)
-            return self.model.buffer_from(encode_messages(texts), np.array([self.lab_texts[t] for t in texts]))
-        keys = list(self.pairs)
-        return self.model.buffer_from(encode_messages([a for a, _ in keys]), encode_messages([b for _, b in keys]),
-                                      np.array([self.pairs[k] for k in keys], np.float32))
+            return self.model.buffer_from(d["bytes"], d["label"])
+        return self.model.buffer_from(d["a"], d["b"], d["pref"])
+
+
+LOAD_CHUNK = 1 << 16
+
+
+def _say(msg: str) -> None:
+    print(f"oni: {msg}", file=sys.stderr, flush=True)
 
 
 def make_trainer(cfg, env, client, log_fn=None, log_every: int = 1, network=None, overlap: bool = False,

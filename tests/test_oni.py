@@ -11,7 +11,7 @@ from agents import oni, ppo
 from jaxrl_pref.networks import MLP, EncoderActorCritic
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import MessageTable, TableFull, decode_messages, encode_messages, lookup
+from jaxrl_pref.rewards.retrieval import MessageTable, decode_messages, encode_messages, lookup
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 from jaxrl_pref.rollout import Transition
 
@@ -30,8 +30,42 @@ def test_hash_table_exact_in_jit():
     assert bool(found[:2000].all()) and not bool(found[2000:].any()) and np.isnan(np.asarray(lab[2000:])).all()
     np.testing.assert_array_equal(np.asarray(cnt[:12]), [3.0] * 10 + [1.0] * 2)
     assert decode_messages(encode_messages(["You kill the newt!"])) == ["You kill the newt!"]
-    with pytest.raises(TableFull):
-        MessageTable(1024).add(encode_messages([f"m{i}" for i in range(600)]))
+
+
+def test_table_grows_and_lookups_survive_the_rehash():
+    """Past half full the table doubles (on_grow told); every key keeps its label and count, in jit and on the
+    host; the device copy is updated in place between growths and equals a fresh upload."""
+    texts = [f"You see here {i} gold pieces." for i in range(3000)]
+    enc = encode_messages(texts)
+    grown = []
+    t = MessageTable(1024, on_grow=lambda old, new, size: grown.append((old, new, size)))
+    labels = np.where(np.arange(500) % 3 == 0, 1.0, np.nan).astype(np.float32)
+    assert t.add(enc[:500], counts=np.arange(500) + 1.0, labels=labels) == 500
+    before = [np.asarray(x) for x in jax.jit(lookup)(t.device(), jnp.asarray(enc[:600]))]
+    assert t.add(enc[:20], counts=np.ones(20)) == 0  # known: in-place device update of 20 slots
+    assert t.add(enc[500:], counts=np.ones(2500)) == 2500 and t.capacity == 8192 and grown == [(1024, 8192, 500)]
+    after = [np.asarray(x) for x in jax.jit(lookup)(t.device(), jnp.asarray(enc[:600]))]
+    np.testing.assert_array_equal(after[0][:500], before[0][:500])  # labels (NaN where none)
+    np.testing.assert_array_equal(after[1][:500], before[1][:500] + (np.arange(500) < 20))
+    assert after[2].all() and not before[2][500:].any()
+    fresh = [np.asarray(x) for x in jax.jit(lookup)(MessageTable.empty_device(8192) | {
+        k: jnp.asarray(getattr(t, k)) for k in ("k1", "k2", "used", "label", "count")}, jnp.asarray(enc))]
+    for a, b in zip(fresh, jax.jit(lookup)(t.device(), jnp.asarray(enc))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_table_bound_evicts_the_rarest_unlabelled_messages():
+    enc = encode_messages([f"You hear {i} bells." for i in range(1400)])
+    t = MessageTable(1024, max_size=1000)
+    t.add(enc[:100], labels=np.ones(100))  # labelled: never evicted
+    t.add(enc[100:1000], counts=np.arange(900) + 1.0)  # counts 1..900
+    t.add(enc[1000:1100], counts=np.ones(100))  # this batch is kept, even at count 1
+    assert t.size <= 1000 and t.evicted >= 100 and not t.over_bound
+    lab, cnt = t.get(enc[:1100])
+    assert (lab[:100] == 1).all() and (cnt[1000:1100] == 1).all()
+    assert (cnt[100:100 + t.evicted] == 0).all() and (cnt[100 + t.evicted:1000] > 0).all()  # the rarest went
+    t.add(enc[:1400], labels=np.ones(1400))  # more labels than the bound: it grows past it, nothing dropped
+    assert t.over_bound and t.size == 1400 and (t.get(enc)[0] == 1).all()
 
 
 def test_shaping_threshold_decay_and_terms():

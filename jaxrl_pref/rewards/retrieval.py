@@ -1,10 +1,11 @@
-"""ONI-Retrieval: message labels looked up by hash inside ``jit`` (a fixed-size open-addressing table on device).
+"""ONI-Retrieval: message labels looked up by hash inside ``jit`` (an open-addressing table on device).
 
 Messages are NetHack-style byte strings (``uint8[..., L]``, NUL-padded). Each has a 64-bit key made of two
 independent 32-bit polynomial hashes of its bytes, computed identically by numpy on the host
 (:func:`message_hash_np`) and by JAX in ``jit`` (:func:`message_hash`). The host owns the table
-(:class:`MessageTable`: linear probing, at most ``MAX_PROBES`` slots from the home slot, load kept <= 1/2) and
-uploads its arrays after it changes; in ``jit`` :func:`lookup` probes the ``MAX_PROBES`` slots in parallel.
+(:class:`MessageTable`: linear probing, at most ``MAX_PROBES`` slots from the home slot, load kept <= 1/2 by
+doubling, optionally bounded by evicting rare unlabelled messages) and brings its device arrays up to date after it
+changes (in place, only the changed slots); in ``jit`` :func:`lookup` probes the ``MAX_PROBES`` slots in parallel.
 
 Each slot holds a message's label (NaN until annotated; the annotator may also give up -> stays NaN) and how many
 times the learner has seen it (for count-based decay). Unknown or unlabeled messages score 0.
@@ -14,7 +15,8 @@ times the learner has seen it (for count-based decay). Unknown or unlabeled mess
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import functools
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +55,19 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
-def message_hash_np(msgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint32 hashes of ``uint8[..., L]`` messages (host side)."""
-    m = np.asarray(msgs, np.uint64)
-    L = m.shape[-1]
-    h1 = ((m * (_P1[:L].astype(np.uint64) + 1)).sum(-1) & 0xFFFFFFFF).astype(np.uint32)  # +1: wraps like uint32
-    h2 = ((m * (_P2[:L].astype(np.uint64) + 3)).sum(-1) & 0xFFFFFFFF).astype(np.uint32)
-    return _fmix_np(h1), _fmix_np(h2)
+def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint32 hashes of ``uint8[..., L]`` messages (host side; in chunks of ``chunk`` messages, so hashing a
+    million messages needs no gigabytes of temporaries)."""
+    msgs = np.asarray(msgs)
+    L = msgs.shape[-1]
+    flat = msgs.reshape(-1, L)
+    p1, p2 = _P1[:L].astype(np.uint64) + 1, _P2[:L].astype(np.uint64) + 3  # +1, +3: wrap like uint32
+    h1, h2 = np.empty(len(flat), np.uint32), np.empty(len(flat), np.uint32)
+    for i in range(0, len(flat), chunk):
+        m = flat[i:i + chunk].astype(np.uint64)
+        h1[i:i + chunk] = (m @ p1) & 0xFFFFFFFF
+        h2[i:i + chunk] = (m @ p2) & 0xFFFFFFFF
+    return _fmix_np(h1).reshape(msgs.shape[:-1]), _fmix_np(h2).reshape(msgs.shape[:-1])
 
 
 def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
@@ -90,16 +98,43 @@ def decode_messages(msgs: np.ndarray) -> list[str]:
     return out
 
 
-class TableFull(RuntimeError):
-    pass
-
-
 class MessageTable:
-    """Host-side open-addressing table ``(h1, h2) -> (label, count)``; ``device()`` gives its jit-side arrays."""
+    """Host-side open-addressing table ``(h1, h2) -> (label, count)`` that grows; ``device()`` gives its jit-side
+    arrays.
 
-    def __init__(self, capacity: int = 1 << 16):
-        if capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two, got {capacity}")
+    Linear probing within a window of ``MAX_PROBES`` slots from a key's home slot; a lookup checks the whole window
+    (it never stops at an empty slot), so entries can be removed without tombstones. All operations are vectorised
+    over a batch of messages (numpy; no per-message Python).
+
+    **Growth**: when an insert would take the table past ``max_load`` (1/2), or a key finds no free slot in its
+    window, the table rehashes into twice the slots (repeatedly if need be); ``on_grow(old, new, size)`` is called
+    after each doubling. Labels and counts move with their keys. The device arrays change shape then (jitted
+    functions taking them recompile once per doubling).
+
+    **Bound** (``max_size`` > 0): before the table would hold more than ``max_size`` messages it evicts the rarest
+    (lowest count) messages *without a label* -- down to 15/16 of the bound, so eviction runs once per
+    ``max_size / 16`` new messages, not per message. Messages with a label, and those of the batch being added, are
+    never evicted: if nothing else is left the table exceeds the bound (and keeps growing) rather than drop a label.
+    ``evicted`` counts removed messages, ``over_bound`` is True while the bound is exceeded. An evicted message seen
+    again comes back with count 0.
+
+    **Device copy**: :meth:`device` uploads the arrays in full after a growth (or the first time) and otherwise
+    writes only the slots changed since the last call, in place (a jitted scatter that donates the previous device
+    arrays): per update the host-to-device traffic is O(messages changed), not O(capacity). Keep only the newest
+    dict :meth:`device` returned (older ones may have been donated).
+    """
+
+    def __init__(self, capacity: int = 1 << 16, max_size: int = 0, max_load: float = 0.5,
+                 on_grow: Optional[Callable[[int, int, int], None]] = None):
+        if capacity < MAX_PROBES or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two >= {MAX_PROBES}, got {capacity}")
+        self.max_size, self.max_load, self.on_grow = max_size, max_load, on_grow
+        self.evicted = 0
+        self.over_bound = False
+        self._alloc(capacity)
+        self._dev: Optional[dict] = None
+
+    def _alloc(self, capacity: int) -> None:
         self.capacity = capacity
         self.k1 = np.zeros(capacity, np.uint32)
         self.k2 = np.zeros(capacity, np.uint32)
@@ -107,69 +142,185 @@ class MessageTable:
         self.label = np.full(capacity, np.nan, np.float32)
         self.count = np.zeros(capacity, np.float32)
         self.size = 0
-        self.dirty = True
-        self._keys_dirty = True  # keys/labels changed (else only counts did: upload just those)
-        self._dev: Optional[dict] = None
+        self._full_upload = True  # shapes changed: the next device() uploads everything
+        self._changed: list = []  # slot arrays changed since the last device()
 
-    def _slot(self, h1: int, h2: int, insert: bool) -> Optional[int]:
-        home = int(_fmix_np(np.array([h1 ^ 0x5BD1E995], np.uint32))[0])
+    @property
+    def dirty(self) -> bool:
+        """Whether the device copy is behind the host table."""
+        return self._full_upload or bool(self._changed)
+
+    # -- slots ----------------------------------------------------------------------------------------------------
+    def _window(self, h1: np.ndarray) -> np.ndarray:
+        home = _fmix_np(h1 ^ np.uint32(0x5BD1E995)).astype(np.int64)
+        return (home[:, None] + np.arange(MAX_PROBES)) & (self.capacity - 1)
+
+    def find(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Slots of keys ``(h1, h2)`` (int64; -1 where absent)."""
+        if len(h1) == 0:
+            return np.zeros(0, np.int64)
+        w = self._window(h1)
+        hit = self.used[w] & (self.k1[w] == h1[:, None]) & (self.k2[w] == h2[:, None])
+        s = w[np.arange(len(h1)), hit.argmax(1)]
+        return np.where(hit.any(1), s, -1)
+
+    def _place(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Puts absent, distinct keys into free slots of their windows; -1 where the window is full."""
+        out = np.full(len(h1), -1, np.int64)
+        if len(h1) == 0:
+            return out
+        w = self._window(h1)
+        todo = np.arange(len(h1))
         for j in range(MAX_PROBES):
-            s = (home + j) & (self.capacity - 1)
-            if not self.used[s]:
-                if not insert:
-                    return None
-                if self.size + 1 > self.capacity // 2:
-                    raise TableFull(f"message table full ({self.size} of {self.capacity}); raise its capacity")
-                self.used[s], self.k1[s], self.k2[s] = True, h1, h2
-                self.size += 1
-                self._keys_dirty = True
-                return s
-            if self.k1[s] == h1 and self.k2[s] == h2:
-                return s
-        if insert:
-            raise TableFull(f"no free slot within {MAX_PROBES} probes; raise the table capacity")
-        return None
+            s = w[todo, j]
+            free = ~self.used[s]
+            s, cand = s[free], todo[free]
+            s, first = np.unique(s, return_index=True)  # one key per free slot per round; the others probe on
+            win = cand[first]
+            self.used[s], self.k1[s], self.k2[s] = True, h1[win], h2[win]
+            self.label[s], self.count[s] = np.nan, 0.0
+            out[win] = s
+            todo = todo[out[todo] < 0]
+            if len(todo) == 0:
+                break
+        placed = out[out >= 0]
+        self.size += len(placed)
+        self._changed.append(placed)
+        return out
+
+    def _grow(self, min_capacity: int = 0) -> None:
+        """Rehashes into at least twice the slots (and at least ``min_capacity``)."""
+        old = self.capacity
+        s = np.flatnonzero(self.used)
+        k1, k2, label, count = self.k1[s], self.k2[s], self.label[s], self.count[s]
+        cap = old * 2
+        while cap < min_capacity:
+            cap *= 2
+        while True:
+            self._alloc(cap)
+            slots = self._place(k1, k2)
+            if (slots >= 0).all():
+                break
+            cap *= 2  # (a window overflowed while rehashing: practically impossible at load 1/2)
+        self.label[slots], self.count[slots] = label, count
+        if self.on_grow is not None:
+            self.on_grow(old, self.capacity, self.size)
+
+    def _evict(self, need: int, keep: np.ndarray) -> None:
+        """Makes room for ``need`` new messages under ``max_size``: removes the rarest unlabelled messages not in
+        ``keep`` (slots)."""
+        excess = self.size + need - self.max_size
+        if excess <= 0:
+            self.over_bound = False
+            return
+        cand = self.used & np.isnan(self.label)
+        cand[keep[keep >= 0]] = False
+        cand = np.flatnonzero(cand)
+        n = min(len(cand), excess + self.max_size // 16)
+        if n:
+            victims = cand[np.argpartition(self.count[cand], n - 1)[:n]] if n < len(cand) else cand
+            self.used[victims], self.k1[victims], self.k2[victims] = False, 0, 0
+            self.label[victims], self.count[victims] = np.nan, 0.0
+            self.size -= n
+            self.evicted += n
+            self._changed.append(victims)
+        self.over_bound = self.size + need > self.max_size
+
+    def insert(self, h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of keys ``(h1, h2)``, inserting the absent ones (growing or evicting as needed). Returns
+        ``(slots, new)``: ``new`` marks the first occurrence of each key that was not in the table."""
+        h1, h2 = np.asarray(h1, np.uint32), np.asarray(h2, np.uint32)
+        slots = self.find(h1, h2)
+        new = slots < 0
+        if not new.any():
+            return slots, new
+        idx = np.flatnonzero(new)
+        key = (h1[idx].astype(np.uint64) << np.uint64(32)) | h2[idx]
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        u1, u2 = h1[idx[first]], h2[idx[first]]
+        if self.max_size:
+            self._evict(len(first), slots)
+        if self.size + len(first) > self.capacity * self.max_load:
+            self._grow(_next_pow2(int(np.ceil((self.size + len(first)) / self.max_load))))
+            slots[~new] = self.find(h1[~new], h2[~new])
+        placed = self._place(u1, u2)
+        while (placed < 0).any():  # some window was full: double and place the rest
+            self._grow()
+            slots[~new] = self.find(h1[~new], h2[~new])
+            got = placed >= 0
+            placed[got] = self.find(u1[got], u2[got])
+            placed[~got] = self._place(u1[~got], u2[~got])
+        slots[idx] = placed[inv.reshape(-1)]
+        first_mask = np.zeros(len(h1), bool)
+        first_mask[idx[first]] = True
+        return slots, first_mask
+
+    # -- messages -------------------------------------------------------------------------------------------------
+    def update(self, h1: np.ndarray, h2: np.ndarray, counts: Optional[np.ndarray] = None,
+               labels: Optional[np.ndarray] = None) -> np.ndarray:
+        """Inserts the messages of hashes ``(h1, h2)``, adding ``counts`` to their counts and setting ``labels`` (NaN
+        keeps the stored label). Returns the mask of those that were new (the first occurrence of each)."""
+        slots, new = self.insert(h1, h2)
+        if counts is not None:
+            np.add.at(self.count, slots, np.asarray(counts, np.float32))
+        if labels is not None:
+            labels = np.asarray(labels, np.float32)
+            ok = ~np.isnan(labels)
+            self.label[slots[ok]] = labels[ok]
+        self._changed.append(slots)
+        return new
 
     def add(self, msgs: np.ndarray, counts: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None) -> int:
-        """Inserts messages (``uint8[n, L]``), adding ``counts`` to their counts and setting ``labels`` (NaN keeps
-        the stored label). Returns how many were new."""
-        h1, h2 = message_hash_np(msgs)
-        new = 0
-        for i in range(len(h1)):
-            before = self.size
-            s = self._slot(int(h1[i]), int(h2[i]), True)
-            new += self.size - before
-            if counts is not None:
-                self.count[s] += counts[i]
-            if labels is not None and not np.isnan(labels[i]):
-                self.label[s] = labels[i]
-                self._keys_dirty = True
-        self.dirty = True
-        return new
+        """:meth:`update` for messages ``uint8[n, L]``; returns how many were new."""
+        return int(self.update(*message_hash_np(msgs), counts, labels).sum())
 
     def get(self, msgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels, counts) on the host; NaN / 0 for unknown messages."""
-        h1, h2 = message_hash_np(msgs)
-        lab, cnt = np.full(len(h1), np.nan, np.float32), np.zeros(len(h1), np.float32)
-        for i in range(len(h1)):
-            s = self._slot(int(h1[i]), int(h2[i]), False)
-            if s is not None:
-                lab[i], cnt[i] = self.label[s], self.count[s]
-        return lab, cnt
+        s = self.find(*message_hash_np(msgs))
+        ok = s >= 0
+        return np.where(ok, self.label[s], np.nan).astype(np.float32), np.where(ok, self.count[s], 0).astype(np.float32)
+
+    def load(self, arrays: dict) -> None:
+        """Takes the state of a saved device table (``k1, k2, used, label, count``; any capacity)."""
+        a = {k: np.asarray(v) for k, v in arrays.items()}
+        self._alloc(len(a["used"]))
+        for k in ("k1", "k2", "used", "label", "count"):
+            getattr(self, k)[:] = a[k]
+        self.size = int(self.used.sum())
 
     def device(self) -> dict:
-        """The table's arrays on device; after a change of counts only, only the counts are uploaded again."""
-        if self._dev is None or self._keys_dirty:
-            self._dev = {"k1": jnp.asarray(self.k1), "k2": jnp.asarray(self.k2), "used": jnp.asarray(self.used),
-                         "label": jnp.asarray(self.label), "count": jnp.asarray(self.count)}
-        elif self.dirty:
-            self._dev = {**self._dev, "count": jnp.asarray(self.count)}
-        self.dirty = self._keys_dirty = False
+        """The table's arrays on device, brought up to date (see the class doc)."""
+        if self._dev is None or self._full_upload or self._dev["k1"].shape[0] != self.capacity:
+            self._dev = {k: jnp.asarray(getattr(self, k)) for k in _FIELDS}
+        elif self._changed:
+            s = np.unique(np.concatenate(self._changed))
+            s = s[s >= 0]
+            if len(s) > self.capacity // 8:
+                self._dev = {k: jnp.asarray(getattr(self, k)) for k in _FIELDS}
+            elif len(s):
+                n = max(64, _next_pow2(len(s)))  # padded to a power of two: few compiled sizes
+                pad = np.full(n, self.capacity, np.int32)  # out of range: dropped
+                pad[:len(s)] = s
+                vals = {k: getattr(self, k)[np.minimum(pad, self.capacity - 1)] for k in _FIELDS}
+                self._dev = _scatter(self._dev, jnp.asarray(pad), vals)
+        self._full_upload, self._changed = False, []
         return self._dev
 
     @staticmethod
     def empty_device(capacity: int = 1 << 16) -> dict:
         return MessageTable(capacity).device()
+
+
+_FIELDS = ("k1", "k2", "used", "label", "count")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(dev: dict, slots, vals: dict) -> dict:
+    return {k: dev[k].at[slots].set(vals[k], mode="drop") for k in dev}
 
 
 def lookup(table: dict, msgs) -> tuple[jax.Array, jax.Array, jax.Array]:
