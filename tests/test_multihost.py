@@ -148,16 +148,18 @@ def _ppo_cli(run_dir: Path, port: int, i: int, updates: int, log: Path) -> subpr
 
 
 def _wait(procs, log_dir: Path, phase: str, timeout: float = 300) -> list[str]:
+    """Waits for every process to exit by itself; one still running after ``timeout`` s (a generous bound: a
+    stopped run exits within a chunk, seconds) is a hang: it is killed and the test fails naming it."""
     import time
     deadline = time.time() + timeout
     while any(p.poll() is None for p in procs) and time.time() < deadline:
         time.sleep(0.5)
+    hung = [i for i, p in enumerate(procs) if p.poll() is None]
+    for i in hung:
+        procs[i].kill()
+        procs[i].wait()
     outs = [(log_dir / f"{phase}{i}.log").read_text() for i in range(len(procs))]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert all(p.returncode is not None for p in procs), [o[-2000:] for o in outs]
+    assert not hung, (f"process(es) {hung} still running {timeout} s after the stop signal", [o[-2000:] for o in outs])
     return outs
 
 
