@@ -63,8 +63,11 @@ def _base(name: str, kwargs: dict):
 
 
 def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False, normalize_reward: bool = False,
-         gamma: float = 0.99, **kwargs):
+         gamma: float = 0.99, axis_name: str | None = None, **kwargs):
     """Builds a wrapped env. ``kwargs`` override fields of the env's params (e.g. ``max_steps_in_episode=200``).
+
+    ``axis_name``: the device axis the normalisers average their statistics over when the envs are split across
+    devices (the state's :meth:`~envs.wrappers.Wrapper.state_specs` then replicates those statistics).
 
     ``num_envs=None`` gives one env (``vmap`` it yourself); ``num_envs=N`` gives a batch of N envs whose
     ``reset(key, params)``/``step(key, state, actions, params)`` take one key and carry a leading ``[N]`` axis.
@@ -87,9 +90,9 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
         env = ClipAction(env)
     env = EpisodeStats(env)  # inside the normalisers: reports the true return
     if normalize_obs:
-        env = NormalizeObservation(env)
+        env = NormalizeObservation(env, axis_name=axis_name)
     if normalize_reward:
-        env = NormalizeReward(env, gamma=gamma)
+        env = NormalizeReward(env, gamma=gamma, axis_name=axis_name)
     return env, params
 
 

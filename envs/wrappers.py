@@ -11,7 +11,7 @@ After either, the returned ``obs``/``state`` already belong to the next episode 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,11 @@ class Wrapper:
     @property
     def unwrapped(self):
         return getattr(self._env, "unwrapped", self._env)
+
+    def state_specs(self, split, replicated):
+        """A pytree prefix of this env's state for sharding over devices: ``split`` (along the env axis) for
+        per-env state, ``replicated`` for state shared by all envs (the normalisers' running moments)."""
+        return split
 
 
 class AutoReset(Wrapper):
@@ -159,14 +164,19 @@ class RunningMoments:
     def create(cls, shape=()):
         return cls(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.float32(1e-4))
 
-    def update(self, x, batch_ndim: int = 0):
+    def update(self, x, batch_ndim: int = 0, axis_name: Optional[str] = None):
         """Merges samples ``x`` (Chan et al. parallel update). The first ``batch_ndim`` axes of ``x`` are a batch
         of samples (a batched env's ``[num_envs]`` axis: statistics shared by all envs, as in gym's VecNormalize);
-        with ``batch_ndim=0`` ``x`` is one sample."""
+        with ``batch_ndim=0`` ``x`` is one sample. With ``axis_name`` (a device axis; every device holding as many
+        samples) the batch is the samples of all devices, so every device ends with the same moments."""
         axes = tuple(range(batch_ndim))
         n = float(np.prod(x.shape[:batch_ndim])) if batch_ndim else 1.0
         b_mean = jnp.mean(x, axis=axes) if axes else x
         b_var = jnp.var(x, axis=axes) if axes else jnp.zeros_like(x)
+        if axis_name is not None:
+            g_mean = jax.lax.pmean(b_mean, axis_name)
+            b_var = jax.lax.pmean(b_var + b_mean * b_mean, axis_name) - g_mean * g_mean
+            b_mean, n = g_mean, n * jax.lax.psum(1, axis_name)
         delta = b_mean - self.mean
         count = self.count + n
         mean = self.mean + delta * n / count
@@ -181,11 +191,15 @@ class NormObsState:
 
 
 class NormalizeObservation(Wrapper):
-    """Normalises observations with a running mean/std (shared by the envs of a batch); clips to +-``clip``."""
+    """Normalises observations with a running mean/std (shared by the envs of a batch, and with ``axis_name`` by
+    the envs of every device on that axis); clips to +-``clip``."""
 
-    def __init__(self, env, clip: float = 10.0):
+    def __init__(self, env, clip: float = 10.0, axis_name: Optional[str] = None):
         super().__init__(env)
-        self.clip = clip
+        self.clip, self.axis_name = clip, axis_name
+
+    def state_specs(self, split, replicated):
+        return NormObsState(self._env.state_specs(split, replicated), replicated)
 
     def _norm(self, m, obs):
         return jnp.clip((obs - m.mean) / jnp.sqrt(m.var + 1e-8), -self.clip, self.clip)
@@ -193,12 +207,12 @@ class NormalizeObservation(Wrapper):
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
         nb = len(self.batch_shape)
-        m = RunningMoments.create(obs.shape[nb:]).update(obs, nb)
+        m = RunningMoments.create(obs.shape[nb:]).update(obs, nb, self.axis_name)
         return self._norm(m, obs), NormObsState(env_state, m)
 
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
-        m = state.moments.update(obs, len(self.batch_shape))
+        m = state.moments.update(obs, len(self.batch_shape), self.axis_name)
         info = {**info, "final_obs": self._norm(m, info["final_obs"])}
         return self._norm(m, obs), NormObsState(env_state, m), reward, terminated, truncated, info
 
@@ -211,11 +225,15 @@ class NormRewState:
 
 
 class NormalizeReward(Wrapper):
-    """Scales rewards by the running std of the discounted return (as in common PPO implementations)."""
+    """Scales rewards by the running std of the discounted return (as in common PPO implementations); the std is
+    shared by the envs of a batch, and with ``axis_name`` by the envs of every device on that axis."""
 
-    def __init__(self, env, gamma: float = 0.99, clip: float = 10.0):
+    def __init__(self, env, gamma: float = 0.99, clip: float = 10.0, axis_name: Optional[str] = None):
         super().__init__(env)
-        self.gamma, self.clip = gamma, clip
+        self.gamma, self.clip, self.axis_name = gamma, clip, axis_name
+
+    def state_specs(self, split, replicated):
+        return NormRewState(self._env.state_specs(split, replicated), replicated, split)
 
     def reset(self, key, params):
         obs, env_state = self._env.reset(key, params)
@@ -225,7 +243,7 @@ class NormalizeReward(Wrapper):
     def step(self, key, state, action, params):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
         ret = state.discounted_return * self.gamma + reward
-        m = state.moments.update(ret, len(self.batch_shape))
+        m = state.moments.update(ret, len(self.batch_shape), self.axis_name)
         done = terminated | truncated
         scaled = jnp.clip(reward / jnp.sqrt(m.var + 1e-8), -self.clip, self.clip)
         new = NormRewState(env_state, m, jnp.where(done, 0.0, ret))

@@ -128,15 +128,17 @@ class Logger:
             del self._pending[step]
             self._write_update(step, calls)
 
-    def _write_update(self, step: int, calls: list[dict]) -> None:
+    def _write_update(self, step: int, calls: list[dict], rate: Optional[tuple] = None) -> None:
         keys = sorted(set().union(*calls))
         mean = {k: _nanmean_sorted([c.get(k, math.nan) for c in calls]) for k in keys}
-        now = time.perf_counter()
-        dt, dstep = now - self._last_t, step - self._last_step
-        if dt > 0 and dstep > 0:
-            mean["perf/env_steps_per_sec"] = dstep * self.steps_per_update * self.num_seeds / dt
-            mean["perf/updates_per_sec"] = dstep / dt
-        self._last_t, self._last_step = now, step
+        if rate is None:
+            now = time.perf_counter()
+            dt, dstep = now - self._last_t, step - self._last_step
+            rate = (dstep / dt,) if dt > 0 and dstep > 0 else None
+            self._last_t, self._last_step = now, step
+        if rate is not None:
+            mean["perf/env_steps_per_sec"] = rate[0] * self.steps_per_update * self.num_seeds
+            mean["perf/updates_per_sec"] = rate[0]
         env_steps = step * self.steps_per_update
         if self.writer is not None:
             for k, v in mean.items():
@@ -175,6 +177,24 @@ class Logger:
         """Restart the throughput clock at ``update`` (call when a chunk starts, so checkpoint time is excluded)."""
         with self._lock:
             self._last_t, self._last_step = time.perf_counter(), update
+
+    def log_updates(self, first_update: int, metrics: Mapping[str, Any]) -> None:
+        """Logs a chunk's updates from its outputs (``metrics[k]``: ``[num_seeds, n]`` for updates ``first_update + 1
+        .. first_update + n``) as the callbacks would have: the seed mean of every ``log_every``-th update, with the
+        chunk's throughput. For vmapped seeds, whose in-jit callbacks would run once per seed per update."""
+        arrays = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+        n = next(iter(arrays.values())).shape[-1] if arrays else 0
+        with self._lock:
+            now = time.perf_counter()
+            dt = now - self._last_t
+            rate = ((first_update + n - self._last_step) / dt,) if dt > 0 else None
+            for j in range(n):
+                u = first_update + j + 1
+                if u % self.log_every == 0:
+                    seeds = {k: a.reshape(-1, n)[:, j] for k, a in arrays.items()}
+                    rows = [{k: float(v[i]) for k, v in seeds.items()} for i in range(len(next(iter(seeds.values()))))]
+                    self._write_update(u, rows, rate)
+            self._last_t, self._last_step = now, first_update + n
 
     def log_chunk(self, first_update: int, metrics: Mapping[str, Any]) -> None:
         """Per-seed scalars from a chunk's exact outputs: ``metrics[k]`` has shape ``[num_seeds, n]`` for

@@ -395,7 +395,10 @@ def run(make_trainer: Callable, cfg, spec: RunSpec) -> RunResult:
     spec = plan.spec
     existing, moved = _resume_policy(plan)
     proxy = _LogProxy()
-    trainer = make_trainer(cfg, log_fn=proxy, log_every=spec.log_every, **dict(spec.trainer_kwargs or {}))
+    # vmapped seeds log from each chunk's outputs (one transfer per chunk): a callback inside a vmapped scan runs
+    # once per seed on every update, whatever log_every says (a device->host round trip each on an accelerator)
+    trainer = make_trainer(cfg, log_fn=None if plan.vmapped else proxy, log_every=spec.log_every,
+                           **dict(spec.trainer_kwargs or {}))
     if not getattr(trainer, "jittable", True) and spec.num_seeds != 1:
         raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got "
                           f"{spec.num_seeds}", "pass --num-seeds 1 and start one process per seed (--seed 0, ...)")
@@ -433,7 +436,9 @@ class _Session:
         self._compiled = {}
 
     def restore(self) -> None:
-        restored = self.ckpt.restore(target=self.state)
+        # arrays a reward transform grows during a run (ONI's message table) come back at their saved shape
+        resizable = getattr(getattr(self.trainer, "reward", None), "resizable", None)
+        restored = self.ckpt.restore(target=self.state, resizable=resizable)
         _check_same_run(restored.extra, self.plan.identity, self.plan.run_dir)
         self.state, self.done, self.resumed_from = restored.state, restored.step, restored.step
         self.history = dict(restored.history or {})
@@ -519,6 +524,8 @@ class _Session:
                 self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent, "updates_done": b},
                                history=self.history)
                 write_metrics(plan.run_dir, self.history, plan.steps_per_update)
+                if plan.vmapped:
+                    logger.log_updates(a, chunk)
                 logger.log_chunk(a, chunk)
             interrupted = stop.signum
             # still under the handler: a SIGTERM now (say a requeue as the run ends) must not kill the last save

@@ -724,3 +724,18 @@ def test_service_does_not_outlive_its_run(tmp_path):
     s = LabelStore(db, readonly=True)
     assert s.get("minihack", "good-yes left")["status"] == "pending"
     s.close()
+
+
+def test_annotator_service_runs_on_the_cpu_unless_asked(monkeypatch, tmp_path):
+    """The service is started with JAX_PLATFORMS=cpu (the learner keeps the accelerator and its memory), or on the
+    platform --annotator-platform names, without preallocating accelerator memory then."""
+    from jaxrl_pref.annotation import client as client_mod
+    from jaxrl_pref.annotation.config import AnnotatorConfig, service_env, start_annotator
+    seen = {}
+    monkeypatch.setattr(client_mod, "start_server", lambda *a, **k: (seen.update(k), ("proc", "url"))[1])
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert start_annotator(AnnotatorConfig(), tmp_path) == ("proc", "url")
+    assert seen["env"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_PREALLOCATE" not in seen["env"]
+    gpu = service_env(AnnotatorConfig(annotator_platform="gpu"), {"PATH": "/bin"})
+    assert gpu == {"PATH": "/bin", "JAX_PLATFORMS": "gpu", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    assert "JAX_PLATFORMS" not in service_env(AnnotatorConfig(annotator_platform=""), {"JAX_PLATFORMS": "cpu"})

@@ -196,3 +196,50 @@ def test_data_parallel_devices(ndev):
 def test_too_many_devices_is_a_config_error():
     with pytest.raises(ConfigError, match="num_devices"):
         ppo.make_trainer(ppo.Config(**{**TINY, "num_envs": 64, "num_devices": 64, "total_timesteps": 64 * 16 * 2}))
+
+
+NORM_MULTI = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from agents import ppo
+    from envs.wrappers import RunningMoments
+    from jaxrl_pref import distributed
+    ndev = int(sys.argv[1])
+    # the moments' update under shard_map equals one update on all devices' samples together
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3)) * 3 + 1
+    m0 = RunningMoments.create((3,)).update(x[:2] * 0.5, 1)
+    mesh = distributed.data_mesh(ndev)
+    f = distributed.shard(lambda xs: m0.update(xs, 1, distributed.DATA_AXIS), mesh, in_specs=(P(distributed.DATA_AXIS),),
+                          out_specs=distributed.REPLICATED)
+    got, want = f(x), m0.update(x, 1)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # PPO with both normalisers over ndev devices: trains, and every device holds the same statistics
+    cfg = ppo.Config(env_name="CartPole-v1", num_envs=8, num_steps=32, total_timesteps=8 * 32 * 4,
+                     num_devices=ndev, normalize_obs=True, normalize_reward=True)
+    trainer = ppo.make_trainer(cfg)
+    rs = jax.jit(trainer.init)(jax.random.PRNGKey(0))
+    rs, m = jax.jit(trainer.run, static_argnums=2)(rs, None, cfg.num_updates)
+    moments = [rs.env_state.moments, rs.env_state.env_state.moments]  # reward's, observations'
+    for mo in moments:
+        for leaf in jax.tree.leaves(mo):
+            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+            assert len(shards) == ndev
+            for s in shards[1:]:
+                np.testing.assert_array_equal(shards[0], s)
+    assert float(moments[1].count) > 8 * 32 * 4  # every device's envs counted: all 8 envs x 128 steps
+    assert np.isfinite(np.asarray(m["loss/value"])).all()
+    print("OK", ndev)
+""")
+
+
+@pytest.mark.parametrize("ndev", [2, 4])
+def test_normalisation_statistics_are_shared_across_devices(ndev):
+    """--normalize-obs/--normalize-reward on several devices: the running moments are replicated and updated from
+    all devices' samples (pmean of the batch moments), equal to one update on the whole batch."""
+    r = subprocess.run([sys.executable, "-c", NORM_MULTI, str(ndev)], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith(f"OK {ndev}")

@@ -74,7 +74,8 @@ def kill_at(update: int, how: str):
                     os.kill(os.getpid(), signal.SIGTERM)
                 else:
                     raise RuntimeError("simulated crash")
-            log_fn(step, metrics)
+            if log_fn is not None:  # the runner passes none for vmapped seeds (it logs from the chunk's outputs)
+                log_fn(step, metrics)
         return ppo.make_trainer(cfg, log_fn=log, log_every=log_every, **kw)
     return make_trainer
 
@@ -341,3 +342,27 @@ def test_metrics_files_and_plot_handle_nan(tmp_path):
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
     assert plot_learning_curve({"episode_return": np.full((2, 3), np.nan)}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_vmapped_seeds_log_from_chunk_outputs_without_callbacks(tmp_path, monkeypatch):
+    """Under vmap a callback in the scan would run once per seed on every update; the runner gives a vmapped trainer
+    no log_fn and logs every log_every-th update from the chunk's outputs instead (tensorboard, progress). One seed
+    keeps the in-jit callback, called once per log_every updates."""
+    import jax.debug
+    calls = []
+    real = jax.debug.callback
+    monkeypatch.setattr(jax.debug, "callback", lambda fn, *a, **k: (calls.append(1), real(fn, *a, **k))[1])
+    given = []
+
+    def make_trainer(cfg, log_fn=None, log_every=1, **kw):
+        given.append(log_fn)
+        return ppo.make_trainer(cfg, log_fn=log_fn, log_every=log_every, **kw)
+    r = run_experiment(make_trainer, CFG, run_dir=tmp_path / "v", **{**RUN, "log_every": 2})
+    assert given == [None] and calls == []  # no callback traced into the vmapped program
+    assert sorted(set(event_tags(r.run_dir)["loss/value"])) == [64 * u for u in (2, 4, 6)]
+    counted = []
+    monkeypatch.setattr("jaxrl_pref.logging.Logger._write_update",
+                        lambda self, step, rows, rate=None: counted.append((step, len(rows))))
+    run_experiment(make_trainer, CFG, run_dir=tmp_path / "one", **{**RUN, "num_seeds": 1, "log_every": 2})
+    assert given[-1] is not None and calls  # traced once into the scan body
+    assert counted == [(2, 1), (4, 1), (6, 1)]  # one host call per log_every updates, one seed each

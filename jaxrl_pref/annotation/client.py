@@ -19,6 +19,7 @@ valid), says so on stderr and in the service's log, and counts restarts; a clien
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -151,7 +152,7 @@ class AnnotatorClient:
         else:
             try:
                 out = self._http("GET", f"/summary?task={urllib.request.quote(self.task)}")
-            except (OSError, ValueError) as e:
+            except (OSError, http.client.HTTPException, ValueError) as e:
                 out = {"total": len(keys), "labeled": 0, "unlabeled": 0, "pending": 0, "missing": len(keys),
                        "reasons": {f"the annotator service could not be asked ({e})": len(keys)}}
             if in_memory:
@@ -240,7 +241,8 @@ class AnnotatorClient:
                         detail = ""
                     _stderr(f"WARNING: the annotator service at {self._base()} refused a request: HTTP {e.code} "
                             f"{detail}")
-            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
+                # (HTTPException: a service killed mid-reply leaves an IncompleteRead, which is not an OSError)
                 self.connected = False
                 self.errors += 1
                 delay = min(delay * 2, 5.0)  # back off while the service is down

@@ -3,8 +3,10 @@ service they describe."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from jaxrl_pref.config import require
 
@@ -13,8 +15,9 @@ from jaxrl_pref.config import require
 class AnnotatorConfig:
     """The annotator service and its backend (each field is a flag of ``experiments.oni``)."""
     annotator: str = "embedded"
-    """Who labels messages: embedded (offline MiniLM similarity, no GPU/network) or openai (an OpenAI-compatible
-    chat-completions server, see --llm-base-url / --llm-model)."""
+    """Who labels messages: embedded (offline MiniLM similarity, no GPU/network), openai (an OpenAI-compatible
+    chat-completions server, see --llm-base-url / --llm-model) or scripted (instant keyword labels with no model,
+    for tests and benchmarks of the pipeline)."""
     annotator_url: str = ""
     """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one."""
     llm_base_url: str = ""
@@ -27,14 +30,18 @@ class AnnotatorConfig:
     """SQLite label store (default: <run-dir>/labels.db). Share one between runs to reuse labels."""
     prompt_task: str = ""
     """Prompt file task (default from the env: nethack_score, nethack_staircase, nethack_oracle, minihack)."""
+    annotator_platform: str = "cpu"
+    """JAX platform of the annotator service (the embedded MiniLM): cpu (default: the learner keeps the GPU/TPU and
+    its memory to itself; the child would otherwise preallocate its own share of the accelerator), or gpu / tpu /
+    "" (JAX's default) to put it on the accelerator as well."""
     allow_unreachable_llm: bool = False
     """openai annotator: start even if the LLM server does not answer at start-up (by default the run stops with an
     error naming the URL). Messages then stay pending in the label store, with their errors recorded and warned
     about, and are labelled once the server answers."""
 
     def __post_init__(self):
-        require(self.annotator in ("embedded", "openai"), "annotator", f"unknown annotator {self.annotator!r}",
-                "use --annotator embedded or --annotator openai")
+        require(self.annotator in ("embedded", "openai", "scripted"), "annotator",
+                f"unknown annotator {self.annotator!r}", "use --annotator embedded, openai or scripted")
         if self.annotator == "openai" and not self.annotator_url:
             require(bool(self.llm_base_url) and bool(self.llm_model), "llm_base_url",
                     "the openai annotator needs a server URL and a model name",
@@ -82,4 +89,17 @@ def start_annotator(cfg: AnnotatorConfig, run_dir):
         extra = ["--base-url", cfg.llm_base_url, "--model", cfg.llm_model, "--api-key-env", cfg.llm_api_key_env,
                  "--preflight", "False"]  # checked here; a restarted service must not refuse to start
     return start_server(cfg.store_path(run_dir), cfg.annotator, log_path=str(Path(run_dir) / "annotator.log"),
-                        extra_args=extra, supervise=True)
+                        extra_args=extra, supervise=True, env=service_env(cfg))
+
+
+def service_env(cfg: AnnotatorConfig, base: Optional[dict] = None) -> dict:
+    """The annotator service's environment: the run's, with ``JAX_PLATFORMS`` set to ``annotator_platform`` (and no
+    preallocation of accelerator memory when it shares the accelerator with the learner)."""
+    env = dict(os.environ if base is None else base)
+    if cfg.annotator_platform:
+        env["JAX_PLATFORMS"] = cfg.annotator_platform
+    else:
+        env.pop("JAX_PLATFORMS", None)
+    if cfg.annotator_platform != "cpu":
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
