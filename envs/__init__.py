@@ -74,7 +74,7 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
 
     Host envs (``NetHack*-v0``, ``MiniHack-*``; extra ``nle``) return ``(pool, None)``: an
     :class:`envs.nethack.NLEPool` of ``num_envs`` envs (default 1) stepped by worker processes, with the numpy
-    host-env interface of :mod:`jaxrl_pref.sebulba` (not jittable); ``kwargs`` are the pool's (``seed``,
+    host-env interface of :mod:`envs.host` (not jittable); ``kwargs`` are the pool's (``seed``,
     ``num_workers``, ``obs_keys``, ``env_kwargs``...). Close it with ``pool.close()``.
     """
     if _nethack.is_host_env(name):

@@ -1,7 +1,7 @@
 """NetHack and MiniHack through ``nle``: a batched host env backed by a pool of worker processes.
 
 ``envs.make("NetHackScore-v0", num_envs=8)`` (or any ``MiniHack-*`` id) returns ``(NLEPool, None)``: a host env
-with the interface :mod:`jaxrl_pref.sebulba` documents (numpy in, numpy out, auto-reset, ``final_obs`` and
+with the interface :mod:`envs.host` documents (numpy in, numpy out, auto-reset, ``final_obs`` and
 ``episode_*`` statistics in ``info``), not a jittable gymnax env. Its keyword arguments are :class:`NLEPool`'s.
 
 * ``num_workers`` processes (default: one per CPU core, at most one per env) each step ``num_envs / num_workers``
