@@ -102,6 +102,95 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert steps and steps[-1] % 200 == 0 and steps[-1] < 100_000
 
 
+def _checkpoints(d: Path) -> list[int]:
+    return sorted(int(x.name) for x in (d / "checkpoints").iterdir() if x.name.isdigit()) \
+        if (d / "checkpoints").exists() else []
+
+
+def test_sigint_saves_and_stops_and_the_run_resumes(tmp_path):
+    """README "Resuming": SIGINT (Ctrl-C) finishes the current chunk, saves it and exits 130 with the command that
+    continues the run; ``--resume`` picks up at that checkpoint."""
+    d = tmp_path / "run"
+    args = ["--num-envs", "4", "--num-steps", "16", "--total-timesteps", str(64 * 100_000), "--hidden", "16",
+            "--update-epochs", "1", "--num-minibatches", "1", "--checkpoint-every", "200", "--run-dir", str(d)]
+    e = {**os.environ, "CI": "true"}
+
+    def start(*a):
+        return subprocess.Popen([sys.executable, "-m", "experiments.ppo", *a], cwd=ROOT, env=e, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def stop_after(proc, cond, sig):
+        """Sends ``sig`` once ``cond()`` holds (the deadline only bounds a hang); returns (out, err)."""
+        try:
+            deadline = time.time() + 300
+            while not cond():
+                assert proc.poll() is None, proc.communicate()
+                assert time.time() < deadline, "no checkpoint appeared"
+                time.sleep(0.2)
+            proc.send_signal(sig)
+            return proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    proc = start(*args)
+    out, err = stop_after(proc, lambda: 200 in _checkpoints(d), signal.SIGINT)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "received SIGINT" in out and "Traceback" not in err
+    k = _checkpoints(d)[-1]
+    assert k % 200 == 0 and 200 <= k < 100_000
+    assert f"stopped by signal {int(signal.SIGINT)} after update {k}/100000 (checkpoint saved)" in err
+    assert f"python -m experiments.ppo --resume {d}" in err
+    updates = [int(r.split(",")[1]) for r in (d / "metrics.csv").read_text().splitlines()[1:]]
+    assert updates == list(range(1, k + 1))  # every update up to the saved one, none after
+    # the printed command continues from update k (stopped again by SIGTERM once it saved a chunk past k)
+    proc = start("--resume", str(d))
+    out, err = stop_after(proc, lambda: _checkpoints(d)[-1] > k, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"resumed {d} at update {k}/100000" in out
+    updates = [int(r.split(",")[1]) for r in (d / "metrics.csv").read_text().splitlines()[1:]]
+    assert updates == list(range(1, _checkpoints(d)[-1] + 1))
+
+
+def test_second_sigint_aborts_without_saving(tmp_path):
+    """README "Resuming" / the runner's message: a second Ctrl-C aborts at once, without saving. The first one
+    is acted on between steps of a host-env loop (here SQIRL through JaxHostEnv, one 20-update chunk), so the
+    second lands mid-chunk: the run dies with KeyboardInterrupt and leaves no checkpoint."""
+    d = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.sqirl", "--env", "DeepSea-20", "--host", "--episodes-per-timestep", "8",
+         "--eval-episodes", "8", "--hidden", "16", "--n-epochs", "1", "--checkpoint-every", "20", "--log-every", "1",
+         "--run-dir", str(d)], cwd=ROOT, env={**os.environ, "CI": "true", "PYTHONUNBUFFERED": "1"}, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        deadline = time.time() + 300  # bounds a hang only
+        for line in proc.stdout:  # the first update is done: 19 of the chunk's 20 remain
+            lines.append(line)
+            if line.startswith("update 1/20"):
+                break
+            assert time.time() < deadline, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            lines.append(line)
+            if "received SIGINT" in line:  # acted on (mid-chunk): now the second one
+                assert "press Ctrl-C again to abort without saving" in line
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), out[-3000:]
+    assert "KeyboardInterrupt" in out and "finished 20 updates" not in out and "stopped at update" not in out
+    assert _checkpoints(d) == [], out[-3000:]  # nothing was saved
+    assert "update 20/20" not in out
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="forced host devices")
 def test_seeds_run_one_after_another_on_several_devices(tmp_path):
     d = tmp_path / "run"

@@ -121,11 +121,22 @@ def test_batched_env_matches_single_envs():
 
 
 def test_flatten_minatar():
+    """Breakout-MinAtar's [10, 10, 4] boolean channels (paddle, ball, trail, bricks) arrive flattened to float32 in
+    gymnax's own order, after the reset and after every step."""
+    import gymnax
     env, params = envs.make("Breakout-MinAtar")
-    obs, _ = env.reset(jax.random.PRNGKey(0), params)
+    raw, _ = gymnax.make("Breakout-MinAtar")
+    obs, state = env.reset(jax.random.PRNGKey(0), params)
     chex.assert_shape(obs, (400,))
     chex.assert_type(obs, jnp.float32)
     assert envs.spec(env, params).obs_shape == (400,)
+    np.testing.assert_array_equal(obs, np.asarray(raw.get_obs(state.env_state), np.float32).reshape(-1))
+    # one paddle, ball and trail cell; three rows of ten bricks
+    np.testing.assert_array_equal(np.asarray(obs).reshape(10, 10, 4).sum(axis=(0, 1)), [1, 1, 1, 30])
+    step = jax.jit(env.step)
+    for t in range(6):
+        obs, state, *_ = step(jax.random.PRNGKey(t), state, jnp.int32(t % 3), params)
+        np.testing.assert_array_equal(obs, np.asarray(raw.get_obs(state.env_state), np.float32).reshape(-1))
 
 
 def test_continuous_spec_and_clip():

@@ -28,23 +28,46 @@ def _random_rollout(name, n=8, steps=64, seed=0, **kw):
 
 def test_every_task_registered():
     assert set(sparse.tasks()) <= set(envs.registered())
-    for name in ("SparseCartPole-v1", "DeepSea-8", "KeyDoor-9", "SparseFourRooms-v0"):
+    # the spec each task is documented to have: (discrete, actions, observation shape, horizon)
+    want = {"SparseCartPole-v1": (True, 2, (4,), 500), "DeepSea-8": (True, 2, (64,), 8),
+            "KeyDoor-9": (True, 4, (82,), 54), "SparseFourRooms-v0": (True, 4, (4,), 500)}
+    for name, spec in want.items():
         env, p = envs.make(name)
-        assert envs.spec(env, p).num_actions >= 1
+        sp = envs.spec(env, p)
+        assert (sp.discrete, sp.num_actions, sp.obs_shape, p.max_steps_in_episode) == spec, name
+
+
+# DeepSea and KeyDoor step integers only, so a long random rollout (256 envs x 64 steps, fixed keys) is cheap and the
+# same on every machine. In it uniformly random play succeeds in these (DeepSea-N w.p. 2^-N per episode, KeyDoor-5
+# in ~1% of its 30-step episodes) and in no other DeepSea/KeyDoor size. The other tasks get a short rollout with
+# 10-step episodes, where a success is mostly out of random play's reach (their own tests script one).
+RANDOM_SUCCESS = {"DeepSea-4", "DeepSea-5", "DeepSea-6", "DeepSea-8", "KeyDoor-5", "KeyDoor-7"}
 
 
 # fast: two tasks; slow: every task of the suite (CartPole/MountainCar/DeepSea/KeyDoor also have own tests)
 @pytest.mark.parametrize("name", ["DeepSea-5", "KeyDoor-5"] + [
     pytest.param(n, marks=pytest.mark.slow) for n in sorted(sparse.tasks()) if n not in ("DeepSea-5", "KeyDoor-5")])
 def test_tasks_jittable_with_success(name):
-    kw = {} if "DeepSea" in name else {"max_steps": 10} if name.startswith("MiniGrid-") else {"max_steps_in_episode": 10}
-    tr = _random_rollout(name, steps=24, **kw)
+    integer = name.startswith(("DeepSea", "KeyDoor"))
+    if integer:
+        tr = _random_rollout(name, n=256, steps=64)
+    else:
+        kw = {"max_steps": 10} if name.startswith("MiniGrid-") else {"max_steps_in_episode": 10}
+        tr = _random_rollout(name, steps=24, **kw)
     succ = np.asarray(tr.info["episode_success"])
     done = np.asarray(tr.done)
+    reward = np.asarray(tr.reward)
     assert set(np.unique(succ)) <= {0.0, 1.0}
-    assert not (succ.astype(bool) & ~done).any(), "success is only reported on an episode's last step"
+    won = succ.astype(bool)
+    assert not (won & ~done).any(), "success is only reported on an episode's last step"
+    assert (reward[won] > 0).all(), "a successful step pays"
+    if integer:
+        assert won.any() == (name in RANDOM_SUCCESS), f"{int(won.sum())} random successes in {name}"
+        assert (done & ~won).any(), "most random episodes fail"
+        np.testing.assert_array_equal(won, reward > 0)  # these pay a positive reward at success and nowhere else
     m = episode_metrics(tr.info)
-    assert "episode_success" in m
+    if done.any():
+        assert float(m["episode_success"]) == pytest.approx(won.sum() / done.sum())
 
 
 def test_pay_only_on_success_cartpole_survival():
