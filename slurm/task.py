@@ -83,8 +83,8 @@ def run_task(sweep_dir, index: int, python: Optional[str] = None) -> int:
 
     cmd = command(sweep_dir, task, python or manifest.get("python"))
     print(f"slurm.task {index}: {' '.join(cmd)}", flush=True)
-    child = subprocess.Popen(cmd, cwd=REPO)
     got = {"signum": None}
+    child = None
 
     def forward(signum, frame):
         if got["signum"] is None:
@@ -92,12 +92,18 @@ def run_task(sweep_dir, index: int, python: Optional[str] = None) -> int:
             print(f"slurm.task {index}: got {signal.Signals(signum).name}, asking the run to save and stop",
                   flush=True)
         try:
-            child.send_signal(signal.SIGTERM)
+            if child is not None:
+                child.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
 
+    # the handlers are in place before the run starts: a signal that comes early is not lost (nor kills this
+    # process, SIGUSR1's default), and the run gets it as soon as it exists
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, forward)
+    child = subprocess.Popen(cmd, cwd=REPO)
+    if got["signum"] is not None:
+        child.send_signal(signal.SIGTERM)
     rc = child.wait()
     finished = rc == 0
     requeued = False

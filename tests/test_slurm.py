@@ -135,6 +135,142 @@ def test_report_table_ci_plots_and_missing(tmp_path):
 
 
 # -- real Slurm ------------------------------------------------------------------------------------------------------
+# -- slurm.task signals and --rerun, with stand-in sbatch/scontrol and a stand-in experiment (no Slurm needed) ------
+TOOL = """#!{py}
+import json, os, sys
+with open({calls!r}, "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+if os.path.basename(sys.argv[0]) == "sbatch":
+    print(100 + sum(1 for _ in open({calls!r})))
+"""
+
+# the experiment a task runs (`python -m fakeexp.run ... --run-dir D --resume --progress False`): it records its
+# arguments, then either finishes (FAKE_EXP=finish) or blocks its stop signals, says it is ready and waits for one
+# (nothing is lost between the two), writes which one came and exits as a run stopped by it does (128 + signal)
+FAKE_EXP = """import json, os, signal, sys
+from pathlib import Path
+args = sys.argv[1:]
+run = Path(args[args.index("--run-dir") + 1])
+run.mkdir(parents=True, exist_ok=True)
+with open(run / "calls.jsonl", "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if os.environ.get("FAKE_EXP") == "finish":
+    sys.exit(0)
+sigs = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+(run / "ready").write_text(str(os.getpid()))
+got = signal.sigwait(sigs)
+(run / "signal").write_text(signal.Signals(got).name)
+sys.exit(128 + got)
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """``sbatch`` (prints job ids 101, 102, ...) and ``scontrol`` stand-ins that record their arguments in
+    ``calls.jsonl``, first on PATH; the stand-in experiment ``fakeexp.run`` importable by the task's child."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).write_text(TOOL.format(py=PY, calls=str(calls)))
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "fakeexp").mkdir()
+    (tmp_path / "fakeexp" / "__init__.py").write_text("")
+    (tmp_path / "fakeexp" / "run.py").write_text(FAKE_EXP)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    sweep = tmp_path / "fake.json"
+    sweep.write_text(json.dumps({"experiment": "fakeexp.run", "name": "fake", "fixed": {"total_timesteps": 64},
+                                 "grid": {"learning_rate": [1e-3, 3e-3, 1e-2, 3e-2]}, "seeds": 2,
+                                 "slurm": {"throttle": 3, "signal_lead_s": 90}, "python": PY}))
+
+    def read_calls():
+        return [json.loads(x) for x in calls.read_text().splitlines()] if calls.exists() else []
+    return sweep, read_calls
+
+
+def _start_task(sweep_dir: Path, index: int, job: str = "77") -> subprocess.Popen:
+    env = {**os.environ, "SLURM_ARRAY_JOB_ID": job, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_JOB_ID": "999"}
+    return subprocess.Popen([PY, "-m", "slurm.task", str(sweep_dir), str(index)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout  # bounds a hang only: the stand-in run starts in about a second
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_task_passes_signals_on_as_sigterm_and_requeues_on_sigusr1(fake_slurm, tmp_path, sig):
+    """README (Sweeps on Slurm): the job script asks Slurm for SIGUSR1 ``signal_lead_s`` before the time limit and
+    exec's ``slurm.task``, which passes SIGUSR1 (time limit near) and SIGTERM (preemption, requeue) on to the run as
+    SIGTERM; after SIGUSR1 it requeues its own array task (``scontrol requeue JOB_TASK``), after SIGTERM it does
+    not (Slurm requeues preempted jobs itself)."""
+    sweep, calls = fake_slurm
+    out = tmp_path / "sweep"
+    submit.submit(sweep, out=str(out))
+    script = (out / "job.sbatch").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@90" in script
+    assert script.splitlines()[-1].startswith(f"exec {PY} -m slurm.task {out}")  # the task gets the signals
+    task = sw.read_manifest(out)["tasks"][5]
+    run = out / task["run_dir"]
+    proc = _start_task(out, 5)
+    _wait_for(run / "ready", proc)
+    proc.send_signal(sig)
+    log, _ = proc.communicate(timeout=120)
+    assert (run / "signal").read_text() == "SIGTERM", log  # passed on as SIGTERM
+    status = json.loads((run / "status.json").read_text())
+    assert status["exit_code"] == 128 + signal.SIGTERM and status["signal"] == sig.name, status
+    assert status["attempt"] == 1 and status["slurm_array_job_id"] == "77"
+    requeues = [c for c in calls() if c[0] == "scontrol"]
+    if sig == signal.SIGUSR1:
+        assert requeues == [["scontrol", "requeue", "77_5"]] and status["state"] == "requeued", (requeues, status)
+    else:
+        assert requeues == [] and status["state"] == "interrupted", (requeues, status)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    # the run was started to resume (a requeued task continues from its checkpoint) in its own run directory
+    (argv,) = [json.loads(x) for x in (run / "calls.jsonl").read_text().splitlines()]
+    assert argv[argv.index("--run-dir") + 1] == str(run) and "--resume" in argv
+    assert "--learning-rate=0.01" in argv and argv[argv.index("--seed") + 1] == "1"  # task 5: point 2, seed 1
+
+
+def test_rerun_resubmits_only_the_given_tasks(fake_slurm, tmp_path, monkeypatch):
+    """``python -m slurm.submit --rerun SWEEP_DIR --tasks 3,7``: one sbatch of the sweep's job script for exactly
+    those array indices (with the sweep's throttle), recorded in the manifest; ``--local`` runs just them here;
+    bad or missing indices exit 2 naming --tasks."""
+    sweep, calls = fake_slurm
+    out = tmp_path / "sweep"
+    submit.submit(sweep, out=str(out))
+    assert calls() == [["sbatch", "--parsable", str(out / "job.sbatch")]]
+    assert "#SBATCH --array=0-7%3" in (out / "job.sbatch").read_text()
+
+    def cli(*args):
+        return subprocess.run([PY, "-m", "slurm.submit", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    r = cli("--rerun", str(out), "--tasks", "3,7")
+    assert r.returncode == 0, r.stderr
+    assert calls()[1:] == [["sbatch", "--parsable", "--array=3,7%3", str(out / "job.sbatch")]]
+    assert "resubmitted tasks 3,7%3 as job 102" in r.stdout
+    subs = sw.read_manifest(out)["submissions"]
+    assert [(x["job_id"], x["array"]) for x in subs] == [("101", "0-7%3"), ("102", "3,7%3")]
+    for bad in (["--tasks", "3,8"], ["--tasks", ""], []):
+        r = cli("--rerun", str(out), *bad)
+        assert r.returncode == 2 and "tasks" in r.stderr, (bad, r.stderr)
+    assert len(calls()) == 2  # nothing submitted for the bad ones
+    # --local: the given tasks run here, one after another, and only they
+    monkeypatch.setenv("FAKE_EXP", "finish")
+    r = cli("--rerun", str(out), "--tasks", "2-3", "--local")
+    assert r.returncode == 0, r.stdout + r.stderr
+    tasks = sw.read_manifest(out)["tasks"]
+    ran = [i for i, t in enumerate(tasks) if (out / t["run_dir"] / "calls.jsonl").exists()]
+    assert ran == [2, 3], r.stdout
+    assert all(json.loads((out / tasks[i]["run_dir"] / "status.json").read_text())["state"] == "done" for i in ran)
+    assert len(calls()) == 2  # no sbatch for a local rerun
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -339,12 +475,59 @@ def test_sweep_on_real_slurm(slurm, tmp_path):
     data = report.write_report(out)
     assert data["failed"] == [] and all(r["n"] == 1 for r in data["rows"])
     assert (out / "report" / "learning_curves.png").exists()
+    # README: `python -m slurm.submit --rerun SWEEP_DIR --tasks 1` runs task 1 again in a new job (it resumes its
+    # finished run: nothing is trained twice) and leaves task 0 alone
+    r = subprocess.run([PY, "-m", "slurm.submit", "--rerun", str(out), "--tasks", "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job2 = sw.read_manifest(out)["submissions"][1]["job_id"]
+    assert job2 != job and f"as job {job2}" in r.stdout
+    slurm.wait_done(job2, 600)
+    s0, s1 = (json.loads((out / t["run_dir"] / "status.json").read_text()) for t in m["tasks"])
+    assert (s0["attempt"], s0["slurm_array_job_id"]) == (1, job), s0
+    assert (s1["attempt"], s1["slurm_array_job_id"], s1["state"]) == (2, job2, "done"), s1
+    assert report.task_state(out, m["tasks"][1])["updates"] == 4
+    assert len(list((out / "logs").glob(f"{job2}_*.out"))) == 1
+
+
+def _pids_running(*words: str) -> list[int]:
+    """Processes whose command line contains all ``words``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if all(w in cmd for w in words):
+                out.append(int(d.name))
+    return out
+
+
+def _proc_state(pid: int) -> str:
+    """The state letter of ``pid`` (R, S, T stopped, Z...); "X" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "X"
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, undelivered, for process ``pid`` (as for a stopped process)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    mask = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(mask & (1 << (sig - 1)))
 
 
 @pytest.mark.slow  # ~75 s on a busy 2-core machine; .ci/run runs it
 def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
-    # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there. 600 updates
-    # (60 checkpoints, several seconds) so that the requeue lands mid-run, not after a fast machine has finished
+    # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there. The run is
+    # stopped (SIGSTOP) as soon as its first checkpoint is seen and continued only once slurm.task has passed the
+    # requeue's SIGTERM on to it, so the requeue lands mid-run however fast or slow this machine is
     updates = 600
     f = _write_sweep(tmp_path / "long.json", "long", {**TINY, "total_timesteps": 4 * 32 * updates,
                                                        "checkpoint_every": 10},
@@ -354,13 +537,32 @@ def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
     m = sw.read_manifest(out)
     job = m["submissions"][0]["job_id"]
     run = out / m["tasks"][0]["run_dir"]
-    deadline = time.time() + 400
-    while not list((run / "checkpoints").glob("[0-9]*")) if (run / "checkpoints").exists() else True:
+    deadline = time.time() + 400  # bounds a hang only
+    saved = lambda: [p for p in (run / "checkpoints").iterdir() if p.name.isdigit()] \
+        if (run / "checkpoints").exists() else []  # noqa: E731 -- finished checkpoints (not *.orbax-checkpoint-tmp)
+    while not saved():
         assert time.time() < deadline, "no checkpoint appeared"
         assert slurm.job_states(job), "the job ended before it could be requeued"
         time.sleep(0.2)
-    r = slurm.run("scontrol", "requeue", f"{job}_0")
-    assert r.returncode == 0, r.stderr
+    (pid,) = _pids_running("experiments.ppo", str(run))
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.time() + 60
+    while _proc_state(pid) not in "Tt":
+        assert time.time() < deadline, _proc_state(pid)
+        time.sleep(0.05)
+    try:
+        ckpts = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+        assert ckpts and ckpts[-1] < updates, ckpts  # stopped mid-run
+        r = slurm.run("scontrol", "requeue", f"{job}_0")
+        assert r.returncode == 0, r.stderr
+        deadline = time.time() + 120  # bounds a hang only
+        # the requeue has reached the run: slurm.task passed its SIGTERM on (pending while the run is stopped),
+        # or Slurm signalled the job's processes itself (SIGCONT + SIGTERM)
+        while not (_signal_pending(pid, signal.SIGTERM) or _proc_state(pid) not in "Tt"):
+            assert time.time() < deadline, "the run was not sent SIGTERM after the requeue"
+            time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
     # a requeued job waits out a begin-time delay (minutes) once its processes have exited; let it start now
     deadline = time.time() + 300
     while slurm.job_states(job).get(f"{job}_0") != "PENDING":
