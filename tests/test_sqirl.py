@@ -207,9 +207,26 @@ def test_cli_on_minihack_through_the_pool(tmp_path, capsys):
                    "--n-epochs", "1", "--hidden", "32", "--run-dir", str(tmp_path / "run"), "--progress", "False"])
     assert rc == 0
     out = capsys.readouterr().out
-    final = out.split("final greedy policy:")[1]  # the greedy policy's success/return within the horizon
-    assert "success" in final and "nan" not in final, final
     assert "latest: update 6" in out
+    # the summary line reports the last timestep's metrics: the greedy policy's success and return within the
+    # horizon, and the experience collected (4 exploration episodes of at most 6 steps per timestep)
+    import csv
+    import re
+    final = out.split("final greedy policy:")[1].splitlines()[0]
+    m = re.fullmatch(r" success ([0-9.]+), return (-?[0-9.]+) \(mean over 1 seed\(s\)\); experience steps per seed "
+                     r"([0-9,]+)", final)
+    assert m, final
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["update"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    last = rows[-1]
+    assert float(m.group(1)) == pytest.approx(float(last["episode_success"]), abs=5e-4) and \
+        0.0 <= float(m.group(1)) <= 1.0
+    assert float(m.group(2)) == pytest.approx(float(last["episode_return"]), abs=5e-4)
+    exp = [float(r["experience_steps"]) for r in rows]
+    assert int(m.group(3).replace(",", "")) == exp[-1]
+    for t, e in enumerate(exp, 1):  # each timestep adds 4 episodes of 1..6 steps
+        assert 4 * t <= e <= 4 * 6 * t and (t == 1 or e > exp[t - 2]), exp
+    assert all(0.0 <= float(r["episode_success"]) <= 1.0 for r in rows)
 
 
 @pytest.mark.parametrize("argv, field", [
@@ -229,6 +246,30 @@ def test_cli_rejects_bad_values(argv, field, capsys):
         exp.parse(argv)
     assert e.value.code == 2
     assert field in capsys.readouterr().err
+
+
+def test_vmap_over_episodes_per_timestep_equals_separate_runs():
+    """episodes_per_timestep as a vmapped hyperparameter (up to the config's value, which fixes the number of envs):
+    the batched program gives, per value, what an unbatched run with that value gives, and the value sets how much
+    experience each timestep collects (DeepSea-4 episodes last 4 steps: 4 timesteps x episodes x 4 steps)."""
+    cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=16, planning_depth=2, eval_episodes=4,
+                       hidden=(16,), n_epochs=4)
+    eps = [4, 16, 9]
+    key = jax.random.PRNGKey(2)
+    train = sqirl.make_train(cfg)
+    out = jax.jit(jax.vmap(train, in_axes=(None, 0)))(key, sqirl.hparams(cfg, episodes_per_timestep=jnp.array(eps)))
+    single = jax.jit(train)
+    for i, e in enumerate(eps):
+        sep = single(key, sqirl.hparams(cfg, episodes_per_timestep=e))
+        np.testing.assert_array_equal(np.asarray(sep.metrics["experience_steps"]),
+                                      np.asarray(out.metrics["experience_steps"])[i])
+        assert float(out.metrics["experience_steps"][i, -1]) == 4 * e * 4
+        np.testing.assert_allclose(np.asarray(sep.metrics["loss/q"]), np.asarray(out.metrics["loss/q"])[i],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(sep.metrics["episode_return"]),
+                                      np.asarray(out.metrics["episode_return"])[i])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5), sep.state.params,
+                     out.state.params)
 
 
 def test_hparams_sweep_bounds():
