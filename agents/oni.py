@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 
 from agents import ppo
@@ -31,7 +32,8 @@ from jaxrl_pref.config import require
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import MessageTable, Retrieval, decode_messages, encode_messages, message_hash_np
+from jaxrl_pref.rewards.retrieval import (MessageTable, Retrieval, decode_messages, encode_messages, message_hash_np,
+                                         update_rows)
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 
 REWARD_MODELS = ("retrieval", "classification", "ranking")
@@ -109,26 +111,33 @@ def make_reward(cfg: ONIOptions) -> ScaledSum:
 
 
 class _Ring:
-    """The newest ``capacity`` rows of a few host arrays (a reward model's training sample; bounded)."""
+    """The newest ``capacity`` rows of a reward model's training sample (columns as the model's ``data`` buffer), on
+    the host and, by :meth:`device`, in the model's device buffer (plus ``valid``), updated in place (only the rows
+    written since the last call are sent)."""
 
     def __init__(self, capacity: int):
         self.capacity, self.written, self.cols = capacity, 0, None
+        self._dev, self._changed = None, []
 
     def extend(self, **cols) -> None:
         n = len(next(iter(cols.values())))
         if self.cols is None:
             self.cols = {k: np.zeros((self.capacity, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in cols.items()}
+        idx = (self.written + np.arange(n)) % self.capacity
         for k, v in cols.items():
-            v = np.asarray(v)[-self.capacity:]
-            idx = (self.written + n - len(v) + np.arange(len(v))) % self.capacity
-            self.cols[k][idx] = v
+            self.cols[k][idx[-self.capacity:]] = np.asarray(v)[-self.capacity:]
+        self._changed.append(idx[-self.capacity:])
         self.written += n
 
-    def ordered(self) -> dict:
-        """The rows held, oldest first."""
-        n = min(self.written, self.capacity)
-        order = (self.written - n + np.arange(n)) % self.capacity
-        return {k: v[order] for k, v in self.cols.items()}
+    def device(self) -> dict:
+        host = {**self.cols, "valid": np.arange(self.capacity) < self.written}
+        if self._dev is None:
+            self._dev = {k: jnp.asarray(v) for k, v in host.items()}
+        elif self._changed:
+            self._dev = update_rows(self._dev, np.unique(np.concatenate(self._changed)),
+                                    lambda src: {k: v[src] for k, v in host.items()})
+        self._changed = []
+        return self._dev
 
 
 class ONILoop:
@@ -179,7 +188,7 @@ class ONILoop:
         capacity it had grown to)."""
         self._restored = True
         t = shaped_state["table"]
-        if self.table.size == 0 and bool(np.asarray(t["used"]).any()):
+        if self.table.size == 0 and MessageTable.device_size(t):
             self.table.load(t)
             lab = self.table.label[self.table.used]
             self.labeled, self.positive = int((~np.isnan(lab)).sum()), int((lab > 0.5).sum())
@@ -205,26 +214,29 @@ class ONILoop:
         elif new:
             self.client.submit(new)
 
+        # answers of the task: this learner's, and any other's on a shared store (a message model takes the labels, the
+        # ranking model the pairs); a resumed run gets every answer again, at once: loaded in bounded chunks
         labels, pairs = self.client.poll()
-        got = {t: v for t, v in labels.items() if v is not None}
-        self.unlabeled += sum(v is None for v in labels.values())
+        ranking = self.cfg.reward_model == "ranking"
+        got = {} if ranking else {t: v for t, v in labels.items() if v is not None}
+        self.unlabeled += 0 if ranking else sum(v is None for v in labels.values())
         texts, values = list(got), np.array(list(got.values()), np.float32)
-        for i in range(0, len(texts), LOAD_CHUNK):  # (a resumed run gets every label at once: bounded temporaries)
+        for i in range(0, len(texts), LOAD_CHUNK):
             self._load_labels(texts[i:i + LOAD_CHUNK], values[i:i + LOAD_CHUNK])
-        answered = [(a, b, float(p)) for a, b, p in pairs if p is not None]
+        answered = [(a, b, float(p)) for a, b, p in pairs if p is not None] if ranking else []
         for i in range(0, len(answered), LOAD_CHUNK):
             part = answered[i:i + LOAD_CHUNK]
             self.examples.extend(a=encode_messages([a for a, _, _ in part]),
                                  b=encode_messages([b for _, b, _ in part]),
                                  pref=np.array([p for _, _, p in part], np.float32))
             self.pairs += len(part)
-            self._data_dirty |= self.cfg.reward_model == "ranking"
+            self._data_dirty = True
         self._warn()
 
         if self.table.dirty:
             shaped = {**shaped, "table": self.table.device()}
         if self._data_dirty:
-            shaped = {**shaped, "model": {**shaped["model"], "data": self._buffer()}}
+            shaped = {**shaped, "model": {**shaped["model"], "data": self.examples.device()}}
             self._data_dirty = False
         state = state.replace(reward_state={**rs, "model": shaped})
         has_empty = int(self.table.find(np.zeros(1, np.uint32), np.zeros(1, np.uint32))[0] >= 0)  # key of b""
@@ -291,11 +303,6 @@ class ONILoop:
                 out.append(p)
         return out
 
-    def _buffer(self):
-        d = self.examples.ordered()
-        if self.cfg.reward_model == "classification":
-            return self.model.buffer_from(d["bytes"], d["label"])
-        return self.model.buffer_from(d["a"], d["b"], d["pref"])
 
 
 LOAD_CHUNK = 1 << 16

@@ -36,7 +36,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -238,25 +238,28 @@ class Checkpointer:
                                   _delete_fix(self.step_dir(step)))
         return meta
 
-    def restore(self, step: Optional[int] = None, target: Any = None) -> Restored:
+    def restore(self, step: Optional[int] = None, target: Any = None,
+                resizable: Optional[Callable[[str], bool]] = None) -> Restored:
         """Restores checkpoint ``step`` (default: the newest intact one) into the structure of ``target``.
 
         ``target`` is a pytree like the one saved (concrete arrays or ``jax.ShapeDtypeStruct``); its leaves fix the
-        restored shardings. With ``step=None`` a corrupt newest checkpoint is skipped with a warning and the previous
-        one is tried. Raises :class:`IncompatibleCheckpointError` if the checkpoint does not fit ``target`` and
-        :class:`CheckpointError` if no checkpoint can be read.
+        restored shardings. ``resizable(path)`` (``path`` as ``jax.tree_util.keystr`` writes it) names the leaves
+        that may have changed shape during the run (a table that grew): those are restored at their saved shape if
+        only the sizes differ (same dtype and rank). With ``step=None`` a corrupt newest checkpoint is skipped with a
+        warning and the previous one is tried. Raises :class:`IncompatibleCheckpointError` if the checkpoint does not
+        fit ``target`` and :class:`CheckpointError` if no checkpoint can be read.
         """
         if target is None:
             raise TypeError("restore needs target= (a pytree like the saved one, e.g. the freshly initialised state)")
         if step is not None:
-            return self._restore_step(step, target)
+            return self._restore_step(step, target, resizable)
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(self.directory, "no checkpoint found", "start a new run (e.g. without --resume)")
         errors = []
         for s in reversed(steps):
             try:
-                out = self._restore_step(s, target)
+                out = self._restore_step(s, target, resizable)
             except IncompatibleCheckpointError:
                 raise
             except CheckpointError as e:
@@ -268,7 +271,7 @@ class Checkpointer:
                               + "\n  ".join(errors),
                               f"delete {self.directory} (or pass --no-resume to start over)")
 
-    def _restore_step(self, step: int, target) -> Restored:
+    def _restore_step(self, step: int, target, resizable=None) -> Restored:
         ocp = _ocp()
         step_dir = self.step_dir(step)
         if step not in self.all_steps():
@@ -280,6 +283,13 @@ class Checkpointer:
         t_leaves = [x for _, x in t_leaves_with_path]
         want = [_leaf_info(p, x) for p, x in t_leaves_with_path]
         have = meta["leaves"]
+        if resizable is not None and len(want) == len(have):
+            for i, (w, h) in enumerate(zip(want, have)):
+                if (w["shape"] != h["shape"] and w["dtype"] == h["dtype"] and len(w["shape"]) == len(h["shape"])
+                        and not w["key"] and resizable(w["path"])):
+                    sharding = getattr(t_leaves[i], "sharding", None)
+                    t_leaves[i] = jax.ShapeDtypeStruct(tuple(h["shape"]), np.dtype(h["dtype"]), sharding=sharding)
+                    want[i] = {**w, "shape": h["shape"]}
         if len(want) != len(have) or any(
                 (w["shape"], w["dtype"]) != (h["shape"], h["dtype"]) for w, h in zip(want, have)):
             raise IncompatibleCheckpointError(

@@ -43,13 +43,12 @@ def test_table_grows_and_lookups_survive_the_rehash():
     assert t.add(enc[:500], counts=np.arange(500) + 1.0, labels=labels) == 500
     before = [np.asarray(x) for x in jax.jit(lookup)(t.device(), jnp.asarray(enc[:600]))]
     assert t.add(enc[:20], counts=np.ones(20)) == 0  # known: in-place device update of 20 slots
-    assert t.add(enc[500:], counts=np.ones(2500)) == 2500 and t.capacity == 8192 and grown == [(1024, 8192, 500)]
+    assert t.add(enc[500:], counts=np.ones(2500)) == 2500 and t.capacity == 8192 and grown == [(1024, 8192, 3000)]
     after = [np.asarray(x) for x in jax.jit(lookup)(t.device(), jnp.asarray(enc[:600]))]
     np.testing.assert_array_equal(after[0][:500], before[0][:500])  # labels (NaN where none)
     np.testing.assert_array_equal(after[1][:500], before[1][:500] + (np.arange(500) < 20))
     assert after[2].all() and not before[2][500:].any()
-    fresh = [np.asarray(x) for x in jax.jit(lookup)(MessageTable.empty_device(8192) | {
-        k: jnp.asarray(getattr(t, k)) for k in ("k1", "k2", "used", "label", "count")}, jnp.asarray(enc))]
+    fresh = [np.asarray(x) for x in jax.jit(lookup)({"rows": jnp.asarray(t.rows())}, jnp.asarray(enc))]
     for a, b in zip(fresh, jax.jit(lookup)(t.device(), jnp.asarray(enc))):
         np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -335,3 +334,145 @@ def test_cli_resume_replays_the_oni_options(tmp_path):
     assert (opts.reward_model, opts.int_coef, opts.num_envs, opts.seed) == ("ranking", 0.25, 4, 3)
     assert opts.prompt_task == cfg.prompt_task
     assert oni_exp.parse(["--resume", str(tmp_path), "--int-coef", "0.5"]).int_coef == 0.5
+
+
+# -- scale: a table that grows inside a run, resume after growth, the bound ----------------------------------------------
+class GoldEnv(MessageBandit):
+    """Every step prints a message never printed before (``You see here {k} gold pieces.``, k counting on from
+    ``start``): the message table must grow during a run."""
+
+    def __init__(self, num_envs, start=0):
+        super().__init__(num_envs)
+        self.k = start
+
+    def _obs(self, msg_ids=None):
+        obs = super()._obs(None)
+        if msg_ids is not None:
+            texts = [f"You see here {self.k + i} gold pieces." for i in range(self.num_envs)]
+            self.k += self.num_envs
+            obs["message"] = encode_messages(texts)
+        return obs
+
+
+def test_checkpoint_restores_a_grown_table_and_the_hook_takes_it_back(tmp_path):
+    """A reward state whose table grew is saved; restoring it into a fresh state (1024 slots) needs the transform's
+    ``resizable`` (else the shapes differ); a new hook (a resumed run) takes the table back at its grown size."""
+    from agents.ppo import HostState
+    from jaxrl_pref.checkpoint import Checkpointer, IncompatibleCheckpointError
+    cfg = oni.ONIOptions(reward_model="classification", table_capacity=1024, rm_capacity=16)
+    reward = oni.make_reward(cfg)
+    fresh = HostState((), reward.init(jax.random.PRNGKey(0), None), jax.random.PRNGKey(1), jnp.int32(0))
+    loop = oni.ONILoop(cfg, reward, InstantClient())
+    env = GoldEnv(300)
+    state = fresh
+    for _ in range(2):
+        state, m = loop(state, Transition(None, None, None, None, None, None, None, env._obs(np.zeros(300, int)), {}))
+    assert m["messages/table_capacity"] == 2048 and m["labels/labeled"] == 600
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, state)
+        ck.wait()
+        with pytest.raises(IncompatibleCheckpointError):
+            ck.restore(target=fresh)
+        restored = ck.restore(target=fresh, resizable=reward.resizable).state
+    assert restored.reward_state["model"]["table"]["rows"].shape == (2048, 4)
+    assert restored.reward_state["model"]["model"]["data"]["bytes"].shape == (16, 256)  # bounded: not resized
+    resumed = oni.ONILoop(cfg, reward, InstantClient())
+    state2, m2 = resumed(restored, Transition(None, None, None, None, None, None, None, env._obs(None), {}))
+    assert m2["messages/table_capacity"] == 2048 and m2["labels/labeled"] == 600 and resumed.table.size == 601  # + ""
+    texts = encode_messages([f"You see here {k} gold pieces." for k in range(600)])
+    lab, cnt, found = jax.jit(lookup)(state2.reward_state["model"]["table"], jnp.asarray(texts))
+    assert bool(found.all()) and (np.asarray(cnt) == 1).all() and not np.isnan(np.asarray(lab)).any()
+
+
+@pytest.mark.slow
+def test_table_grows_inside_a_run_and_resumes_at_its_grown_size(tmp_path, capsys):
+    """256 new messages per update from a 1024-slot table: it doubles at update 3 (logged); the run is stopped and
+    checkpointed there and resumes with the table at its grown size (not a fresh 1024-slot one), every count and
+    label kept; every message seen is found with its label in jit at the end."""
+    import io
+    from jaxrl_pref.runner import run_experiment
+    cfg = Cfg(env_name="CartPole-v1", num_envs=4, num_steps=64, total_timesteps=4 * 64 * 4, update_epochs=1,
+              num_minibatches=1, reward_model="retrieval", table_capacity=1024)
+    kw = dict(checkpoint_every=3, log_every=1, progress=False, tensorboard=False, plot=False, handle_signals=False,
+              stream=io.StringIO())
+
+    def make(env):
+        return lambda c, log_fn=None, log_every=1: oni.make_trainer(
+            c, env, InstantClient(), log_fn, log_every, network=EncoderActorCritic(env.num_actions, DictMLP()))
+
+    part = run_experiment(make(GoldEnv(4)), cfg, run_dir=tmp_path, stop_after=3, **kw)
+    table = part.state.reward_state["model"]["table"]
+    assert part.updates_done == 3 and table["rows"].shape[0] >= 2048 and MessageTable.device_size(table) == 768
+    assert "message table grew from 1024 to" in capsys.readouterr().err
+    rest = run_experiment(make(GoldEnv(4, start=768)), cfg, run_dir=tmp_path, resume=True, **kw)
+    assert rest.resumed_from == 3 and rest.updates_done == 4
+    m = rest.metrics
+    assert m["messages/distinct_seen"][0, -1] == 1024 and m["labels/labeled"][0, -1] == 1024
+    cap = list(m["messages/table_capacity"][0])
+    assert cap[:2] == [1024, 1024] and cap[2] == table["rows"].shape[0] and cap[3] >= cap[2]
+    texts = [f"You see here {k} gold pieces." for k in range(1024)]
+    lab, cnt, found = jax.jit(lookup)(rest.state.reward_state["model"]["table"], jnp.asarray(encode_messages(texts)))
+    assert bool(found.all()) and (np.asarray(lab) == 0.0).all() and (np.asarray(cnt) == 1.0).all()
+
+
+def test_max_messages_evicts_unlabelled_keeps_labels_and_warns(capsys):
+    """Past --max-messages the hook evicts the rarest unlabelled messages and says so; labelled messages stay (the
+    table grows past the bound, with a warning) and a label arriving for an evicted message is kept."""
+    from agents.ppo import HostState
+    cfg = oni.ONIOptions(reward_model="retrieval", table_capacity=1024, max_messages=600)
+    reward = oni.make_reward(cfg)
+
+    class Later(InstantClient):  # labels only the first 100 messages, and only when asked to
+        def submit(self, messages=(), pairs=()):
+            self.asked += list(messages)
+
+    client = Later()
+    loop = oni.ONILoop(cfg, reward, client)
+    state = HostState((), reward.init(jax.random.PRNGKey(0), None), jax.random.PRNGKey(1), jnp.int32(0))
+    env = GoldEnv(100)
+    for _ in range(5):  # 500 messages, the first 100 labelled helpful
+        state, m = loop(state, Transition(None, None, None, None, None, None, None, env._obs(np.zeros(100, int)), {}))
+        if not client.out_l:
+            client.out_l = {f"You see here {k} gold pieces.": 1.0 for k in range(100)}
+    for _ in range(3):  # 300 more: past the bound of 600
+        state, m = loop(state, Transition(None, None, None, None, None, None, None, env._obs(np.zeros(100, int)), {}))
+    err = capsys.readouterr().err
+    assert "--max-messages 600 reached: evicted" in err and m["messages/evicted"] > 0
+    assert loop.table.size <= 600 and m["labels/labeled"] == 100
+    texts = encode_messages([f"You see here {k} gold pieces." for k in range(800)])
+    lab, cnt = loop.table.get(texts)
+    assert (lab[:100] == 1).all() and (cnt[700:] == 1).all()  # labels and the newest rollout kept
+    client.out_l = {f"You see here {k} gold pieces.": 0.0 for k in range(100, 800)}  # labels for evicted ones too
+    state, m = loop(state, Transition(None, None, None, None, None, None, None, env._obs(None), {}))
+    assert m["labels/labeled"] == 800 and loop.table.size >= 800 and "grows past the bound" in capsys.readouterr().err
+    assert not np.isnan(loop.table.get(texts)[0]).any()
+
+
+def test_store_pages_whole_transactions_and_keeps_counts(tmp_path):
+    """Answers recorded in one transaction share a seq: paging changes_since must not cut such a group (the next
+    page starts after it), or a resumed learner would miss labels. Status counts are kept by triggers (O(1)), also
+    for a store made before them."""
+    import sqlite3
+    from jaxrl_pref.annotation.store import LabelStore
+    s = LabelStore(tmp_path / "l.db")
+    s.add("t", [f"m{i}" for i in range(15)])
+    for _ in range(3):  # three transactions of 5 answers
+        s.record([dict(id=it["id"], label=1.0) for it in s.pending(5)])
+    got, seq = [], 0
+    while True:
+        page = s.changes_since("t", seq, limit=7)
+        if not page["labels"]:
+            break
+        got += [m for m, _ in page["labels"]]
+        seq = page["seq"]
+    assert sorted(got) == sorted(f"m{i}" for i in range(15))
+    s.add("t", ["x", "y"])
+    s.record([dict(id=s.pending(1)[0]["id"], label=None, final=True)])
+    assert s.counts() == {"pending": 1, "labeled": 15, "unlabeled": 1}
+    s.close()
+    db = sqlite3.connect(tmp_path / "l.db")  # a store from before the counts table: they are made on open
+    db.executescript("DROP TABLE status_counts; DROP TRIGGER items_count_insert; DROP TRIGGER items_count_update;")
+    db.execute("INSERT INTO items (task, kind, a, created, seq) VALUES ('t', 'label', 'z', 0, 0)")
+    db.commit()
+    db.close()
+    assert LabelStore(tmp_path / "l.db").counts() == {"pending": 2, "labeled": 15, "unlabeled": 1}

@@ -24,10 +24,12 @@ Backends:
   progress examples (a message saying "You do not find a hidden passage" resembles "You find a hidden passage"),
   knows nothing of game state, and is only as good as the hand-written descriptions; use an LLM backend for
   faithful ONI labels.
+* :class:`ScriptedBackend` -- instant keyword labels with no model, for tests and benchmarks of the pipeline.
 """
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -172,8 +174,9 @@ class OpenAIBackend:
             detail = " ".join(e.read(400).decode("utf-8", "replace").split())[:200]
             raise BackendError(f"HTTP {e.code} from {self.base_url}{path}" + (f": {detail}" if detail else "")) \
                 from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
-            raise BackendError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError, http.client.HTTPException) as e:
+            raise BackendError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)!s} ({type(e).__name__})") \
+                from None
 
     def preflight(self, timeout: float = 10.0) -> None:
         """Checks, before any work, that the server answers ``GET /models`` and (when it lists models) serves
@@ -279,8 +282,49 @@ class EmbeddedBackend:
         return out
 
 
+class ScriptedBackend:
+    """Instant, deterministic labels with no model, to exercise the pipeline at speed (tests, benchmarks): a message
+    is helpful when it has a word of the prompt's *progress* examples that no *neutral* example has; of a pair, the
+    message with more such words is preferred (0.5 on a tie). Not a judge."""
+    name = "scripted"
+    model = "keywords"
+    batch_size = 1024  # (one store transaction per batch: big batches keep up with a million messages)
+
+    def __init__(self):
+        self._kw: dict = {}
+
+    def describe(self) -> str:
+        return "scripted keyword labels (instant; for tests and benchmarks, not a judge)"
+
+    @staticmethod
+    def _words(text: str) -> set:
+        return set(re.findall(r"[a-z]+", text.lower()))
+
+    def _hits(self, prompt: Prompt, message: str) -> int:
+        key = (prompt.task, prompt.version)
+        if key not in self._kw:
+            neutral = set().union(*map(self._words, prompt.neutral))
+            self._kw[key] = set().union(*map(self._words, prompt.progress)) - neutral
+        return len(self._words(message) & self._kw[key])
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        return [Reply(float(h > 0), f"scripted hits={h}") for h in (self._hits(prompt, m) for m in messages)]
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        out = []
+        for a, b in pairs:
+            ha, hb = self._hits(prompt, a), self._hits(prompt, b)
+            out.append(Reply(0.5 if ha == hb else float(ha > hb), f"scripted hits={ha},{hb}"))
+        return out
+
+
+BACKENDS = ("embedded", "openai", "scripted")
+
+
 def make_backend(kind: str, **kw):
-    """``kind`` "embedded" or "openai" (kw: base_url, model, api_key_env, temperature, ...)."""
+    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...) or "scripted"."""
+    if kind == "scripted":
+        return ScriptedBackend()
     if kind == "embedded":
         return EmbeddedBackend(**{k: v for k, v in kw.items() if k in ("margin", "tie_margin")})
     if kind == "openai":
@@ -288,4 +332,4 @@ def make_backend(kind: str, **kw):
             raise ValueError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1) and --model")
         return OpenAIBackend(**{k: v for k, v in kw.items()
                                 if k in ("base_url", "model", "api_key_env", "temperature", "max_tokens", "timeout")})
-    raise ValueError(f"unknown backend {kind!r}: use 'embedded' or 'openai'")
+    raise ValueError(f"unknown backend {kind!r}: use one of {', '.join(BACKENDS)}")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
-from jaxrl_pref.annotation.backends import BackendError, Prompt, make_backend
+from jaxrl_pref.annotation.backends import BACKENDS, BackendError, Prompt, make_backend
 from jaxrl_pref.annotation.store import LabelStore, owner_id
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import ConfigError, require
@@ -292,7 +292,8 @@ class ServerConfig:
     store: str = "labels.db"
     """SQLite label store (created if missing; reused across restarts: nothing is asked twice)."""
     backend: str = "embedded"
-    """'embedded' (offline MiniLM similarity) or 'openai' (any OpenAI-compatible chat-completions server)."""
+    """'embedded' (offline MiniLM similarity), 'openai' (any OpenAI-compatible chat-completions server) or 'scripted'
+    (instant keyword labels, for tests and benchmarks)."""
     base_url: str = ""
     """openai backend: server base URL, e.g. http://127.0.0.1:8000/v1."""
     model: str = ""
@@ -326,8 +327,8 @@ class ServerConfig:
     """Stop (cleanly) once this process is gone: a service started by a run does not outlive it (0: never)."""
 
     def __post_init__(self):
-        require(self.backend in ("embedded", "openai"), "backend", f"unknown backend {self.backend!r}",
-                "use --backend embedded or --backend openai")
+        require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}",
+                "use --backend embedded, openai or scripted")
         if self.backend == "openai":
             require(bool(self.base_url), "base_url", "the openai backend needs a server URL",
                     "pass e.g. --base-url http://127.0.0.1:8000/v1")

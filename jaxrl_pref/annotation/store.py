@@ -60,6 +60,20 @@ INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 """
 # columns added after the first version (stores written by it gain them on open)
 COLUMNS = {"parse_failures": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT", "lease_until": "REAL"}
+# how many items are in each status, kept by triggers (a GROUP BY over a million rows costs ~0.2 s, and the service
+# reports these counts on every poll); an older store gains them (one count) the first time it is opened
+STATUS_COUNTS = (
+    "CREATE TABLE IF NOT EXISTS status_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS items_count_insert AFTER INSERT ON items BEGIN "
+    "UPDATE status_counts SET n = n + 1 WHERE status = NEW.status; END",
+    "CREATE TRIGGER IF NOT EXISTS items_count_update AFTER UPDATE OF status ON items WHEN OLD.status != NEW.status "
+    "BEGIN UPDATE status_counts SET n = n - 1 WHERE status = OLD.status; "
+    "UPDATE status_counts SET n = n + 1 WHERE status = NEW.status; END",
+    "CREATE TRIGGER IF NOT EXISTS items_count_delete AFTER DELETE ON items BEGIN "
+    "UPDATE status_counts SET n = n - 1 WHERE status = OLD.status; END",
+    "CREATE INDEX IF NOT EXISTS items_claimed ON items (claimed_by) WHERE claimed_by IS NOT NULL",
+)
+STATUSES = ("pending", "labeled", "unlabeled")
 NOT_ASKED = "pending, not sent to the backend yet (the run ended first, or no annotator service was running)"
 ITEM_FIELDS = ("id", "task", "kind", "a", "b", "attempts", "parse_failures")
 ITEM_COLS = ", ".join(ITEM_FIELDS)
@@ -118,6 +132,12 @@ class LabelStore:
                     self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {decl}")
                     if name == "parse_failures":  # the first version counted only replies in attempts
                         self.db.execute("UPDATE items SET parse_failures=attempts WHERE status='pending'")
+            counted = self.db.execute("SELECT name FROM sqlite_master WHERE name='status_counts'").fetchone()
+            for stmt in STATUS_COUNTS:  # (in this transaction: no row slips between the count and the triggers)
+                self.db.execute(stmt)
+            if counted is None:
+                n = dict(self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
+                self.db.executemany("INSERT INTO status_counts VALUES (?, ?)", [(k, n.get(k, 0)) for k in STATUSES])
         self._write(fn)
 
     def close(self):
@@ -160,11 +180,10 @@ class LabelStore:
             return 0
         now = time.time()
 
-        def fn(seq):
-            before = self.db.total_changes
-            self.db.executemany("INSERT OR IGNORE INTO items (task, kind, a, b, created, seq) VALUES (?,?,?,?,?,?)",
-                                [(task, k, a, b, now, seq) for k, a, b in rows])
-            return self.db.total_changes - before
+        def fn(seq):  # (rowcount: rows inserted, not counting the triggers' updates)
+            return self.db.executemany(
+                "INSERT OR IGNORE INTO items (task, kind, a, b, created, seq) VALUES (?,?,?,?,?,?)",
+                [(task, k, a, b, now, seq) for k, a, b in rows]).rowcount
         return self._tx(fn)
 
     def record(self, results: Sequence[dict]) -> None:
@@ -176,6 +195,7 @@ class LabelStore:
         now = time.time()
 
         def fn(seq):
+            rows = []
             for r in results:
                 if r.get("label") is not None:
                     status = "labeled"
@@ -183,14 +203,15 @@ class LabelStore:
                     status = "unlabeled"
                 else:
                     status = "pending"
-                self.db.execute(
-                    "UPDATE items SET status=?, label=?, backend=?, model=?, prompt_version=?, raw_reply=?, error=?,"
-                    " attempts=attempts+?, parse_failures=parse_failures+?, answered=?, seq=?, claimed_by=NULL,"
-                    " lease_until=NULL WHERE id=? AND status='pending'",
-                    (status, r.get("label"), r.get("backend"), r.get("model"), r.get("prompt_version"),
-                     r.get("raw_reply"), r.get("error"), r.get("tries", 1), int(r.get("label") is None),
-                     now if status != "pending" else None,
-                     seq if status != "pending" else self._seq_of(r["id"]), r["id"]))
+                rows.append((status, r.get("label"), r.get("backend"), r.get("model"), r.get("prompt_version"),
+                             r.get("raw_reply"), r.get("error"), r.get("tries", 1), int(r.get("label") is None),
+                             now if status != "pending" else None, status, seq, r["id"]))
+            # (an item still pending keeps its seq: no answer changed)
+            self.db.executemany(
+                "UPDATE items SET status=?, label=?, backend=?, model=?, prompt_version=?, raw_reply=?, error=?,"
+                " attempts=attempts+?, parse_failures=parse_failures+?, answered=?,"
+                " seq=CASE WHEN ?='pending' THEN seq ELSE ? END, claimed_by=NULL, lease_until=NULL"
+                " WHERE id=? AND status='pending'", rows)
         self._tx(fn)
 
     # -- work claims (several services on one store) -----------------------------------------------------------------
@@ -234,12 +255,9 @@ class LabelStore:
         """Drops the claims of owners that are dead processes on this host (e.g. a killed service). Returns how many."""
         with self.lock:
             owners = [r[0] for r in self.db.execute(
-                "SELECT DISTINCT claimed_by FROM items WHERE claimed_by IS NOT NULL AND status='pending'")]
+                "SELECT DISTINCT claimed_by FROM items INDEXED BY items_claimed WHERE claimed_by IS NOT NULL "
+                "AND status='pending'")]
         return sum(self.release(o) for o in owners if _owner_dead(o))
-
-    def _seq_of(self, item_id):
-        row = self.db.execute("SELECT seq FROM items WHERE id=?", (item_id,)).fetchone()
-        return row[0] if row else 0
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def pending(self, limit: int = 100, exclude: Iterable[int] = (), kind: Optional[str] = None) -> list[dict]:
@@ -259,11 +277,14 @@ class LabelStore:
 
     def changes_since(self, task: str, seq: int = 0, limit: int = 10_000) -> dict:
         """Answered items of ``task`` with ``seq`` > the given one: ``{"labels": [[text, label], ...],
-        "pairs": [[a, b, pref], ...], "seq": newest seq returned}`` (``label`` None = unlabeled)."""
+        "pairs": [[a, b, pref], ...], "seq": newest seq returned}`` (``label`` None = unlabeled), about ``limit`` of
+        them (a page never ends inside one transaction's answers, so paging by ``seq`` misses none)."""
+        q = "SELECT kind, a, b, label, seq FROM items WHERE task=? AND status!='pending' AND seq"
         with self.lock:
-            rows = self.db.execute(
-                "SELECT kind, a, b, label, seq FROM items WHERE task=? AND seq>? AND status!='pending' "
-                "ORDER BY seq LIMIT ?", (task, seq, limit)).fetchall()
+            rows = self.db.execute(q + ">? ORDER BY seq LIMIT ?", (task, seq, limit)).fetchall()
+            if len(rows) == limit:  # the answers of one transaction share a seq: a page ends with all of them,
+                last = rows[-1][4]  # else the next page (seq > last) would skip the rest
+                rows = [r for r in rows if r[4] != last] + self.db.execute(q + "=?", (task, last)).fetchall()
         labels = [[a, lab] for k, a, b, lab, s in rows if k == "label"]
         pairs = [[a, b, lab] for k, a, b, lab, s in rows if k == "pair"]
         return {"labels": labels, "pairs": pairs, "seq": max([seq] + [r[4] for r in rows])}
@@ -280,10 +301,15 @@ class LabelStore:
                          "parse_failures", "claimed_by"), r))
 
     def counts(self) -> dict:
-        """``{"pending": n, "labeled": n, "unlabeled": n}`` over all tasks and kinds."""
+        """``{"pending": n, "labeled": n, "unlabeled": n}`` over all tasks and kinds (kept by triggers: O(1))."""
         with self.lock:
-            rows = self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall()
-        out = {"pending": 0, "labeled": 0, "unlabeled": 0}
+            try:
+                rows = self.db.execute("SELECT status, n FROM status_counts").fetchall()
+            except sqlite3.OperationalError:  # a store never opened read-write since it gained them
+                rows = []
+            if len(rows) < len(STATUSES):
+                rows = self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall()
+        out = dict.fromkeys(STATUSES, 0)
         out.update(dict(rows))
         return out
 

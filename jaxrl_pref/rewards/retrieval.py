@@ -59,15 +59,19 @@ def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     """Two uint32 hashes of ``uint8[..., L]`` messages (host side; in chunks of ``chunk`` messages, so hashing a
     million messages needs no gigabytes of temporaries)."""
     msgs = np.asarray(msgs)
-    L = msgs.shape[-1]
-    flat = msgs.reshape(-1, L)
+    flat = msgs.reshape(-1, msgs.shape[-1])
+    used = np.flatnonzero(flat.any(0))  # trailing NUL columns add nothing to the sums: skip them
+    L = int(used[-1]) + 1 if len(used) else 1
+    flat = flat[:, :L]
     p1, p2 = _P1[:L].astype(np.uint64) + 1, _P2[:L].astype(np.uint64) + 3  # +1, +3: wrap like uint32
     h1, h2 = np.empty(len(flat), np.uint32), np.empty(len(flat), np.uint32)
     for i in range(0, len(flat), chunk):
         m = flat[i:i + chunk].astype(np.uint64)
         h1[i:i + chunk] = (m @ p1) & 0xFFFFFFFF
         h2[i:i + chunk] = (m @ p2) & 0xFFFFFFFF
-    return _fmix_np(h1).reshape(msgs.shape[:-1]), _fmix_np(h2).reshape(msgs.shape[:-1])
+    h1, h2 = _fmix_np(h1), _fmix_np(h2)
+    h2[(h1 == 0) & (h2 == 0)] = 1  # (0, 0) marks a free slot of the device table
+    return h1.reshape(msgs.shape[:-1]), h2.reshape(msgs.shape[:-1])
 
 
 def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
@@ -76,7 +80,8 @@ def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
     L = m.shape[-1]
     h1 = (m * (jnp.asarray(_P1[:L]) + jnp.uint32(1))).sum(-1, dtype=jnp.uint32)
     h2 = (m * (jnp.asarray(_P2[:L]) + jnp.uint32(3))).sum(-1, dtype=jnp.uint32)
-    return _fmix(h1), _fmix(h2)
+    h1, h2 = _fmix(h1), _fmix(h2)
+    return h1, jnp.where((h1 == 0) & (h2 == 0), jnp.uint32(1), h2)  # (0, 0) marks a free slot
 
 
 def encode_messages(texts: Iterable[str], length: int = MESSAGE_LEN) -> np.ndarray:
@@ -108,7 +113,7 @@ class MessageTable:
 
     **Growth**: when an insert would take the table past ``max_load`` (1/2), or a key finds no free slot in its
     window, the table rehashes into twice the slots (repeatedly if need be); ``on_grow(old, new, size)`` is called
-    after each doubling. Labels and counts move with their keys. The device arrays change shape then (jitted
+    after an insert that grew it (``size``: messages held then). Labels and counts move with their keys. The device arrays change shape then (jitted
     functions taking them recompile once per doubling).
 
     **Bound** (``max_size`` > 0): before the table would hold more than ``max_size`` messages it evicts the rarest
@@ -131,6 +136,7 @@ class MessageTable:
         self.max_size, self.max_load, self.on_grow = max_size, max_load, on_grow
         self.evicted = 0
         self.over_bound = False
+        self._grown_from: Optional[int] = None
         self._alloc(capacity)
         self._dev: Optional[dict] = None
 
@@ -203,8 +209,8 @@ class MessageTable:
                 break
             cap *= 2  # (a window overflowed while rehashing: practically impossible at load 1/2)
         self.label[slots], self.count[slots] = label, count
-        if self.on_grow is not None:
-            self.on_grow(old, self.capacity, self.size)
+        if self._grown_from is None:
+            self._grown_from = old
 
     def _evict(self, need: int, keep: np.ndarray) -> None:
         """Makes room for ``need`` new messages under ``max_size``: removes the rarest unlabelled messages not in
@@ -253,6 +259,9 @@ class MessageTable:
         slots[idx] = placed[inv.reshape(-1)]
         first_mask = np.zeros(len(h1), bool)
         first_mask[idx[first]] = True
+        if self._grown_from is not None and self.on_grow is not None:
+            self.on_grow(self._grown_from, self.capacity, self.size)
+        self._grown_from = None
         return slots, first_mask
 
     # -- messages -------------------------------------------------------------------------------------------------
@@ -280,29 +289,40 @@ class MessageTable:
         ok = s >= 0
         return np.where(ok, self.label[s], np.nan).astype(np.float32), np.where(ok, self.count[s], 0).astype(np.float32)
 
-    def load(self, arrays: dict) -> None:
-        """Takes the state of a saved device table (``k1, k2, used, label, count``; any capacity)."""
-        a = {k: np.asarray(v) for k, v in arrays.items()}
-        self._alloc(len(a["used"]))
-        for k in ("k1", "k2", "used", "label", "count"):
-            getattr(self, k)[:] = a[k]
+    def load(self, device: dict) -> None:
+        """Takes the state of a saved device table (:meth:`device`'s; any capacity)."""
+        rows = np.asarray(device["rows"])
+        self._alloc(len(rows))
+        self.k1[:], self.k2[:] = rows[:, 0], rows[:, 1]
+        self.used[:] = (rows[:, 0] != 0) | (rows[:, 1] != 0)
+        self.label[:], self.count[:] = rows[:, 2].view(np.float32), rows[:, 3].view(np.float32)
         self.size = int(self.used.sum())
 
+    @staticmethod
+    def device_size(device: dict) -> int:
+        """Messages held by a device table."""
+        rows = np.asarray(device["rows"])
+        return int(((rows[:, 0] != 0) | (rows[:, 1] != 0)).sum())
+
+    def rows(self, slots=slice(None)) -> np.ndarray:
+        """The device layout of ``slots``: ``uint32[n, 4]`` rows ``(k1, k2, label bits, count bits)``; a free slot is
+        all zeros (no message has the key (0, 0), see :func:`message_hash_np`)."""
+        used = self.used[slots]
+        return np.stack([np.where(used, self.k1[slots], 0), np.where(used, self.k2[slots], 0),
+                         self.label[slots].view(np.uint32), self.count[slots].view(np.uint32)], -1)
+
     def device(self) -> dict:
-        """The table's arrays on device, brought up to date (see the class doc)."""
-        if self._dev is None or self._full_upload or self._dev["k1"].shape[0] != self.capacity:
-            self._dev = {k: jnp.asarray(getattr(self, k)) for k in _FIELDS}
+        """The table on device, brought up to date (see the class doc): ``{"rows": uint32[capacity, 4]}``, one row
+        per slot (see :meth:`rows`), so a lookup's probe window is one contiguous run of memory."""
+        if self._dev is None or self._full_upload or self._dev["rows"].shape[0] != self.capacity:
+            self._dev = {"rows": jnp.asarray(self.rows())}
         elif self._changed:
             s = np.unique(np.concatenate(self._changed))
             s = s[s >= 0]
             if len(s) > self.capacity // 8:
-                self._dev = {k: jnp.asarray(getattr(self, k)) for k in _FIELDS}
+                self._dev = {"rows": jnp.asarray(self.rows())}
             elif len(s):
-                n = max(64, _next_pow2(len(s)))  # padded to a power of two: few compiled sizes
-                pad = np.full(n, self.capacity, np.int32)  # out of range: dropped
-                pad[:len(s)] = s
-                vals = {k: getattr(self, k)[np.minimum(pad, self.capacity - 1)] for k in _FIELDS}
-                self._dev = _scatter(self._dev, jnp.asarray(pad), vals)
+                self._dev = update_rows(self._dev, s, lambda src: {"rows": self.rows(src)})
         self._full_upload, self._changed = False, []
         return self._dev
 
@@ -311,30 +331,37 @@ class MessageTable:
         return MessageTable(capacity).device()
 
 
-_FIELDS = ("k1", "k2", "used", "label", "count")
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def update_rows(dev: dict, rows: np.ndarray, values: Callable[[np.ndarray], dict]) -> dict:
+    """``dev`` (device arrays of equal length) with the given ``rows`` set to ``values(rows)`` (host arrays), in
+    place: a jitted scatter that donates ``dev`` (do not use it afterwards), so the cost is O(rows), not O(size)."""
+    size = next(iter(dev.values())).shape[0]
+    n = max(64, _next_pow2(len(rows)))  # padded to a power of two: few compiled sizes
+    pad = np.full(n, size, np.int32)  # out of range: dropped
+    pad[:len(rows)] = rows
+    return _scatter(dev, pad, values(np.minimum(pad, size - 1)))
+
+
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter(dev: dict, slots, vals: dict) -> dict:
-    return {k: dev[k].at[slots].set(vals[k], mode="drop") for k in dev}
+def _scatter(dev: dict, rows, vals: dict) -> dict:
+    return {k: dev[k].at[rows].set(vals[k], mode="drop") for k in dev}
 
 
 def lookup(table: dict, msgs) -> tuple[jax.Array, jax.Array, jax.Array]:
     """In jit: ``(label, count, found)`` for ``uint8[..., L]`` messages (label NaN when known but unlabeled)."""
     h1, h2 = message_hash(msgs)
-    cap = table["k1"].shape[0]
+    rows = table["rows"]
     home = _fmix(h1 ^ jnp.uint32(0x5BD1E995))
-    slots = (home[..., None] + jnp.arange(MAX_PROBES, dtype=jnp.uint32)) & jnp.uint32(cap - 1)
-    slots = slots.astype(jnp.int32)
-    hit = table["used"][slots] & (table["k1"][slots] == h1[..., None]) & (table["k2"][slots] == h2[..., None])
+    slots = (home[..., None] + jnp.arange(MAX_PROBES, dtype=jnp.uint32)) & jnp.uint32(rows.shape[0] - 1)
+    window = rows[slots.astype(jnp.int32)]  # [..., MAX_PROBES, 4]: one contiguous run of the table (or two)
+    hit = (window[..., 0] == h1[..., None]) & (window[..., 1] == h2[..., None])
     found = hit.any(-1)
-    s = jnp.take_along_axis(slots, jnp.argmax(hit, -1)[..., None], -1)[..., 0]
-    label = jnp.where(found, table["label"][s], jnp.nan)
-    count = jnp.where(found, table["count"][s], 0.0)
+    row = jnp.take_along_axis(window, jnp.argmax(hit, -1)[..., None, None], -2)[..., 0, :]
+    label = jnp.where(found, jax.lax.bitcast_convert_type(row[..., 2], jnp.float32), jnp.nan)
+    count = jnp.where(found, jax.lax.bitcast_convert_type(row[..., 3], jnp.float32), 0.0)
     return label, count, found
 
 

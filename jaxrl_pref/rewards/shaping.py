@@ -14,7 +14,7 @@ extrinsic coefficients are :class:`~jaxrl_pref.rewards.transform.ScaledSum`'s jo
     ScaledSum(ShapedIntrinsic(Classification()), ext_coef=10.0, int_coef=0.4)
 
 State: ``{"table": message table arrays, "model": the reward model's state}``. Both are refreshed from the host
-between updates (new labels -> table / training buffer); the model's own training (a few optimiser steps) runs
+between updates (the table's arrays grow with it: ``init``'s ``table_capacity`` is its initial size) (new labels -> table / training buffer); the model's own training (a few optimiser steps) runs
 inside the jitted update. Logged terms: ``intrinsic/score`` (raw model output), ``intrinsic/thresholded``,
 ``intrinsic/decay`` (mean of 1/N^beta), ``intrinsic/reward`` (after shaping), ``intrinsic/active_frac``
 (fraction of steps with a non-zero reward), ``intrinsic/known_frac`` (steps whose message has a label).
@@ -34,6 +34,11 @@ class ShapedIntrinsic:
                  message_key: str = "message"):
         self.model, self.threshold, self.beta = model, threshold, beta
         self.table_capacity, self.message_key = table_capacity, message_key
+
+    @staticmethod
+    def resizable(path: str) -> bool:
+        """The message table's arrays change size when it grows: a checkpoint restores them at their saved size."""
+        return path.endswith("['table']['rows']")
 
     def init(self, key, spec):
         # jitted: model init run op by op costs a compile per op (seconds on a busy CPU)

@@ -7,7 +7,9 @@ lives in the agent's runner state. Each iteration the agent calls, in this order
     reward, m2 = transform(state, traj)                          # [T, N] reward used for advantages
 
 ``traj`` is the time-major :class:`jaxrl_pref.rollout.Transition` batch; ``traj.reward`` is the env reward.
-Metrics returned by both are logged with the agent's metrics (``reward/...``).
+Metrics returned by both are logged with the agent's metrics (``reward/...``). A transform whose state arrays may
+change shape during a run (ONI's growing message table) says which with an optional ``resizable(path) -> bool``;
+the runner restores those at their checkpointed shape.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ class ScaledSum:
 
     def init(self, key, spec):
         return {"model": self.intrinsic.init(key, spec), "var": jnp.float32(1.0)}
+
+    def resizable(self, path: str) -> bool:
+        """Whether a state array at ``path`` may change shape during a run (the intrinsic transform's say)."""
+        return bool(getattr(self.intrinsic, "resizable", lambda p: False)(path))
 
     def update(self, state, traj, key, axis_name=None):
         model, metrics = self.intrinsic.update(state["model"], traj, key, axis_name)
