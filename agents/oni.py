@@ -65,7 +65,7 @@ class ONIOptions:
     pairs_per_update: int = 32
     """Ranking: new message pairs sent for comparison after each rollout."""
     table_capacity: int = 1 << 16
-    """Initial message table slots (a power of two >= 1024); the table doubles whenever it is half full (logged;
+    """Initial message table slots (a power of two >= 64); the table doubles whenever it is half full (logged;
     the update step recompiles once per doubling), so a run never stops for capacity."""
     max_messages: int = 1 << 22
     """Most distinct messages kept in the message table (34-68 bytes each, on host and on device). Beyond it the
@@ -85,7 +85,7 @@ class ONIOptions:
         require(self.max_messages >= 0, "max_messages", f"must be >= 0, got {self.max_messages}",
                 "pass --max-messages 0 (no bound) or more")
         c = self.table_capacity
-        require(c >= 1024 and c & (c - 1) == 0, "table_capacity", f"must be a power of two >= 1024, got {c}",
+        require(c >= 64 and c & (c - 1) == 0, "table_capacity", f"must be a power of two >= 64, got {c}",
                 "pass e.g. --table-capacity 65536")
 
     @property
@@ -251,10 +251,7 @@ class ONILoop:
 
     def _load_labels(self, texts: list, values: np.ndarray) -> None:
         enc = encode_messages(texts)
-        h = message_hash_np(enc)
-        before = self.table.find(*h)
-        prev = np.where(before >= 0, self.table.label[before], np.nan)
-        self.table.update(*h, labels=values)
+        prev = self.table.set_labels(*message_hash_np(enc), values)
         self.labeled += int(np.isnan(prev).sum())
         self.positive += int((values > 0.5).sum()) - int((prev > 0.5).sum())
         if self.cfg.reward_model == "classification":

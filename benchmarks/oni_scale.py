@@ -286,8 +286,11 @@ def main(argv=None) -> int:
                 lost.append(f"{ln.name}: table holds {t.size} messages, want {stream.seen + 1}")
             if ln.name != "ranking" and ln.hook.labeled != n_labeled:
                 lost.append(f"{ln.name}: {ln.hook.labeled} labels loaded, the store has {n_labeled}")
-        n_pairs = store.db.execute("SELECT COUNT(*) FROM items WHERE kind='pair' AND status!='pending'").fetchone()[0]
-        print(f"\nend: {stream.seen:,} distinct messages, store {c}, {n_pairs:,} pairs answered; "
+        n_pairs = store.db.execute("SELECT COUNT(*) FROM items WHERE kind='pair'").fetchone()[0]
+        asked = sum(len(ln.hook.asked_pairs) for ln in learners if ln.name == "ranking")
+        if asked and n_pairs != asked:
+            lost.append(f"ranking asked {asked} pairs, the store holds {n_pairs}")
+        print(f"\nend: {stream.seen:,} distinct messages, {n_pairs:,} pairs; store {c}; "
               + ("NOTHING LOST" if not lost else "LOST: " + "; ".join(lost)), flush=True)
 
         # a resumed learner reloads every label from the store

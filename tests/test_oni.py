@@ -621,6 +621,36 @@ def test_table_grows_inside_a_run_and_resumes_at_its_grown_size(tmp_path, capsys
     assert bool(found.all()) and (np.asarray(lab) == 0.0).all() and (np.asarray(cnt) == 1.0).all()
 
 
+@pytest.mark.slow
+def test_experiment_cli_grows_the_table_and_resumes_after_growth(tmp_path, capsys):
+    """`python -m experiments.oni` on NetHackScore from a 64-slot table (scripted annotator: instant labels): the table
+    grows during the run (logged), every distinct message reaches the label store; the run killed after its first
+    checkpoint (the later one deleted) resumes with the grown table and finishes."""
+    pytest.importorskip("nle")
+    import shutil
+    from experiments import oni as oni_exp
+    from jaxrl_pref.annotation.store import LabelStore
+    from jaxrl_pref.logging import read_metrics
+    run = tmp_path / "run"
+    argv = ["--env", "NetHackScore-v0", "--num-envs", "4", "--num-steps", "64", "--total-timesteps", "2048",
+            "--table-capacity", "64", "--annotator", "scripted", "--reward-model", "retrieval", "--run-dir", str(run),
+            "--progress", "False", "--log-every", "1", "--checkpoint-every", "4"]
+    assert oni_exp.main(argv) == 0
+    assert "message table grew from 64 to" in capsys.readouterr().err
+    m = read_metrics(run / "metrics.csv")
+    cap = m["messages/table_capacity"][0]
+    assert cap[-1] > 64 and m["messages/evicted"][0, -1] == 0
+    distinct = int(m["messages/distinct_seen"][0, -1])
+    store = LabelStore(run / "labels.db", readonly=True)
+    assert store.db.execute("SELECT COUNT(*) FROM items WHERE kind='label'").fetchone()[0] == distinct
+    store.close()
+    shutil.rmtree(run / "checkpoints" / "8")  # killed between the checkpoints at update 4 and 8
+    assert cap[3] > 64  # grown by the checkpoint it resumes from
+    assert oni_exp.main(["--resume", str(run), "--progress", "False"]) == 0
+    cap2 = read_metrics(run / "metrics.csv")["messages/table_capacity"][0]
+    assert len(cap2) == 8 and (cap2[:4] == cap[:4]).all() and cap2[4] >= cap[3]
+
+
 def test_max_messages_evicts_unlabelled_keeps_labels_and_warns(capsys):
     """Past --max-messages the hook evicts the rarest unlabelled messages and says so; labelled messages stay (the
     table grows past the bound, with a warning) and a label arriving for an evicted message is kept."""
