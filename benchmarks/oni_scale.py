@@ -22,17 +22,23 @@ hooks, to reach the next size quickly; at each point (after the service has caug
 * the store: file size, and the time of the service's and client's queries (counts, pending work, changes);
 * peak memory (this process: the learner side; the service), and the service's labels/s during the fill.
 
+From the second point on, every measurement is also taken on reference hooks frozen at the first point (their
+tables stop growing: the same workload from a copy of the stream stopped there, written ahead into a copy of the
+store as it was there, answered at once in-process) and on a copy of the first point's device table, in turn with
+the real ones, so that load changes on a shared machine hit both alike; the targets compare these pairs.
+
 At the end: the service catches up, and nothing may be lost (every distinct message in every message table and the
-store, every label in the retrieval and classification tables, every pair answered); then a resumed learner (a new
-client and hook) reloads every label from the store, timed. Targets: host overhead and in-jit lookup at the last
-point within 2x of the first.
+store, every label in the retrieval and classification tables, every pair the ranking hooks asked in the store); then
+a resumed learner (a new client and hook) reloads every label from the store, timed. Targets: host overhead and
+in-jit lookup at the last point within 2x of the first.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import resource
-import statistics
+import sqlite3
 import sys
 import tempfile
 import time
@@ -90,7 +96,7 @@ class Bench:
     """Initial message table capacity of every hook (the tables grow)."""
     num_envs: int = 16
     num_steps: int = 32
-    rollouts: int = 30
+    rollouts: int = 60
     """Measured rollouts per point."""
     new_per_rollout: int = 8
     """New distinct messages per measured rollout."""
@@ -152,7 +158,7 @@ def times(fn, reps: int) -> list:
 
 
 def median_time(fn, reps: int) -> float:
-    return statistics.median(times(fn, reps))
+    return float(np.median(times(fn, reps)))
 
 
 def rss_mb(pid: str = "self", field: str = "VmRSS") -> float:
@@ -163,6 +169,29 @@ def rss_mb(pid: str = "self", field: str = "VmRSS") -> float:
     except OSError:
         pass
     return float("nan")
+
+
+class Instant:
+    """A client that writes ahead into the label store (what :meth:`AnnotatorClient.submit` does) and answers at once
+    (label 1, pairs tied) with no service: the reference learners', whose tables stay at the first point's size."""
+
+    def __init__(self, store: str):
+        self.store, self.labels, self.pairs = LabelStore(store), {}, []
+
+    def submit(self, messages=(), pairs=()):
+        self.store.add(TASK, messages, pairs)
+        self.labels.update(dict.fromkeys(messages, 1.0))
+        self.pairs += [(a, b, 0.5) for a, b in pairs]
+
+    def poll(self):
+        out, self.labels, self.pairs = (self.labels, self.pairs), {}, []
+        return out
+
+    def metrics(self):
+        return {}
+
+    def close(self):
+        self.store.close()
 
 
 class Learner:
@@ -184,6 +213,19 @@ class Learner:
         if timed:
             self.hook_s.append(time.perf_counter() - t)
         return m
+
+    def freeze(self, store: str) -> None:
+        """From now on answered by :class:`Instant` (no answers from the service: the table keeps its size)."""
+        self.client.close()
+        self.client = self.hook.client = Timed(Instant(store))
+
+    def summary(self, traj) -> dict:
+        h, sub = np.array(self.hook_s), np.array(self.client.submit_s)
+        return {"hook_ms": 1e3 * np.median(h), "hook_min_ms": 1e3 * h.min(),
+                "submit_ms": 1e3 * np.median(sub) if len(sub) else 0.0,
+                "compute_ms": 1e3 * np.median(h - sub if len(sub) == len(h) else h),
+                "step_ms": 1e3 * median_time(lambda: self.step(self.state.reward_state, traj, jax.random.PRNGKey(2)), 5),
+                "capacity": self.hook.table.capacity, "in_table": self.hook.table.size}
 
 
 def store_queries(path: str) -> dict:
@@ -228,49 +270,61 @@ def main(argv=None) -> int:
     store = LabelStore(store_path, readonly=True)
     stream = Stream(b.seed)
     learners = [Learner(m, b, url, store_path) for m in b.models]
+    refs = [Learner(m, b, url, store_path) for m in b.models]  # frozen at the first point: same moment, small table
+    ref_stream, ref_dev = None, None
     empty = np.zeros((1, 1, 256), np.uint8)
+    look = jax.jit(lookup)
     rows = []
     t_start = time.time()
     try:
         labeled0, t_phase = 0, time.time()
         for point in points:
+            first = ref_stream is None
             while stream.seen < point - b.rollouts * b.new_per_rollout:  # fill
                 new = min(b.fill_batch // 2, point - b.rollouts * b.new_per_rollout - stream.seen)
                 msgs = stream.rollout(b.fill_batch // b.num_envs, b.num_envs, new)
-                for ln in learners:
+                for ln in learners + (refs if first else []):
                     ln.feed(msgs)
-            wait_caught_up(learners, store, b.catch_up_timeout, empty)
+            wait_caught_up(learners + (refs if first else []), store, b.catch_up_timeout, empty)
+            if first:  # the references write ahead into a copy of the store as it is now
+                ref_store = f"{tmp}/labels_at_{point}.db"
+                with sqlite3.connect(ref_store) as dst:
+                    store.db.backup(dst)
+                for ln in refs:
+                    ln.freeze(ref_store)
+                ref_stream = copy.deepcopy(stream)
             c = store.counts()
             rate = (c["labeled"] + c["unlabeled"] - labeled0) / max(time.time() - t_phase, 1e-9)
-            for ln in learners:
+            for ln in learners + refs:
                 ln.hook_s.clear()
                 ln.client.submit_s.clear()
-            for _ in range(b.rollouts):
+            for _ in range(b.rollouts):  # main and reference hooks in turn: load drifts hit both alike
                 msgs = stream.rollout(b.num_steps, b.num_envs, b.new_per_rollout)
-                for ln in learners:
+                ref_msgs = msgs if first else ref_stream.rollout(b.num_steps, b.num_envs, b.new_per_rollout)
+                for ln, ref in zip(learners, refs):
                     ln.feed(msgs, timed=True)
+                    if not first:
+                        ref.feed(ref_msgs, timed=True)
             traj = traj_of(jnp.asarray(msgs))
             row = {"distinct": stream.seen, "labels_per_s": rate}
-            for ln in learners:
-                row[ln.name] = {"hook_ms": 1e3 * statistics.median(ln.hook_s), "hook_min_ms": 1e3 * min(ln.hook_s),
-                                "compute_ms": 1e3 * statistics.median(np.subtract(ln.hook_s, ln.client.submit_s)
-                                                                      if len(ln.client.submit_s) == len(ln.hook_s)
-                                                                      else ln.hook_s),
-                                "submit_ms": 1e3 * statistics.median(ln.client.submit_s or [0.0]),
-                                "step_ms": 1e3 * median_time(lambda: ln.step(ln.state.reward_state, traj,
-                                                                             jax.random.PRNGKey(2)), 5),
-                                "capacity": ln.hook.table.capacity, "in_table": ln.hook.table.size}
+            for ln, ref in zip(learners, refs):
+                row[ln.name] = ln.summary(traj)
+                row["ref_" + ln.name] = row[ln.name] if first else ref.summary(traj)
             dev = learners[0].state.reward_state["model"]["table"]
-            look = jax.jit(lookup)
-            ts = times(lambda: look(dev, traj.final_obs["message"]), 50)
-            row["lookup_ms"], row["lookup_min_ms"] = 1e3 * statistics.median(ts), 1e3 * min(ts)
+            if first:
+                ref_dev = {"rows": jnp.array(dev["rows"], copy=True)}  # (the hook donates its own)
+            ts, ref_ts = paired_times(lambda: look(dev, traj.final_obs["message"]),
+                                      lambda: look(ref_dev, traj.final_obs["message"]), 100)
+            row["lookup"] = {"lookup_ms": 1e3 * np.median(ts), "lookup_min_ms": 1e3 * min(ts)}
+            row["ref_lookup"] = {"lookup_ms": 1e3 * np.median(ref_ts), "lookup_min_ms": 1e3 * min(ref_ts)}
+            row["ref_distinct"] = points[0]
             row["store_mb"] = sum(os.path.getsize(p) for p in (store_path, store_path + "-wal") if os.path.exists(p)) / 1e6
             row["queries_ms"] = {k: 1e3 * v for k, v in store_queries(store_path).items()}
             row["rss_mb"], row["peak_mb"] = rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             row["service_peak_mb"] = rss_mb(str(proc.pid), "VmHWM")
             row["elapsed_s"] = time.time() - t_start
             rows.append(row)
-            report(row, b.models)
+            report(row, b.models, first)
             labeled0, t_phase = c["labeled"] + c["unlabeled"], time.time()
 
         # nothing lost: the service answers everything; every hook holds every message (and label)
@@ -287,7 +341,7 @@ def main(argv=None) -> int:
             if ln.name != "ranking" and ln.hook.labeled != n_labeled:
                 lost.append(f"{ln.name}: {ln.hook.labeled} labels loaded, the store has {n_labeled}")
         n_pairs = store.db.execute("SELECT COUNT(*) FROM items WHERE kind='pair'").fetchone()[0]
-        asked = sum(len(ln.hook.asked_pairs) for ln in learners if ln.name == "ranking")
+        asked = len(set().union(*(ln.hook.asked_pairs for ln in learners + refs if ln.name == "ranking")))
         if asked and n_pairs != asked:
             lost.append(f"ranking asked {asked} pairs, the store holds {n_pairs}")
         print(f"\nend: {stream.seen:,} distinct messages, {n_pairs:,} pairs; store {c}; "
@@ -304,37 +358,58 @@ def main(argv=None) -> int:
               f"(table {fresh.hook.table.capacity:,} slots)", flush=True)
         fresh.client.close()
     finally:
-        for ln in learners:
+        for ln in learners + refs:
             ln.client.close()
         store.close()
         stop_server(proc)
 
     if len(rows) > 1:
-        a, z = rows[0], rows[-1]
-        print(f"\nat {z['distinct']:,} vs {a['distinct']:,} distinct messages (target: within 2x):")
+        z = rows[-1]
+        print(f"\nat {z['distinct']:,} vs {z['ref_distinct']:,} distinct messages, measured in turn at the end "
+              "(target: within 2x):")
+
         def line(what, k, x, y):
             r = y[k] / x[k]
             print(f"  {what:52s} {x[k]:7.3f} -> {y[k]:7.3f} ms ({r:.2f}x) {'ok' if r <= 2 else 'OVER'}")
         for m in b.models:
-            line(f"host overhead per rollout, {m} (median)", "hook_ms", a[m], z[m])
-            line(f"  of which not the store write-ahead, {m}", "compute_ms", a[m], z[m])
-        line(f"in-jit lookup of {b.num_steps * b.num_envs} messages (median)", "lookup_ms", a, z)
+            line(f"host overhead per rollout, {m} (median)", "hook_ms", z["ref_" + m], z[m])
+            line(f"  of which not the store write-ahead, {m}", "compute_ms", z["ref_" + m], z[m])
+        line(f"in-jit lookup of {b.num_steps * b.num_envs} messages (median)", "lookup_ms", z["ref_lookup"], z["lookup"])
     print(f"total {time.time() - t_start:.0f} s", flush=True)
     return 0
 
 
-def report(row: dict, models) -> None:
+def paired_times(fa, fb, reps: int) -> tuple[list, list]:
+    """Times ``fa`` and ``fb`` in turn (after a warm-up of each)."""
+    jax.block_until_ready(fa())
+    jax.block_until_ready(fb())
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            ts.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def report(row: dict, models, first: bool) -> None:
     print(f"\n== {row['distinct']:,} distinct messages ({row['elapsed_s']:.0f} s) ==", flush=True)
+    ref = "" if first else f" [with a {row['ref_distinct']:,}-message table, in turn]"
     for m in models:
-        r = row[m]
+        r, q = row[m], row["ref_" + m]
         print(f"  {m:14s} host overhead per rollout {r['hook_ms']:6.2f} ms (min {r['hook_min_ms']:5.2f}; store "
-              f"write-ahead {r['submit_ms']:5.2f} ms, the rest {r['compute_ms']:5.2f} ms)  jitted reward step "
-              f"{r['step_ms']:6.2f} ms  table {r['in_table']:,} in {r['capacity']:,} slots")
+              f"write-ahead {r['submit_ms']:5.2f} ms, the rest {r['compute_ms']:5.2f} ms)"
+              + ("" if first else f" [{q['hook_ms']:6.2f} ms]")
+              + f"  jitted reward step {r['step_ms']:6.2f} ms" + ("" if first else f" [{q['step_ms']:6.2f} ms]")
+              + f"  table {r['in_table']:,} in {r['capacity']:,} slots")
+    lk, rl = row["lookup"], row["ref_lookup"]
     q = ", ".join(f"{k} {v:.2f} ms" for k, v in row["queries_ms"].items())
-    print(f"  in-jit lookup (512 messages) {row['lookup_ms']:.3f} ms (min {row['lookup_min_ms']:.3f}); store "
-          f"{row['store_mb']:.1f} MB, queries: {q}")
+    print(f"  in-jit lookup (512 messages) {lk['lookup_ms']:.3f} ms (min {lk['lookup_min_ms']:.3f})"
+          + ("" if first else f" [{rl['lookup_ms']:.3f} ms (min {rl['lookup_min_ms']:.3f})]")
+          + f"; store {row['store_mb']:.1f} MB, queries: {q}")
     print(f"  memory: learner {row['rss_mb']:.0f} MB (peak {row['peak_mb']:.0f} MB), service peak "
-          f"{row['service_peak_mb']:.0f} MB; service {row['labels_per_s']:.0f} labels/s during the fill", flush=True)
+          f"{row['service_peak_mb']:.0f} MB; service {row['labels_per_s']:.0f} labels/s during the fill"
+          + ("" if first else f"{ref}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ a rollout inside ``jit`` and generalises to messages never annotated that share 
 ("You kill the jackal!" after "You kill the newt!" was labelled).
 
 Training data is a fixed-size buffer of labelled messages held in the reward state (``bytes``, ``label``,
-``valid``), filled by the host as labels arrive (:meth:`Classification.buffer_from`); ``update`` runs
-``steps`` Adam steps on random minibatches of it, inside ``jit``, between PPO updates.
+``valid``), filled by the host as labels arrive (ONI's hook keeps the newest ``capacity`` in it, writing new rows in
+place; :meth:`Classification.buffer_from` builds one from arrays); ``update`` runs ``steps`` Adam steps on random
+minibatches of it, inside ``jit``, between PPO updates. Its size is fixed whatever the number of labels.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each annotated pair ``(a, b, p)`` says ``a`` is preferred with probability ``p`` (1, 0, or 0.5 for a tie). The
 model is trained with ``-[p log s(r(a) - r(b)) + (1 - p) log s(r(b) - r(a))]`` (s = sigmoid), Motif-style, on a
-fixed-size buffer of pairs in the reward state, refreshed by the host (:meth:`Ranking.buffer_from`).
+fixed-size buffer of pairs in the reward state, refreshed by the host (ONI's hook keeps the newest ``capacity``
+answered pairs in it; :meth:`Ranking.buffer_from` builds one from arrays).
 
 The score is ``r(message) - r(empty message)``: BT rewards are defined up to a constant, so "nothing was said"
 is the zero point and the shaping threshold means "better than silence by this much". Include the empty message
