@@ -267,16 +267,25 @@ def test_xminigrid_missing_package_names_the_extra(monkeypatch):
 
 @pytest.mark.slow
 def test_ppo_learns_xminigrid_door_key_5x5():
-    """PPO (MLP on the one-hot view + direction + pocket) on MiniGrid-DoorKey-5x5, 4 seeds, 123k steps each
-    (measured: final returns 0.96, 0.96, 0.94, 0.90, every episode solved). A uniformly random policy solves 10% of
-    its 250-step episodes (return ~0.04)."""
+    """PPO (MLP on the one-hot view + direction + pocket) on MiniGrid-DoorKey-5x5, 123k steps per seed, 8 seeds in one
+    program. A uniformly random policy solves 10% of its 250-step episodes (return ~0.04).
+
+    Fixed seeds do not fix the outcome across machines (float summation order: issue 18 saw seed 3 end at return
+    0.667 and success 0.919 on another 2-core machine), and now and then a run fails outright, so the bounds are on
+    the seed set: at least 5 of 8 seeds solve it (success >= 0.9 over the last 5 updates) and the median final return
+    is >= 0.8. Measured (``python -m benchmarks.learning_spread --task xminigrid_door_key``, 2026-12-02, 36 seeds):
+    35 solve it (success >= 0.93; one run failed outright: success 0.07, return 0.06); final returns ~0.96, but
+    0.78 and 0.66 on two slow seeds (cf. issue 18's 0.667). Per 8-seed set 8, 7, 8, 8 seeds solve it and the median
+    return is 0.960-0.964. At per-seed rates (misses + 1) / (N + 2) of 0.053 (unsolved) and 0.105 (return < 0.8)
+    the bounds fail w.p. 0.05% and at most 0.6% (4 of 8 below); the old bounds (all 4 seeds >= 0.8 and >= 0.95)
+    failed w.p. about 30%."""
     from agents import ppo
     cfg = ppo.Config(env_name="MiniGrid-DoorKey-5x5", num_envs=32, num_steps=64, total_timesteps=32 * 64 * 60,
                      learning_rate=3e-4, update_epochs=8, num_minibatches=8)
-    out = jax.jit(jax.vmap(ppo.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 4))
+    out = jax.jit(jax.vmap(ppo.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 8))
     ret = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -5:], axis=1)
     success = np.nanmean(np.asarray(out.metrics["episode_success"])[:, -5:], axis=1)
     tr = _random_rollout("MiniGrid-DoorKey-5x5", n=32, steps=500)
     random_return = float(episode_metrics(tr.info)["episode_return"])
     assert random_return < 0.2, random_return
-    assert (ret >= 0.8).all() and ret.mean() >= 0.9 and (success >= 0.95).all(), (ret, success)
+    assert (success >= 0.9).sum() >= 5 and np.median(ret) >= 0.8, (ret, success)
