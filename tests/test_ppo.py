@@ -26,7 +26,10 @@ def final_return(metrics, last=10):
 
 @pytest.mark.slow
 def test_cartpole_reaches_475_for_7_of_8_seeds():
-    """The issue's bar: default config (4 envs x 128 steps, 500k steps), 8 seeds in one compiled call."""
+    """The issue's bar: default config (4 envs x 128 steps, 500k steps), 8 seeds in one compiled call; k of n
+    already, as fixed seeds do not fix the outcome across machines. Measured (``python -m
+    benchmarks.learning_spread --task cartpole``, 2026-12-02): every one of 48 other seeds ends at 500.0; even at
+    a per-seed miss rate of (0 + 1) / (48 + 2) = 0.02, 2 misses of 8 happen w.p. about 1%."""
     cfg = ppo.Config()
     out = jax.jit(jax.vmap(ppo.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 8))
     chex.assert_shape(out.metrics["episode_return"], (8, cfg.num_updates))
@@ -37,7 +40,11 @@ def test_cartpole_reaches_475_for_7_of_8_seeds():
 @pytest.mark.slow
 def test_pendulum_continuous_actions_learn():
     """Continuous actions (diagonal Gaussian): Pendulum-v1, 200k steps, 4 seeds in one call. A random policy scores
-    about -1250; this config reaches about -230 (8 seeds measured: -270 ... -192). Bar: mean >= -320, each >= -400."""
+    about -1250. Bar: mean over the 4 seeds >= -320, each >= -400, each gains > 700 over its first update.
+    Measured (``python -m benchmarks.learning_spread --task pendulum``, 2026-12-02, 24 seeds): final return per seed
+    mean -232, std 30, min -317; gain min 827. Over sets of 4 seeds: mean -232 +- 14 (worst -276; bound -320 is 6
+    std below), the worst seed -264 +- 28 (bound -400 is 4.8 std below), the smallest gain 928 +- 56 (bound 700 is
+    4 std below)."""
     cfg = ppo.Config(env_name="Pendulum-v1", num_envs=4, num_steps=1024, total_timesteps=200_000,
                      learning_rate=3e-4, update_epochs=10, num_minibatches=64, gamma=0.9, ent_coef=0.0,
                      normalize_obs=True, normalize_reward=True)
