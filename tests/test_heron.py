@@ -283,12 +283,8 @@ def test_heron_learns_pendulum():
     """HERON (angle > speed > energy) lifts Pendulum from about -1200 (random) to above -700 in 300k steps.
     Measured over other seeds (``python -m benchmarks.learning_spread --task heron_pendulum``, 2026-12-02, 4 seeds):
     first-10-updates mean -1137 ... -1105 (bound < -1000: 105 above the worst), final score -179 ... -154 (mean
-<<<<<<< /tmp/ls/merge/tests_test_heron.py.index
-    -163, std 11; bound > -700: more than 500 below the worst), so the one seed here holds on any machine."""
-=======
     -163, std 11; bound > -700: more than 500 below the worst): one seed suffices, with margins of 7 (first) and
     over 40 (final) per-seed standard deviations."""
->>>>>>> /tmp/ls/merge/tests_test_heron.py.mine
     from experiments.heron_compare import score, task_config
     cfg = task_config("pendulum", 300_000)
     out = jax.jit(heron.make_train(cfg))(jax.random.PRNGKey(1))
