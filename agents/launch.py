@@ -54,12 +54,13 @@ def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dic
         hp = ppo.hparams(cfg, **overrides) if overrides else None
         make = lambda _, log_fn=None, log_every=1: ppo.make_trainer(  # noqa: E731
             cfg, reward=reward, log_fn=log_fn, log_every=log_every)
-        return run_experiment(make, opts.config, hp=hp, hp_batched=hp is not None, run_info=run_info, **kw)
+        return run_experiment(make, opts.config, hp=hp, hp_batched=hp is not None,
+                              run_info={**opts.run_info(), **(run_info or {})}, **kw)
     pool = opts.pool.make_pool(cfg.env_name, cfg.num_envs, opts.run.seed)
     try:
         make = lambda _, log_fn=None, log_every=1: host_trainer(  # noqa: E731
             cfg, pool, opts.pool, opts.net, reward=reward, host_hook=host_hook, log_fn=log_fn, log_every=log_every)
-        info = {"num_workers": pool.num_workers, "host_envs": pool.host_envs, **(run_info or {})}
+        info = {"num_workers": pool.num_workers, "host_envs": pool.host_envs, **opts.run_info(), **(run_info or {})}
         return run_experiment(make, opts.config, run_info=info, **kw)
     finally:
         pool.close()
@@ -101,7 +102,7 @@ def train_sqirl(opts, run_dir):
           f"{cfg.resolved_horizon()} steps = {cfg.num_updates * cfg.steps_per_update:,} env steps per seed"
           + (f" (from --total-timesteps {cfg.total_timesteps:,})" if cfg.total_timesteps else ""), flush=True)
     kw = dict(opts.runner_kwargs(run_dir), num_updates=cfg.num_updates, steps_per_update=cfg.steps_per_update,
-              run_info={"host": host})
+              run_info={"host": host, **opts.run_info()})
     if not host:
         overrides = opts.run.hp_overrides(sqirl.HPARAM_FIELDS)
         hp = sqirl.hparams(cfg, **overrides) if overrides else None

@@ -33,7 +33,9 @@ import envs
 from envs.host import host_spec
 from jaxrl_pref import distributed
 from jaxrl_pref.config import build_hparams, hparams_class, in_range, positive, require, vmappable, vmappable_fields
-from jaxrl_pref.networks import ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, distribution
+from jaxrl_pref.networks import (ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, RecurrentActorCritic,
+                                 distribution)
+from jaxrl_pref.recurrent import RecurrentState
 from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
@@ -42,7 +44,7 @@ from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """PPO: the env batch, the update and the MLP network.
+    """PPO: the env batch, the update and the policy network (feed-forward MLP, or a GRU/LSTM core).
 
     The fields declared ``vmappable`` can also be passed as (vmappable) arrays through :func:`hparams`.
     Constructing a Config checks its values only; the env is checked when a trainer is built."""
@@ -67,6 +69,15 @@ class Config:
     """On time-limit truncation, bootstrap from V(final observation) (correct); False treats it as termination."""
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "tanh"
+    network: str = "mlp"
+    """Policy network: mlp (feed-forward), gru or lstm: torso MLP(hidden) (or the NetHack encoder) -> recurrent core
+    of rnn_hidden -> actor and critic heads; the carry resets at episode starts and the update re-runs the core
+    over whole env sequences (docs/recurrent.md)."""
+    rnn_hidden: int = 128
+    """Width of the GRU/LSTM core."""
+    bptt_len: int = 0
+    """Recurrent update: length of the sequences gradients flow through (0: the whole rollout, num_steps). Shorter
+    chunks start from the carries stored during the rollout; num_steps must be a multiple of it."""
     normalize_obs: bool = False
     normalize_reward: bool = False
     num_devices: int = 1
@@ -85,6 +96,10 @@ class Config:
                 f"use one of {sorted(ACTIVATIONS)}")
         require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "hidden",
                 f"layer sizes must be positive, got {self.hidden}", "pass e.g. --hidden 64 64")
+        require(self.network in NETWORKS, "network", f"unknown network {self.network!r}",
+                f"use one of {', '.join(NETWORKS)}")
+        positive(self, "rnn_hidden")
+        positive(self, "bptt_len", strict=False)
         require(self.num_envs % self.num_devices == 0, "num_envs",
                 f"{self.num_envs} envs cannot be split evenly over {self.num_devices} devices",
                 f"use a multiple of num_devices, e.g. --num-envs {self.num_devices * max(1, self.num_envs // self.num_devices)}")
@@ -93,9 +108,21 @@ class Config:
                 f"per-device batch num_steps*num_envs/num_devices = {batch} is not divisible into "
                 f"{self.num_minibatches} minibatches",
                 f"pick num_minibatches dividing {batch}, e.g. {_divisor_near(batch, self.num_minibatches)}")
+        if self.network != "mlp":
+            require(self.num_steps % self.seq_len == 0, "bptt_len",
+                    f"num_steps={self.num_steps} is not a multiple of bptt_len={self.bptt_len}",
+                    f"pick a bptt_len dividing {self.num_steps}, e.g. {_divisor_near(self.num_steps, self.bptt_len)}, "
+                    "or 0 (whole rollouts)")
+            seqs = self.num_envs // self.num_devices * (self.num_steps // self.seq_len)
+            require(seqs % self.num_minibatches == 0, "num_minibatches",
+                    f"the recurrent update splits whole sequences: {seqs} per device (num_envs/num_devices x "
+                    f"num_steps/bptt_len) do not divide into {self.num_minibatches} minibatches",
+                    f"pick num_minibatches dividing {seqs}, e.g. {_divisor_near(seqs, self.num_minibatches)}, or "
+                    "more envs, or a shorter --bptt-len")
         require(self.total_timesteps >= self.num_steps * self.num_envs, "total_timesteps",
                 f"{self.total_timesteps} is less than one update's batch ({self.num_steps * self.num_envs} steps)",
                 f"use at least {self.num_steps * self.num_envs}")
+        envs.check_name(self.env_name)  # a registry lookup: builds no env
 
     @property
     def num_updates(self) -> int:
@@ -104,6 +131,14 @@ class Config:
     @property
     def minibatch_size(self) -> int:
         return self.num_steps * self.num_envs // self.num_devices // self.num_minibatches
+
+    @property
+    def seq_len(self) -> int:
+        """Steps per sequence in the recurrent update: bptt_len, or the whole rollout."""
+        return self.bptt_len or self.num_steps
+
+
+NETWORKS = ("mlp", "gru", "lstm")
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -156,6 +191,8 @@ class RunnerState:
     reward_state: Any
     key: jax.Array
     update_step: jax.Array
+    policy_state: Any = ()
+    """A recurrent policy's :class:`~jaxrl_pref.recurrent.RecurrentState` after the last step; ``()`` for an MLP."""
 
 
 @struct.dataclass
@@ -173,13 +210,28 @@ class PPO:
 
     def __init__(self, cfg: Config, spec: envs.EnvSpec, network=None):
         """``network`` maps a batch of observations to (policy parameters, value); default: an MLP
-        :class:`ActorCritic` for array observations, a :class:`NetHackEncoder` one for dict observations."""
+        :class:`ActorCritic` for array observations, a :class:`NetHackEncoder` one for dict observations.
+
+        With ``cfg.network`` "gru" or "lstm" the default is a :class:`RecurrentActorCritic` (maps ``(carry,
+        obs[T, B], start[T, B])`` to ``(carry, pi, value)``); an :class:`EncoderActorCritic` given as ``network``
+        then has its encoder put in front of the recurrent core (encoder -> core -> linear heads)."""
         self.cfg, self.spec = cfg, spec
+        rnn = cfg.network != "mlp"
         if network is None and isinstance(spec.obs_shape, dict):
             network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
+        if rnn and isinstance(network, EncoderActorCritic):
+            network = RecurrentActorCritic(network.num_actions, True, tuple(cfg.hidden), cfg.activation,
+                                           cfg.network, cfg.rnn_hidden, encoder=network.encoder)
         if network is None:
-            network = ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation)
+            network = (RecurrentActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation,
+                                            cfg.network, cfg.rnn_hidden) if rnn else
+                       ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation))
         self.network = network
+        self.recurrent = hasattr(network, "initialize_carry")
+        if rnn and not self.recurrent:
+            raise ValueError(f"PPO: network={cfg.network!r} but the given network {type(network).__name__} is "
+                             "feed-forward; pass a RecurrentActorCritic, or an EncoderActorCritic (its encoder goes "
+                             "in front of the core)")
 
     def optimizer(self, hp: HParams) -> optax.GradientTransformation:
         cfg = self.cfg
@@ -194,38 +246,91 @@ class PPO:
         return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr, eps=1e-5))
 
     def init(self, key, hp: HParams) -> TrainState:
-        params = self.network.init(key, self.spec.dummy_obs())
+        if self.recurrent:
+            ps = self.initial_policy_state(1)
+            params = self.network.init(key, ps.carry, _with_time(self.spec.dummy_obs()), ps.start[None])
+        else:
+            params = self.network.init(key, self.spec.dummy_obs())
         return TrainState(params, self.optimizer(hp).init(ravel_pytree(params)[0]))
 
-    def act(self, params, obs, key):
-        """Samples actions: returns (action, log_prob, value) for a batch of observations."""
-        pi, value = self.network.apply(params, obs)
-        dist = distribution(pi, self.spec.discrete)
+    def initial_policy_state(self, num_envs: int):
+        """The policy state before the first step of ``num_envs`` envs: ``()`` for a feed-forward network, else a
+        :class:`~jaxrl_pref.recurrent.RecurrentState` (zero carry; every env starts an episode)."""
+        if not self.recurrent:
+            return ()
+        return RecurrentState(self.network.initialize_carry((num_envs,)), jnp.ones((num_envs,), bool))
+
+    def act(self, params, obs, key, policy_state=()):
+        """Samples actions: returns (action, log_prob, value) for a batch of observations. Recurrent: pass the
+        ``policy_state`` entering the step (:meth:`initial_policy_state`, then ``RecurrentState(carry, done)``);
+        returns (action, log_prob, value, carry) with the core's carry after the step."""
+        if not self.recurrent:
+            pi, value = self.network.apply(params, obs)
+            dist = distribution(pi, self.spec.discrete)
+            action, log_prob = dist.sample_and_log_prob(seed=key)
+            return action, log_prob, value
+        carry, pi, value = self.network.apply(params, policy_state.carry, _with_time(obs), policy_state.start[None])
+        dist = distribution(jax.tree.map(lambda x: x[0], pi), self.spec.discrete)
         action, log_prob = dist.sample_and_log_prob(seed=key)
-        return action, log_prob, value
+        return action, log_prob, value[0], carry
 
-    def value(self, params, obs):
-        return self.network.apply(params, obs)[1]
+    def value(self, params, obs, policy_state=()):
+        if not self.recurrent:
+            return self.network.apply(params, obs)[1]
+        return self.network.apply(params, policy_state.carry, _with_time(obs), policy_state.start[None])[2][0]
 
-    def targets(self, params, hp: HParams, traj: Transition, reward, last_obs):
-        """(advantages, returns) for a time-major rollout, bootstrapping truncated steps from V(final_obs)."""
-        last_value = self.value(params, last_obs)
-        vf = partial(self.value, params) if self.cfg.bootstrap_truncated else None
+    def targets(self, params, hp: HParams, traj: Transition, reward, last_obs, last_policy_state=()):
+        """(advantages, returns) for a time-major rollout, bootstrapping truncated steps from V(final_obs).
+
+        Recurrent: ``last_policy_state`` is the state after the rollout; ``V(final_obs[t])`` uses the carry after
+        step ``t`` (the stored carry entering step ``t + 1``, or the last one), without a reset."""
+        last_value = self.value(params, last_obs, last_policy_state)
+        if not self.cfg.bootstrap_truncated:
+            vf = None
+        elif self.recurrent:
+            after = jax.tree.map(lambda c, last: jnp.concatenate([c[1:], last[None]]), traj.policy_state.carry,
+                                 last_policy_state.carry)
+            vf = partial(self._value_after, params, after)
+        else:
+            vf = partial(self.value, params)
         nxt = next_values(traj, last_value, vf)
         return gae(reward, traj.value, nxt, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
 
+    def _value_after(self, params, carry, obs):
+        """V(obs[t, b]) with the carry ``carry[t, b]`` and no reset: one batched call over ``[T * B]``."""
+        T, B = jax.tree.leaves(carry)[0].shape[:2]
+        flat = lambda x: x.reshape((T * B,) + x.shape[2:])  # noqa: E731
+        obs = jax.tree.map(lambda x: flat(x)[None], obs)
+        v = self.network.apply(params, jax.tree.map(flat, carry), obs, jnp.zeros((1, T * B), bool))[2]
+        return v.reshape(T, B)
+
     def update(self, state: TrainState, hp: HParams, traj: Transition, advantages, returns, key,
                axis_name: Optional[str] = None):
-        """``update_epochs`` passes of minibatch SGD over the batch. Returns (state, mean loss metrics)."""
+        """``update_epochs`` passes of minibatch SGD over the batch. Returns (state, mean loss metrics).
+
+        Feed-forward: minibatches of single steps. Recurrent: minibatches of whole env sequences (envs permuted,
+        not steps; with ``bptt_len`` the rollout is cut into chunks of that length), the core re-run over each from
+        the carry stored at its start."""
         cfg = self.cfg
         tx = self.optimizer(hp)
-        batch = (traj.obs, traj.action, traj.log_prob, traj.value, advantages, returns)
-        batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
-        n = jax.tree.leaves(batch)[0].shape[0]
+        if self.recurrent:
+            minibatches, forward = self._sequences(traj, advantages, returns)
+        else:
+            batch = (traj.obs, traj.action, traj.log_prob, traj.value, advantages, returns)
+            batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+            n = jax.tree.leaves(batch)[0].shape[0]
+
+            def minibatches(key):
+                perm = shuffle_indices(key, n)
+                return jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape(
+                    (cfg.num_minibatches, -1) + x.shape[1:]), batch)
+
+            def forward(params, mb):
+                obs, *rest = mb
+                return (*self.network.apply(params, obs), *rest)
 
         def loss_fn(params, mb):
-            obs, action, old_log_prob, old_value, adv, ret = mb
-            pi, value = self.network.apply(params, obs)
+            pi, value, action, old_log_prob, old_value, adv, ret = forward(params, mb)
             dist = distribution(pi, self.spec.discrete)
             return ppo_loss(dist.log_prob(action), old_log_prob, adv, dist.entropy(), value, old_value, ret,
                             clip_eps=hp.clip_eps, vf_coef=hp.vf_coef, ent_coef=hp.ent_coef,
@@ -244,10 +349,7 @@ class PPO:
             return (flat + updates, opt_state), metrics
 
         def epoch(carry, key):
-            perm = shuffle_indices(key, n)
-            mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape(
-                (cfg.num_minibatches, -1) + x.shape[1:]), batch)
-            return jax.lax.scan(minibatch_step, carry, mbs)
+            return jax.lax.scan(minibatch_step, carry, minibatches(key))
 
         (flat, opt_state), metrics = jax.lax.scan(epoch, (flat0, state.opt_state),
                                                   jax.random.split(key, cfg.update_epochs))
@@ -257,16 +359,56 @@ class PPO:
             metrics = jax.lax.pmean(metrics, axis_name)
         return state, metrics
 
+    def _sequences(self, traj: Transition, advantages, returns):
+        """The recurrent update's data: ``(minibatches(key), forward(params, minibatch))``.
+
+        The rollout ``[T, B]`` is cut into ``T / L`` chunks of ``L = seq_len`` steps: ``S = B * T / L`` sequences,
+        time-major ``[L, S]``, each with the carry stored at its first step. ``minibatches`` permutes the sequences
+        and splits them into ``[num_minibatches, L, S / num_minibatches]``."""
+        cfg = self.cfg
+        T, B = traj.reward.shape[:2]
+        L = cfg.seq_len
+        K = T // L
+
+        def seqs(x):  # [T, B, ...] -> [L, K * B, ...]: sequence k * B + b is env b's chunk k
+            x = jnp.swapaxes(x.reshape((K, L) + x.shape[1:]), 0, 1)
+            return x.reshape((L, K * B) + x.shape[3:])
+
+        ps = traj.policy_state
+        data = jax.tree.map(seqs, (traj.obs, ps.start, traj.action, traj.log_prob, traj.value, advantages, returns))
+        carry0 = jax.tree.map(lambda c: c[::L].reshape((K * B,) + c.shape[2:]), ps.carry)
+        n, m = K * B, cfg.num_minibatches
+
+        def minibatches(key):
+            perm = shuffle_indices(key, n)
+            carry = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((m, -1) + x.shape[1:]), carry0)
+            mbs = jax.tree.map(lambda x: jnp.moveaxis(jnp.take(x, perm, axis=1).reshape((L, m, -1) + x.shape[2:]),
+                                                      1, 0), data)
+            return carry, mbs
+
+        def forward(params, mb):
+            carry, (obs, start, *rest) = mb
+            _, pi, value = self.network.apply(params, carry, obs, start)
+            return (pi, value, *rest)
+
+        return minibatches, forward
+
     def learn(self, state: TrainState, reward, reward_state, hp: HParams, traj: Transition, last_obs, key_reward,
-              key_update, axis_name: Optional[str] = None):
+              key_update, axis_name: Optional[str] = None, last_policy_state=()):
         """Learns from one rollout, in the Anakin step and the host loop alike: reward-model update -> learning
-        reward (the reward-transform seam) -> advantages -> PPO epochs. Returns (state, reward_state, metrics)."""
+        reward (the reward-transform seam) -> advantages -> PPO epochs. Returns (state, reward_state, metrics).
+        ``last_policy_state``: a recurrent policy's state after the rollout (for ``V(last_obs)``)."""
         reward_state, model_metrics = reward.update(reward_state, traj, key_reward, axis_name)
         learning_reward, reward_metrics = reward(reward_state, traj)
-        adv, ret = self.targets(state.params, hp, traj, learning_reward, last_obs)
+        adv, ret = self.targets(state.params, hp, traj, learning_reward, last_obs, last_policy_state)
         state, loss_metrics = self.update(state, hp, traj, adv, ret, key_update, axis_name)
         return state, reward_state, {**episode_metrics(traj.info, axis_name), **loss_metrics, **model_metrics,
                                      **reward_metrics}
+
+
+def _with_time(obs):
+    """Observations ``[B, ...]`` as a one-step sequence ``[1, B, ...]``."""
+    return jax.tree.map(lambda x: x[None], obs)
 
 
 def shuffle_indices(key, n: int):
@@ -287,8 +429,9 @@ def shuffle_indices(key, n: int):
 def make_env(cfg: Config, num_envs: int | None = None):
     """The env stack for ``cfg``; ``num_envs`` defaults to the per-device share of ``cfg.num_envs``."""
     n = cfg.num_envs // cfg.num_devices if num_envs is None else num_envs
+    axis = distributed.DATA_AXIS if cfg.num_devices > 1 else None  # normalisers share statistics across devices
     return envs.make(cfg.env_name, num_envs=n, normalize_obs=cfg.normalize_obs,
-                     normalize_reward=cfg.normalize_reward, gamma=cfg.gamma)
+                     normalize_reward=cfg.normalize_reward, gamma=cfg.gamma, axis_name=axis)
 
 
 class Trainer(ScanLoop):
@@ -306,11 +449,12 @@ class Trainer(ScanLoop):
         self.spec = envs.spec(self.env, self.env_params)
         self.agent = PPO(cfg, self.spec, network)
         self.reward = reward if reward is not None else IdentityReward()
-        # train state, reward state and step replicated; env state/obs split over envs; keys per device
+        # train state, reward state and step replicated; env state/obs split over envs (the normalisers'
+        # statistics replicated); keys per device
         D, R = distributed.SPLIT, distributed.REPLICATED
         super().__init__(self.init_state, self.step, partial(hparams, cfg), lambda rs: rs.update_step,
                          log_fn=log_fn, log_every=log_every, num_devices=cfg.num_devices,
-                         state_specs=RunnerState(R, D, D, R, D, R))
+                         state_specs=RunnerState(R, self.env.state_specs(D, R), D, R, D, R, D))
 
     def init_state(self, key, hp: HParams, axis_name: Optional[str] = None) -> RunnerState:
         k_params, k_reward, k_env, k_run = jax.random.split(key, 4)
@@ -320,17 +464,18 @@ class Trainer(ScanLoop):
         train_state = self.agent.init(k_params, hp)
         obs, env_state = self.env.reset(k_env, self.env_params)
         return RunnerState(train_state, env_state, obs, self.reward.init(k_reward, self.spec), k_run,
-                           jnp.int32(0))
+                           jnp.int32(0), self.agent.initial_policy_state(self.cfg.num_envs // self.cfg.num_devices))
 
     def step(self, rs: RunnerState, hp: HParams, axis_name: Optional[str] = None):
         """One update: an in-jit rollout of ``num_steps`` steps, then :meth:`PPO.learn`."""
         key, k_roll, k_reward, k_upd = jax.random.split(rs.key, 4)
         policy = partial(self.agent.act, rs.train_state.params)
-        env_state, obs, traj = collect(self.env, self.env_params, policy, rs.env_state, rs.obs, k_roll,
-                                       self.cfg.num_steps)
+        out = collect(self.env, self.env_params, policy, rs.env_state, rs.obs, k_roll, self.cfg.num_steps,
+                      policy_state=rs.policy_state)
+        env_state, obs, traj, ps = out if self.agent.recurrent else (*out, ())
         train_state, reward_state, metrics = self.agent.learn(rs.train_state, self.reward, rs.reward_state, hp,
-                                                              traj, obs, k_reward, k_upd, axis_name)
-        return RunnerState(train_state, env_state, obs, reward_state, key, rs.update_step + 1), metrics
+                                                              traj, obs, k_reward, k_upd, axis_name, ps)
+        return RunnerState(train_state, env_state, obs, reward_state, key, rs.update_step + 1, ps), metrics
 
 
 @struct.dataclass
@@ -367,10 +512,11 @@ class HostTrainer(HostLoop):
         # the policy's random draws use XLA's RngBitGenerator (an "rbg" key, 4 uint32 words, made from the rollout
         # key on the host): threefry's bits are a while loop of small ops, which on CPU cost more than the whole
         # forward pass (8 envs: 240 us per act with threefry, 145 us with rbg; 66 us vs 217 us with glyph_dim 8)
-        self._act = jax.jit(lambda params, obs, key: self.agent.act(
-            params, obs, jax.random.wrap_key_data(key, impl="rbg")))
+        self._act = jax.jit(lambda params, obs, key, *ps: self.agent.act(
+            params, obs, jax.random.wrap_key_data(key, impl="rbg"), *ps))
         self._learn = jax.jit(self._learn_step)
         self._obs = None  # the env's current observations: reset before the first rollout, then carried on
+        self._policy_state = ()  # a recurrent policy's state after the last step (reset with the env)
         hook = None if host_hook is None else (lambda state, batch: host_hook(state, batch[0]))
         super().__init__(self._collect_batch, lambda state, batch: self._learn(state, *batch),
                          lambda state: int(state.update_step), self._rate, log_fn=log_fn, log_every=log_every,
@@ -382,28 +528,44 @@ class HostTrainer(HostLoop):
                          self.reward.init(k_reward, self.spec), k_run, jnp.int32(0))
 
     def collect(self, params, key):
-        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs)."""
+        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs); a recurrent
+        policy's state after the rollout is then in ``self.policy_state`` (carried per env across rollouts)."""
         env, T, G = self.env, self.cfg.num_steps, env_groups(self.env)
         if self._obs is None:
             self._obs = env.reset()
+            self._policy_state = self.agent.initial_policy_state(env.num_envs)
         # per-step keys as host arrays: indexing a device array costs a dispatch per step (~0.4 ms on CPU); each
         # is the data of an rbg key (two threefry keys' words, see __init__)
         keys = np.asarray(jax.random.key_data(jax.random.split(key, 2 * T * G))).reshape(T, G, 4)
-        policy = lambda obs, t, g: self._act(params, obs, keys[t, g])  # noqa: E731
-        s, self._obs = host_rollout(env, policy, self._obs, T, G)
+        if self.agent.recurrent:
+            def policy(obs, t, g, ps):
+                action, log_prob, value, carry = self._act(params, obs, keys[t, g], ps)
+                return action, carry, log_prob, value
+            s, self._obs, self._policy_state = host_rollout(env, policy, self._obs, T, G,
+                                                            policy_state=self._policy_state)
+        else:
+            policy = lambda obs, t, g: self._act(params, obs, keys[t, g])  # noqa: E731
+            s, self._obs = host_rollout(env, policy, self._obs, T, G)
         log_prob, value = s.extras
         traj = Transition(s.obs, s.action, log_prob, value, s.reward.astype(np.float32),
-                          s.terminated.astype(bool), s.truncated.astype(bool), s.final_obs, s.info)
+                          s.terminated.astype(bool), s.truncated.astype(bool), s.final_obs, s.info, s.policy_state)
         return traj, self._obs
+
+    @property
+    def policy_state(self):
+        """A recurrent policy's state after the last collected step (``()`` for a feed-forward policy)."""
+        return self._policy_state
 
     def _collect_batch(self, state: HostState, ahead: bool):
         key = jax.random.fold_in(state.key, 7)
-        return self.collect(state.train_state.params, jax.random.fold_in(key, 1) if ahead else key)
+        traj, last_obs = self.collect(state.train_state.params, jax.random.fold_in(key, 1) if ahead else key)
+        return traj, last_obs, self._policy_state
 
-    def _learn_step(self, state: HostState, traj: Transition, last_obs):
+    def _learn_step(self, state: HostState, traj: Transition, last_obs, last_policy_state=()):
         key, k_reward, k_upd = jax.random.split(state.key, 3)
         train_state, reward_state, metrics = self.agent.learn(state.train_state, self.reward, state.reward_state,
-                                                              self.hp, traj, last_obs, k_reward, k_upd)
+                                                              self.hp, traj, last_obs, k_reward, k_upd,
+                                                              last_policy_state=last_policy_state)
         return HostState(train_state, reward_state, key, state.update_step + 1), metrics
 
     def _rate(self, seconds: float) -> dict:

@@ -340,10 +340,11 @@ def main(argv=None) -> int:
                 lost.append(f"{ln.name}: table holds {t.size} messages, want {stream.seen + 1}")
             if ln.name != "ranking" and ln.hook.labeled != n_labeled:
                 lost.append(f"{ln.name}: {ln.hook.labeled} labels loaded, the store has {n_labeled}")
-        n_pairs = store.db.execute("SELECT COUNT(*) FROM items WHERE kind='pair'").fetchone()[0]
-        asked = len(set().union(*(ln.hook.asked_pairs for ln in learners + refs if ln.name == "ranking")))
-        if asked and n_pairs != asked:
-            lost.append(f"ranking asked {asked} pairs, the store holds {n_pairs}")
+        stored = set(store.db.execute("SELECT a, b FROM items WHERE kind='pair'").fetchall())
+        n_pairs = len(stored)
+        missing = sum(p not in stored for ln in learners if ln.name == "ranking" for p in ln.hook.asked_pairs)
+        if missing:
+            lost.append(f"{missing} pairs the ranking hook asked are not in the store")
         print(f"\nend: {stream.seen:,} distinct messages, {n_pairs:,} pairs; store {c}; "
               + ("NOTHING LOST" if not lost else "LOST: " + "; ".join(lost)), flush=True)
 

@@ -39,11 +39,57 @@ def setup() -> None:
     from jaxrl_pref import distributed
     from jaxrl_pref.runner import use_sync_cpu_dispatch
     use_sync_cpu_dispatch()
+    if _deterministic_requested(sys.argv[1:]):
+        use_deterministic_kernels()
     try:
         distributed.initialize_if_requested(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def use_deterministic_kernels() -> None:
+    """Asks XLA for deterministic GPU kernels (takes effect only before JAX creates its backend)."""
+    import os
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_FLAG).strip()
+
+
+def _deterministic_requested(argv: Sequence[str]) -> bool:
+    """``--deterministic`` on the command line, or in the config of the run ``--resume`` names."""
+    from jaxrl_pref.distributed import flag_on
+    if flag_on(argv, "--deterministic"):
+        return True
+    try:
+        return bool(json.loads((Path(_resume_path(argv)) / "config.json").read_text())["run"].get("deterministic"))
+    except (TypeError, OSError, ValueError, KeyError, AttributeError):
+        return False
+
+
+def _resume_path(argv: Sequence[str]) -> Optional[str]:
+    out = None
+    for i, a in enumerate(argv):
+        if a.startswith("--resume="):
+            out = a.split("=", 1)[1] or None
+        elif a == "--resume" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out = argv[i + 1]
+    return out
+
+
+def apply_run_options(run: RunOptions) -> None:
+    """Sets what the run options change in JAX itself: the matmul precision; warns when --deterministic came too
+    late to take effect (JAX already started without it)."""
+    import os
+    import jax
+    jax.config.update("jax_default_matmul_precision",
+                      None if run.matmul_precision == "default" else run.matmul_precision)
+    if run.deterministic and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        print("warning: --deterministic was not set before JAX started (set it on the command line of a fresh "
+              f"process, or XLA_FLAGS={DETERMINISTIC_FLAG}); GPU kernels may not be deterministic", file=sys.stderr)
 
 
 def is_host_env(name: str) -> bool:
@@ -122,6 +168,10 @@ class Options:
                     resume=True if r.resume is not None else (False if r.no_resume else None),
                     agent=self.spec.name)
 
+    def run_info(self) -> dict:
+        """Run settings recorded in config.json's ``run`` next to the runner's own."""
+        return {"matmul_precision": self.run.matmul_precision, "deterministic": self.run.deterministic}
+
     def default_run_dir(self) -> str:
         return self.run.run_dir or self.run.resume or \
             f"runs/{self.spec.name}-{self.env_name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -174,7 +224,8 @@ def _saved_options(resume_path: str) -> dict:
     for v in run.values():  # sections an older version saved under run (e.g. run["heron"])
         if isinstance(v, dict) and not any(k.startswith(".") for k in v):
             config.update(v)
-    config.update({k: run[k] for k in ("num_seeds", "seed", "checkpoint_every", "log_every", "host") if k in run})
+    config.update({k: run[k] for k in ("num_seeds", "seed", "checkpoint_every", "log_every", "host",
+                                            "matmul_precision", "deterministic") if k in run})
     if run.get("hp_batched") and isinstance(run.get("hp"), dict):  # a --hp-values run: the varied fields
         varied = {k.lstrip("."): v for k, v in run["hp"].items() if isinstance(v, list) and len(set(v)) > 1}
         if varied:
@@ -262,6 +313,7 @@ def main(spec: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = parse(spec, argv)
+    apply_run_options(opts.run)
     run_dir = opts.default_run_dir()
     status, _ = run_for_cli(lambda: spec.train(opts, run_dir), module=spec.module, run_dir=run_dir,
                             unit=spec.unit, errors=spec.errors)

@@ -76,6 +76,9 @@ def build_hparams(hp_cls, cfg, overrides: dict, dtypes: Optional[dict] = None):
     return hp_cls(**{k: jnp.broadcast_to(v, shape) for k, v in vals.items()})
 
 
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How an experiment runs an agent: seeds, outputs, checkpoints, resume, devices across processes."""
@@ -114,6 +117,15 @@ class RunOptions:
     """Number of processes for --distributed (default: from Slurm / JAX's detection)."""
     process_id: Optional[int] = None
     """This process's index for --distributed (default: from Slurm / JAX's detection)."""
+    matmul_precision: str = "default"
+    """Precision of float32 matmuls and convolutions: default (JAX's: TF32 on recent NVIDIA GPUs, bfloat16 passes on
+    TPU, full float32 on CPU), high or highest (full float32 on every device; slower on accelerators). Recorded in
+    config.json."""
+    deterministic: bool = False
+    """GPU: deterministic XLA kernels (--xla_gpu_deterministic_ops: no atomics in scatter-adds such as embedding
+    gradients, no autotuning races), so a resumed run is bitwise equal there too; costs speed where scatters are
+    large. CPU is deterministic already. Must be known before JAX starts: give it on the command line (or in the
+    resumed run's config). Recorded in config.json."""
 
     def __post_init__(self):
         self.validate_run()
@@ -124,6 +136,8 @@ class RunOptions:
             require(v >= 1, name, f"must be >= 1, got {v}",
                     f"pass a positive value, e.g. --{name.replace('_', '-')} {_default(self, name)}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "pass e.g. --seed 0")
+        require(self.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
+                f"unknown precision {self.matmul_precision!r}", f"use one of {', '.join(MATMUL_PRECISIONS)}")
         require(not (self.no_resume and self.resume is not None), "no_resume",
                 "--resume and --no-resume contradict each other", "pass only one of them")
         if self.run_dir and self.resume:

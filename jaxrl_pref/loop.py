@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxrl_pref import distributed
+from jaxrl_pref.recurrent import RecurrentState
 
 LogFn = Callable[[Any, dict], None]  # (update_step, metrics) -> None, called on the host
 
@@ -96,7 +97,8 @@ class ScanLoop:
 class HostSteps(NamedTuple):
     """Time-major ``[T, N]`` numpy columns of a host rollout. ``extras``: the policy's further outputs (e.g. PPO's
     log-probabilities and values), stacked likewise; ``final_obs``: the true observation each step led to (the
-    episode's last one where it ended, else the next observation); ``info``: the env's ``episode_*`` statistics."""
+    episode's last one where it ended, else the next observation); ``info``: the env's ``episode_*`` statistics;
+    ``policy_state``: a recurrent policy's state entering each step (``()`` without one)."""
     obs: Any
     action: np.ndarray
     extras: tuple
@@ -105,6 +107,7 @@ class HostSteps(NamedTuple):
     truncated: np.ndarray
     final_obs: Any
     info: dict
+    policy_state: Any = ()
 
 
 def env_groups(env) -> int:
@@ -120,8 +123,8 @@ def merge_final_obs(final, next_obs, done):
     return jax.tree.map(lambda f, n: np.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), f, n), final, next_obs)
 
 
-def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, until_first_episodes_end: bool = False
-                 ) -> tuple[HostSteps, Any]:
+def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, until_first_episodes_end: bool = False,
+                 policy_state: Any = None) -> tuple:
     """Steps host env ``env`` from observations ``obs`` for ``num_steps`` steps. Returns ``(steps, last_obs)``.
 
     ``policy(obs, t, g) -> (action, *extras)`` acts on group ``g``'s observations at step ``t`` (a jitted call:
@@ -130,6 +133,11 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
     group ``g`` is sent its next actions as soon as its results are in, while the others step; the columns hold
     the groups side by side along the env axis. ``until_first_episodes_end`` (one group only) stops early, after
     the step where the last env's first episode ended (the columns are then shorter than ``num_steps``).
+
+    A recurrent policy: pass its state for all envs (a :class:`~jaxrl_pref.recurrent.RecurrentState` with a
+    leading env axis) as ``policy_state``; ``policy(obs, t, g, state) -> (action, carry, *extras)`` then gets
+    group ``g``'s state, the state entering each step is stored in ``steps.policy_state``, the next one is
+    ``RecurrentState(carry, done)``, and ``(steps, last_obs, policy_state)`` is returned.
     """
     G = groups
     if G > 1:
@@ -146,15 +154,20 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
         raise ValueError("host_rollout: until_first_episodes_end needs groups=1")
     B = env.num_envs // G
     obs = [{k: x[g * B:(g + 1) * B] for k, x in obs.items()} for g in range(G)]
+    rec = policy_state is not None
+    ps = [jax.tree.map(lambda x: x[g * B:(g + 1) * B], policy_state) if rec else () for g in range(G)]
     buf = [{f: [] for f in HostSteps._fields} for _ in range(G)]
     acted = [None] * G
     running = np.ones(env.num_envs, bool)
 
     def act(g, t):
-        action, *extras = policy(obs[g], t, g)
+        if rec:
+            action, carry, *extras = policy(obs[g], t, g, ps[g])
+        else:
+            (action, *extras), carry = policy(obs[g], t, g), None
         action = np.asarray(action)
         send(action, g)
-        acted[g] = (action, tuple(extras))
+        acted[g] = (action, tuple(extras), carry)
 
     for g in range(G):
         act(g, 0)
@@ -163,12 +176,15 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
             next_obs, reward, terminated, truncated, info = recv(g)
             done = np.logical_or(terminated, truncated)
             final_obs = merge_final_obs(info.pop("final_obs"), next_obs, done)
-            action, extras = acted[g]
+            action, extras, carry = acted[g]
             for k, v in (("obs", obs[g]), ("action", action), ("extras", extras), ("reward", reward),
                          ("terminated", terminated), ("truncated", truncated), ("final_obs", final_obs),
-                         ("info", {k: v for k, v in info.items() if k.startswith("episode_")})):
+                         ("info", {k: v for k, v in info.items() if k.startswith("episode_")}),
+                         ("policy_state", ps[g])):
                 buf[g][k].append(v)
             obs[g] = next_obs
+            if rec:
+                ps[g] = RecurrentState(carry, done)
             if until_first_episodes_end:
                 running &= ~done
                 if not running.any():
@@ -182,7 +198,10 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
     stack = lambda xs: jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *xs)  # noqa: E731
     cat = lambda k: stack(buf[0][k]) if G == 1 else jax.tree.map(  # noqa: E731
         lambda *a: np.concatenate(a, axis=1), *[stack(b[k]) for b in buf])
-    return HostSteps(*(cat(f) for f in HostSteps._fields)), last_obs
+    steps = HostSteps(*(cat(f) for f in HostSteps._fields))
+    if not rec:
+        return steps, last_obs
+    return steps, last_obs, ps[0] if G == 1 else jax.tree.map(lambda *a: np.concatenate(a), *ps)
 
 
 # -- the host (Sebulba) loop -----------------------------------------------------------------------------------------

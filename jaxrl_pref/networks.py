@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxrl_pref import recurrent
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -164,6 +166,82 @@ class EncoderActorCritic(nn.Module):
     def __call__(self, obs):
         h = self.encoder(obs)
         return _dense(self.num_actions, 0.01)(h), _dense(1, 1.0)(h)[..., 0]
+
+
+def _gate_orthogonal(gates: int):
+    """Initialiser of a fused hidden kernel ``[H, gates * H]``: each gate's ``[H, H]`` block orthogonal (as flax's
+    recurrent cells initialise each gate's kernel)."""
+    def init(key, shape, dtype=jnp.float32):
+        h = shape[0]
+        blocks = [orthogonal()(k, (h, h), dtype) for k in jax.random.split(key, gates)]
+        return jnp.concatenate(blocks, axis=1)
+    return init
+
+
+class RecurrentCore(nn.Module):
+    """A GRU or LSTM over a sequence: ``(carry, x[T, B, in], start[T, B]) -> (carry_T, h[T, B, features])``, the
+    carry zeroed before step ``t`` where ``start[t]``. The input projection of all ``T`` steps is one matmul; the
+    time loop (:mod:`jaxrl_pref.recurrent`) holds only the hidden recurrence. ``unroll``: time steps per loop
+    iteration (compiled code grows with it)."""
+    cell: str = "gru"
+    features: int = 128
+    unroll: int = 8
+
+    @nn.compact
+    def __call__(self, carry, x, start):
+        G, H = recurrent.CELLS[self.cell], self.features
+        wi = self.param("wi", nn.initializers.lecun_normal(), (x.shape[-1], G * H))
+        bi = self.param("bi", nn.initializers.zeros, (G * H,))
+        wh = self.param("wh", _gate_orthogonal(G), (H, G * H))
+        bh = self.param("bh", nn.initializers.zeros, (G * H,))
+        xw = x @ wi + bi  # every step's input projection at once
+        return recurrent.sequence(self.cell)(xw, start, carry, wh, bh, self.unroll)
+
+    def initialize_carry(self, batch_shape):
+        return recurrent.zero_carry(self.cell, batch_shape, self.features)
+
+
+class RecurrentActorCritic(nn.Module):
+    """Torso -> GRU/LSTM core -> actor and critic heads, over sequences: ``(carry, obs[T, B, ...], start[T, B]) ->
+    (carry_T, pi[T, B, ...], value[T, B])`` (``pi`` as :class:`ActorCritic` returns it). ``start[t]`` marks an
+    episode start: the carry is zeroed there. Acting is the same call with ``T = 1``.
+
+    Array observations: torso ``MLP(hidden)``, heads ``Dense(hidden[-1])`` + activation then the output layer
+    (purejaxrl's ``ActorCriticRNN`` with ``hidden=(128,), activation="relu"``). With ``encoder`` (dict observations,
+    e.g. :class:`NetHackEncoder`): the encoder is the torso and the heads are linear (as
+    :class:`EncoderActorCritic`, the ONI/Motif NetHack model's encoders -> LSTM -> heads)."""
+    num_actions: int
+    discrete: bool = True
+    hidden: Sequence[int] = (64, 64)
+    activation: str = "tanh"
+    cell: str = "gru"
+    rnn_hidden: int = 128
+    encoder: Optional[nn.Module] = None
+    unroll: int = 8
+
+    @nn.compact
+    def __call__(self, carry, obs, start):
+        act = ACTIVATIONS[self.activation]
+        if self.encoder is not None:
+            x = self.encoder(obs)
+        else:
+            x = MLP(self.hidden, self.activation, name="torso")(obs.astype(jnp.float32))
+        carry, h = RecurrentCore(self.cell, self.rnn_hidden, self.unroll, name="core")(carry, x, start)
+        a, c = h, h
+        if self.encoder is None:
+            a = act(_dense(self.hidden[-1], np.sqrt(2))(h))
+            c = act(_dense(self.hidden[-1], np.sqrt(2))(h))
+        out = _dense(self.num_actions, 0.01)(a)
+        if self.discrete:
+            pi = out
+        else:
+            log_std = self.param("log_std", nn.initializers.zeros, (self.num_actions,))
+            pi = (out, jnp.broadcast_to(log_std, out.shape))
+        return carry, pi, _dense(1, 1.0)(c)[..., 0]
+
+    def initialize_carry(self, batch_shape):
+        """Zeros: ``[*batch_shape, rnn_hidden]`` for a GRU, a pair ``(c, h)`` of them for an LSTM."""
+        return recurrent.zero_carry(self.cell, batch_shape, self.rnn_hidden)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxrl_pref.recurrent import RecurrentState
+
 
 @struct.dataclass
 class Transition:
@@ -14,7 +16,9 @@ class Transition:
 
     ``final_obs`` is the true observation the step led to (before any auto-reset); for steps that did not
     end an episode it equals the next observation. ``info`` carries what reward models need (episode
-    statistics, messages, reward factors...).
+    statistics, messages, reward factors...). ``policy_state``: for a recurrent policy, the
+    :class:`~jaxrl_pref.recurrent.RecurrentState` entering the step (the core's carry before any reset, and
+    whether the step starts an episode); ``()`` for a feed-forward one.
     """
     obs: Any
     action: jax.Array
@@ -25,6 +29,7 @@ class Transition:
     truncated: jax.Array
     final_obs: Any
     info: dict
+    policy_state: Any = ()
 
     @property
     def done(self):
@@ -35,27 +40,38 @@ PolicyFn = Callable[[Any, jax.Array], tuple]  # (obs, key) -> (action, log_prob,
 
 
 def collect(env, env_params, policy: PolicyFn, env_state, obs, key, num_steps: int,
-            keep_info: tuple[str, ...] | None = None):
+            keep_info: tuple[str, ...] | None = None, policy_state: Any = ()):
     """Steps a batched env (``envs.make(..., num_envs=N)``) for ``num_steps`` steps with ``policy`` in ``lax.scan``.
 
     Returns ``(env_state, obs, traj)`` with ``traj`` a time-major :class:`Transition`. ``keep_info`` selects the
     info keys stored (default: all except ``final_obs``, which is stored as a field).
+
+    A recurrent policy: pass its ``policy_state`` (a :class:`~jaxrl_pref.recurrent.RecurrentState`); ``policy``
+    is then called ``policy(obs, key, state) -> (action, log_prob, value, carry)``, the state entering each step
+    is stored in ``traj.policy_state`` (the next one's ``start`` is the step's ``done``), and the state after the
+    rollout is returned too: ``(env_state, obs, traj, policy_state)``.
     """
+    recurrent = isinstance(policy_state, RecurrentState)
 
     def step(carry, keys):
-        env_state, obs = carry
-        action, log_prob, value = policy(obs, keys[0])
+        env_state, obs, ps = carry
+        if recurrent:
+            action, log_prob, value, core = policy(obs, keys[0], ps)
+        else:
+            action, log_prob, value = policy(obs, keys[0])
         next_obs, env_state, reward, terminated, truncated, info = env.step(keys[1], env_state, action, env_params)
         final_obs = info.pop("final_obs")
         if keep_info is not None:
             info = {k: info[k] for k in keep_info}
-        tr = Transition(obs, action, log_prob, value, reward, terminated, truncated, final_obs, info)
-        return (env_state, next_obs), tr
+        tr = Transition(obs, action, log_prob, value, reward, terminated, truncated, final_obs, info,
+                        ps if recurrent else ())
+        next_ps = RecurrentState(core, terminated | truncated) if recurrent else ()
+        return (env_state, next_obs, next_ps), tr
 
     # All of the rollout's keys in one vectorised split: per-step splitting costs about as much as a cheap env step.
     keys = jax.random.split(key, (num_steps, 2))
-    (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), keys)
-    return env_state, obs, traj
+    (env_state, obs, ps), traj = jax.lax.scan(step, (env_state, obs, policy_state), keys)
+    return (env_state, obs, traj, ps) if recurrent else (env_state, obs, traj)
 
 
 def next_values(traj: Transition, last_value, value_fn: Callable | None):

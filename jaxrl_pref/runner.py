@@ -455,12 +455,14 @@ class _Session:
             body = lambda rs, h: trainer.run(rs, h, n)  # noqa: E731
             if not getattr(trainer, "jittable", True):  # host loop: jits its own pieces
                 self._compiled[n] = body
+            # the state is donated: each chunk writes its new state into the old one's buffers (the old state is
+            # checkpointed already), so a run holds one copy of it on the device, not two
             elif plan.vmapped:
-                self._compiled[n] = jax.jit(jax.vmap(body, in_axes=(0, plan.hp_axis))).lower(
+                self._compiled[n] = jax.jit(jax.vmap(body, in_axes=(0, plan.hp_axis)), donate_argnums=0).lower(
                     state, plan.spec.hp).compile()
             else:
-                self._compiled[n] = jax.jit(body).lower(state[0] if plan.sequential else state,
-                                                        plan.hp_of(0)).compile()
+                self._compiled[n] = jax.jit(body, donate_argnums=0).lower(state[0] if plan.sequential else state,
+                                                                          plan.hp_of(0)).compile()
             self.compile_s += time.perf_counter() - t0
         return self._compiled[n]
 

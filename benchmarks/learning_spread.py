@@ -1,0 +1,326 @@
+"""Seed spread of the slow suite's learning tests: the statistic each test asserts, over many seeds.
+
+    python -m benchmarks.learning_spread --task xminigrid_door_key --sets 8          # 8 seed sets of the test's size
+    python -m benchmarks.learning_spread --task cartpole --sets 4 --first-set 1
+    python -m benchmarks.learning_spread --summary                                   # all recorded tasks
+
+Fixed seeds do not fix a trajectory across machines: float summation order differs between CPUs (and between
+batched and unbatched kernels), so a run that learns here at seed 3 can fail there at seed 3 (issue 18: DoorKey
+seed 3 returned 0.667 on another 2-core machine). A different seed set stands in for another machine's float order.
+So each learning test asserts a statistic over its seeds (a mean, or k of n), and its bound comes from the spread
+measured here: the per-seed values over many seed sets, and the test's statistic per set of the test's size.
+
+Each task mirrors one test (keep the configs in sync with ``tests/``). Seed set ``s`` of a task with ``n`` seeds per
+test is ``jax.random.split(jax.random.PRNGKey(s), n)`` (set 0 is the tests' own seeds) for the in-jit trainers,
+``range(n * s, n * s + n)`` for host loops; one vmapped program runs a whole set. Every set's per-seed values are
+appended to ``benchmarks/learning_spread.jsonl`` (task, set, seeds, values, wall time, date, host), and
+``--summary`` prints, per task: per-seed mean/std/min over all recorded seeds, the test statistic per seed set, and
+the bound that the test asserts next to mean - 3 std of that statistic.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from jaxrl_pref.runner import use_sync_cpu_dispatch
+
+use_sync_cpu_dispatch()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = Path(__file__).with_suffix(".jsonl")
+
+
+def _keys(s: int, n: int):
+    return jax.random.split(jax.random.PRNGKey(s), n)
+
+
+def _tail(x, last: int):
+    return np.nanmean(np.asarray(x)[:, -last:], axis=1)
+
+
+def _test_module(name: str):
+    """A module of tests/ (the ONI tests' message env and stand-in client), loaded by path."""
+    spec = importlib.util.spec_from_file_location(f"_spread_{name}", ROOT / "tests" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# -- tasks: each returns {statistic: per-seed values} for one seed set ------------------------------------------------
+
+def cartpole(s: int, n: int) -> dict:
+    """tests/test_ppo.py::test_cartpole_reaches_475_for_7_of_8_seeds: default config, mean return of the last 10
+    updates per seed."""
+    from agents import ppo
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config())))(_keys(s, n))
+    return {"final": _tail(out.metrics["episode_return"], 10)}
+
+
+def pendulum(s: int, n: int) -> dict:
+    """tests/test_ppo.py::test_pendulum_continuous_actions_learn."""
+    from agents import ppo
+    cfg = ppo.Config(env_name="Pendulum-v1", num_envs=4, num_steps=1024, total_timesteps=200_000,
+                     learning_rate=3e-4, update_epochs=10, num_minibatches=64, gamma=0.9, ent_coef=0.0,
+                     normalize_obs=True, normalize_reward=True)
+    out = jax.jit(jax.vmap(ppo.make_train(cfg)))(_keys(s, n))
+    ret = np.asarray(out.metrics["episode_return"])
+    final = _tail(ret, 3)
+    return {"final": final, "gain": final - ret[:, 0]}
+
+
+def xminigrid_door_key(s: int, n: int) -> dict:
+    """tests/test_sparse.py::test_ppo_learns_xminigrid_door_key_5x5: mean return / success of the last 5 updates."""
+    from agents import ppo
+    cfg = ppo.Config(env_name="MiniGrid-DoorKey-5x5", num_envs=32, num_steps=64, total_timesteps=32 * 64 * 60,
+                     learning_rate=3e-4, update_epochs=8, num_minibatches=8)
+    out = jax.jit(jax.vmap(ppo.make_train(cfg)))(_keys(s, n))
+    return {"return": _tail(out.metrics["episode_return"], 5), "success": _tail(out.metrics["episode_success"], 5)}
+
+
+def heron_pendulum(s: int, n: int) -> dict:
+    """tests/test_heron.py::test_heron_learns_pendulum: first-10-updates mean and final score per seed."""
+    from agents import heron
+    from experiments.heron_compare import score, task_config
+    out = jax.jit(jax.vmap(heron.make_train(task_config("pendulum", 300_000))))(_keys(s, n))
+    ret = np.asarray(out.metrics["episode_return"])
+    return {"first": np.nanmean(ret[:, :10], axis=1), "final": score(ret, 0.1)}
+
+
+def sqirl_deep_sea(s: int, n: int) -> dict:
+    """tests/test_sqirl.py::test_learns_deep_sea_5_at_fixed_seeds: greedy success after the last timestep."""
+    from agents import sqirl
+    cfg = sqirl.Config(env_name="DeepSea-5", episodes_per_timestep=128, planning_depth=2, eval_episodes=4)
+    out = jax.jit(jax.vmap(sqirl.make_train(cfg)))(_keys(s, n))
+    return {"success": np.asarray(out.metrics["episode_success"])[:, -1],
+            "explore_success": np.asarray(out.metrics["explore/episode_success"])[:, 0]}
+
+
+def sqirl_chain(s: int, n: int) -> dict:
+    """tests/test_sqirl.py::test_planning_depth_on_chain...: final greedy return per (k, gamma) setting."""
+    from agents import sqirl
+    _test_module("test_sqirl")  # registers TestChain-v0
+    big = sqirl.Config(env_name="TestChain-v0", planning_depth=3, gamma=0.9, episodes_per_timestep=64,
+                       eval_episodes=4, hidden=(16,), n_epochs=256, learning_rate=1e-2)
+    hp = sqirl.hparams(big, planning_depth=jnp.array([1, 3, 1]), gamma=jnp.array([0.9, 0.9, 0.0]))
+    train = sqirl.make_train(big)
+    out = jax.jit(jax.vmap(lambda k: jax.vmap(train, in_axes=(None, 0))(k, hp)))(_keys(s, n))
+    ret = np.asarray(out.metrics["episode_return"])[:, :, -1]  # [seeds, settings]
+    return {"k1_gamma0.9": ret[:, 0], "k3": ret[:, 1], "k1_gamma0": ret[:, 2]}
+
+
+def sqirl_host_deep_sea(s: int, n: int) -> dict:
+    """tests/test_sqirl.py::test_host_env_loop_uses_the_same_learner: DeepSea-4 through JaxHostEnv."""
+    from agents import sqirl
+    from envs.host import JaxHostEnv
+    cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=64, planning_depth=2, eval_episodes=4)
+    succ = []
+    for seed in range(n * s, n * s + n):
+        tr = sqirl.HostTrainer(cfg, JaxHostEnv("DeepSea-4", 64, seed=seed), horizon=4)
+        _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), 4)
+        succ.append(float(m["episode_success"][-1]))
+    return {"success": np.array(succ)}
+
+
+def _minihack(s: int, n: int, env_groups: int) -> dict:
+    """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random: final return minus random return."""
+    import envs
+    from experiments.ppo_nethack import Config, make_pool, make_trainer
+    room = "MiniHack-Room-5x5-v0"
+    out = {"final": [], "random": []}
+    for seed in range(n * s, n * s + n):
+        pool, _ = envs.make(room, num_envs=16, seed=100 + seed)
+        pool.reset()
+        rng = np.random.default_rng(seed)
+        rets = []
+        for _ in range(400):
+            *_, info = pool.step(rng.integers(pool.num_actions, size=16))
+            rets += list(info["episode_return"][info["episode_done"]])
+        pool.close()
+        cfg = Config(env_name=room, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20, learning_rate=1e-3,
+                     update_epochs=4, env_groups=env_groups)
+        pool = make_pool(cfg, seed=seed)
+        try:
+            tr = make_trainer(cfg, pool)
+            _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), cfg.num_updates)
+        finally:
+            pool.close()
+        out["final"].append(float(np.nanmean(m["episode_return"][-5:])))
+        out["random"].append(float(np.mean(rets)))
+    out = {k: np.array(v) for k, v in out.items()}
+    out["margin"] = out["final"] - out["random"]
+    return out
+
+
+def minihack_room_g1(s: int, n: int) -> dict:
+    return _minihack(s, n, 1)
+
+
+def minihack_room_g2(s: int, n: int) -> dict:
+    return _minihack(s, n, 2)
+
+
+def _oni(s: int, n: int, reward_model: str, updates: int, client_fn) -> dict:
+    """tests/test_oni.py::_run at seeds n*s .. n*s+n-1: fraction of the greedy... sampled actions that produce the
+    helpful message after training."""
+    t = _test_module("test_oni")
+    out = {"frac": [], "active_frac": [], "pairs": []}
+    for seed in range(n * s, n * s + n):
+        client, close = client_fn(t)
+        try:
+            frac, m, _ = t._run(reward_model, client, updates=updates, seed=seed)
+        finally:
+            close()
+        out["frac"].append(float(frac))
+        out["active_frac"].append(float(m["intrinsic/active_frac"][-1]) if "intrinsic/active_frac" in m else np.nan)
+        out["pairs"].append(float(m["labels/pairs"][-1]) if "labels/pairs" in m else np.nan)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _instant(labels=None, scores=None):
+    def make(t):
+        return t.InstantClient(labels=labels, scores=scores), (lambda: None)
+    return make
+
+
+HELPFUL = "You find a hidden passage."
+
+
+def oni_retrieval(s: int, n: int) -> dict:
+    """tests/test_oni.py::test_agent_learns_to_produce_the_helpful_message[retrieval] (default suite)."""
+    return _oni(s, n, "retrieval", 24, _instant(labels={HELPFUL: 1.0}))
+
+
+def oni_classification(s: int, n: int) -> dict:
+    """tests/test_oni.py::test_agent_learns_to_produce_the_helpful_message[classification]."""
+    return _oni(s, n, "classification", 24, _instant(labels={HELPFUL: 1.0}))
+
+
+def oni_classification60(s: int, n: int) -> dict:
+    """The classification test with 60 updates instead of 24."""
+    return _oni(s, n, "classification", 60, _instant(labels={HELPFUL: 1.0}))
+
+
+def oni_ranking(s: int, n: int) -> dict:
+    """tests/test_oni.py::test_agent_learns_from_pairwise_preferences."""
+    return _oni(s, n, "ranking", 40, _instant(scores={HELPFUL: 1.0}))
+
+
+def oni_service(s: int, n: int) -> dict:
+    """tests/test_oni.py::test_agent_with_real_annotator_service: the embedded-MiniLM service subprocess, labels
+    waited for (see the test), 60 updates."""
+    import tempfile
+    from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
+
+    def make(t):
+        d = Path(tempfile.mkdtemp())
+        (d / "prompts").mkdir()
+        (d / "prompts" / "toy.v1.txt").write_text(t.TOY_PROMPT)
+        proc, url = start_server(str(d / "labels.db"), "embedded", extra_args=["--prompt-dir", str(d / "prompts")])
+        client = t.WaitForLabels(AnnotatorClient(url, "toy", poll_interval=0.05))
+
+        def close():
+            client.close()
+            stop_server(proc)
+        return client, close
+    return _oni(s, n, "retrieval", 60, make)
+
+
+TASKS = {f.__name__: f for f in (cartpole, pendulum, xminigrid_door_key, heron_pendulum, sqirl_deep_sea, sqirl_chain,
+                                 sqirl_host_deep_sea, minihack_room_g1, minihack_room_g2, oni_retrieval,
+                                 oni_classification, oni_classification60, oni_ranking, oni_service)}
+# seeds per test (one set), and the bound each test asserts: (statistic, aggregate over the set, bound)
+TESTS = {
+    "cartpole": (8, [("final", "count>=475", 6)]),
+    "pendulum": (4, [("final", "mean", -320), ("gain", "min", 500)]),
+    "xminigrid_door_key": (8, [("return", "mean", 0.8), ("success", "mean", 0.9)]),
+    "heron_pendulum": (4, [("first", "max", -1000), ("final", "mean", -700)]),
+    "sqirl_deep_sea": (4, [("success", "count>=1", 3)]),
+    "sqirl_chain": (2, [("k3", "mean", 0.95), ("k1_gamma0", "mean", 0.5), ("k1_gamma0.9", "mean", 0.5)]),
+    "sqirl_host_deep_sea": (2, [("success", "count>=1", 1)]),
+    "minihack_room_g1": (1, [("margin", "mean", 0.3)]),
+    "minihack_room_g2": (1, [("margin", "mean", 0.3)]),
+    "oni_retrieval": (2, [("frac", "mean", 0.7)]),
+    "oni_classification": (2, [("frac", "mean", 0.7)]),
+    "oni_classification60": (2, [("frac", "mean", 0.7)]),
+    "oni_ranking": (2, [("frac", "mean", 0.7)]),
+    "oni_service": (1, [("frac", "mean", 0.7)]),
+}
+
+
+def _aggregate(x: np.ndarray, how: str) -> float:
+    if how.startswith("count>="):
+        return float((x >= float(how.split(">=")[1])).sum())
+    return float(getattr(np, how)(x))
+
+
+def summary(task: str, record: Path = RECORD) -> None:
+    rows = [r for r in map(json.loads, record.read_text().splitlines()) if r["task"] == task] if record.exists() else []
+    if not rows:
+        print(f"{task}: nothing recorded")
+        return
+    n, checks = TESTS[task]
+    seeds = sum(len(next(iter(r["values"].values()))) for r in rows)
+    print(f"{task}: {len(rows)} seed sets, {seeds} seeds ({rows[0]['date']} .. {rows[-1]['date']}), "
+          f"{np.mean([r['wall_s'] for r in rows]):.0f} s per set")
+    for stat in rows[0]["values"]:
+        v = np.concatenate([r["values"][stat] for r in rows])
+        print(f"  per seed {stat:>14}: mean {v.mean():8.3f}  std {v.std(ddof=1) if len(v) > 1 else 0:7.3f}  "
+              f"min {v.min():8.3f}  max {v.max():8.3f}")
+    for stat, how, bound in checks:
+        v = np.concatenate([r["values"][stat] for r in rows])
+        sets = [_aggregate(np.asarray(r["values"][stat])[i:i + n], how) for r in rows
+                for i in range(0, len(r["values"][stat]) - n + 1, n)]
+        # the same statistic over 2000 random sets of n of all recorded seeds (a bootstrap of another machine)
+        rng = np.random.default_rng(0)
+        boot = np.array([_aggregate(rng.choice(v, n, replace=False), how) for _ in range(2000)]) if len(v) >= n \
+            else np.array(sets)
+        fails = float((boot < bound).mean()) if not how.startswith("max") else float((boot >= bound).mean())
+        print(f"  test: {how}({stat}) over {n} seeds: per set {np.round(sets, 3).tolist()}; resampled mean "
+              f"{boot.mean():.3f} std {boot.std():.3f} min {boot.min():.3f} (mean-3std {boot.mean() - 3 * boot.std():.3f});"
+              f" bound {bound}: fails in {100 * fails:.2f}% of resampled sets")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=sorted(TASKS), action="append")
+    ap.add_argument("--sets", type=int, default=1, help="seed sets to run")
+    ap.add_argument("--first-set", type=int, default=1, help="first seed set (0: the tests' own seeds)")
+    ap.add_argument("--set-size", type=int, help="seeds per set (default: the test's)")
+    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--record", type=Path, default=RECORD, help="JSON-lines file the per-seed values go to")
+    a = ap.parse_args(argv)
+    for task in a.task or []:
+        n = a.set_size or TESTS[task][0]
+        for s in range(a.first_set, a.first_set + a.sets):
+            t0 = time.perf_counter()
+            vals = TASKS[task](s, n)
+            wall = time.perf_counter() - t0
+            seeds = f"split(PRNGKey({s}), {n})" if task in _VMAPPED else list(range(n * s, n * s + n))
+            row = {"task": task, "set": s, "seeds": seeds, "values": {k: np.asarray(v).tolist() for k, v in vals.items()},
+                   "wall_s": round(wall, 1), "date": datetime.date.today().isoformat(),
+                   "host": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cpus"}
+            with a.record.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{task} set {s}: " + ", ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in vals.items())
+                  + f"  ({wall:.0f} s)", flush=True)
+    if a.summary or not a.task:
+        for task in (a.task or TASKS):
+            summary(task, a.record)
+
+
+_VMAPPED = {"cartpole", "pendulum", "xminigrid_door_key", "heron_pendulum", "sqirl_deep_sea", "sqirl_chain"}
+
+if __name__ == "__main__":
+    sys.exit(main())
