@@ -239,7 +239,7 @@ class ONILoop:
             shaped = {**shaped, "model": {**shaped["model"], "data": self.examples.device()}}
             self._data_dirty = False
         state = state.replace(reward_state={**rs, "model": shaped})
-        has_empty = int(self.table.find(np.zeros(1, np.uint32), np.zeros(1, np.uint32))[0] >= 0)  # key of b""
+        has_empty = int(self.table.find(*message_hash_np(np.zeros((1, 1), np.uint8)))[0] >= 0)
         metrics = {"labels/labeled": self.labeled, "labels/positive": self.positive,
                    "labels/unlabeled": self.unlabeled, "labels/pairs": self.pairs,
                    "labels/new_this_update": len(got) + len(answered),

@@ -19,7 +19,8 @@ from jaxrl_pref.rollout import Transition
 # -- retrieval ------------------------------------------------------------------------------------------------------
 def test_hash_table_exact_in_jit():
     rng = np.random.default_rng(0)
-    texts = list(dict.fromkeys("".join(rng.choice(list("abcdefgh !."), rng.integers(1, 60))) for _ in range(3000)))
+    texts = list(dict.fromkeys(t for t in ("".join(rng.choice(list("abcdefgh !."), rng.integers(1, 60))).rstrip()
+                                           for _ in range(3000)) if t))  # (trailing spaces: the same message)
     known, unknown = texts[:2000], texts[2000:]
     labels = rng.integers(0, 2, len(known)).astype(np.float32)
     t = MessageTable(1 << 13)
@@ -30,6 +31,20 @@ def test_hash_table_exact_in_jit():
     assert bool(found[:2000].all()) and not bool(found[2000:].any()) and np.isnan(np.asarray(lab[2000:])).all()
     np.testing.assert_array_equal(np.asarray(cnt[:12]), [3.0] * 10 + [1.0] * 2)
     assert decode_messages(encode_messages(["You kill the newt!"])) == ["You kill the newt!"]
+
+
+def test_a_message_is_its_text_whatever_the_padding():
+    """NetHack pads some messages with spaces: a label given to the text (what the annotator saw) is found for the
+    padded bytes, in jit and on the host (bytes after the first NUL are ignored too)."""
+    padded = encode_messages(["You see here a dagger.   ", "You see here a dagger.", "It's a wall."])
+    padded[1, 40] = 7  # junk after the NUL
+    t = MessageTable(1024)
+    t.add(encode_messages(decode_messages(padded[:1])), labels=np.array([1.0]))  # the text, stripped
+    assert t.add(padded, counts=np.ones(3)) == 1  # only "It's a wall." is new
+    lab, cnt, found = jax.jit(lookup)(t.device(), jnp.asarray(padded))
+    np.testing.assert_array_equal(np.asarray(lab[:2]), [1.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(cnt), [2.0, 2.0, 1.0])
+    np.testing.assert_array_equal(t.get(padded)[1], [2.0, 2.0, 1.0])
 
 
 def test_table_grows_and_lookups_survive_the_rehash():

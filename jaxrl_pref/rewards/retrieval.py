@@ -1,7 +1,8 @@
 """ONI-Retrieval: message labels looked up by hash inside ``jit`` (an open-addressing table on device).
 
 Messages are NetHack-style byte strings (``uint8[..., L]``, NUL-padded). Each has a 64-bit key made of two
-independent 32-bit polynomial hashes of its bytes, computed identically by numpy on the host
+independent 32-bit polynomial hashes of its text's bytes (up to the first NUL, trailing spaces stripped: NetHack pads
+some messages with spaces, and a label is given to a text), computed identically by numpy on the host
 (:func:`message_hash_np`) and by JAX in ``jit`` (:func:`message_hash`). The host owns the table
 (:class:`MessageTable`: linear probing, at most ``MAX_PROBES`` slots from the home slot, load kept <= 1/2 by
 doubling, optionally bounded by evicting rare unlabelled messages) and brings its device arrays up to date after it
@@ -55,9 +56,33 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
+_BLANK = (0, 9, 10, 11, 12, 13, 32)  # NUL and the ASCII whitespace decode_messages strips from a message's end
+
+
+def canonical_np(msgs: np.ndarray) -> np.ndarray:
+    """``uint8[n, L]`` messages as their text (:func:`decode_messages`) encodes: bytes after the first NUL and
+    trailing whitespace zeroed. NetHack pads some messages with spaces: the same text must be one message."""
+    msgs = np.asarray(msgs, np.uint8)
+    text = np.logical_and.accumulate(msgs != 0, axis=-1)
+    pos = np.arange(msgs.shape[-1])
+    last = np.where(text & ~np.isin(msgs, _BLANK), pos, -1).max(-1, keepdims=True)
+    return np.where(pos <= last, msgs, 0).astype(np.uint8)
+
+
+def canonical(msgs):
+    """:func:`canonical_np` in JAX."""
+    text = jnp.cumsum(msgs == 0, axis=-1) == 0
+    blank = jnp.zeros(msgs.shape, bool)
+    for b in _BLANK:
+        blank |= msgs == b
+    pos = jnp.arange(msgs.shape[-1])
+    last = jnp.where(text & ~blank, pos, -1).max(-1, keepdims=True)
+    return jnp.where(pos <= last, msgs, jnp.zeros((), msgs.dtype))
+
+
 def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint32 hashes of ``uint8[..., L]`` messages (host side; in chunks of ``chunk`` messages, so hashing a
-    million messages needs no gigabytes of temporaries)."""
+    """Two uint32 hashes of ``uint8[..., L]`` messages (host side), of their :func:`canonical_np` form (so of their
+    text); in chunks of ``chunk`` messages, so hashing a million messages needs no gigabytes of temporaries."""
     msgs = np.asarray(msgs)
     flat = msgs.reshape(-1, msgs.shape[-1])
     used = np.flatnonzero(flat.any(0))  # trailing NUL columns add nothing to the sums: skip them
@@ -66,7 +91,7 @@ def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     p1, p2 = _P1[:L].astype(np.uint64) + 1, _P2[:L].astype(np.uint64) + 3  # +1, +3: wrap like uint32
     h1, h2 = np.empty(len(flat), np.uint32), np.empty(len(flat), np.uint32)
     for i in range(0, len(flat), chunk):
-        m = flat[i:i + chunk].astype(np.uint64)
+        m = canonical_np(flat[i:i + chunk]).astype(np.uint64)
         h1[i:i + chunk] = (m @ p1) & 0xFFFFFFFF
         h2[i:i + chunk] = (m @ p2) & 0xFFFFFFFF
     h1, h2 = _fmix_np(h1), _fmix_np(h2)
@@ -76,7 +101,7 @@ def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
 
 def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
     """Same as :func:`message_hash_np`, in JAX (uint32 arithmetic wraps mod 2^32)."""
-    m = msgs.astype(jnp.uint32)
+    m = canonical(msgs).astype(jnp.uint32)
     L = m.shape[-1]
     h1 = (m * (jnp.asarray(_P1[:L]) + jnp.uint32(1))).sum(-1, dtype=jnp.uint32)
     h2 = (m * (jnp.asarray(_P2[:L]) + jnp.uint32(3))).sum(-1, dtype=jnp.uint32)
@@ -97,11 +122,11 @@ def encode_messages(texts: Iterable[str], length: int = MESSAGE_LEN) -> np.ndarr
 
 
 def decode_messages(msgs: np.ndarray) -> list[str]:
-    """``uint8[n, L]`` -> texts (up to the first NUL; trailing spaces stripped)."""
+    """``uint8[n, L]`` -> texts (up to the first NUL; trailing ASCII whitespace stripped)."""
     out = []
+    strip = bytes(_BLANK[1:])
     for row in np.asarray(msgs, np.uint8).reshape(-1, np.shape(msgs)[-1]):
-        b = row.tobytes().split(b"\x00", 1)[0]
-        out.append(b.decode("latin-1").rstrip())
+        out.append(row.tobytes().split(b"\x00", 1)[0].rstrip(strip).decode("latin-1"))
     return out
 
 
