@@ -57,6 +57,7 @@ def _fmix(h):
 
 
 _BLANK = (0, 9, 10, 11, 12, 13, 32)  # NUL and the ASCII whitespace decode_messages strips from a message's end
+_IS_BLANK = np.isin(np.arange(256), _BLANK)
 
 
 def canonical_np(msgs: np.ndarray) -> np.ndarray:
@@ -65,18 +66,17 @@ def canonical_np(msgs: np.ndarray) -> np.ndarray:
     msgs = np.asarray(msgs, np.uint8)
     text = np.logical_and.accumulate(msgs != 0, axis=-1)
     pos = np.arange(msgs.shape[-1])
-    last = np.where(text & ~np.isin(msgs, _BLANK), pos, -1).max(-1, keepdims=True)
+    last = np.where(text & ~_IS_BLANK[msgs], pos, -1).max(-1, keepdims=True)
     return np.where(pos <= last, msgs, 0).astype(np.uint8)
 
 
 def canonical(msgs):
     """:func:`canonical_np` in JAX."""
-    text = jnp.cumsum(msgs == 0, axis=-1) == 0
-    blank = jnp.zeros(msgs.shape, bool)
-    for b in _BLANK:
-        blank |= msgs == b
-    pos = jnp.arange(msgs.shape[-1])
-    last = jnp.where(text & ~blank, pos, -1).max(-1, keepdims=True)
+    L = msgs.shape[-1]
+    pos = jnp.arange(L)
+    nul = msgs == 0
+    first_nul = jnp.where(nul.any(-1, keepdims=True), jnp.argmax(nul, -1)[..., None], L)
+    last = jnp.where((pos < first_nul) & ~jnp.asarray(_IS_BLANK)[msgs], pos, -1).max(-1, keepdims=True)
     return jnp.where(pos <= last, msgs, jnp.zeros((), msgs.dtype))
 
 
