@@ -10,9 +10,10 @@ Not a copy of PPO: it is PPO's host-loop trainer (:class:`agents.ppo.HostTrainer
   ``classification`` (a message classifier trained online with BCE) or ``ranking`` (Bradley-Terry on pairwise
   preferences) -- and :class:`~jaxrl_pref.rewards.shaping.ShapedIntrinsic` applies threshold and count decay;
 * a host hook (:class:`ONILoop`) run after every rollout, before its update: it counts the rollout's messages into
-  the message table (which grows as needed; ``max_messages`` bounds it), sends messages (or pairs, for ranking) never seen before to the annotator through the
-  non-blocking :class:`~jaxrl_pref.annotation.client.AnnotatorClient`, takes whatever labels arrived since the
-  last update and loads them into the reward state (table / training buffer). The jitted update then takes a few
+  the message table (which grows as needed; ``max_messages`` bounds it), sends messages (or pairs, for ranking)
+  never seen before to the annotator through the non-blocking :class:`~jaxrl_pref.annotation.client.AnnotatorClient`,
+  takes whatever labels arrived since the last update and loads them into the reward state (table / training
+  buffer). The jitted update then takes a few
   reward-model steps, computes the intrinsic reward and runs PPO.
 
 The loop never waits for the annotator: with the service down the intrinsic reward stays as it is and the labels

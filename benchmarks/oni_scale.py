@@ -58,7 +58,8 @@ from jaxrl_pref.rollout import Transition
 
 TASK = "nethack_score"
 MONSTERS = ["newt", "jackal", "grid bug", "kobold", "lichen", "fox", "sewer rat", "gnome lord", "hill orc", "giant bat",
-            "acid blob", "coyote", "floating eye", "gecko", "yellow mold", "homunculus", "dwarf", "hobbit", "soldier ant"]
+            "acid blob", "coyote", "floating eye", "gecko", "yellow mold", "homunculus", "dwarf", "hobbit",
+            "soldier ant"]
 ITEMS = ["dagger", "scroll", "wand", "ring", "potion", "food ration", "lamp", "key", "arrow", "gem", "amulet"]
 NAMES = ["Asidonhopo", "Izchak", "Sam", "Ruggo", "Lord Sato", "Aldo", "Zek", "Nelda", "Perseus", "Orion"]
 GODS = ["Anhur", "Mitra", "Crom", "Set", "Quetzalcoatl", "Camaxtli", "Huhetotl"]
@@ -224,7 +225,8 @@ class Learner:
         return {"hook_ms": 1e3 * np.median(h), "hook_min_ms": 1e3 * h.min(),
                 "submit_ms": 1e3 * np.median(sub) if len(sub) else 0.0,
                 "compute_ms": 1e3 * np.median(h - sub if len(sub) == len(h) else h),
-                "step_ms": 1e3 * median_time(lambda: self.step(self.state.reward_state, traj, jax.random.PRNGKey(2)), 5),
+                "step_ms": 1e3 * median_time(lambda: self.step(self.state.reward_state, traj, jax.random.PRNGKey(2)),
+                                             5),
                 "capacity": self.hook.table.capacity, "in_table": self.hook.table.size}
 
 
@@ -318,7 +320,8 @@ def main(argv=None) -> int:
             row["lookup"] = {"lookup_ms": 1e3 * np.median(ts), "lookup_min_ms": 1e3 * min(ts)}
             row["ref_lookup"] = {"lookup_ms": 1e3 * np.median(ref_ts), "lookup_min_ms": 1e3 * min(ref_ts)}
             row["ref_distinct"] = points[0]
-            row["store_mb"] = sum(os.path.getsize(p) for p in (store_path, store_path + "-wal") if os.path.exists(p)) / 1e6
+            row["store_mb"] = sum(os.path.getsize(p) for p in (store_path, store_path + "-wal")
+                                  if os.path.exists(p)) / 1e6
             row["queries_ms"] = {k: 1e3 * v for k, v in store_queries(store_path).items()}
             row["rss_mb"], row["peak_mb"] = rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             row["service_peak_mb"] = rss_mb(str(proc.pid), "VmHWM")
@@ -375,7 +378,8 @@ def main(argv=None) -> int:
         for m in b.models:
             line(f"host overhead per rollout, {m} (median)", "hook_ms", z["ref_" + m], z[m])
             line(f"  of which not the store write-ahead, {m}", "compute_ms", z["ref_" + m], z[m])
-        line(f"in-jit lookup of {b.num_steps * b.num_envs} messages (median)", "lookup_ms", z["ref_lookup"], z["lookup"])
+        line(f"in-jit lookup of {b.num_steps * b.num_envs} messages (median)", "lookup_ms", z["ref_lookup"],
+             z["lookup"])
     print(f"total {time.time() - t_start:.0f} s", flush=True)
     return 0
 
