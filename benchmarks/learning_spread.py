@@ -1,4 +1,5 @@
-"""Seed spread of the learning tests: the statistic each test asserts, measured over many seeds.
+"""Seed spread of the learning tests: the statistic each one asserts, measured over many seeds (every learning test
+of the slow suite, and the default suite's host-loop CartPole and ONI retrieval).
 
     python -m benchmarks.learning_spread --task xminigrid_door_key --set-size 16 --first-set 1   # 16 more seeds
     python -m benchmarks.learning_spread --task cartpole --sets 2          # 2 seed sets of the test's size
@@ -171,6 +172,38 @@ def sqirl_host_deep_sea128(s: int, n: int) -> dict:
     return sqirl_host_deep_sea(s, n, 128)
 
 
+def _sebulba_cartpole(s: int, n: int, overlap: bool) -> dict:
+    """tests/test_sebulba.py::test_host_loop_learns_cartpole (default suite): PPO's host loop on CartPole behind
+    JaxHostEnv, 100 updates of 8 envs x 64 steps; mean return of the last 10 updates. Seed i: env seed i,
+    PRNGKey(i) (the test: env seed 1, key 0)."""
+    import flax.linen as nn
+    from agents import ppo
+    from envs.host import JaxHostEnv
+    from jaxrl_pref.networks import MLP, EncoderActorCritic
+
+    class DictMLP(nn.Module):
+        @nn.compact
+        def __call__(self, obs):
+            return MLP((64, 64))(obs["obs"])
+    final = []
+    for seed in range(n * s, n * s + n):
+        cfg = ppo.Config(env_name="CartPole-v1", num_envs=8, num_steps=64, learning_rate=1e-3,
+                         total_timesteps=8 * 64 * 100)
+        tr = ppo.HostTrainer(cfg, JaxHostEnv("CartPole-v1", 8, seed=seed), network=EncoderActorCritic(2, DictMLP()),
+                             overlap=overlap)
+        _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), None, cfg.num_updates)
+        final.append(float(np.nanmean(m["episode_return"][-10:])))
+    return {"final": np.array(final)}
+
+
+def sebulba_cartpole(s: int, n: int) -> dict:
+    return _sebulba_cartpole(s, n, False)
+
+
+def sebulba_cartpole_overlap(s: int, n: int) -> dict:
+    return _sebulba_cartpole(s, n, True)
+
+
 def _minihack(s: int, n: int, env_groups: int) -> dict:
     """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random: final return minus random return."""
     import envs
@@ -279,9 +312,9 @@ def oni_service(s: int, n: int) -> dict:
 
 TASKS = {f.__name__: f for f in (
     cartpole, pendulum, xminigrid_door_key, heron_pendulum, sqirl_deep_sea, sqirl_deep_sea4, sqirl_deep_sea4_128,
-    sqirl_chain,
-    sqirl_host_deep_sea, sqirl_host_deep_sea128, minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60,
-    oni_ranking, oni_service)}
+    sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
+    minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
+    oni_service)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {
@@ -295,6 +328,8 @@ TESTS = {
     "sqirl_chain": (1, [("k3", "min", ">=", 1.0), ("k1_gamma0", "max", "<=", 0.5), ("k1_gamma0.9", "max", "<=", 0.5)]),
     "sqirl_host_deep_sea": (2, [("success", "count>=1", ">=", 1)]),
     "sqirl_host_deep_sea128": (2, [("success", "count>=1", ">=", 1)]),
+    "sebulba_cartpole": (1, [("final", "min", ">", 45)]),  # default suite
+    "sebulba_cartpole_overlap": (1, [("final", "min", ">", 45)]),
     "minihack_room_g1": (1, [("final", "min", ">", 0.345 + 0.4)]),  # the test's random return (seed 100) + 0.4
     "minihack_room_g2": (1, [("final", "min", ">", 0.345 + 0.4)]),
     "oni_retrieval": (1, [("frac", "min", ">", 0.7), ("active_frac", "min", ">", 0.5)]),

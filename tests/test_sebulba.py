@@ -46,5 +46,8 @@ def test_host_loop_learns_cartpole(overlap):
     assert int(state.update_step) == cfg.num_updates
     assert not np.allclose(p0, jax.tree.leaves(state.train_state.params)[0])
     final = np.nanmean(metrics["episode_return"][-10:])
-    # random play scores about 22; after 51k steps this seed scores ~80 (no overlap) -- require 3x random
-    assert final > 66, final
+    # random play scores about 22. Measured (benchmarks/learning_spread.py --task sebulba_cartpole /
+    # sebulba_cartpole_overlap, 2026-12-02, 16 seeds each): mean of the last 10 updates 87.8 +- 12.0 (min 72.6)
+    # without overlap, 116.8 +- 20.2 (min 82.5) with it; the old bound 66 was 1.8 std below the first mean. Bound
+    # 45 (2x random): 3.6 std below both means, 28 below the worst seed seen
+    assert final > 45, final
