@@ -131,6 +131,7 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        envs.check_name(self.env_name)  # a registry lookup: builds no env
         positive(self, "episodes_per_timestep", "planning_depth", "batch_size", "n_epochs", "learning_rate",
                  "max_grad_norm", "eval_episodes")
         in_range(self, "gamma", 0.0, 1.0)
@@ -151,7 +152,6 @@ class Config:
     def check_env(self) -> None:
         """Checks the env (known, discrete actions, a horizon to use); raises ConfigError naming the field. Called
         when a trainer is built (constructing a Config builds no env)."""
-        envs.check_name(self.env_name)
         if is_host_env(self.env_name):  # NetHack/MiniHack pool: checked when the pool starts
             return
         discrete, limit = _env_facts(self.env_name)

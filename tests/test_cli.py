@@ -265,9 +265,13 @@ def test_configs_are_side_effect_free_and_declare_vmappable_fields_once(monkeypa
     import envs
     from agents import heron, ppo, sqirl
     monkeypatch.setattr(envs, "make", lambda *a, **k: pytest.fail("a Config built an env"))
-    ppo.Config(env_name="NoSuchEnv-v0")
-    sqirl.Config(env_name="NoSuchEnv-v0")
+    from jaxrl_pref.config import ConfigError
+    ppo.Config(env_name="SparseMountainCar-v0")
+    sqirl.Config(env_name="DeepSea-8")
     heron.Config()
+    for cls in (ppo.Config, sqirl.Config):  # an unknown name fails fast from a registry lookup, still building nothing
+        with pytest.raises(ConfigError, match="env_name: unknown environment 'NoSuchEnv-v0'"):
+            cls(env_name="NoSuchEnv-v0")
     assert ppo.HPARAM_FIELDS == tuple(f.name for f in dataclasses.fields(ppo.HParams)) == \
         ("learning_rate", "gamma", "gae_lambda", "clip_eps", "ent_coef", "vf_coef", "max_grad_norm")
     assert set(sqirl.HPARAM_FIELDS) == {f.name for f in dataclasses.fields(sqirl.HParams)} == \
