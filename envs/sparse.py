@@ -20,6 +20,10 @@ name                            reward                                          
                                 by a random one) with success reported.
 ``KeyDoor-{N}``, N in SIZES_KD  N x N gridworld written here: a wall splits it, its door opens only when   see class
                                 the agent holds the key; 1 on reaching the goal behind the door.
+``MemoryChain-{N}``, N in        bsuite MemoryChain (gymnax) with memory length N: a context bit is shown   N + 1
+``MEMORY_LENGTHS``               only in the first observations; after N steps the action must repeat it:
+                                +1 if it does, -1 if not, 0 before. Success: the right answer. A policy
+                                without memory succeeds w.p. 1/2 (return 0 on average).
 ``MiniGrid-*`` (extra ``grid``)  xminigrid's MiniGrid ports (DoorKey, Unlock, UnlockPickUp, LockedRoom,   per task
                                 BlockedUnlockPickUp, FourRooms, Memory, Empty...): ``1 - 0.9 t / T`` at
                                 the goal, else 0. Success: a terminating step that pays. See
@@ -47,6 +51,7 @@ from gymnax.environments import environment, spaces
 
 SIZES = (4, 5, 6, 8, 10, 12, 16, 20, 30)
 SIZES_KD = (5, 7, 9)
+MEMORY_LENGTHS = (5, 10, 20, 30, 50, 100)
 
 # success(state_before, action, state_after, reward, terminated, params, env) -> bool array
 SuccessFn = Callable[..., jax.Array]
@@ -89,6 +94,10 @@ def _deep_sea_treasure(state, action, new_state, reward, terminated, params, env
     return (state.column == env.size - 1) & right
 
 
+def _memory_correct(state, action, new_state, reward, terminated, params, env):
+    return reward > 0  # +1 only for repeating the context at the last step
+
+
 def _four_rooms_goal(state, action, new_state, reward, terminated, params, env):
     return (new_state.pos[0] == new_state.goal[0]) & (new_state.pos[1] == new_state.goal[1])
 
@@ -115,6 +124,17 @@ def _deep_sea(size: int):
         from gymnax.environments.bsuite.deep_sea import DeepSea
         env = DeepSea(size=size)
         return SuccessReward(env, _deep_sea_treasure, False, name=name), _override(env.default_params, kwargs, name)
+    return factory
+
+
+def _memory_chain(length: int):
+    name = f"MemoryChain-{length}"
+
+    def factory(**kwargs):
+        from gymnax.environments.bsuite.memory_chain import MemoryChain
+        env = MemoryChain()
+        params = env.default_params.replace(memory_length=length)
+        return SuccessReward(env, _memory_correct, False, name=name), _override(params, kwargs, name)
     return factory
 
 
@@ -316,6 +336,7 @@ def tasks() -> dict[str, Callable]:
     }
     out.update({f"DeepSea-{n}": _deep_sea(n) for n in SIZES})
     out.update({f"KeyDoor-{n}": _key_door(n) for n in SIZES_KD})
+    out.update({f"MemoryChain-{n}": _memory_chain(n) for n in MEMORY_LENGTHS})
     out.update({n: _xminigrid(n) for n in xminigrid_tasks()})
     return out
 
