@@ -35,6 +35,11 @@ def check_ppo(opts) -> None:
     if opts.host:
         opts.pool.check(opts.ppo.num_envs)
         opts.net.check(opts.pool.obs_keys)
+        if opts.pool.actor_device >= 0:
+            import jax
+            n = len(jax.devices())
+            require(opts.pool.actor_device < n, "actor_device", f"device {opts.pool.actor_device} asked for, JAX sees "
+                    f"{n} ({jax.devices()[0].platform})", f"pass --actor-device -1, or an index below {n}")
     else:
         import jax
         n = len(jax.devices())
@@ -70,7 +75,8 @@ def host_trainer(cfg: ppo.Config, pool, pool_cfg: PoolConfig = PoolConfig(), net
                  reward=None, host_hook=None, log_fn=None, log_every: int = 1):
     """PPO's host-loop trainer on ``pool`` (from ``pool_cfg.make_pool``) with the NetHack network ``net``."""
     return ppo.make_trainer(cfg, reward=reward, log_fn=log_fn, log_every=log_every, env=pool,
-                            network=net.network(pool.num_actions), overlap=pool_cfg.overlap, host_hook=host_hook)
+                            network=net.network(pool.num_actions), overlap=pool_cfg.overlap, host_hook=host_hook,
+                            actor_device=pool_cfg.actor_device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,41 @@ def xminigrid_door_key(s: int, n: int) -> dict:
     return {"return": _tail(out.metrics["episode_return"], 5), "success": _tail(out.metrics["episode_success"], 5)}
 
 
+MEMORY = dict(env_name="MemoryChain-10", num_envs=16, num_steps=64, total_timesteps=16 * 64 * 100, hidden=(64,),
+              rnn_hidden=64, activation="relu", update_epochs=4, num_minibatches=4, learning_rate=1e-3,
+              ent_coef=0.01)
+
+
+def _memory_chain(s: int, n: int, network: str) -> dict:
+    """tests/test_recurrent.py::test_memory_task_needs_a_recurrent_policy: MemoryChain-10 (the cue is shown at the
+    first step only, the answer is asked 10 steps later), 100 updates of 16 envs x 64 steps; success rate of the
+    last 10 updates per seed."""
+    from agents import ppo
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**MEMORY, network=network))))(_keys(s, n))
+    return {"success": _tail(out.metrics["episode_success"], 10)}
+
+
+def memory_chain_mlp(s: int, n: int) -> dict:
+    return _memory_chain(s, n, "mlp")
+
+
+def memory_chain_gru(s: int, n: int) -> dict:
+    return _memory_chain(s, n, "gru")
+
+
+def memory_chain_lstm(s: int, n: int) -> dict:
+    return _memory_chain(s, n, "lstm")
+
+
+def cartpole_gru(s: int, n: int) -> dict:
+    """tests/test_recurrent.py::test_gru_cartpole_reaches_475 (slow): the anchor bench's GRU config, 500k steps;
+    mean return of the last 10 updates per seed."""
+    from agents import ppo
+    from benchmarks.ppo_rnn_throughput import BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**BENCH, network="gru"))))(_keys(s, n))
+    return {"final": _tail(out.metrics["episode_return"], 10)}
+
+
 def heron_pendulum(s: int, n: int) -> dict:
     """tests/test_heron.py::test_heron_learns_pendulum: first-10-updates mean and final score per seed."""
     from agents import heron
@@ -204,8 +239,9 @@ def sebulba_cartpole_overlap(s: int, n: int) -> dict:
     return _sebulba_cartpole(s, n, True)
 
 
-def _minihack(s: int, n: int, env_groups: int) -> dict:
-    """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random: final return minus random return."""
+def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
+    """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random (and with network="lstm"
+    tests/test_recurrent.py::test_lstm_policy_learns_minihack_room): final return minus random return."""
     import envs
     from agents import launch, ppo
     from envs.nethack import PoolConfig
@@ -221,12 +257,12 @@ def _minihack(s: int, n: int, env_groups: int) -> dict:
             rets += list(info["episode_return"][info["episode_done"]])
         pool.close()
         cfg = ppo.host_config(env_name=room, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20,
-                              learning_rate=1e-3, update_epochs=4)
+                              learning_rate=1e-3, update_epochs=4, network=network)
         pool_cfg = PoolConfig(env_groups=env_groups)
         pool = pool_cfg.make_pool(room, 16, seed=seed)
         try:
             tr = launch.host_trainer(cfg, pool, pool_cfg)
-            _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), cfg.num_updates)
+            _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), None, cfg.num_updates)
         finally:
             pool.close()
         out["final"].append(float(np.nanmean(m["episode_return"][-5:])))
@@ -242,6 +278,10 @@ def minihack_room_g1(s: int, n: int) -> dict:
 
 def minihack_room_g2(s: int, n: int) -> dict:
     return _minihack(s, n, 2)
+
+
+def minihack_room_lstm(s: int, n: int) -> dict:
+    return _minihack(s, n, 2, "lstm")
 
 
 def _oni(s: int, n: int, reward_model: str, updates: int, client_fn) -> dict:
@@ -314,13 +354,17 @@ TASKS = {f.__name__: f for f in (
     cartpole, pendulum, xminigrid_door_key, heron_pendulum, sqirl_deep_sea, sqirl_deep_sea4, sqirl_deep_sea4_128,
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
-    oni_service)}
+    oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {
     "cartpole": (8, [("final", "count>=475", ">=", 7)]),
     "pendulum": (4, [("final", "mean", ">=", -320), ("final", "min", ">=", -400), ("gain", "min", ">", 700)]),
     "xminigrid_door_key": (8, [("success", "count>=0.9", ">=", 5), ("return", "median", ">=", 0.8)]),
+    "memory_chain_mlp": (4, [("success", "max", "<", 0.7)]),
+    "memory_chain_gru": (4, [("success", "count>=0.9", ">=", 3)]),
+    "memory_chain_lstm": (4, [("success", "count>=0.9", ">=", 3)]),
+    "cartpole_gru": (4, [("final", "count>=475", ">=", 3)]),
     "heron_pendulum": (1, [("first", "max", "<", -1000), ("final", "min", ">", -700)]),
     "sqirl_deep_sea": (8, [("success", "count>=1", ">=", 5), ("explore_success", "max", "<", 0.2)]),
     "sqirl_deep_sea4": (8, [("success", "count>=1", ">=", 4)]),
@@ -332,6 +376,7 @@ TESTS = {
     "sebulba_cartpole_overlap": (1, [("final", "min", ">", 45)]),
     "minihack_room_g1": (1, [("final", "min", ">", 0.345 + 0.4)]),  # the test's random return (seed 100) + 0.4
     "minihack_room_g2": (1, [("final", "min", ">", 0.345 + 0.4)]),
+    "minihack_room_lstm": (1, [("final", "min", ">", 0.345 + 0.4)]),
     "oni_retrieval": (1, [("frac", "min", ">", 0.7), ("active_frac", "min", ">", 0.5)]),
     "oni_classification": (1, [("frac", "min", ">", 0.7)]),  # 24 updates: what the test had; too unreliable
     "oni_classification60": (1, [("frac", "min", ">", 0.7), ("active_frac", "min", ">", 0.5)]),
@@ -393,7 +438,8 @@ def summary(task: str, record: Path = RECORD) -> None:
 
 
 _VMAPPED = {"cartpole", "pendulum", "xminigrid_door_key", "heron_pendulum", "sqirl_deep_sea", "sqirl_deep_sea4",
-            "sqirl_deep_sea4_128", "sqirl_chain"}
+            "sqirl_deep_sea4_128", "sqirl_chain", "memory_chain_mlp", "memory_chain_gru",
+            "memory_chain_lstm", "cartpole_gru"}
 
 
 def main(argv=None) -> None:

@@ -591,6 +591,10 @@ class PoolConfig:
     workers step the other (2: neither the workers nor the learner wait within a rollout; see NLEPool.send)."""
     overlap: bool = False
     """Collect the next rollout while the previous one is learned from (one update of policy lag)."""
+    actor_device: int = -1
+    """Index in jax.devices() of the device the policy acts on (-1: the learner's). With two accelerators,
+    --actor-device 1 acts on the second while the first learns, which is what lets --overlap overlap; the
+    rollout moves to the learner in one transfer per update."""
 
     def __post_init__(self):
         from jaxrl_pref.config import require
@@ -603,6 +607,8 @@ class PoolConfig:
                 "pass 0 for the task's default")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}",
                 "pass e.g. --num-workers 0")
+        require(self.actor_device >= -1, "actor_device", f"must be -1 (the learner's device) or a device index, got "
+                f"{self.actor_device}", "pass --actor-device -1")
 
     def check(self, num_envs: int) -> None:
         """Checks the settings that depend on the pool's size."""

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_pref import distributed
@@ -108,6 +109,8 @@ class HostSteps(NamedTuple):
     final_obs: Any
     info: dict
     policy_state: Any = ()
+    last_obs: Any = None
+    """With ``upload``: the device copy of the observations after the last step (for the bootstrap value)."""
 
 
 def env_groups(env) -> int:
@@ -124,7 +127,7 @@ def merge_final_obs(final, next_obs, done):
 
 
 def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, until_first_episodes_end: bool = False,
-                 policy_state: Any = None) -> tuple:
+                 policy_state: Any = None, upload: Optional[Callable] = None) -> tuple:
     """Steps host env ``env`` from observations ``obs`` for ``num_steps`` steps. Returns ``(steps, last_obs)``.
 
     ``policy(obs, t, g) -> (action, *extras)`` acts on group ``g``'s observations at step ``t`` (a jitted call:
@@ -138,6 +141,14 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
     leading env axis) as ``policy_state``; ``policy(obs, t, g, state) -> (action, carry, *extras)`` then gets
     group ``g``'s state, the state entering each step is stored in ``steps.policy_state``, the next one is
     ``RecurrentState(carry, done)``, and ``(steps, last_obs, policy_state)`` is returned.
+
+    ``upload(obs, t, g, start) -> device obs`` moves group ``g``'s observations for step ``t`` to the device in one
+    transfer (e.g. packed by :class:`~jaxrl_pref.transfer.ObsPacker`; ``start``: a recurrent policy's reset flags
+    for that step, else None; ``t == num_steps`` for the observations after the last step). Each step's
+    observations then go up once, as soon as the env returns them: the policy gets the device copy, and
+    ``steps.obs``, ``steps.final_obs`` and ``steps.last_obs`` are device arrays stacked from those uploads (a step
+    where an episode ended uploads its final observation too; elsewhere the final observation is the next step's
+    upload), so the update re-uploads no observation. ``last_obs`` (returned) stays the host copy.
     """
     G = groups
     if G > 1:
@@ -159,12 +170,15 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
     buf = [{f: [] for f in HostSteps._fields} for _ in range(G)]
     acted = [None] * G
     running = np.ones(env.num_envs, bool)
+    up = upload is not None
+    start = lambda g: np.asarray(ps[g].start) if rec else None  # noqa: E731
+    seen = [upload(obs[g], 0, g, start(g)) for g in range(G)] if up else obs  # what the policy sees
 
     def act(g, t):
         if rec:
-            action, carry, *extras = policy(obs[g], t, g, ps[g])
+            action, carry, *extras = policy(seen[g], t, g, ps[g])
         else:
-            (action, *extras), carry = policy(obs[g], t, g), None
+            (action, *extras), carry = policy(seen[g], t, g), None
         action = np.asarray(action)
         send(action, g)
         acted[g] = (action, tuple(extras), carry)
@@ -177,12 +191,16 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
             done = np.logical_or(terminated, truncated)
             final_obs = merge_final_obs(info.pop("final_obs"), next_obs, done)
             action, extras, carry = acted[g]
-            for k, v in (("obs", obs[g]), ("action", action), ("extras", extras), ("reward", reward),
+            if up:
+                next_seen = upload(next_obs, t + 1, g, done if rec else None)
+                final_obs = next_seen if final_obs is next_obs else upload(final_obs, t + 1, g, None)
+            for k, v in (("obs", seen[g]), ("action", action), ("extras", extras), ("reward", reward),
                          ("terminated", terminated), ("truncated", truncated), ("final_obs", final_obs),
                          ("info", {k: v for k, v in info.items() if k.startswith("episode_")}),
                          ("policy_state", ps[g])):
                 buf[g][k].append(v)
             obs[g] = next_obs
+            seen[g] = next_seen if up else next_obs
             if rec:
                 ps[g] = RecurrentState(carry, done)
             if until_first_episodes_end:
@@ -194,11 +212,17 @@ def host_rollout(env, policy: Callable, obs, num_steps: int, groups: int = 1, un
         if not running.any():  # (until_first_episodes_end) every env's first episode is over
             break
     last_obs = obs[0] if G == 1 else {k: np.concatenate([o[k] for o in obs]) for k in obs[0]}
-    # [T, B] per group -> [T, N]: groups side by side along the env axis
-    stack = lambda xs: jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *xs)  # noqa: E731
-    cat = lambda k: stack(buf[0][k]) if G == 1 else jax.tree.map(  # noqa: E731
-        lambda *a: np.concatenate(a, axis=1), *[stack(b[k]) for b in buf])
-    steps = HostSteps(*(cat(f) for f in HostSteps._fields))
+    # [T, B] per group -> [T, N]: groups side by side along the env axis (the uploads stacked on the device)
+    on_device = {"obs", "final_obs"} if up else set()
+    stack = lambda xs, xp: jax.tree.map(lambda *a: xp.stack([xp.asarray(x) for x in a]), *xs)  # noqa: E731
+
+    def cat(k):
+        xp = jnp if k in on_device else np
+        if G == 1:
+            return stack(buf[0][k], xp)
+        return jax.tree.map(lambda *a: xp.concatenate(a, axis=1), *[stack(b[k], xp) for b in buf])
+    steps = HostSteps(*(cat(f) for f in HostSteps._fields if f != "last_obs"),
+                      last_obs=(seen[0] if G == 1 else jnp.concatenate(seen)) if up else None)
     if not rec:
         return steps, last_obs
     return steps, last_obs, ps[0] if G == 1 else jax.tree.map(lambda *a: np.concatenate(a), *ps)

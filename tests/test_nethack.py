@@ -688,7 +688,7 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     pool = pool_cfg.make_pool(ROOM, 16, seed=0)
     try:
         tr = launch.host_trainer(cfg, pool, pool_cfg)
-        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), cfg.num_updates)
+        state, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, cfg.num_updates)
     finally:
         pool.close()
     final = float(np.nanmean(m["episode_return"][-5:]))
