@@ -62,8 +62,17 @@ def _child(case: str, donate: bool) -> dict:
             state, _ = run(state)
             jax.block_until_ready(state)
     elif case == "ppo_host":
+        import flax.linen as nn
+
+        from jaxrl_pref.networks import MLP, EncoderActorCritic
+
+        class DictMLP(nn.Module):  # JaxHostEnv's observations are {"obs": ...}
+            @nn.compact
+            def __call__(self, obs):
+                return MLP(big["hidden"], "tanh")(obs["obs"])
         cfg = ppo.Config(**big)
-        tr = ppo.make_trainer(cfg, env=JaxHostEnv("CartPole-v1", cfg.num_envs, seed=0))
+        tr = ppo.make_trainer(cfg, env=JaxHostEnv("CartPole-v1", cfg.num_envs, seed=0),
+                              network=EncoderActorCritic(2, DictMLP()))
         state = tr.init(jax.random.PRNGKey(0))
         size = nbytes(state)
         state, _ = tr.run(state, None, 3)
