@@ -222,7 +222,8 @@ def test_targets_bootstrap_truncation_from_the_carry_after_the_step(cell):
     np.testing.assert_allclose(ret, ret_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cell, bptt_len", [pytest.param("gru", 0, marks=pytest.mark.slow), ("gru", 4), ("lstm", 8)])
+@pytest.mark.parametrize("cell, bptt_len", [pytest.param("gru", 0, marks=pytest.mark.slow), ("gru", 4),
+                                            pytest.param("lstm", 8, marks=pytest.mark.slow)])
 def test_update_over_sequences_equals_a_step_by_step_reference(cell, bptt_len):
     """Minibatches of whole env sequences (chunks of bptt_len starting from the stored carries), permuted as
     sequences, the core re-run step by step: same parameters after two epochs."""

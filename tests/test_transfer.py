@@ -156,6 +156,7 @@ print("ok")
 '''
 
 
+@pytest.mark.slow
 def test_actor_device_acts_on_the_second_device_and_learns_the_same():
     """--actor-device 1 on 2 forced CPU devices: rollouts on device 1, learner state and the moved batch on device 0,
     parameters after 3 updates bitwise equal to acting on the learner's device."""
