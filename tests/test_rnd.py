@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import envs
 from agents import ppo
@@ -70,6 +71,7 @@ def test_dict_and_image_observations_are_flattened_per_step():
     chex.assert_shape(img(s2, batch(jnp.ones((3, 2, 5, 5, 2))))[0], (3, 2))
 
 
+@pytest.mark.slow
 def test_ppo_with_rnd_through_the_seam_vmaps_over_seeds():
     """PPO + RND on DeepSea-8 (sparse): the bonus state is threaded through every update inside one jit, vmapped
     over 2 seeds, and the logged bonus, loss and intrinsic reward are finite and differ between seeds."""
