@@ -531,8 +531,9 @@ class HostTrainer(HostLoop):
         self.agent = SQIRL(cfg, self.spec, self.horizon, network)
         self.hp = hparams(cfg)
         self._act = jax.jit(self.agent.act)
-        # the state (replay buffer, stacked policies) is donated: learn writes its slot in place, not into a copy
-        self._learn = jax.jit(self.agent.learn, donate_argnums=0)
+        # not donated: SQIRL's initial state holds the same buffer in several leaves (XLA refuses to donate a buffer
+        # twice), so learn writes its replay slot into a copy
+        self._learn = jax.jit(self.agent.learn)
         self._eval = jax.jit(eval_metrics)
         super().__init__(self._collect, self._learn_and_evaluate, lambda state: int(state.t),
                          lambda seconds: {"time/iteration_s": np.float32(seconds)}, log_fn=log_fn,
