@@ -531,16 +531,17 @@ class HostTrainer(HostLoop):
         self.agent = SQIRL(cfg, self.spec, self.horizon, network)
         self.hp = hparams(cfg)
         self._act = jax.jit(self.agent.act)
-        # not donated: SQIRL's initial state holds the same buffer in several leaves (XLA refuses to donate a buffer
-        # twice), so learn writes its replay slot into a copy
-        self._learn = jax.jit(self.agent.learn)
+        # the state (replay buffer, stacked policies) is donated: learn writes its slot in place, not into a copy
+        # (init gives every leaf its own buffer: XLA refuses to donate one buffer twice)
+        self._learn = jax.jit(self.agent.learn, donate_argnums=0)
         self._eval = jax.jit(eval_metrics)
         super().__init__(self._collect, self._learn_and_evaluate, lambda state: int(state.t),
                          lambda seconds: {"time/iteration_s": np.float32(seconds)}, log_fn=log_fn,
                          log_every=log_every)
 
     def init(self, key, hp: Optional[HParams] = None) -> SQIRLState:
-        return self.agent.init(key, self.hp if hp is None else hp)
+        # a copy per leaf: the agent's init may share one zeros buffer between leaves, which donation cannot take
+        return jax.tree.map(jnp.copy, self.agent.init(key, self.hp if hp is None else hp))
 
     def rollout(self, state: SQIRLState, greedy_until: int, last_policy: int, key) -> Rollout:
         """Each env's first episode from a reset, ``[H, N]``; steps after all of them ended are not taken but

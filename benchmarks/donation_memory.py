@@ -8,8 +8,8 @@ Cases (what is donated):
   (hidden 2048 x 2048: parameters + Adam moments ~ 100 MB), 3 chunks.
 * ``ppo_host``: PPO's host-loop ``learn`` (learner state donated unless ``--overlap``) on the same network through
   :class:`envs.host.JaxHostEnv`, 3 updates.
-* ``sqirl_host``: SQIRL's host-loop ``learn`` on DeepSea-20 with 256 episodes per timestep (buffer ~ 170 MB),
-  3 timesteps: a reference, SQIRL's host loop does not donate (its state shares buffers between leaves).
+* ``sqirl_host``: SQIRL's host-loop ``learn`` (replay buffer and stacked policies donated) on DeepSea-20 with 256
+  episodes per timestep (buffer ~ 170 MB), 3 timesteps.
 
 "Not donated" runs the same code with ``donate_argnums`` dropped from every ``jax.jit`` (patched before the
 project is imported). Reported: the process's peak resident memory (``ru_maxrss``) after the calls, and the state's
