@@ -24,11 +24,10 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxrl_pref.networks import MLP
-from jaxrl_pref.rewards.rnd import flat_obs
+from jaxrl_pref.rewards.rnd import flat_obs, obs_layout
 
 
 class _InverseDynamics(nn.Module):
@@ -62,13 +61,7 @@ class E3B:
     def init(self, key, spec) -> dict:
         if not spec.discrete:
             raise ValueError("E3B: the inverse-dynamics embedding needs discrete actions")
-        shape = spec.obs_shape
-        if isinstance(shape, dict):
-            self._rank = {k: len(v) for k, v in shape.items()}
-            dim = int(sum(np.prod(v) for v in shape.values()))
-        else:
-            self._rank = len(shape)
-            dim = int(np.prod(shape))
+        self._rank, dim = obs_layout(spec)
         self.net = _InverseDynamics(self.hidden, self.features, spec.num_actions)
         x = jnp.zeros((1, dim))
         params = self.net.init(key, x, x)

@@ -48,6 +48,15 @@ def flat_obs(obs, rank) -> jax.Array:
     return obs.reshape(lead + (-1,)).astype(jnp.float32)
 
 
+def obs_layout(spec) -> tuple:
+    """``(rank, dim)`` of an env spec's observations for :func:`flat_obs`: the per-step number of axes (a dict of
+    them for dict observations) and the flattened size."""
+    shape = spec.obs_shape
+    if isinstance(shape, dict):
+        return {k: len(v) for k, v in shape.items()}, int(sum(np.prod(v) for v in shape.values()))
+    return len(shape), int(np.prod(shape))
+
+
 class _Embed(nn.Module):
     hidden: Sequence[int]
     features: int
@@ -84,13 +93,7 @@ class RND:
 
     def init(self, key, spec) -> dict:
         k_t, k_p = jax.random.split(key)
-        shape = spec.obs_shape
-        if isinstance(shape, dict):
-            self._rank = {k: len(v) for k, v in shape.items()}
-            dim = int(sum(np.prod(v) for v in shape.values()))
-        else:
-            self._rank = len(shape)
-            dim = int(np.prod(shape))
+        self._rank, dim = obs_layout(spec)
         x = jnp.zeros((1, dim))
         pred = self.predictor.init(k_p, x)
         return {"target": self.target.init(k_t, x), "predictor": pred, "opt": self.tx.init(pred),
