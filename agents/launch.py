@@ -17,10 +17,11 @@ from envs.nethack import PoolConfig
 from jaxrl_pref.cli import Section
 from jaxrl_pref.config import RunOptions, require
 from jaxrl_pref.networks import NetHackNetConfig
+from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus
 from jaxrl_pref.runner import run_experiment
 
-PPO_SECTIONS = (Section("ppo", ppo.Config), Section("net", NetHackNetConfig, host_only=True),
-                Section("pool", PoolConfig, host_only=True))
+PPO_SECTIONS = (Section("ppo", ppo.Config), Section("bonus", BonusConfig, saved_if_set=True),
+                Section("net", NetHackNetConfig, host_only=True), Section("pool", PoolConfig, host_only=True))
 RUN = Section("run", RunOptions)
 
 
@@ -51,8 +52,10 @@ def check_ppo(opts) -> None:
 
 def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dict] = None):
     """Trains ``opts.ppo`` (with ``reward``, a RewardTransform, and on host envs ``host_hook``, e.g. ONI's) with the
-    runner; returns its :class:`~jaxrl_pref.runner.RunResult`."""
+    runner, adding the exploration bonus of ``opts.bonus`` (``--bonus``) to ``reward``; returns its
+    :class:`~jaxrl_pref.runner.RunResult`."""
     cfg = opts.ppo
+    reward = with_bonus(reward, opts.bonus, cfg.num_envs // cfg.num_devices)
     kw = dict(opts.runner_kwargs(run_dir), num_updates=cfg.num_updates, steps_per_update=cfg.num_envs * cfg.num_steps)
     if not opts.host:
         overrides = opts.run.hp_overrides(ppo.HPARAM_FIELDS)

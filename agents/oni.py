@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -165,8 +166,10 @@ class ONILoop:
     PAIR_POOL = 4096
     WARN_EVERY = 60.0
 
-    def __init__(self, cfg: ONIOptions, reward: ScaledSum, client, seed: int = 0):
-        self.cfg, self.reward, self.client = cfg, reward, client
+    def __init__(self, cfg: ONIOptions, reward: ScaledSum, client, seed: int = 0, state_key: Optional[str] = None):
+        """``state_key``: where ``reward``'s state sits in the runner's reward state (``"base"`` when an exploration
+        bonus wraps it, :class:`~jaxrl_pref.rewards.bonus.WithBonus`); ``None``: it is the reward state."""
+        self.cfg, self.reward, self.client, self.state_key = cfg, reward, client, state_key
         self.model = reward.intrinsic.model
         self.table = MessageTable(cfg.table_capacity, max_size=cfg.max_messages, on_grow=self._grew)
         self.rng = np.random.default_rng(seed)
@@ -195,7 +198,8 @@ class ONILoop:
             self.labeled, self.positive = int((~np.isnan(lab)).sum()), int((lab > 0.5).sum())
 
     def __call__(self, state, traj):
-        rs = state.reward_state
+        outer = state.reward_state
+        rs = outer if self.state_key is None else outer[self.state_key]
         shaped = rs["model"]
         if not self._restored:
             self._restore(shaped)
@@ -239,7 +243,8 @@ class ONILoop:
         if self._data_dirty:
             shaped = {**shaped, "model": {**shaped["model"], "data": self.examples.device()}}
             self._data_dirty = False
-        state = state.replace(reward_state={**rs, "model": shaped})
+        rs = {**rs, "model": shaped}
+        state = state.replace(reward_state=rs if self.state_key is None else {**outer, self.state_key: rs})
         has_empty = int(self.table.find(*message_hash_np(np.zeros((1, 1), np.uint8)))[0] >= 0)
         metrics = {"labels/labeled": self.labeled, "labels/positive": self.positive,
                    "labels/unlabeled": self.unlabeled, "labels/pairs": self.pairs,

@@ -48,7 +48,8 @@ def train(opts, run_dir):
     client = AnnotatorClient(url, opts.annotator.task(opts.env_name))
     try:
         reward = oni.make_reward(opts.oni)
-        hook = oni.ONILoop(opts.oni, reward, client, opts.run.seed)
+        hook = oni.ONILoop(opts.oni, reward, client, opts.run.seed,
+                           state_key=None if opts.bonus.bonus == "none" else "base")  # under launch's WithBonus
         result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook,
                                   run_info={"annotator_url": url, "prompt_task": client.task})
         if result.metrics:

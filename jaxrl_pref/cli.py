@@ -106,6 +106,9 @@ class Section:
     cls: type
     host_only: bool = False
     saved: bool = True
+    saved_if_set: bool = False
+    """Save (and compare on resume) only the fields that differ from their defaults: a section added after runs
+    were saved (e.g. the exploration bonus) leaves those runs resumable when it is not used."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +159,11 @@ class Options:
     def config(self):
         """One frozen dataclass holding every field of the sections that apply (the run options excepted)."""
         parts = [(s, self.sections[s.name]) for s in self.spec.sections[:-1] if self.applies(s) and s.saved]
-        fields = [(f.name, f.type) for _, obj in parts for f in dataclasses.fields(obj)]
-        cls = dataclasses.make_dataclass(f"{self.spec.name}_config", fields, frozen=True)
-        return cls(**{f.name: getattr(obj, f.name) for _, obj in parts for f in dataclasses.fields(obj)})
+        fields = [f for s, obj in parts for f in dataclasses.fields(obj)
+                  if not s.saved_if_set or getattr(obj, f.name) != f.default]
+        cls = dataclasses.make_dataclass(f"{self.spec.name}_config", [(f.name, f.type) for f in fields], frozen=True)
+        values = {f.name: getattr(obj, f.name) for _, obj in parts for f in dataclasses.fields(obj)}
+        return cls(**{f.name: values[f.name] for f in fields})
 
     def runner_kwargs(self, run_dir) -> dict:
         """The run options as :func:`jaxrl_pref.runner.run_experiment` keywords."""

@@ -15,7 +15,9 @@ envs this transform sees per call (per device under data parallelism). The seam 
 embedding, advance ``C^-1`` through the rollout) then ``__call__`` (the bonus of the rollout, from the ``C^-1`` at
 its start, with the updated embedding).
 
-Array, image and dict observations are flattened per step (``rnd.flat_obs``); discrete actions only.
+Array, image and dict observations are flattened per step (``rnd.flat_obs``). Discrete actions: the inverse model
+classifies the action taken (cross-entropy, as the paper); continuous actions (e.g. HERON's factor envs): it
+regresses the action vector (mean squared error).
 """
 from __future__ import annotations
 
@@ -59,8 +61,7 @@ class E3B:
         self.steps = steps
 
     def init(self, key, spec) -> dict:
-        if not spec.discrete:
-            raise ValueError("E3B: the inverse-dynamics embedding needs discrete actions")
+        self._discrete = spec.discrete
         self._rank, dim = obs_layout(spec)
         self.net = _InverseDynamics(self.hidden, self.features, spec.num_actions)
         x = jnp.zeros((1, dim))
@@ -96,12 +97,15 @@ class E3B:
                              "(per device under data parallelism)")
         x, x_next = flat_obs(traj.obs, self._rank), flat_obs(traj.final_obs, self._rank)
         x, x_next = x.reshape((T * N, -1)), x_next.reshape((T * N, -1))
-        actions = traj.action.reshape(-1)
+        actions = traj.action.reshape((T * N,) + traj.action.shape[2:])
 
         def loss(p):
-            logits = self.net.apply(p, x, x_next)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, actions).mean(), \
-                (jnp.argmax(logits, -1) == actions).mean()
+            out = self.net.apply(p, x, x_next)
+            if self._discrete:  # classify the action taken
+                return optax.softmax_cross_entropy_with_integer_labels(out, actions).mean(), \
+                    (jnp.argmax(out, -1) == actions).mean()
+            err = jnp.square(out - actions.reshape(out.shape)).mean()  # regress the (clipped) action vector
+            return err, -err
 
         def step(carry, _):
             p, opt = carry
@@ -116,7 +120,10 @@ class E3B:
         _, cinv = self._bonus(params, state["cinv"], state["last_done"], traj)
         new = {"params": params, "opt": opt, "cinv": cinv, "cinv_start": state["cinv"],
                "last_done": traj.done[-1], "last_done_start": state["last_done"]}
-        return new, {"e3b/inverse_loss": losses[-1], "e3b/inverse_accuracy": accs[-1]}
+        metrics = {"e3b/inverse_loss": losses[-1]}
+        if self._discrete:
+            metrics["e3b/inverse_accuracy"] = accs[-1]
+        return new, metrics
 
     def __call__(self, state, traj):
         bonus, _ = self._bonus(state["params"], state["cinv_start"], state["last_done_start"], traj)

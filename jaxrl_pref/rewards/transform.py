@@ -40,6 +40,14 @@ class IdentityReward:
         return traj.reward, {}
 
 
+def running_var(var: jax.Array, r: jax.Array, momentum: float, axis_name: str | None = None) -> jax.Array:
+    """An exponential moving average of the variance of ``r`` (this batch's, merged across ``axis_name``)."""
+    batch = jnp.mean(jnp.square(r - r.mean()))
+    if axis_name is not None:
+        batch = jax.lax.pmean(batch, axis_name)
+    return momentum * var + (1 - momentum) * batch
+
+
 class ScaledSum:
     """``r = ext_coef * r_ext + int_coef * normalise(r_int)`` around any intrinsic transform.
 
@@ -62,11 +70,7 @@ class ScaledSum:
     def update(self, state, traj, key, axis_name=None):
         model, metrics = self.intrinsic.update(state["model"], traj, key, axis_name)
         r_int, _ = self.intrinsic(model, traj)
-        var = jnp.mean(jnp.square(r_int - r_int.mean()))
-        if axis_name is not None:
-            var = jax.lax.pmean(var, axis_name)
-        var = self.momentum * state["var"] + (1 - self.momentum) * var
-        return {"model": model, "var": var}, metrics
+        return {"model": model, "var": running_var(state["var"], r_int, self.momentum, axis_name)}, metrics
 
     def __call__(self, state, traj):
         r_int, metrics = self.intrinsic(state["model"], traj)

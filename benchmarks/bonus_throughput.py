@@ -1,0 +1,101 @@
+"""Exploration-bonus overhead: PPO vs PPO+RND vs PPO+E3B env-steps/s on the same task and network, in one run.
+
+    python -m benchmarks.bonus_throughput                                    # MiniGrid-DoorKey-8x8, 1 and 4 seeds
+    python -m benchmarks.bonus_throughput --env DeepSea-20 --num-envs 16 --seeds 4 --json out.json
+
+The PPO config is the one the exploration study uses (``experiments.sparse_study``'s defaults: 32 envs x 128
+steps, 4 epochs x 4 minibatches, the MLP policy); the bonus is ``--bonus rnd|e3b`` with its defaults
+(:class:`jaxrl_pref.rewards.bonus.BonusConfig`). What is timed: one compiled call that runs the whole training
+(``total_timesteps`` env steps per seed, seeds vmapped) and blocks until done; compilation apart. Timed runs
+alternate between the three so machine drift hits all alike; env-steps/s from the median. Targets (issue 20):
+RND >= 0.7x and E3B >= 0.6x plain PPO.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import numpy as np
+
+from benchmarks.ppo_throughput import Bench, seed_keys  # also sets synchronous CPU dispatch
+
+from agents import ppo  # noqa: E402
+from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
+
+METHODS = ("ppo", "rnd", "e3b")
+TARGETS = {"rnd": 0.7, "e3b": 0.6}
+
+
+def bench(cfg: ppo.Config, method: str, num_seeds: int) -> Bench:
+    bonus = BonusConfig(bonus="none" if method == "ppo" else method)
+    train = ppo.make_train(cfg, reward=with_bonus(None, bonus, cfg.num_envs))
+
+    def fn(key):
+        m = train(key).metrics
+        return m["episode_return"], m["episode_success"] if "episode_success" in m else m["episode_return"]
+
+    fn = jax.vmap(fn) if num_seeds > 1 else fn
+    return Bench(method, fn, seed_keys(num_seeds), lambda out, _: np.nanmean(np.asarray(out[1])[..., -10:], -1))
+
+
+def measure(cfg: ppo.Config, methods, num_seeds: int, reps: int) -> dict:
+    benches = {m: bench(cfg, m, num_seeds) for m in methods}
+    for b in benches.values():
+        b.run()  # warm-up
+        b.times.clear()
+    for _ in range(reps):
+        for b in benches.values():
+            b.run()
+    out = {"num_seeds": num_seeds}
+    for m, b in benches.items():
+        med = statistics.median(b.times)
+        out[m] = {"compile_s": b.compile_s, "run_s_median": med, "run_s_all": b.times,
+                  "env_steps_per_s": cfg.total_timesteps * num_seeds / med, "final": b.final_returns().tolist()}
+    return out
+
+
+def report(r: dict) -> str:
+    lines = [f"--- {r['num_seeds']} seed(s) vmapped"]
+    base = r.get("ppo", {}).get("env_steps_per_s")
+    for m in METHODS:
+        if m not in r:
+            continue
+        x = r[m]
+        ratio = f"  {x['env_steps_per_s'] / base:.3f}x PPO" if base and m != "ppo" else ""
+        target = f" (target >= {TARGETS[m]})" if ratio else ""
+        lines.append(f"{m:>4}: {x['env_steps_per_s']:>10,.0f} env-steps/s  run {x['run_s_median']:.2f}s (median of "
+                     f"{len(x['run_s_all'])})  compile {x['compile_s']:.1f}s  final success/return "
+                     f"{np.mean(x['final']):.3f}{ratio}{target}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--env", default="MiniGrid-DoorKey-8x8")
+    p.add_argument("--num-envs", type=int, default=32)
+    p.add_argument("--num-steps", type=int, default=128)
+    p.add_argument("--total-timesteps", type=int, default=262_144)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to measure")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    cfg = ppo.Config(env_name=args.env, num_envs=args.num_envs, num_steps=args.num_steps,
+                     total_timesteps=args.total_timesteps)
+    print(f"config: {cfg}\nbonus: {BonusConfig()}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+          f"jax {jax.__version__}", flush=True)
+    results = []
+    for n in args.seeds:
+        r = measure(cfg, args.methods, n, args.reps)
+        print(report(r), flush=True)
+        results.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Exploration bonuses on every PPO-family agent: ``--bonus rnd|e3b`` (jaxrl_pref/rewards/bonus.py)."""
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents import oni, ppo
+from jaxrl_pref.rewards import IdentityReward
+from jaxrl_pref.rewards.bonus import BonusConfig, WithBonus, make_bonus, with_bonus
+from jaxrl_pref.rewards.e3b import E3B
+from jaxrl_pref.rewards.rnd import RND
+from jaxrl_pref.rollout import Transition
+
+TINY = dict(env_name="DeepSea-8", num_envs=8, num_steps=16, update_epochs=1, num_minibatches=2, hidden=(16,))
+SMALL_BONUS = dict(bonus_hidden=(16,), bonus_features=8)
+
+
+def bits(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_config_checks_name_the_field():
+    from jaxrl_pref.config import ConfigError
+    for kw, field in ((dict(bonus="icm"), "bonus"), (dict(bonus_coef=-1.0), "bonus_coef"),
+                      (dict(e3b_ridge=0.0), "e3b_ridge"), (dict(bonus_hidden=()), "bonus_hidden")):
+        with pytest.raises(ConfigError) as e:
+            BonusConfig(**kw)
+        assert e.value.field == field
+    assert make_bonus(BonusConfig(), 4) is None and with_bonus(None, BonusConfig(), 4) is None
+    assert isinstance(make_bonus(BonusConfig(bonus="rnd"), 4), RND)
+    e3b = make_bonus(BonusConfig(bonus="e3b", e3b_ridge=0.5), 6)
+    assert isinstance(e3b, E3B) and (e3b.num_envs, e3b.ridge) == (6, 0.5)
+
+
+class Constant:
+    """A stand-in bonus: pays ``traj.obs[..., 0]`` (so its std is known)."""
+
+    def init(self, key, spec):
+        return {"calls": jnp.int32(0)}
+
+    def update(self, state, traj, key, axis_name=None):
+        return {"calls": state["calls"] + 1}, {"const/updates": state["calls"] + 1}
+
+    def __call__(self, state, traj):
+        return traj.obs[..., 0], {"const/bonus": traj.obs[..., 0].mean()}
+
+
+def test_with_bonus_adds_the_normalised_bonus_to_the_base_reward():
+    T, N = 5, 3
+    rng = np.random.default_rng(0)
+    obs = jnp.asarray(rng.normal(size=(T, N, 2)) * 3.0, jnp.float32)
+    r = jnp.asarray(rng.normal(size=(T, N)), jnp.float32)
+    z = jnp.zeros((T, N))
+    traj = Transition(obs, z.astype(jnp.int32), z, z, r, z.astype(bool), z.astype(bool), obs, {})
+    for normalize in (False, True):
+        t = WithBonus(IdentityReward(), Constant(), coef=0.5, normalize=normalize, momentum=0.0)
+        state = t.init(jax.random.PRNGKey(0), None)
+        state, m = t.update(state, traj, jax.random.PRNGKey(1))
+        assert int(state["bonus"]["calls"]) == 1 and int(m["const/updates"]) == 1
+        reward, m = t(state, traj)
+        b = np.asarray(obs[..., 0])
+        scale = np.sqrt(b.var() + 1e-8) if normalize else 1.0  # momentum 0: this batch's variance
+        np.testing.assert_allclose(np.asarray(reward), np.asarray(r) + 0.5 * b / scale, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(m["reward/bonus"]), (0.5 * b / scale).mean(), rtol=1e-5, atol=1e-6)
+    # the base keeps its own state and reward (ONI's ScaledSum under "base")
+    shaped = oni.make_reward(oni.ONIOptions(reward_model="retrieval", table_capacity=1024))
+    t = WithBonus(shaped, Constant(), 1.0)
+    assert t.resizable("['base']['model']['table']['rows']") and not t.resizable("['bonus']['calls']")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rnd", "e3b"])
+def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
+    """Killed after the first checkpoint and resumed: the bonus's networks, optimiser, statistics (and E3B's
+    per-env inverse covariances) and the agent equal an uninterrupted run's bit for bit; the bonus is logged."""
+    from jaxrl_pref.runner import run_experiment
+    cfg = ppo.Config(**{**TINY, "total_timesteps": 8 * 16 * 4})
+    reward = with_bonus(None, BonusConfig(bonus=kind, **SMALL_BONUS), cfg.num_envs)
+
+    def make(c, log_fn=None, log_every=1):
+        return ppo.make_trainer(c, reward=reward, log_fn=log_fn, log_every=log_every)
+
+    kw = dict(num_seeds=2, checkpoint_every=2, log_every=1, progress=False, tensorboard=False, plot=False,
+              handle_signals=False, stream=io.StringIO())
+    full = run_experiment(make, cfg, run_dir=tmp_path / "full", **kw)
+    part = run_experiment(make, cfg, run_dir=tmp_path / "cut", stop_after=2, **kw)
+    assert part.updates_done == 2
+    rest = run_experiment(make, cfg, run_dir=tmp_path / "cut", resume=True, **kw)
+    assert rest.resumed_from == 2 and rest.updates_done == 4
+    assert bits(rest.state) == bits(full.state)
+    name = "rnd/bonus" if kind == "rnd" else "e3b/bonus"
+    np.testing.assert_array_equal(full.metrics[name], rest.metrics[name])
+    assert np.all(np.asarray(full.metrics[name]) > 0) and np.isfinite(full.metrics["reward/bonus"]).all()
+    # two seeds, two different bonus models
+    leaves = jax.tree.leaves(full.state.reward_state["bonus"])
+    assert any(not np.array_equal(np.asarray(x[0]), np.asarray(x[1])) for x in leaves)
+
+
+def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path):
+    from experiments import ppo as ppo_exp
+    d = tmp_path / "run"
+    args = ["--env", "DeepSea-8", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", str(8 * 16 * 3),
+            "--update-epochs", "1", "--num-minibatches", "2", "--hidden", "16", "--bonus", "e3b", "--bonus-coef",
+            "0.05", "--bonus-hidden", "16", "--bonus-features", "8", "--progress", "False"]
+    assert ppo_exp.main([*args, "--run-dir", str(d)]) == 0
+    saved = json.loads((d / "config.json").read_text())["config"]
+    assert (saved["bonus"], saved["bonus_coef"], saved["bonus_features"]) == ("e3b", 0.05, 8)
+    assert "e3b_ridge" not in saved  # bonus options are saved when set, so older runs stay resumable
+    header = (d / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"e3b/bonus", "e3b/inverse_loss", "reward/bonus"} <= set(header)
+    opts = ppo_exp.parse(["--resume", str(d)])
+    assert (opts.bonus.bonus, opts.bonus.bonus_coef) == ("e3b", 0.05)
+    assert ppo_exp.main(["--resume", str(d)]) == 0
+    # a run without a bonus saves none of its options; a changed bonus is a different run
+    plain = ppo_exp.parse(["--env", "DeepSea-8"]).config
+    assert not any(k.startswith("bonus") for k in vars(plain))
+    with pytest.raises(SystemExit) as e:
+        ppo_exp.parse(["--bonus", "count"])
+    assert e.value.code == 2
+
+
+def test_heron_and_oni_clis_take_the_bonus():
+    from experiments import heron as heron_exp
+    from experiments import oni as oni_exp
+    h = heron_exp.parse(["--bonus", "rnd", "--bonus-coef", "0.2"])
+    assert (h.bonus.bonus, h.bonus.bonus_coef, h.config.bonus) == ("rnd", 0.2, "rnd")
+    o = oni_exp.parse(["--bonus", "e3b", "--num-envs", "4"])
+    assert o.bonus.bonus == "e3b" and o.host
+
+
+def test_heron_with_e3b_trains_in_the_jitted_loop():
+    """HERON's preference reward plus E3B through one WithBonus: both models learn, both are logged."""
+    from agents import heron
+    cfg = heron.Config(env_name="PendulumFactors-v1", factors=("angle", "speed", "energy"), margins=(0.0, 1.0, 1.0),
+                       num_envs=4, num_steps=32, total_timesteps=4 * 32 * 3, update_epochs=1, num_minibatches=2,
+                       hidden=(16,))
+    reward = with_bonus(heron.reward_model(cfg), BonusConfig(bonus="e3b", **SMALL_BONUS), cfg.num_envs)
+    out = jax.jit(ppo.make_train(cfg.ppo_config(), reward=reward))(jax.random.PRNGKey(0))
+    m = {k: np.asarray(v) for k, v in out.metrics.items()}
+    assert "reward/heron_loss" in m and "e3b/inverse_loss" in m and np.isfinite(m["reward/bonus"]).all()
+    assert set(out.runner_state.reward_state) == {"base", "bonus", "var"}
+
+
+def test_oni_loop_finds_its_state_under_the_bonus():
+    """With a bonus, ONI's reward state sits under WithBonus's "base": the host hook reads and writes it there and
+    leaves the bonus's state alone."""
+    from agents.ppo import HostState
+    from jaxrl_pref.rewards.retrieval import encode_messages
+
+    class Client:
+        def submit(self, messages, pairs=()):
+            self.sent = list(messages)
+
+        def poll(self):
+            return {"You find a hidden passage.": 1.0}, []
+
+        def metrics(self):
+            return {}
+
+    cfg = oni.ONIOptions(reward_model="retrieval", table_capacity=1024)
+    shaped = oni.make_reward(cfg)
+    reward = WithBonus(shaped, Constant(), 1.0)
+    loop = oni.ONILoop(cfg, shaped, Client(), state_key="base")
+    rs = reward.init(jax.random.PRNGKey(0), None)
+    state = HostState((), rs, jax.random.PRNGKey(1), jnp.int32(0))
+    msgs = encode_messages(["You find a hidden passage.", "It's a wall."]).reshape(1, 2, -1)
+    traj = Transition(None, None, None, None, None, None, None, {"message": msgs}, {})
+    state, m = loop(state, traj)
+    assert m["labels/labeled"] == 1 and sorted(loop.client.sent) == ["It's a wall.", "You find a hidden passage."]
+    assert set(state.reward_state) == {"base", "bonus", "var"}
+    assert state.reward_state["bonus"] is rs["bonus"]
+    assert state.reward_state["base"]["model"]["table"] is not rs["base"]["model"]["table"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,bonus", [("oni", "rnd"), ("heron", "e3b"), ("ppo", "e3b")])
+def test_host_loop_agents_train_with_a_bonus_on_minihack(experiment, bonus, tmp_path):
+    """`python -m experiments.{oni,heron,ppo} --env MiniHack-... --bonus ...`: the bonus runs in the host loop over
+    the NetHack pool's dict observations (ONI with its annotator process, HERON with its reward model), is logged
+    and recorded in config.json."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = "MiniHack-KeyRoom-Fixed-S5-v0" if experiment == "oni" else "MiniHack-Room-5x5-v0"
+    run = tmp_path / "run"
+    args = ["--env", env, "--bonus", bonus, "--num-envs", "8", "--num-steps", "16", "--total-timesteps",
+            str(8 * 16 * 3), "--run-dir", str(run), "--progress", "False"]
+    p = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", *args],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "CI": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "finished 3 updates" in p.stdout, p.stdout[-2000:]
+    assert json.loads((run / "config.json").read_text())["config"]["bonus"] == bonus
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert f"{bonus}/bonus" in header and "reward/bonus" in header
