@@ -33,11 +33,14 @@ def registered() -> list[str]:
 
 def check_name(name: str) -> None:
     """Raises :class:`~jaxrl_pref.config.ConfigError` (field ``env_name``) unless ``name`` is a known env. Cheap:
-    builds nothing (xminigrid ids need xminigrid installed, and say so)."""
+    builds nothing (xminigrid and Craftax ids need their package installed, and say so)."""
     from jaxrl_pref.config import ConfigError
-    if name in _REGISTRY or name in gymnax.registered_envs or _nethack.is_host_env(name):
-        return
     try:
+        if name in _craftax.NAMES:  # registered without craftax installed: say so here, importing nothing
+            _craftax.check_installed(name)
+            return
+        if name in _REGISTRY or name in gymnax.registered_envs or _nethack.is_host_env(name):
+            return
         _base(name, {})
     except (ValueError, ImportError) as e:
         problem, _, fix = str(e).split(": ", 1)[-1].partition(" Fix: ")
@@ -83,7 +86,9 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
                              "Fix: leave them False")
         return _nethack.make(name, num_envs=num_envs, **kwargs), None
     env, params = _base(name, kwargs)
-    env = AutoReset(env, num_envs)
+    # a base env may bring its own auto-reset (Craftax: a few fresh worlds per step instead of one per env)
+    make_auto_reset = getattr(env, "make_auto_reset", None)  # (wrappers forward it: pass the outermost env)
+    env = make_auto_reset(env, num_envs) if make_auto_reset is not None else AutoReset(env, num_envs)
     if isinstance(env.observation_space(params), spaces.Box):
         env = FlattenObservation(env)
     if isinstance(env.action_space(params), spaces.Box):
@@ -136,6 +141,11 @@ def spec(env, params) -> EnvSpec:
 from envs import sparse as _sparse  # noqa: E402
 
 _sparse.register_all(register)
+
+# Craftax (envs/craftax.py, extra "craftax"): registered always, craftax imported only when one is built.
+from envs import craftax as _craftax  # noqa: E402
+
+_craftax.register_all(register)
 
 # NetHack/MiniHack host envs (envs/nethack.py): importing it does not import nle.
 from envs import nethack as _nethack  # noqa: E402
