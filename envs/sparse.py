@@ -207,10 +207,14 @@ class KeyDoor(environment.Environment):
         state = KeyDoorState(pos=start.astype(jnp.int32), has_key=jnp.bool_(False), time=0)
         return self.get_obs(state), state
 
-    def step_env(self, key, state: KeyDoorState, action, params: KeyDoorParams):
+    def executed_action(self, key, action, params: KeyDoorParams) -> jax.Array:
+        """The move :meth:`step_env` makes with ``key``: ``action``, or a random one with prob ``slip_prob``."""
         k_slip, k_act = jax.random.split(key)
         slip = jax.random.uniform(k_slip) < params.slip_prob
-        action = jnp.where(slip, jax.random.randint(k_act, (), 0, 4), jnp.asarray(action, jnp.int32))
+        return jnp.where(slip, jax.random.randint(k_act, (), 0, 4), jnp.asarray(action, jnp.int32))
+
+    def step_env(self, key, state: KeyDoorState, action, params: KeyDoorParams):
+        action = self.executed_action(key, action, params)
         target = state.pos + self.DIRS[action]
         inside = jnp.all((target >= 0) & (target < self.size))
         on_wall = target[1] == self.wall_col

@@ -1,0 +1,279 @@
+"""Captioned JAX tasks: a NetHack-style message for every step, computed inside ``jit``.
+
+LLM-feedback methods (ONI) score the game's messages; NetHack has them, JAX gridworlds do not. For a captioned task
+:func:`envs.make` wraps the base env in :class:`Captioned`, which puts ``info["message_id"]`` (int32, ``0`` = no
+message) in every step's info. The id is a function of the transition only (state before, the action the env
+executed, state after), never of the reward, and is computed before the auto-reset, so the step that ends an episode
+carries its message too. It flows through :class:`~envs.wrappers.AutoReset` / ``EpisodeStats`` (per env, not
+averaged) into :attr:`jaxrl_pref.rollout.Transition.info`.
+
+The texts are a static table per task family (:func:`caption_table`): ``table.texts[0] == ""``,
+``table.bytes`` is ``encode_messages(table.texts)`` (``uint8[K, 256]``, the NetHack message form that ONI's reward
+models read), and in ``jit`` ``table.device()[message_id]`` gives a step's message bytes.
+
+==========================  =================================================================================
+task family                 captions
+==========================  =================================================================================
+``KeyDoor-{5,7,9}``         ``It's solid stone.`` (the grid's edge), ``It's a wall.``, ``This door is locked.``
+                            (bumping the door without the key), ``You pick up the key.``, ``The door opens.``
+                            (entering the door with the key), ``You reach the goal.``
+``MiniGrid-*`` (xminigrid)  forward: ``It's a wall.``, ``This door is locked.``, ``The door is closed.``,
+                            ``There is a {c} {o} in your way.``, ``You step into the {c} doorway.``,
+                            ``You reach the {c} goal square.``; pick up: ``You pick up a {c} {o}.``,
+                            ``Your hands are full.``, ``There is nothing here to pick up.``; drop:
+                            ``You drop the {c} {o}.``, ``You don't have anything to drop.``,
+                            ``There is no room to drop that here.``; toggle: ``You unlock the {c} door.``,
+                            ``This door is locked.``, ``The {c} door opens.``, ``The {c} door closes.``,
+                            ``You see no door there.``; turning: none. ``{o}`` over xminigrid's 6 pickable
+                            objects, ``{c}`` over its 11 colours.
+==========================  =================================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Captioned", "CaptionTable", "caption_table", "is_captioned", "wrap", "message_bytes"]
+
+MESSAGE_LEN = 256  # jaxrl_pref.rewards.retrieval.MESSAGE_LEN (NetHack's message buffer)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTable:
+    """The static caption texts of a task: ``texts[i]`` is message id ``i`` (``texts[0] == ""``, no message)."""
+    texts: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @functools.cached_property
+    def bytes(self) -> np.ndarray:
+        """``uint8[K, 256]``: ``encode_messages(texts)``, NUL-padded (the NetHack message form)."""
+        from jaxrl_pref.rewards.retrieval import encode_messages
+        out = encode_messages(self.texts, MESSAGE_LEN)
+        out.setflags(write=False)
+        return out
+
+    def device(self) -> jax.Array:
+        """The byte table as a JAX array: ``table.device()[message_id]`` is a step's message inside ``jit``."""
+        return jnp.asarray(self.bytes)
+
+    def id(self, text: str) -> int:
+        """The message id of ``text`` (``ValueError`` if it is not a caption of this task)."""
+        return self._ids[text]
+
+    @functools.cached_property
+    def _ids(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.texts)}
+
+    def text(self, message_id) -> str:
+        return self.texts[int(message_id)]
+
+
+def message_bytes(table_bytes: jax.Array, message_id: jax.Array) -> jax.Array:
+    """``uint8[..., 256]`` message bytes of ``message_id`` (any shape) from ``table.device()``; jittable."""
+    return jnp.take(table_bytes, jnp.asarray(message_id, jnp.int32), axis=0)
+
+
+# -- KeyDoor ------------------------------------------------------------------------------------------------------
+
+KEYDOOR_TEXTS = ("", "It's solid stone.", "It's a wall.", "This door is locked.", "You pick up the key.",
+                 "The door opens.", "You reach the goal.")
+_KD = {t: i for i, t in enumerate(KEYDOOR_TEXTS)}
+
+
+def _keydoor_caption(env, key, state, action, new_state, params) -> jax.Array:
+    """``env``: the (possibly wrapped) :class:`envs.sparse.KeyDoor`; ``key``: the key its ``step_env`` got, so a
+    slipped move is captioned as the move made, not the one chosen."""
+    act = env.executed_action(key, action, params)
+    target = state.pos + env.DIRS[act]
+    inside = jnp.all((target >= 0) & (target < env.size))
+    on_wall = target[1] == env.wall_col
+    at_door = on_wall & (target[0] == env.door_row)
+    moved = jnp.any(new_state.pos != state.pos)
+    goal = jnp.all(new_state.pos == env.goal_pos)
+    msg = jnp.where(moved & at_door, _KD["The door opens."], 0)
+    msg = jnp.where(goal, _KD["You reach the goal."], msg)
+    msg = jnp.where(~state.has_key & new_state.has_key, _KD["You pick up the key."], msg)
+    msg = jnp.where(on_wall & ~moved, jnp.where(at_door, _KD["This door is locked."], _KD["It's a wall."]), msg)
+    msg = jnp.where(~inside, _KD["It's solid stone."], msg)
+    return msg.astype(jnp.int32)
+
+
+# -- xminigrid MiniGrid -------------------------------------------------------------------------------------------
+
+# xminigrid.core.constants: Tiles / Colors enums (fixed by its grid encoding, [tile, colour] per cell)
+_T_EMPTY, _T_FLOOR, _T_WALL, _T_BALL, _T_SQUARE, _T_PYRAMID, _T_GOAL, _T_KEY = range(8)
+_T_LOCKED, _T_CLOSED, _T_OPEN, _T_HEX, _T_STAR = range(8, 13)
+_NUM_TILES, _NUM_COLORS = 13, 12
+_OBJECTS = {_T_BALL: "ball", _T_SQUARE: "square", _T_PYRAMID: "pyramid", _T_KEY: "key", _T_HEX: "hexagon",
+            _T_STAR: "star"}  # xminigrid's PICKABLE tiles
+_COLORS = {1: "red", 2: "green", 3: "blue", 4: "purple", 5: "yellow", 6: "grey", 7: "black", 8: "orange",
+           9: "white", 10: "brown", 11: "pink"}
+_MG_FIXED = ("It's a wall.", "This door is locked.", "The door is closed.", "There is nothing here to pick up.",
+             "Your hands are full.", "You don't have anything to drop.", "There is no room to drop that here.",
+             "You see no door there.")
+_MG_PER_COLOR = ("You unlock the {c} door.", "The {c} door opens.", "The {c} door closes.",
+                 "You step into the {c} doorway.", "You reach the {c} goal square.")
+_MG_PER_OBJECT = ("You pick up {a} {c} {o}.", "You drop the {c} {o}.", "There is {a} {c} {o} in your way.")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _minigrid_texts() -> tuple[str, ...]:
+    texts = [""] + list(_MG_FIXED)
+    texts += [f.format(c=c) for f in _MG_PER_COLOR for c in _COLORS.values()]
+    texts += [f.format(a=_article(c), c=c, o=o) for f in _MG_PER_OBJECT for o in _OBJECTS.values()
+              for c in _COLORS.values()]
+    return tuple(texts)
+
+
+MINIGRID_TEXTS = _minigrid_texts()
+
+
+def _tile_colour_ids(fmt: str | None = None, rows: dict[int, str] | None = None) -> np.ndarray:
+    """``int32[NUM_TILES, NUM_COLORS]`` of message ids: row ``tile`` holds ``fmt`` for each colour (objects: the
+    object's captions), or the fixed text ``rows[tile]``; 0 elsewhere."""
+    ids = {t: i for i, t in enumerate(MINIGRID_TEXTS)}
+    out = np.zeros((_NUM_TILES, _NUM_COLORS), np.int32)
+    for tile, text in (rows or {}).items():
+        out[tile, :] = ids[text]
+    if fmt is not None:
+        for c, cname in _COLORS.items():
+            if "{o}" in fmt:
+                for tile, o in _OBJECTS.items():
+                    out[tile, c] = ids[fmt.format(a=_article(cname), c=cname, o=o)]
+            else:
+                out[:, c] = ids[fmt.format(c=cname)]
+    return out
+
+
+_MG = {t: i for i, t in enumerate(MINIGRID_TEXTS)}
+_PICK = _tile_colour_ids("You pick up {a} {c} {o}.")
+_DROP = _tile_colour_ids("You drop the {c} {o}.")
+_BUMP = _tile_colour_ids("There is {a} {c} {o} in your way.",
+                         {_T_WALL: "It's a wall.", _T_LOCKED: "This door is locked.", _T_CLOSED: "The door is closed."})
+_BY_COLOUR = {f: _tile_colour_ids(f)[0] for f in _MG_PER_COLOR}  # int32[NUM_COLORS] per caption
+_PICKABLE = np.isin(np.arange(_NUM_TILES), list(_OBJECTS))
+_DIRECTIONS = np.array([[-1, 0], [0, 1], [1, 0], [0, -1]], np.int32)  # xminigrid.core.constants.DIRECTIONS
+
+
+def _minigrid_caption(env, key, timestep, action, new_timestep, params) -> jax.Array:
+    """xminigrid actions: 0 forward, 1 turn right, 2 turn left, 3 pick up, 4 drop, 5 toggle (``MiniGrid-Memory*``
+    plays 3 as toggle). Detected from the grid and the agent before and after the step."""
+    s, n = timestep.state, new_timestep.state
+    a = jnp.asarray(action, jnp.int32)
+    h, w = s.grid.shape[:2]
+    pos = s.agent.position.astype(jnp.int32)
+    front = jnp.clip(pos + jnp.asarray(_DIRECTIONS)[s.agent.direction], 0, jnp.array([h - 1, w - 1]))
+    ft, fc = s.grid[front[0], front[1], 0].astype(jnp.int32), s.grid[front[0], front[1], 1].astype(jnp.int32)
+    nt = n.grid[front[0], front[1], 0].astype(jnp.int32)
+    npos = n.agent.position.astype(jnp.int32)
+    ht, hc = n.grid[npos[0], npos[1], 0].astype(jnp.int32), n.grid[npos[0], npos[1], 1].astype(jnp.int32)
+    moved = jnp.any(npos != pos)
+    had = s.agent.pocket[0] != _T_EMPTY
+    has = n.agent.pocket[0] != _T_EMPTY
+    pb = s.agent.pocket.astype(jnp.int32)
+    pa = n.agent.pocket.astype(jnp.int32)
+    per_c = {f: jnp.asarray(v)[fc] for f, v in _BY_COLOUR.items()}  # per-colour captions of the front tile
+
+    enter = jnp.where(ht == _T_GOAL, jnp.asarray(_BY_COLOUR["You reach the {c} goal square."])[hc],
+                      jnp.where(ht == _T_OPEN, jnp.asarray(_BY_COLOUR["You step into the {c} doorway."])[hc], 0))
+    forward = jnp.where(moved, enter, jnp.asarray(_BUMP)[ft, fc])
+    pickup = jnp.where(~had & has, jnp.asarray(_PICK)[pa[0], pa[1]],
+                       jnp.where(had & jnp.asarray(_PICKABLE)[ft], _MG["Your hands are full."],
+                                 _MG["There is nothing here to pick up."]))
+    drop = jnp.where(had & ~has, jnp.asarray(_DROP)[pb[0], pb[1]],
+                     jnp.where(had, _MG["There is no room to drop that here."],
+                               _MG["You don't have anything to drop."]))
+    toggle = jnp.select(
+        [(ft == _T_LOCKED) & (nt == _T_OPEN), ft == _T_LOCKED, (ft == _T_CLOSED) & (nt == _T_OPEN),
+         (ft == _T_OPEN) & (nt == _T_CLOSED)],
+        [per_c["You unlock the {c} door."], _MG["This door is locked."], per_c["The {c} door opens."],
+         per_c["The {c} door closes."]],
+        _MG["You see no door there."])
+    zero = jnp.int32(0)
+    msg = jnp.stack([forward, zero, zero, pickup, drop, toggle]).astype(jnp.int32)
+    return msg[jnp.clip(a, 0, 5)]
+
+
+# -- the wrapper and the registry ---------------------------------------------------------------------------------
+
+CaptionFn = Callable[..., jax.Array]  # (env, key, state, action, new_state, params) -> int32 message id
+
+
+class Captioned:
+    """Base-env wrapper (``step_env``/``reset_env``, below :class:`~envs.wrappers.AutoReset`): adds
+    ``info["message_id"]`` (int32) from ``caption(env, key, state, action, new_state, params)``. Forwards
+    everything else to ``env``; ``caption_table`` is the task's :class:`CaptionTable`."""
+
+    def __init__(self, env, caption: CaptionFn, table: CaptionTable):
+        self._env, self._caption, self.caption_table = env, caption, table
+
+    def __getattr__(self, item):
+        return getattr(self._env, item)
+
+    @property
+    def unwrapped(self):
+        return getattr(self._env, "unwrapped", self._env)
+
+    def step_env(self, key, state, action, params):
+        obs, new_state, reward, terminated, info = self._env.step_env(key, state, action, params)
+        msg = self._caption(self._env, key, state, action, new_state, params)
+        return obs, new_state, reward, terminated, {**info, "message_id": jnp.asarray(msg, jnp.int32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name: str) -> str | None:
+    from envs import sparse
+    if name in {f"KeyDoor-{n}" for n in sparse.SIZES_KD}:
+        return "keydoor"
+    if name.startswith(sparse.XMINIGRID_PREFIX):
+        tasks = sparse.xminigrid_tasks()
+        return "minigrid" if not tasks or name in tasks else None  # not installed: all MiniGrid-* ids
+    return None
+
+
+def is_captioned(name: str) -> bool:
+    """Whether ``envs.make(name)`` steps carry ``info["message_id"]``."""
+    return _family(name) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _table(family: str) -> CaptionTable:
+    return CaptionTable(KEYDOOR_TEXTS if family == "keydoor" else MINIGRID_TEXTS)
+
+
+def caption_table(name: str) -> CaptionTable:
+    """The caption table of a captioned task (``ValueError`` otherwise); every ``MiniGrid-*`` task shares one."""
+    family = _family(name)
+    if family is None:
+        raise ValueError(f"env_name: {name} has no captions (captioned: KeyDoor-*, MiniGrid-*)")
+    return _table(family)
+
+
+def wrap(name: str, env):
+    """``env`` (a base env from the registry) wrapped in :class:`Captioned` if ``name`` is captioned, else as is."""
+    family = _family(name)
+    if family is None:
+        return env
+    if family == "minigrid":
+        from xminigrid.envs.minigrid.memory import Memory
+        caption = _minigrid_caption
+        if isinstance(getattr(env, "_xenv", None), Memory):  # Memory plays action 3 as toggle
+            caption = _memory_caption
+    else:
+        caption = _keydoor_caption
+    return Captioned(env, caption, _table(family))
+
+
+def _memory_caption(env, key, timestep, action, new_timestep, params):
+    a = jnp.asarray(action, jnp.int32)
+    return _minigrid_caption(env, key, timestep, jnp.where(a == 3, 5, a), new_timestep, params)
