@@ -26,8 +26,13 @@ def test_orthogonal_init_is_haar_like():
     assert abs(x.mean()) < 0.01 and abs(x.var() * 16 - 1) < 0.05
 
 
-def test_vmapped_training_has_no_lapack_calls():
-    """Batched LAPACK kernels (e.g. QR in flax's orthogonal init) deadlock XLA:CPU's 2-thread pool under vmap."""
+@pytest.mark.parametrize("bonus", ["none", "rnd", "e3b"])
+def test_vmapped_training_has_no_lapack_calls(bonus):
+    """Batched LAPACK kernels (e.g. QR in flax's orthogonal init) deadlock XLA:CPU's 2-thread pool under vmap (a
+    vmapped PPO+RND run hung in its init with flax's orthogonal in RND's networks). Reward transforms included."""
+    from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus
     cfg = ppo.Config(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 2)
-    hlo = jax.jit(jax.vmap(ppo.make_train(cfg))).lower(jax.random.split(jax.random.PRNGKey(0), 8)).as_text()
+    reward = with_bonus(None, BonusConfig(bonus=bonus), cfg.num_envs)
+    hlo = jax.jit(jax.vmap(ppo.make_train(cfg, reward=reward))).lower(
+        jax.random.split(jax.random.PRNGKey(0), 8)).as_text()
     assert "lapack" not in hlo.lower()

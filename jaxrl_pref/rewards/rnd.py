@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_pref.networks import MLP
+from jaxrl_pref.networks import MLP, orthogonal  # LAPACK-free: see its doc (vmapped seeds)
 
 
 def flat_obs(obs, rank) -> jax.Array:
@@ -63,7 +63,7 @@ class _Embed(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(
+        return nn.Dense(self.features, kernel_init=orthogonal(np.sqrt(2)))(
             MLP(tuple(self.hidden), "relu")(x))
 
 
