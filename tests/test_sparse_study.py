@@ -1,0 +1,64 @@
+"""experiments.sparse_study: its statistics, its commands, and (slow) a small study end to end with resume."""
+import numpy as np
+import pytest
+
+from experiments import sparse_study as ss
+
+
+def test_t_quantiles_and_confidence_interval():
+    # reference values of Student's t 97.5% quantile
+    for df, t in ((1, 12.706), (2, 4.303), (10, 2.228), (12, 2.179), (20, 2.086), (40, 2.021), (120, 1.980)):
+        assert abs(ss.t975(df) - t) < 2e-3, df
+    m, h = ss.mean_ci([0.0, 1.0, 0.5])
+    assert m == pytest.approx(0.5) and h == pytest.approx(4.303 * 0.5 / np.sqrt(3), rel=1e-3)
+    assert ss.mean_ci([0.3, np.nan, 0.5]) == (pytest.approx(0.4), pytest.approx(12.706 * np.std([0.3, 0.5], ddof=1)
+                                                                                 / np.sqrt(2), rel=1e-3))
+    assert np.isnan(ss.mean_ci([1.0])[1])
+
+
+def test_steps_to_half_success_uses_a_window_and_fills_gaps():
+    steps = np.arange(1, 11) * 100.0
+    s = np.array([0, 0, np.nan, 1, 1, 1, 1, np.nan, 1, 1], np.float64)
+    # window of 5 (zeros before the start): mean reaches 0.5 at index 5 -> [0,0,0,1,1,1] last five: 0,0,1,1,1 = 0.6
+    assert ss.steps_to(s, steps) == 600.0
+    assert np.isnan(ss.steps_to(np.zeros(10), steps))
+    assert ss.steps_to(np.ones(10), steps, window=1) == 100.0
+
+
+def test_summary_counts_never_reached_at_the_budget():
+    steps = np.tile(np.arange(1, 21) * 1000.0, (3, 1))
+    succ = np.zeros((3, 20))
+    succ[0, 5:] = 1.0  # reaches 50% at update index 7 (window 5)
+    c = {"env_steps": steps, "success": succ, "return": succ * 2}
+    r = ss.summarise(c)
+    assert r["reached_50"] == 1 and r["per_seed"]["success"] == [1.0, 0.0, 0.0]
+    assert r["steps_to_50"][0] == pytest.approx((8000 + 20000 + 20000) / 3)
+    assert r["success"][0] == pytest.approx(1 / 3) and r["return"][0] == pytest.approx(2 / 3)
+
+
+def test_commands_vmap_seeds_on_jax_tasks_and_split_them_on_the_pool(tmp_path):
+    cfg = ss.StudyConfig(tasks=("deepsea10", "minihack_keyroom"), num_seeds=3, out=str(tmp_path), scale=0.5)
+    (jax_dir, argv), = ss.commands(cfg, "deepsea10", "rnd")
+    assert jax_dir == tmp_path / "deepsea10" / "rnd"
+    assert argv[argv.index("--num-seeds") + 1] == "3" and argv[argv.index("--bonus") + 1] == "rnd"
+    assert argv[argv.index("--total-timesteps") + 1] == str(ss.TASKS["deepsea10"]["steps"] // 2)
+    runs = ss.commands(cfg, "minihack_keyroom", "ppo")
+    assert [d.name for d, _ in runs] == ["seed0", "seed1", "seed2"] and "--bonus" not in runs[0][1]
+    assert all(a[a.index("--seed") + 1] == str(i) for i, (_, a) in enumerate(runs))
+    from jaxrl_pref.config import ConfigError
+    for kw in (dict(tasks=("nosuch",)), dict(methods=("icm",)), dict(num_seeds=1)):
+        with pytest.raises(ConfigError):
+            ss.StudyConfig(**kw)
+
+
+@pytest.mark.slow
+def test_a_small_study_runs_reports_and_resumes(tmp_path, capsys):
+    argv = ["--tasks", "deepsea10", "--methods", "ppo", "e3b", "--num-seeds", "2", "--scale", "0.05", "--out",
+            str(tmp_path)]
+    assert ss.main(argv) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| deepsea10 | DeepSea-10 | ppo |" in text and "| deepsea10 | DeepSea-10 | e3b |" in text
+    assert (tmp_path / "deepsea10.png").is_file() and (tmp_path / "deepsea10" / "e3b" / "done").is_file()
+    capsys.readouterr()
+    assert ss.main(argv) == 0  # everything done: nothing is run again
+    assert "+ " not in capsys.readouterr().out
