@@ -39,11 +39,16 @@ from jaxrl_pref.rewards.retrieval import (MessageTable, Retrieval, decode_messag
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 
 REWARD_MODELS = ("retrieval", "classification", "ranking")
+METHODS = ("oni", "ellm")
 
 
 @dataclasses.dataclass(frozen=True)
 class ONIOptions:
     """ONI's intrinsic reward: the reward model, its coefficients and shaping, and its training."""
+    method: str = "oni"
+    """oni: the annotator labels messages and --reward-model learns from the labels; ellm: ELLM-BoW (the ONI paper's
+    cosine-bow baseline): the retrieval model over labels that are each message's bag-of-words cosine similarity to
+    the task's goal statement (the bow annotator), zeroed below --threshold (docs/oni.md)."""
     reward_model: str = "classification"
     """Intrinsic reward model: retrieval (label lookup by message hash), classification (P(helpful) model),
     ranking (Bradley-Terry on pairwise preferences)."""
@@ -78,6 +83,7 @@ class ONIOptions:
         self.validate_oni()
 
     def validate_oni(self) -> None:
+        require(self.method in METHODS, "method", f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
         require(self.reward_model in REWARD_MODELS, "reward_model", f"unknown model {self.reward_model!r}",
                 f"use one of {', '.join(REWARD_MODELS)}")
         for f in ("int_coef", "ext_coef", "count_beta"):

@@ -19,6 +19,7 @@ NetHack/MiniHack task.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,6 +36,13 @@ from jaxrl_pref.logging import plot_oni_curves  # noqa: E402
 
 
 def check(opts) -> None:
+    if opts.oni.method == "ellm":  # ELLM-BoW: similarity labels, looked up by message
+        require(opts.annotator.annotator in ("embedded", "bow") and not opts.annotator.annotator_url, "method",
+                f"--method ellm labels messages itself (the bow annotator), not with --annotator "
+                f"{opts.annotator.annotator}{' / --annotator-url' if opts.annotator.annotator_url else ''}",
+                "drop --annotator / --annotator-url, or use --method oni")
+        opts.sections["annotator"] = dataclasses.replace(opts.annotator, annotator="bow")
+        opts.sections["oni"] = dataclasses.replace(opts.oni, reward_model="retrieval")
     require(opts.host, "env_name", f"ONI learns from the agent's messages, and the JAX env {opts.env_name} has none",
             "pass a NetHack/MiniHack task, e.g. --env MiniHack-KeyRoom-Fixed-S5-v0")
     require("message" in opts.pool.obs_keys, "obs_keys", "ONI needs the message observation",

@@ -318,13 +318,48 @@ class ScriptedBackend:
         return out
 
 
-BACKENDS = ("embedded", "openai", "scripted")
+class BowBackend:
+    """ELLM-BoW (the ONI paper's ``cosine-bow`` baseline): a message's label is the cosine similarity between its
+    bag-of-words embedding and the task's goal statement (the prompt's ``goal`` section, else its ``description``),
+    :class:`~jaxrl_pref.annotation.bow.BagOfWords`. Not a judge of progress: a similarity, which the learner zeroes
+    below its threshold. Of a pair, the more similar message is preferred (0.5 within ``tie_margin``)."""
+    name = "bow"
+    model = "all-MiniLM-L6-v2 token embeddings (bag of words)"
+    batch_size = 1024
+
+    def __init__(self, tie_margin: float = 0.02, bow=None):
+        from jaxrl_pref.annotation.bow import BagOfWords
+        self.tie_margin = tie_margin
+        self.bow = bow if bow is not None else BagOfWords.load()
+
+    def describe(self) -> str:
+        return "bow: cosine similarity of bag-of-words embeddings (MiniLM token table) to the task's goal statement"
+
+    @staticmethod
+    def goal(prompt: Prompt) -> str:
+        return prompt.sections.get("goal") or prompt.sections.get("description", "")
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        sims = self.bow.similarity(list(messages), self.goal(prompt))
+        return [Reply(float(v), f"bow cosine={v:.4f}") for v in sims]
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        if not pairs:
+            return []
+        s = self.bow.similarity([m for p in pairs for m in p], self.goal(prompt)).reshape(-1, 2)
+        return [Reply(0.5 if abs(a - b) <= self.tie_margin else float(a > b), f"bow cosines={a:.4f},{b:.4f}")
+                for a, b in s]
+
+
+BACKENDS = ("embedded", "openai", "scripted", "bow")
 
 
 def make_backend(kind: str, **kw):
-    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...) or "scripted"."""
+    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted" or "bow"."""
     if kind == "scripted":
         return ScriptedBackend()
+    if kind == "bow":
+        return BowBackend()
     if kind == "embedded":
         return EmbeddedBackend(**{k: v for k, v in kw.items() if k in ("margin", "tie_margin")})
     if kind == "openai":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from jaxrl_pref.annotation.backends import BACKENDS
 from jaxrl_pref.config import require
 
 
@@ -16,8 +17,9 @@ class AnnotatorConfig:
     """The annotator service and its backend (each field is a flag of ``experiments.oni``)."""
     annotator: str = "embedded"
     """Who labels messages: embedded (offline MiniLM similarity, no GPU/network), openai (an OpenAI-compatible
-    chat-completions server, see --llm-base-url / --llm-model) or scripted (instant keyword labels with no model,
-    for tests and benchmarks of the pipeline)."""
+    chat-completions server, see --llm-base-url / --llm-model), scripted (instant keyword labels with no model,
+    for tests and benchmarks of the pipeline) or bow (ELLM-BoW: cosine similarity of bag-of-words embeddings to the
+    task's goal statement; what --method ellm uses)."""
     annotator_url: str = ""
     """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one."""
     llm_base_url: str = ""
@@ -40,8 +42,8 @@ class AnnotatorConfig:
     about, and are labelled once the server answers."""
 
     def __post_init__(self):
-        require(self.annotator in ("embedded", "openai", "scripted"), "annotator",
-                f"unknown annotator {self.annotator!r}", "use --annotator embedded, openai or scripted")
+        require(self.annotator in BACKENDS, "annotator", f"unknown annotator {self.annotator!r}",
+                f"use --annotator {', '.join(BACKENDS)}")
         if self.annotator == "openai" and not self.annotator_url:
             require(bool(self.llm_base_url) and bool(self.llm_model), "llm_base_url",
                     "the openai annotator needs a server URL and a model name",

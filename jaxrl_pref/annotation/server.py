@@ -292,8 +292,8 @@ class ServerConfig:
     store: str = "labels.db"
     """SQLite label store (created if missing; reused across restarts: nothing is asked twice)."""
     backend: str = "embedded"
-    """'embedded' (offline MiniLM similarity), 'openai' (any OpenAI-compatible chat-completions server) or 'scripted'
-    (instant keyword labels, for tests and benchmarks)."""
+    """'embedded' (offline MiniLM similarity), 'openai' (any OpenAI-compatible chat-completions server), 'scripted'
+    (instant keyword labels, for tests and benchmarks) or 'bow' (ELLM-BoW cosine similarity to the goal)."""
     base_url: str = ""
     """openai backend: server base URL, e.g. http://127.0.0.1:8000/v1."""
     model: str = ""
@@ -328,7 +328,7 @@ class ServerConfig:
 
     def __post_init__(self):
         require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}",
-                "use --backend embedded, openai or scripted")
+                f"use --backend {', '.join(BACKENDS)}")
         if self.backend == "openai":
             require(bool(self.base_url), "base_url", "the openai backend needs a server URL",
                     "pass e.g. --base-url http://127.0.0.1:8000/v1")
