@@ -39,7 +39,7 @@ from jaxrl_pref.rewards.retrieval import (MessageTable, Retrieval, decode_messag
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 
 REWARD_MODELS = ("retrieval", "classification", "ranking")
-METHODS = ("oni", "ellm")
+METHODS = ("oni", "ellm", "motif")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,9 @@ class ONIOptions:
     method: str = "oni"
     """oni: the annotator labels messages and --reward-model learns from the labels; ellm: ELLM-BoW (the ONI paper's
     cosine-bow baseline): the retrieval model over labels that are each message's bag-of-words cosine similarity to
-    the task's goal statement (the bow annotator), zeroed below --threshold (docs/oni.md)."""
+    the task's goal statement (the bow annotator), zeroed below --threshold (docs/oni.md); motif: Motif, the
+    ONI paper's offline baseline: a ranking model trained once on annotated pairs of a random policy's messages,
+    then frozen (the --motif-* options; agents/motif.py)."""
     reward_model: str = "classification"
     """Intrinsic reward model: retrieval (label lookup by message hash), classification (P(helpful) model),
     ranking (Bradley-Terry on pairwise preferences)."""

@@ -28,7 +28,7 @@ from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts
 
-from agents import launch, oni, ppo  # noqa: E402
+from agents import launch, motif, oni, ppo  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, stop_server  # noqa: E402
 from jaxrl_pref.annotation.config import AnnotatorConfig, start_annotator  # noqa: E402
 from jaxrl_pref.config import require  # noqa: E402
@@ -43,6 +43,11 @@ def check(opts) -> None:
                 "drop --annotator / --annotator-url, or use --method oni")
         opts.sections["annotator"] = dataclasses.replace(opts.annotator, annotator="bow")
         opts.sections["oni"] = dataclasses.replace(opts.oni, reward_model="retrieval")
+    if opts.oni.method == "motif":  # Motif: a ranking model trained offline, frozen (agents/motif.py)
+        opts.sections["oni"] = dataclasses.replace(opts.oni, reward_model="ranking")
+    else:
+        require(opts.motif == motif.MotifOptions(), "method", "the --motif-* options apply to --method motif only",
+                "pass --method motif, or drop them")
     require(opts.host, "env_name", f"ONI learns from the agent's messages, and the JAX env {opts.env_name} has none",
             "pass a NetHack/MiniHack task, e.g. --env MiniHack-KeyRoom-Fixed-S5-v0")
     require("message" in opts.pool.obs_keys, "obs_keys", "ONI needs the message observation",
@@ -51,6 +56,8 @@ def check(opts) -> None:
 
 
 def train(opts, run_dir):
+    if opts.oni.method == "motif":  # dataset, pairs, frozen reward model (reused from --motif-dir), then PPO
+        return motif.train(opts, run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     proc, url = start_annotator(opts.annotator, run_dir)
     client = AnnotatorClient(url, opts.annotator.task(opts.env_name))
@@ -71,7 +78,8 @@ def train(opts, run_dir):
 
 SPEC = cli.Experiment(
     name="oni", module="experiments.oni", doc=__doc__, train=train, default_env="MiniHack-KeyRoom-Fixed-S5-v0",
-    sections=(*launch.PPO_SECTIONS, cli.Section("oni", oni.ONIOptions), cli.Section("annotator", AnnotatorConfig),
+    sections=(*launch.PPO_SECTIONS, cli.Section("oni", oni.ONIOptions),
+              cli.Section("motif", motif.MotifOptions, saved_if_set=True), cli.Section("annotator", AnnotatorConfig),
               launch.RUN),
     defaults=launch.ppo_defaults, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError, RuntimeError))
 
