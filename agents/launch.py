@@ -50,10 +50,10 @@ def check_ppo(opts) -> None:
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={opts.ppo.num_devices}")
 
 
-def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dict] = None):
-    """Trains ``opts.ppo`` (with ``reward``, a RewardTransform, and on host envs ``host_hook``, e.g. ONI's) with the
-    runner, adding the exploration bonus of ``opts.bonus`` (``--bonus``) to ``reward``; returns its
-    :class:`~jaxrl_pref.runner.RunResult`."""
+def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dict] = None, chunk_hook=None):
+    """Trains ``opts.ppo`` (with ``reward``, a RewardTransform, on host envs ``host_hook`` and on JAX envs
+    ``chunk_hook``, e.g. ONI's) with the runner, adding the exploration bonus of ``opts.bonus`` (``--bonus``) to
+    ``reward``; returns its :class:`~jaxrl_pref.runner.RunResult`."""
     cfg = opts.ppo
     reward = with_bonus(reward, opts.bonus, cfg.num_envs // cfg.num_devices)
     kw = dict(opts.runner_kwargs(run_dir), num_updates=cfg.num_updates, steps_per_update=cfg.num_envs * cfg.num_steps)
@@ -61,7 +61,7 @@ def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dic
         overrides = opts.run.hp_overrides(ppo.HPARAM_FIELDS)
         hp = ppo.hparams(cfg, **overrides) if overrides else None
         make = lambda _, log_fn=None, log_every=1: ppo.make_trainer(  # noqa: E731
-            cfg, reward=reward, log_fn=log_fn, log_every=log_every)
+            cfg, reward=reward, log_fn=log_fn, log_every=log_every, chunk_hook=chunk_hook)
         return run_experiment(make, opts.config, hp=hp, hp_batched=hp is not None,
                               run_info={**opts.run_info(), **(run_info or {})}, **kw)
     pool = opts.pool.make_pool(cfg.env_name, cfg.num_envs, opts.run.seed)

@@ -299,20 +299,26 @@ class ONILoop:
     def _pairs(self, texts) -> list[tuple[str, str]]:
         """Up to ``pairs_per_update`` new pairs: each a message of this rollout against one of the pool (a sample
         of the messages seen, and the empty message)."""
-        pool = self.pool
-        out = []
-        for _ in range(4 * self.cfg.pairs_per_update):
-            if len(out) >= self.cfg.pairs_per_update or len(pool) < 2:
-                break
-            a = texts[self.rng.integers(len(texts))]
-            b = pool[self.rng.integers(len(pool))]
-            if a == b:
-                continue
-            p = (a, b) if a < b else (b, a)
-            if p not in self.asked_pairs:
-                self.asked_pairs.add(p)
-                out.append(p)
-        return out
+        return sample_pairs(self.rng, texts, self.pool, self.asked_pairs, self.cfg.pairs_per_update)
+
+
+def sample_pairs(rng, texts, pool, asked: set, n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` new pairs (``(a, b)`` with ``a < b``, not in ``asked``; added to it), each a random message of
+    ``texts`` against a random one of ``pool``; ``4 n`` draws at most. ONI's ranking pairs (:class:`ONILoop`, and
+    :class:`agents.oni_captioned.CaptionLoop`)."""
+    out = []
+    for _ in range(4 * n):
+        if len(out) >= n or len(pool) < 2 or not len(texts):
+            break
+        a = texts[rng.integers(len(texts))]
+        b = pool[rng.integers(len(pool))]
+        if a == b:
+            continue
+        p = (a, b) if a < b else (b, a)
+        if p not in asked:
+            asked.add(p)
+            out.append(p)
+    return out
 
 
 

@@ -624,17 +624,23 @@ class HostTrainer(HostLoop):
 
 
 def make_trainer(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1, *, env=None,
-                 network=None, overlap: bool = False, host_hook: Optional[Callable] = None, actor_device: int = -1):
+                 network=None, overlap: bool = False, host_hook: Optional[Callable] = None, actor_device: int = -1,
+                 chunk_hook: Optional[Callable] = None):
     """PPO's trainer for :func:`jaxrl_pref.runner.run_experiment`: with ``env=None`` the Anakin loop on
     ``cfg.env_name`` (:class:`Trainer`); with a host env (``NLEPool``, ``JaxHostEnv``) the host loop
     (:class:`HostTrainer`; ``overlap``, ``host_hook`` and ``actor_device`` (an index in ``jax.devices()``) apply to
-    it only). ``network``: the policy network
+    it only). ``chunk_hook`` (the Anakin loop only): host work the runner runs between compiled chunks (see
+    :mod:`jaxrl_pref.runner`; ONI on captioned JAX envs). ``network``: the policy network
     (default: from the env's observations, see :class:`PPO`)."""
     if env is None:
         if overlap or host_hook is not None or actor_device >= 0:
             raise ValueError("make_trainer: overlap, host_hook and actor_device apply to the host loop only (pass "
                              "env=...)")
-        return Trainer(cfg, reward, log_fn, log_every, network)
+        trainer = Trainer(cfg, reward, log_fn, log_every, network)
+        trainer.chunk_hook = chunk_hook
+        return trainer
+    if chunk_hook is not None:
+        raise ValueError("make_trainer: chunk_hook applies to the jitted loop only (host loops take host_hook)")
     return HostTrainer(cfg, env, reward, log_fn, log_every, overlap, network, host_hook, actor_device)
 
 

@@ -1,4 +1,4 @@
-"""ONI on NetHack/MiniHack: ``python -m experiments.oni --env MiniHack-KeyRoom-Fixed-S5-v0 --reward-model classification``.
+"""ONI on NetHack/MiniHack and captioned JAX tasks: ``python -m experiments.oni --env MiniHack-KeyRoom-Fixed-S5-v0``.
 
 PPO (as ``experiments.ppo`` on a pool env) plus ONI's intrinsic reward (:mod:`agents.oni`): the run starts the
 annotator service (``python -m jaxrl_pref.annotation.server``, a child process on 127.0.0.1) unless
@@ -14,8 +14,13 @@ as they arrive::
 
 Outputs as ``experiments.ppo`` (``metrics.csv``, ``tb/``, ``checkpoints/``...) plus ``labels.db`` (the label
 store; reusable across runs), ``annotator.log`` and ``oni_curves.png`` (extrinsic vs intrinsic reward, episode
-return, label counts). ``--help`` lists every option by section. JAX envs carry no messages yet, so ONI needs a
-NetHack/MiniHack task.
+return, label counts). ``--help`` lists every option by section.
+
+On a captioned JAX task (``KeyDoor-*``, ``MiniGrid-*``: :mod:`envs.captions`) ONI runs inside PPO's jitted loop,
+seeds vmapped (:mod:`agents.oni_captioned`): the reward model and the labels live in the device state, and the
+annotator is sent the new captions, and its answers loaded, between compiled chunks (``--label-sync-every``)::
+
+    python -m experiments.oni --env MiniGrid-DoorKey-8x8 --total-timesteps 100000 --num-seeds 4
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts
 
-from agents import launch, motif, oni, ppo  # noqa: E402
+from agents import launch, motif, oni, oni_captioned, ppo  # noqa: E402
+from envs import captions  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, stop_server  # noqa: E402
 from jaxrl_pref.annotation.config import AnnotatorConfig, start_annotator  # noqa: E402
 from jaxrl_pref.config import require  # noqa: E402
@@ -48,10 +54,16 @@ def check(opts) -> None:
     else:
         require(opts.motif == motif.MotifOptions(), "method", "the --motif-* options apply to --method motif only",
                 "pass --method motif, or drop them")
-    require(opts.host, "env_name", f"ONI learns from the agent's messages, and the JAX env {opts.env_name} has none",
-            "pass a NetHack/MiniHack task, e.g. --env MiniHack-KeyRoom-Fixed-S5-v0")
-    require("message" in opts.pool.obs_keys, "obs_keys", "ONI needs the message observation",
-            "add message to --obs-keys")
+    if opts.host:
+        require("message" in opts.pool.obs_keys, "obs_keys", "ONI needs the message observation",
+                "add message to --obs-keys")
+    else:  # a captioned JAX env: ONI in the jitted loop (agents/oni_captioned.py)
+        require(captions.is_captioned(opts.env_name), "env_name",
+                f"ONI learns from the agent's messages, and the JAX env {opts.env_name} has none",
+                "pass a captioned JAX task (KeyDoor-5, MiniGrid-DoorKey-8x8, ...) or a NetHack/MiniHack one, e.g. "
+                "--env MiniHack-KeyRoom-Fixed-S5-v0")
+        require(opts.oni.method in ("oni", "ellm"), "method",
+                f"--method {opts.oni.method} runs on NetHack/MiniHack tasks only", "use --method oni or ellm here")
     launch.check_ppo(opts)
 
 
@@ -61,12 +73,19 @@ def train(opts, run_dir):
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     proc, url = start_annotator(opts.annotator, run_dir)
     client = AnnotatorClient(url, opts.annotator.task(opts.env_name))
+    state_key = None if opts.bonus.bonus == "none" else "base"  # under launch's WithBonus
+    info = {"annotator_url": url, "prompt_task": client.task}
     try:
-        reward = oni.make_reward(opts.oni)
-        hook = oni.ONILoop(opts.oni, reward, client, opts.run.seed,
-                           state_key=None if opts.bonus.bonus == "none" else "base")  # under launch's WithBonus
-        result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook,
-                                  run_info={"annotator_url": url, "prompt_task": client.task})
+        if opts.host:
+            reward = oni.make_reward(opts.oni)
+            hook = oni.ONILoop(opts.oni, reward, client, opts.run.seed, state_key=state_key)
+            result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook, run_info=info)
+        else:  # captioned JAX env: the reward model and labels in the jitted loop, the annotator between chunks
+            table = captions.caption_table(opts.env_name)
+            reward = oni_captioned.make_reward(opts.oni, table)
+            hook = oni_captioned.CaptionLoop(opts.oni, table, client, opts.run.seed, state_key=state_key,
+                                             every=opts.captioned.label_sync_every)
+            result = launch.train_ppo(opts, run_dir, reward=reward, chunk_hook=hook, run_info=info)
         if result.metrics:
             plot_oni_curves(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
         return result
@@ -79,8 +98,9 @@ def train(opts, run_dir):
 SPEC = cli.Experiment(
     name="oni", module="experiments.oni", doc=__doc__, train=train, default_env="MiniHack-KeyRoom-Fixed-S5-v0",
     sections=(*launch.PPO_SECTIONS, cli.Section("oni", oni.ONIOptions),
-              cli.Section("motif", motif.MotifOptions, saved_if_set=True), cli.Section("annotator", AnnotatorConfig),
-              launch.RUN),
+              cli.Section("motif", motif.MotifOptions, saved_if_set=True),
+              cli.Section("captioned", oni_captioned.CaptionedOptions, saved_if_set=True),
+              cli.Section("annotator", AnnotatorConfig), launch.RUN),
     defaults=launch.ppo_defaults, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError, RuntimeError))
 
 

@@ -23,6 +23,14 @@ keywords) then
    aborts at once);
 6. writes ``run_dir/{config.json, metrics.csv, metrics.jsonl, learning_curve.png, tb/, checkpoints/}``.
 
+A jitted trainer may have a ``chunk_hook``: host work between compiled chunks (ONI on captioned JAX envs sends the
+messages seen to its annotator and loads the labels that arrived into the reward state). It is a callable
+``hook(state, update, seed_axis=...) -> state`` with an ``every`` attribute: the runner cuts its chunks further at
+every multiple of ``every`` updates (0: at the checkpoints only; fixed from update 0 like the chunks, so resume stays
+exact) and calls the hook on the state after each piece, before that state is checkpointed. ``seed_axis``: the state
+has the vmapped seeds' leading axis (sequential seeds: called per seed). The hook must keep the state's structure,
+shapes and shardings (the compiled chunk is reused); its time counts as training time.
+
 Host-side trainers (:class:`jaxrl_pref.loop.HostLoop`, ``jittable = False``: envs stepped outside jit) go
 through the same chunks, checkpoints, logging and resume; their ``run`` is called as plain Python (it jits its own
 ``act``/``learn``), one seed per process. Their checkpoints hold the learner (parameters, optimiser, keys,
@@ -53,7 +61,8 @@ from jaxrl_pref.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.logging import Logger, plot_learning_curve, write_metrics
 
-__all__ = ["run_experiment", "run", "RunSpec", "RunResult", "DivergenceError", "chunk_bounds", "seed_keys", "use_sync_cpu_dispatch"]
+__all__ = ["run_experiment", "run", "RunSpec", "RunResult", "DivergenceError", "chunk_bounds", "segment_bounds",
+           "seed_keys", "use_sync_cpu_dispatch"]
 
 
 def use_sync_cpu_dispatch() -> bool:
@@ -106,6 +115,17 @@ class RunResult:
 def chunk_bounds(num_updates: int, checkpoint_every: int) -> list[tuple[int, int]]:
     """``[(0, c), (c, 2c), ..., (k*c, num_updates)]``: the fixed chunking that makes resume exact."""
     return [(a, min(a + checkpoint_every, num_updates)) for a in range(0, num_updates, checkpoint_every)]
+
+
+def segment_bounds(num_updates: int, checkpoint_every: int, hook_every: int = 0) -> list[tuple[int, int]]:
+    """The chunks of :func:`chunk_bounds` cut further at every multiple of ``hook_every`` (0: not cut): the programs
+    a run with a chunk hook runs, the hook called after each. Fixed from update 0, like the chunks, so a resumed run
+    cuts where an uninterrupted one does."""
+    cuts = {b for _, b in chunk_bounds(num_updates, checkpoint_every)}
+    if hook_every:
+        cuts |= set(range(hook_every, num_updates, hook_every))
+    cuts = sorted(cuts)
+    return list(zip([0] + cuts[:-1], cuts))
 
 
 def seed_keys(seed: int, num_seeds: int) -> jax.Array:
@@ -482,6 +502,16 @@ class _Session:
         self.train_s += time.perf_counter() - t
         return new_state, chunk
 
+    def run_hook(self, hook, update: int) -> None:
+        """The trainer's chunk hook on the state after ``update`` (timed with training: it is part of the run's
+        cost): on the seed-batched state (``seed_axis=True``), one seed's, or each seed's in turn (sequential)."""
+        t = time.perf_counter()
+        if self.plan.sequential:
+            self.state = [hook(s, update, seed_axis=False) for s in self.state]
+        else:
+            self.state = hook(self.state, update, seed_axis=self.plan.vmapped)
+        self.train_s += time.perf_counter() - t
+
     def check_nan(self, chunk: Mapping, first_update: int) -> None:
         """Raises :class:`DivergenceError` (metrics written, no checkpoint) if a watched metric is NaN."""
         nan = _first_nan(chunk, self.plan.spec.nan_check)
@@ -509,23 +539,30 @@ class _Session:
                            "stopping (press Ctrl-C again to abort without saving)")
 
         self.proxy.target = logger
+        hook = getattr(self.trainer, "chunk_hook", None)
+        checkpoints = {b for _, b in chunk_bounds(plan.num_updates, spec.checkpoint_every)}
         with _GracefulStop(spec.handle_signals, on_signal) as stop:
-            for a, b in chunk_bounds(plan.num_updates, spec.checkpoint_every):
+            for a, b in segment_bounds(plan.num_updates, spec.checkpoint_every,
+                                       getattr(hook, "every", 0) if hook is not None else 0):
                 if b <= self.done:
                     continue
-                signum = _any_process_signal(stop.signum)
-                if signum is not None or (spec.stop_after is not None and self.done >= spec.stop_after):
-                    stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
-                    break
+                if a == self.done or a in checkpoints:  # stop only where the state is checkpointed
+                    signum = _any_process_signal(stop.signum)
+                    if signum is not None or (spec.stop_after is not None and self.done >= spec.stop_after):
+                        stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
+                        break
                 logger.reset_timer(a)
                 new_state, chunk = self.run_chunk(b - a)
                 self.history = {k: np.concatenate([self.history[k], v], axis=1) if k in self.history else v
                                 for k, v in chunk.items()}
                 self.check_nan(chunk, a)  # a diverged state is not checkpointed
                 self.state, self.done = new_state, b
-                self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent, "updates_done": b},
-                               history=self.history)
-                write_metrics(plan.run_dir, self.history, plan.steps_per_update)
+                if hook is not None:
+                    self.run_hook(hook, b)
+                if b in checkpoints:
+                    self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent,
+                                                              "updates_done": b}, history=self.history)
+                    write_metrics(plan.run_dir, self.history, plan.steps_per_update)
                 if plan.vmapped:
                     logger.log_updates(a, chunk)
                 logger.log_chunk(a, chunk)

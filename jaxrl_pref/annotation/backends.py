@@ -20,6 +20,9 @@ Backends:
   all-MiniLM-L6-v2 (:mod:`jaxrl_pref.annotation.encoder`) and compares it with the task's *progress* and
   *neutral* descriptions in the prompt file: ``score = max cos(message, progress) - max cos(message, neutral)``;
   label 1 when ``score > margin``; for pairs the higher score wins unless the scores are within ``tie_margin``.
+  A prompt with neither section (the captioned JAX tasks' prompts state the goal, one sub-goal a line in ``goal``,
+  and list no messages) is judged by similarity to the goal instead: ``score = max cos(message, goal line) -
+  goal_threshold`` (0.5), so a message closer than that to some sub-goal is helpful.
   **Limits**: this is semantic similarity, not judgement -- it rewards messages that *read like* the listed
   progress examples (a message saying "You do not find a hidden passage" resembles "You find a hidden passage"),
   knows nothing of game state, and is only as good as the hand-written descriptions; use an LLM backend for
@@ -71,6 +74,12 @@ class Prompt:
     def neutral(self) -> list[str]:
         return [s for s in self.sections.get("neutral", "").splitlines() if s.strip()]
 
+    @property
+    def goal(self) -> list[str]:
+        """The task's goal statement: the ``goal`` section's lines (one sub-goal a line), else the description."""
+        lines = [s for s in self.sections.get("goal", "").splitlines() if s.strip()]
+        return lines or [d for d in [self.sections.get("description", "").strip()] if d]
+
     def label_messages(self, message: str) -> list[dict]:
         user = self.sections["label"].format(description=self.sections.get("description", ""), message=message)
         return [{"role": "system", "content": self.sections["system"]}, {"role": "user", "content": user}]
@@ -118,11 +127,16 @@ class Prompt:
 
 def task_for_env(env_name: str) -> str:
     """Prompt task for an env id: NetHackScore -> nethack_score, NetHackStaircase* -> nethack_staircase,
-    NetHackOracle -> nethack_oracle, anything else (MiniHack-*, test envs) -> minihack."""
+    NetHackOracle -> nethack_oracle; the captioned JAX tasks: KeyDoor-* -> keydoor, MiniGrid-DoorKey-* ->
+    minigrid_doorkey, other MiniGrid-* -> minigrid; anything else (MiniHack-*, test envs) -> minihack."""
     n = env_name.lower()
     for key, task in (("score", "nethack_score"), ("staircase", "nethack_staircase"), ("oracle", "nethack_oracle")):
         if n.startswith("nethack") and key in n:
             return task
+    if n.startswith("keydoor-"):
+        return "keydoor"
+    if n.startswith("minigrid-"):
+        return "minigrid_doorkey" if n.startswith("minigrid-doorkey") else "minigrid"
     return "minihack"
 
 
@@ -232,14 +246,16 @@ class OpenAIBackend:
 
 
 class EmbeddedBackend:
-    """Offline labels from MiniLM sentence similarity to the prompt's progress/neutral examples (see module doc)."""
+    """Offline labels from MiniLM sentence similarity to the prompt's progress/neutral examples, or, for a prompt
+    without them (the captioned JAX tasks' prompts: they state the goal and list no messages), to its goal
+    statement: ``score = max cos(message, goal line) - goal_threshold`` (see module doc)."""
     name = "embedded"
     model = "all-MiniLM-L6-v2"
     batch_size = 64
 
-    def __init__(self, margin: float = 0.0, tie_margin: float = 0.05, encoder=None):
+    def __init__(self, margin: float = 0.0, tie_margin: float = 0.05, encoder=None, goal_threshold: float = 0.5):
         from jaxrl_pref.annotation.encoder import SentenceEncoder
-        self.margin, self.tie_margin = margin, tie_margin
+        self.margin, self.tie_margin, self.goal_threshold = margin, tie_margin, goal_threshold
         self.encoder = encoder if encoder is not None else SentenceEncoder.load()
         self._refs: dict = {}
 
@@ -250,19 +266,26 @@ class EmbeddedBackend:
         self.encoder.warmup(self.batch_size)
 
     def _ref(self, prompt: Prompt):
+        """``(progress, neutral)`` embeddings, or ``(goal, None)`` for a prompt with a goal statement only."""
         key = (prompt.task, prompt.version)
         if key not in self._refs:
-            if not prompt.progress or not prompt.neutral:
-                raise ValueError(f"prompt {prompt.task} v{prompt.version} needs 'progress' and 'neutral' sections "
-                                 "for the embedded backend")
-            self._refs[key] = (self.encoder.embed(prompt.progress), self.encoder.embed(prompt.neutral))
+            if prompt.progress and prompt.neutral:
+                self._refs[key] = (self.encoder.embed(prompt.progress), self.encoder.embed(prompt.neutral))
+            elif not prompt.progress and not prompt.neutral and prompt.goal:
+                self._refs[key] = (self.encoder.embed(prompt.goal), None)
+            else:
+                raise ValueError(f"prompt {prompt.task} v{prompt.version} needs 'progress' and 'neutral' sections, or "
+                                 "a 'goal' (or 'description') section and neither, for the embedded backend")
         return self._refs[key]
 
     def scores(self, prompt: Prompt, messages: Sequence[str]):
         import numpy as np
         pos, neg = self._ref(prompt)
         e = self.encoder.embed(list(messages), self.batch_size)
-        s = (e @ pos.T).max(-1) - (e @ neg.T).max(-1)
+        if neg is None:  # goal statement: similarity to the closest sub-goal, against a fixed bar
+            s = (e @ pos.T).max(-1) - self.goal_threshold
+        else:
+            s = (e @ pos.T).max(-1) - (e @ neg.T).max(-1)
         # the empty message ("nothing happened") is the neutral point: never progress, and it beats messages
         # that read like the neutral examples (so a ranking model anchored on it has negative rewards for those)
         return np.where([bool(m.strip()) for m in messages], s, 0.0)
@@ -284,8 +307,9 @@ class EmbeddedBackend:
 
 class ScriptedBackend:
     """Instant, deterministic labels with no model, to exercise the pipeline at speed (tests, benchmarks): a message
-    is helpful when it has a word of the prompt's *progress* examples that no *neutral* example has; of a pair, the
-    message with more such words is preferred (0.5 on a tie). Not a judge."""
+    is helpful when it has a word of the prompt's *progress* examples that no *neutral* example has (a prompt without
+    examples: a word of its goal statement, common words excepted); of a pair, the message with more such words is
+    preferred (0.5 on a tie). Not a judge."""
     name = "scripted"
     model = "keywords"
     batch_size = 1024  # (one store transaction per batch: big batches keep up with a million messages)
@@ -300,11 +324,16 @@ class ScriptedBackend:
     def _words(text: str) -> set:
         return set(re.findall(r"[a-z]+", text.lower()))
 
+    STOP = frozenset("a an and at by do for from get go in into is it its of on or s the then this through to up "
+                     "with you your".split())
+
     def _hits(self, prompt: Prompt, message: str) -> int:
         key = (prompt.task, prompt.version)
         if key not in self._kw:
             neutral = set().union(*map(self._words, prompt.neutral))
             self._kw[key] = set().union(*map(self._words, prompt.progress)) - neutral
+            if not prompt.progress:  # a goal statement only: its words but the commonest
+                self._kw[key] = set().union(*map(self._words, prompt.goal)) - self.STOP
         return len(self._words(message) & self._kw[key])
 
     def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:

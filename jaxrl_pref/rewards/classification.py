@@ -136,3 +136,9 @@ class Classification:
     def score(self, state, msgs, table):
         """P(helpful); 0 until the first label arrives (an untrained classifier's ~0.5 is not a label)."""
         return jnp.where(state["data"]["valid"].any(), self.prob(state, msgs), 0.0)
+
+    def caption_scores(self, state, captions, labels):
+        """:meth:`score` of each message of a static caption table (``uint8[K, L]``), the net run once per caption
+        (:class:`~jaxrl_pref.rewards.captioned.CaptionedIntrinsic`)."""
+        p = jax.nn.sigmoid(self.net.apply(state["params"], captions))
+        return jnp.where(state["data"]["valid"].any(), p, 0.0)

@@ -89,3 +89,10 @@ class Ranking:
         empty = jnp.zeros((1, msgs.shape[-1]), msgs.dtype)
         r = score_unique(lambda m: self.reward(state["params"], m), msgs) - self.reward(state["params"], empty)[0]
         return jnp.where(state["data"]["valid"].any(), r, 0.0)  # 0 until the first preference arrives
+
+    def caption_scores(self, state, captions, labels):
+        """:meth:`score` of each message of a static caption table (``uint8[K, L]``, row 0 the empty message), the
+        net run once per caption (:class:`~jaxrl_pref.rewards.captioned.CaptionedIntrinsic`)."""
+        empty = jnp.zeros((1, captions.shape[-1]), captions.dtype)
+        r = self.reward(state["params"], captions) - self.reward(state["params"], empty)[0]
+        return jnp.where(state["data"]["valid"].any(), r, 0.0)

@@ -57,7 +57,11 @@ class ShapedIntrinsic:
         msgs = traj.final_obs[self.message_key]
         score = self.model.score(state["model"], msgs, state["table"])
         label, count, found = lookup(state["table"], msgs)
-        empty = (msgs == 0).all(-1)
+        return self.reward(score, label, count, found, (msgs == 0).all(-1))
+
+    def reward(self, score, label, count, found, empty):
+        """The shaped reward of steps whose messages have model scores ``score``, labels ``label`` (NaN: none),
+        counts ``count``, ``found`` in the table, ``empty``; and the logged terms."""
         r, kept, decay = self.shape(score, count, empty)
         metrics = {"intrinsic/score": score.mean(), "intrinsic/thresholded": kept.mean(),
                    "intrinsic/decay": decay.mean(), "intrinsic/reward": r.mean(),
