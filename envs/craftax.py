@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import spaces
 
-from envs.wrappers import AutoReset
+from envs.wrappers import AutoReset, where_done
 
 CRAFTAX_FIX = 'pip install -e ".[craftax]" (or: pip install "craftax>=1.6")'
 
@@ -176,36 +176,22 @@ class CraftaxAutoReset(AutoReset):
         self.reset_ratio = int(reset_ratio)
         self.num_resets = 1 if num_envs is None else max(1, num_envs // self.reset_ratio)
 
-    def step(self, key, state, action, params):
-        key_step, key_reset = jax.random.split(key)
-        obs_st, state_st, reward, terminated, info = self._map(self._env.step_env, (0, 0, 0, None))(
-            self._keys(key_step), state, action, params)
-        terminated = jnp.asarray(terminated, dtype=bool)
-        truncated = jnp.asarray(self._map(self._env.is_truncated, (0, None))(state_st, params), bool) & ~terminated
-        done = terminated | truncated
-
-        def pick(new, old):
-            return jnp.where(jnp.reshape(done, done.shape + (1,) * (jnp.ndim(new) - done.ndim)), new, old)
-
+    def _reset_done(self, key, done, obs_st, state_st, params):
+        """The finished envs get fresh worlds from a small pool generated on this step (none when nobody finished)."""
         if self.num_envs is None:
             def fresh(_):
-                obs_re, state_re = self._env.reset_env(key_reset, params)
-                return jax.tree.map(pick, obs_re, obs_st), jax.tree.map(pick, state_re, state_st)
+                obs_re, state_re = self._env.reset_env(key, params)
+                return where_done(done, obs_re, obs_st), where_done(done, state_re, state_st)
         else:
             def fresh(_):
-                keys = jax.random.split(key_reset, self.num_resets)
+                keys = jax.random.split(key, self.num_resets)
                 obs_re, state_re = jax.vmap(self._env.reset_env, in_axes=(0, None))(keys, params)
                 slot = (jnp.cumsum(done) - 1) % self.num_resets  # rank of each finished env among the finished
-                take = lambda x: jnp.take(x, slot, axis=0)
+                take = lambda x: jnp.take(x, slot, axis=0)  # noqa: E731
                 obs_re, state_re = take(obs_re), jax.tree.map(take, state_re)
-                return pick(obs_re, obs_st), jax.tree.map(pick, state_re, state_st)
+                return where_done(done, obs_re, obs_st), where_done(done, state_re, state_st)
 
-        obs, state = jax.lax.cond(jnp.any(done), fresh, lambda _: (obs_st, state_st), None)
-        info = dict(info)
-        info.pop("discount", None)
-        info["final_obs"] = obs_st
-        reward = jnp.reshape(jnp.asarray(reward, jnp.float32), self.batch_shape)
-        return obs, state, reward, terminated, truncated, info
+        return jax.lax.cond(jnp.any(done), fresh, lambda _: (obs_st, state_st), None)
 
 
 def _factory(name: str):

@@ -72,22 +72,29 @@ class AutoReset(Wrapper):
             self._keys(key_step), state, action, params)
         terminated = jnp.asarray(terminated, dtype=bool)
         truncated = jnp.asarray(self._map(self._env.is_truncated, (0, None))(state_st, params), bool) & ~terminated
-        done = terminated | truncated
-
-        def with_reset(_):
-            obs_re, state_re = self.reset(key_reset, params)
-            pick = lambda a, b: jnp.where(jnp.reshape(done, done.shape + (1,) * (jnp.ndim(a) - done.ndim)), a, b)
-            return jax.tree.map(pick, obs_re, obs_st), jax.tree.map(pick, state_re, state_st)
-
-        if self.num_envs is None:
-            obs, state = with_reset(None)
-        else:
-            obs, state = jax.lax.cond(done.any(), with_reset, lambda _: (obs_st, state_st), None)
+        obs, state = self._reset_done(key_reset, terminated | truncated, obs_st, state_st, params)
         info = dict(info)
         info.pop("discount", None)
         info["final_obs"] = obs_st
         reward = jnp.reshape(jnp.asarray(reward, jnp.float32), self.batch_shape)
         return obs, state, reward, terminated, truncated, info
+
+    def _reset_done(self, key, done, obs_st, state_st, params):
+        """``(obs, state)`` after a step: the finished envs (``done``) replaced by fresh ones (generated only when
+        some env finished, for a batch)."""
+        def with_reset(_):
+            obs_re, state_re = self.reset(key, params)
+            return where_done(done, obs_re, obs_st), where_done(done, state_re, state_st)
+
+        if self.num_envs is None:
+            return with_reset(None)
+        return jax.lax.cond(done.any(), with_reset, lambda _: (obs_st, state_st), None)
+
+
+def where_done(done, new, old):
+    """Pytree ``new`` where ``done`` (``[N]`` or a scalar) else ``old``, broadcasting ``done`` over trailing axes."""
+    return jax.tree.map(lambda a, b: jnp.where(jnp.reshape(done, done.shape + (1,) * (jnp.ndim(a) - done.ndim)), a, b),
+                        new, old)
 
 
 class FlattenObservation(Wrapper):
