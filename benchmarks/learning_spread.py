@@ -132,6 +132,28 @@ def memory_chain_lstm(s: int, n: int) -> dict:
     return _memory_chain(s, n, "lstm")
 
 
+KEYDOOR = dict(env_name="KeyDoor-9", num_envs=32, num_steps=64, total_timesteps=600_000)
+
+
+def _keydoor9(s: int, n: int, bonus: str) -> dict:
+    """tests/test_bonus.py::test_e3b_solves_keydoor_where_ppo_does_not (slow): KeyDoor-9, 146 updates of 32 envs x
+    64 steps, PPO with or without E3B (coefficient 0.01); success rate of the last 15 updates per seed."""
+    from agents import ppo
+    from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus
+    cfg = ppo.Config(**KEYDOOR)
+    reward = with_bonus(None, BonusConfig(bonus=bonus, bonus_coef=0.01), cfg.num_envs)
+    out = jax.jit(jax.vmap(ppo.make_train(cfg, reward=reward)))(_keys(s, n))
+    return {"success": _tail(out.metrics["episode_success"], 15)}
+
+
+def keydoor9_ppo(s: int, n: int) -> dict:
+    return _keydoor9(s, n, "none")
+
+
+def keydoor9_e3b(s: int, n: int) -> dict:
+    return _keydoor9(s, n, "e3b")
+
+
 def cartpole_gru(s: int, n: int) -> dict:
     """tests/test_recurrent.py::test_gru_cartpole_reaches_475 (slow): the anchor bench's GRU config, 500k steps;
     mean return of the last 10 updates per seed."""
@@ -354,7 +376,8 @@ TASKS = {f.__name__: f for f in (
     cartpole, pendulum, xminigrid_door_key, heron_pendulum, sqirl_deep_sea, sqirl_deep_sea4, sqirl_deep_sea4_128,
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
-    oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru)}
+    oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru,
+    keydoor9_ppo, keydoor9_e3b)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {

@@ -13,7 +13,8 @@ checkpoint. Methods share every PPO setting of their task; only the reward diffe
 * ``rnd``  -- + Random Network Distillation (``--bonus rnd``);
 * ``e3b``  -- + the elliptical episodic bonus (``--bonus e3b``).
 
-Scores per seed: the success rate over the last tenth of the updates, the episode return likewise, and the env
+Scores per seed: the success rate over the last tenth of the updates (an update in which no episode ended counts
+with the last value logged), the episode return likewise, and the env
 steps to 50% success (the first update where the success rate, averaged over a window of 5 logged updates, reaches
 0.5; runs that never do count at the budget and are reported as "k/n reached"). The table gives mean and 95%
 confidence interval over seeds (Student t). Writes ``OUT/results.md``, ``OUT/results.json`` and
@@ -37,6 +38,8 @@ METHODS = ("ppo", "rnd", "e3b")
 _GRID = ["--num-envs", "32", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "4",
          "--learning-rate", "3e-4"]
 TASKS = {
+    "keydoor9": dict(env="KeyDoor-9", steps=300_000, args=["--num-envs", "32", "--num-steps", "64"],
+                     coef={"rnd": 0.1, "e3b": 0.01}),
     "doorkey16": dict(env="MiniGrid-DoorKey-16x16", steps=1_000_000, args=_GRID, coef={"rnd": 0.1, "e3b": 0.01}),
     "deepsea10": dict(env="DeepSea-10", steps=300_000, args=["--num-envs", "32", "--num-steps", "64"],
                       coef={"rnd": 0.1, "e3b": 0.01}),
@@ -104,11 +107,11 @@ def curves(run_dirs: list[Path]) -> dict:
     from jaxrl_pref.logging import read_metrics
     steps, succ, ret = [], [], []
     for d in run_dirs:
-        m = read_metrics(d / "metrics.csv")
-        n = len(np.unique(m["seed"]))
-        steps += list(np.asarray(m["env_steps"], np.float64).reshape(n, -1))
-        succ += list(np.asarray(m["episode_success"], np.float64).reshape(n, -1))
-        ret += list(np.asarray(m["episode_return"], np.float64).reshape(n, -1))
+        m = read_metrics(d / "metrics.csv")  # [seeds, updates]; env_steps [updates]
+        n = m["episode_return"].shape[0]
+        steps += [np.asarray(m["env_steps"], np.float64)] * n
+        succ += list(np.asarray(m["episode_success"], np.float64))
+        ret += list(np.asarray(m["episode_return"], np.float64))
     k = min(len(s) for s in steps)
     return {"env_steps": np.stack([s[:k] for s in steps]), "success": np.stack([s[:k] for s in succ]),
             "return": np.stack([r[:k] for r in ret])}
@@ -156,9 +159,9 @@ def t975(df: int) -> float:
 
 def summarise(c: dict) -> dict:
     k = max(1, c["success"].shape[1] // 10)
-    with np.errstate(all="ignore"):
-        final_s = np.nanmean(c["success"][:, -k:], 1)
-        final_r = np.nanmean(c["return"][:, -k:], 1)
+    # updates where no episode ended carry the last value (long episodes: most updates end none)
+    final_s = np.stack([_ffill(x) for x in c["success"]])[:, -k:].mean(1)
+    final_r = np.stack([_ffill(x) for x in c["return"]])[:, -k:].mean(1)
     budget = float(c["env_steps"][0, -1])
     t50 = np.array([steps_to(s, e) for s, e in zip(c["success"], c["env_steps"])])
     return {"seeds": len(final_s), "budget": budget, "success": mean_ci(final_s), "return": mean_ci(final_r),
