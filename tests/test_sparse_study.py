@@ -67,11 +67,12 @@ def test_a_small_study_runs_reports_and_resumes(tmp_path, capsys):
 def test_curves_read_the_runs_metrics(tmp_path):
     """What the runs write (metrics.csv: a row per seed and update) comes back as [seeds, updates] curves."""
     from jaxrl_pref.logging import write_metrics
-    succ = np.array([[0, np.nan, 1, 1], [0, 0, 0, np.nan]], np.float32)
+    succ = np.array([[0, np.nan, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, np.nan]], np.float32)
     for i, d in enumerate(("a", "b")):
         write_metrics(tmp_path / d, {"episode_success": succ + 0 * i, "episode_return": succ * 2}, steps_per_update=100)
     c = ss.curves([tmp_path / "a", tmp_path / "b"])
-    assert c["success"].shape == (4, 4) and c["env_steps"][0].tolist() == [100, 200, 300, 400]
+    assert c["success"].shape == (4, 8) and c["env_steps"][0].tolist() == [100 * (i + 1) for i in range(8)]
     np.testing.assert_array_equal(c["return"][1], succ[1] * 2)
     r = ss.summarise(c)
     assert r["per_seed"]["success"] == [1.0, 0.0, 1.0, 0.0] and r["reached_50"] == 2
+    assert r["per_seed"]["steps_to_50"][0] == 500.0  # window of 5 (zeros before the start): 0, 0, 1, 1, 1
