@@ -63,8 +63,10 @@ def make_reward(cfg: oni.ONIOptions, table: CaptionTable) -> ScaledSum:
 
 
 def _put(host: np.ndarray, like) -> jax.Array:
-    """``host`` (one seed's) broadcast to ``like``'s shape (the seed axis) on ``like``'s devices."""
-    return jax.device_put(np.ascontiguousarray(np.broadcast_to(host, like.shape)), like.sharding)
+    """``host`` (one seed's) broadcast to ``like``'s shape (the seed axis), placed as ``like`` is: on its devices if
+    it is committed to them, else uncommitted (``jit`` keys its cache on that too: a mismatch recompiles the chunk)."""
+    x = np.ascontiguousarray(np.broadcast_to(host, like.shape))
+    return jax.device_put(x, like.sharding) if like.committed else jax.device_put(x)
 
 
 class CaptionLoop:
