@@ -16,8 +16,9 @@ with
   seeds.
 
 Resume: the checkpoint holds the labels, counts and pairs, and the counts at the hook's last exchange; the hook
-takes them back from the restored state (the captions seen by then count as asked), and the new client's answers, which the store delivers again, change nothing
-(labels by id; a pair already held is skipped). Nothing is asked twice.
+takes them back from the restored state (the captions seen by then count as asked), and the new client's answers,
+which the store delivers again, change nothing (labels by id; a pair already held is skipped). Nothing is asked
+twice.
 """
 from __future__ import annotations
 

@@ -4,13 +4,14 @@ and -ranking on the same task, seeds vmapped, measured side by side in one proce
     python -m benchmarks.oni_jit_overhead --env MiniGrid-DoorKey-8x8 --num-seeds 4
 
 Each method runs what ``python -m experiments.oni`` runs on a captioned env (:mod:`agents.oni_captioned`): PPO's
-compiled chunk of ``label_sync_every`` updates (``jit(vmap(trainer.run))``, the state donated, as the runner
-compiles it, ahead of time), then the chunk hook (counts to the host, new captions / pairs to the annotator, answers
-into the device state). The annotator is a real service process with the **scripted** backend (instant keyword labels, no
-model: the pipeline -- service, label store, client, hook -- is measured, not a language model's speed), one client
-per ONI method. Methods run in alternating rounds, their order rotated each round (after an untimed warm-up that
-compiles and lets the first answers arrive), so load changes on a shared machine hit them alike. Reported: env-steps/s of each over all its
-rounds, and the median per-round ratio to PPO. Target: ONI >= 85% of PPO.
+compiled chunk of ``label_sync_every`` updates (``jit(vmap(trainer.run))``, the state donated, compiled ahead of
+time as the runner compiles it), then the chunk hook (counts to the host, new captions / pairs to the annotator,
+answers into the device state). The annotator is a real service process with the **scripted** backend (instant
+keyword labels, no model: the pipeline -- service, label store, client, hook -- is measured, not a language model's
+speed), one client per ONI method. Methods run in alternating rounds, their order rotated each round (after an
+untimed warm-up that compiles and lets the first answers arrive), so load changes on a shared machine hit them
+alike. Reported: env-steps/s of each over all its rounds, and the median per-round ratio to PPO. Target: ONI >= 85%
+of PPO.
 """
 from __future__ import annotations
 

@@ -4,8 +4,6 @@ asked once and labels loaded between chunks, resume is exact, the CLI runs end t
 labelled helpful is produced more (slow)."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,11 +166,12 @@ def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model):
     if model == "retrieval":
         assert sorted(client.asked) == sorted(KD.texts[i] for i in seen if i)  # each seen caption once
         labels = np.asarray(st["labels"])
-        assert (labels[0] == labels[1]).all() or np.isnan(labels).any()
+        np.testing.assert_array_equal(labels[0], labels[1])  # one set of labels for every seed
         want = np.array([LABELS.get(t, np.nan) if t in client.asked else np.nan for t in KD.texts], np.float32)
         np.testing.assert_array_equal(labels[0], want)  # the answers to the first 6 updates' captions
         lab = full.metrics["labels/labeled"]
-        assert (lab[:, :2] == 0).all() and (lab[:, 2:] > 0).all()  # answers of the exchange after update 2 from update 3
+        # the answers of the exchange after update 2 are in the state from update 3 on
+        assert (lab[:, :2] == 0).all() and (lab[:, 2:] > 0).all()
     else:
         pairs = [p for p in client.asked]
         assert len(pairs) == len(set(pairs)) and all(a < b for a, b in pairs) and pairs
@@ -303,8 +302,8 @@ def key_rate(tmp, labels: dict, seeds=2, updates=120, seed=0):
 def test_labelling_a_caption_helpful_makes_the_agent_produce_it_more(tmp_path):
     """KeyDoor-5, ext_coef 0 (the env's reward is not learnt from), fixed seeds 0 and 1: with "You pick up the key."
     labelled 1 (every other caption 0) the agent picks up the key in >= 90% of its episodes by the last quarter of
-    120 updates; with every caption labelled 0 (no intrinsic reward) it does so in <= 75% (random walk: 55-65%
-    measured)."""
+    120 updates (measured: 100% for both seeds); with every caption labelled 0 (no intrinsic reward) in <= 75%
+    (measured: 45% and 5%)."""
     helpful = key_rate(tmp_path / "helpful", {**{t: 0.0 for t in KD.texts if t}, KEY: 1.0})
     none = key_rate(tmp_path / "none", {t: 0.0 for t in KD.texts if t})
     print("key per episode, labelled:", helpful, "unlabelled:", none)
