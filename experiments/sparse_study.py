@@ -11,7 +11,14 @@ checkpoint. Methods share every PPO setting of their task; only the reward diffe
 
 * ``ppo``  -- the env reward;
 * ``rnd``  -- + Random Network Distillation (``--bonus rnd``);
-* ``e3b``  -- + the elliptical episodic bonus (``--bonus e3b``).
+* ``e3b``  -- + the elliptical episodic bonus (``--bonus e3b``);
+* ``oni-retrieval`` / ``oni-classification`` / ``oni-ranking`` -- ONI with that reward model (``experiments.oni``,
+  the embedded annotator unless ``--extra-args`` says otherwise; in the jitted loop on captioned JAX tasks);
+* ``motif`` -- Motif (``experiments.oni --method motif``; its dataset, pairs and model in ``OUT/<task>/motif-data``,
+  shared by the seeds; NetHack/MiniHack tasks only);
+* ``ellm`` -- ELLM-BoW (``experiments.oni --method ellm``).
+
+The default methods are the first three; pass ``--methods`` for the others (their budgets are not sized yet).
 
 Scores per seed: the success rate over the last tenth of the updates (an update in which no episode ended counts
 with the last value logged), the episode return likewise, and the env
@@ -32,7 +39,8 @@ from typing import Optional
 
 import numpy as np
 
-METHODS = ("ppo", "rnd", "e3b")
+METHODS = ("ppo", "rnd", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif", "ellm")
+DEFAULT_METHODS = ("ppo", "rnd", "e3b")  # the LLM-feedback methods' budgets are not sized yet (issue 21)
 
 # Per task: the env, the agent's budget and PPO settings (shared by every method), one bonus coefficient per bonus.
 _GRID = ["--num-envs", "32", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "4",
@@ -52,7 +60,7 @@ TASKS = {
 class StudyConfig:
     """What to run: tasks x methods x seeds, and where."""
     tasks: tuple[str, ...] = tuple(TASKS)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     num_seeds: int = 3
     out: str = "runs/sparse_study"
     scale: float = 1.0
@@ -76,16 +84,37 @@ def _host(env: str) -> bool:
     return nethack.is_host_env(env)
 
 
+def not_applicable(task: str, method: str) -> Optional[str]:
+    """Why ``method`` cannot run on ``task`` (None if it can): LLM feedback needs messages (a NetHack/MiniHack task
+    or a captioned JAX task); Motif runs on the pool only."""
+    from envs import captions
+    env = TASKS[task]["env"]
+    if method in ("ppo", "rnd", "e3b"):
+        return None
+    if method == "motif" and not _host(env):
+        return "Motif runs on NetHack/MiniHack tasks only"
+    if not (_host(env) or captions.is_captioned(env)):
+        return f"{env} has no messages (not captioned)"
+    return None
+
+
 def commands(cfg: StudyConfig, task: str, method: str) -> list[tuple[Path, list[str]]]:
     """The runs of one (task, method): ``(run_dir, argv)``; one for a JAX task (seeds vmapped), one per seed on
     the pool."""
     t = TASKS[task]
     steps = max(int(t["steps"] * cfg.scale), 1)
-    base = [sys.executable, "-m", "experiments.ppo", "--env", t["env"], "--total-timesteps", str(steps),
+    agent = "ppo" if method in ("ppo", "rnd", "e3b") else "oni"
+    base = [sys.executable, "-m", f"experiments.{agent}", "--env", t["env"], "--total-timesteps", str(steps),
             *t["args"], "--resume", "--progress", "False", "--log-every", "1", *shlex.split(cfg.extra_args)]
-    if method != "ppo":
-        base += ["--bonus", method, "--bonus-coef", str(t["coef"][method])]
     root = Path(cfg.out) / task / method
+    if method in ("rnd", "e3b"):
+        base += ["--bonus", method, "--bonus-coef", str(t["coef"][method])]
+    elif method.startswith("oni-"):
+        base += ["--reward-model", method.split("-", 1)[1]]
+    elif method == "motif":
+        base += ["--method", "motif", "--motif-dir", str(Path(cfg.out) / task / "motif-data")]
+    elif method == "ellm":
+        base += ["--method", "ellm"]
     if _host(t["env"]):
         return [(root / f"seed{s}", [*base, "--seed", str(s), "--run-dir", str(root / f"seed{s}")])
                 for s in range(cfg.num_seeds)]
@@ -218,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     results, all_curves = {}, {}
     for task in cfg.tasks:
         for method in cfg.methods:
+            why = not_applicable(task, method)
+            if why:
+                print(f"skipping {method} on {task}: {why}", flush=True)
+                continue
             runs = commands(cfg, task, method)
             for run_dir, argv_ in runs:
                 run(run_dir, argv_)

@@ -76,3 +76,17 @@ def test_curves_read_the_runs_metrics(tmp_path):
     r = ss.summarise(c)
     assert r["per_seed"]["success"] == [1.0, 0.0, 1.0, 0.0] and r["reached_50"] == 2
     assert r["per_seed"]["steps_to_50"][0] == 500.0  # window of 5 (zeros before the start): 0, 0, 1, 1, 1
+
+
+def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
+    cfg = ss.StudyConfig(tasks=("keydoor9", "minihack_keyroom"), methods=ss.METHODS, num_seeds=2, out=str(tmp_path))
+    (_, argv), = ss.commands(cfg, "keydoor9", "oni-ranking")
+    assert argv[2] == "experiments.oni" and argv[argv.index("--reward-model") + 1] == "ranking"
+    assert "--num-seeds" in argv  # captioned JAX task: seeds vmapped in the jitted loop
+    runs = ss.commands(cfg, "minihack_keyroom", "motif")
+    assert len(runs) == 2 and all(a[a.index("--motif-dir") + 1] == str(tmp_path / "minihack_keyroom" / "motif-data")
+                                  for _, a in runs)  # one dataset and model for every seed
+    (_, argv), = ss.commands(cfg, "keydoor9", "ellm")
+    assert argv[argv.index("--method") + 1] == "ellm"
+    assert ss.not_applicable("deepsea10", "ellm") and ss.not_applicable("keydoor9", "motif")
+    assert ss.not_applicable("keydoor9", "oni-retrieval") is None and ss.not_applicable("minihack_keyroom", "motif") is None
