@@ -19,7 +19,7 @@ import statistics
 import jax
 import numpy as np
 
-from benchmarks.ppo_throughput import Bench, seed_keys  # also sets synchronous CPU dispatch
+from benchmarks.ppo_throughput import Bench, alternate, seed_keys  # also sets synchronous CPU dispatch
 
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
@@ -42,12 +42,7 @@ def bench(cfg: ppo.Config, method: str, num_seeds: int) -> Bench:
 
 def measure(cfg: ppo.Config, methods, num_seeds: int, reps: int) -> dict:
     benches = {m: bench(cfg, m, num_seeds) for m in methods}
-    for b in benches.values():
-        b.run()  # warm-up
-        b.times.clear()
-    for _ in range(reps):
-        for b in benches.values():
-            b.run()
+    alternate(benches.values(), reps)
     out = {"num_seeds": num_seeds}
     for m, b in benches.items():
         med = statistics.median(b.times)

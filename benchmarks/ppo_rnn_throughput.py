@@ -20,7 +20,7 @@ import statistics
 import jax
 import numpy as np
 
-from benchmarks.ppo_throughput import ours  # also sets synchronous CPU dispatch, as the experiment CLIs do
+from benchmarks.ppo_throughput import alternate, ours  # also sets synchronous CPU dispatch, as the experiment CLIs do
 
 from agents import ppo  # noqa: E402
 
@@ -31,12 +31,7 @@ BENCH = dict(env_name="CartPole-v1", num_envs=4, num_steps=128, total_timesteps=
 
 def measure(cfgs: dict, num_seeds: int, reps: int) -> dict:
     benches = {name: ours(cfg, num_seeds) for name, cfg in cfgs.items()}
-    for b in benches.values():
-        b.run()  # warm-up, not counted
-        b.times.clear()
-    for _ in range(reps):
-        for b in benches.values():
-            b.run()
+    alternate(benches.values(), reps)
     out = {"num_seeds": num_seeds}
     for name, b in benches.items():
         steps = cfgs[name].total_timesteps * num_seeds

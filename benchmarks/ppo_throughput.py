@@ -56,6 +56,17 @@ class Bench:
         return np.atleast_1d(np.asarray(self._final(self.out, self.keys)))
 
 
+def alternate(benches, reps: int) -> None:
+    """One untimed warm-up run of each bench, then ``reps`` rounds running each in turn (machine drift hits all
+    alike); times in ``bench.times``."""
+    for b in benches:
+        b.run()
+        b.times.clear()
+    for _ in range(reps):
+        for b in benches:
+            b.run()
+
+
 def seed_keys(num_seeds: int):
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(num_seeds))
     return keys if num_seeds > 1 else keys[0]
