@@ -20,10 +20,9 @@ checkpoint. Methods share every PPO setting of their task; only the reward diffe
 
 The default methods are the first three; pass ``--methods`` for the others (their budgets are not sized yet).
 
-Scores per seed: the success rate over the last tenth of the updates (an update in which no episode ended counts
-with the last value logged), the episode return likewise, and the env
-steps to 50% success (the first update where the success rate, averaged over a window of 5 logged updates, reaches
-0.5; runs that never do count at the budget and are reported as "k/n reached"). The table gives mean and 95%
+Scores per seed: the success rate of the episodes that ended in the last tenth of the updates, their return likewise,
+and the env steps to 50% success (the first update where the success rate of the episodes that ended in the last 5
+updates reaches 0.5; runs that never do count at the budget and are reported as "k/n reached"). The table gives mean and 95%
 confidence interval over seeds (Student t). Writes ``OUT/results.md``, ``OUT/results.json`` and
 ``OUT/<task>.png`` (success rate vs env steps, mean and 95% CI band per method).
 """
@@ -132,18 +131,29 @@ def run(run_dir: Path, argv: list[str]) -> None:
 
 
 def curves(run_dirs: list[Path]) -> dict:
-    """Per seed: env steps, success rate and return per logged update (``[seeds, updates]``)."""
+    """Per seed: env steps, success rate, return and finished episodes per logged update (``[seeds, updates]``)."""
     from jaxrl_pref.logging import read_metrics
-    steps, succ, ret = [], [], []
+    out = {"env_steps": [], "success": [], "return": [], "episodes": []}
     for d in run_dirs:
         m = read_metrics(d / "metrics.csv")  # [seeds, updates]; env_steps [updates]
         n = m["episode_return"].shape[0]
-        steps += [np.asarray(m["env_steps"], np.float64)] * n
-        succ += list(np.asarray(m["episode_success"], np.float64))
-        ret += list(np.asarray(m["episode_return"], np.float64))
-    k = min(len(s) for s in steps)
-    return {"env_steps": np.stack([s[:k] for s in steps]), "success": np.stack([s[:k] for s in succ]),
-            "return": np.stack([r[:k] for r in ret])}
+        out["env_steps"] += [np.asarray(m["env_steps"], np.float64)] * n
+        out["success"] += list(np.asarray(m["episode_success"], np.float64))
+        out["return"] += list(np.asarray(m["episode_return"], np.float64))
+        eps = m.get("episodes", (~np.isnan(m["episode_return"])).astype(np.float64))
+        out["episodes"] += list(np.nan_to_num(np.asarray(eps, np.float64)))
+    k = min(len(s) for s in out["env_steps"])
+    return {key: np.stack([x[:k] for x in v]) for key, v in out.items()}
+
+
+def windowed(x: np.ndarray, episodes: Optional[np.ndarray] = None, window: int = 5) -> np.ndarray:
+    """Per update: the mean of ``x`` over the episodes that ended in the last ``window`` updates (each update's value
+    weighted by its number of finished episodes; NaN until one ended). ``episodes`` None: 1 where ``x`` is set."""
+    e = (~np.isnan(x)).astype(np.float64) if episodes is None else np.nan_to_num(episodes)
+    num = np.convolve(np.nan_to_num(x) * e, np.ones(window))[:len(x)]
+    den = np.convolve(e, np.ones(window))[:len(x)]
+    with np.errstate(all="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def _ffill(x: np.ndarray) -> np.ndarray:
@@ -155,12 +165,15 @@ def _ffill(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def steps_to(success: np.ndarray, env_steps: np.ndarray, level: float = 0.5, window: int = 5) -> float:
-    """Env steps at the first update where the mean success over the last ``window`` updates reaches ``level``;
-    NaN if it never does."""
-    s = _ffill(success)
-    avg = np.convolve(s, np.ones(window) / window)[:len(s)]
-    hit = np.nonzero(avg >= level)[0]
+def steps_to(success: np.ndarray, env_steps: np.ndarray, episodes: Optional[np.ndarray] = None, level: float = 0.5,
+             window: int = 5, min_episodes: int = 10) -> float:
+    """Env steps at the first update where the success rate of the episodes that ended in the last ``window``
+    updates (at least ``min_episodes`` of them: one lucky early episode is not a rate) reaches ``level``
+    (:func:`windowed`); NaN if it never does."""
+    e = (~np.isnan(success)).astype(np.float64) if episodes is None else np.nan_to_num(episodes)
+    enough = np.convolve(e, np.ones(window))[:len(e)] >= min_episodes
+    with np.errstate(invalid="ignore"):
+        hit = np.nonzero((windowed(success, e, window) >= level) & enough)[0]
     return float(env_steps[hit[0]]) if len(hit) else float("nan")
 
 
@@ -188,11 +201,13 @@ def t975(df: int) -> float:
 
 def summarise(c: dict) -> dict:
     k = max(1, c["success"].shape[1] // 10)
-    # updates where no episode ended carry the last value (long episodes: most updates end none)
-    final_s = np.stack([_ffill(x) for x in c["success"]])[:, -k:].mean(1)
-    final_r = np.stack([_ffill(x) for x in c["return"]])[:, -k:].mean(1)
+    eps = c.get("episodes")
+    eps = [None] * len(c["success"]) if eps is None else list(eps)
+    # over the episodes that ended in the last tenth of the updates (long episodes: most updates end none)
+    final_s = np.array([_ffill(windowed(x, e, k))[-1] for x, e in zip(c["success"], eps)])
+    final_r = np.array([_ffill(windowed(x, e, k))[-1] for x, e in zip(c["return"], eps)])
     budget = float(c["env_steps"][0, -1])
-    t50 = np.array([steps_to(s, e) for s, e in zip(c["success"], c["env_steps"])])
+    t50 = np.array([steps_to(s, st, e) for s, st, e in zip(c["success"], c["env_steps"], eps)])
     return {"seeds": len(final_s), "budget": budget, "success": mean_ci(final_s), "return": mean_ci(final_r),
             "steps_to_50": mean_ci(np.where(np.isnan(t50), budget, t50)), "reached_50": int((~np.isnan(t50)).sum()),
             "per_seed": {"success": final_s.tolist(), "return": final_r.tolist(), "steps_to_50": t50.tolist()}}
@@ -226,7 +241,7 @@ def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
             c = all_curves.get((task, method))
             if c is None:
                 continue
-            s = np.stack([_ffill(x) for x in c["success"]])
+            s = np.stack([_ffill(windowed(x, e)) for x, e in zip(c["success"], c["episodes"])])
             mu = s.mean(0)
             half = np.array([mean_ci(col)[1] for col in s.T]) if len(s) > 1 else np.zeros_like(mu)
             x = c["env_steps"][0]

@@ -16,20 +16,26 @@ def test_t_quantiles_and_confidence_interval():
     assert np.isnan(ss.mean_ci([1.0])[1])
 
 
-def test_steps_to_half_success_uses_a_window_and_fills_gaps():
+def test_steps_to_half_success_weighs_the_episodes_of_a_window():
     steps = np.arange(1, 11) * 100.0
     s = np.array([0, 0, np.nan, 1, 1, 1, 1, np.nan, 1, 1], np.float64)
-    # window of 5 (zeros before the start): mean reaches 0.5 at index 5 -> [0,0,0,1,1,1] last five: 0,0,1,1,1 = 0.6
-    assert ss.steps_to(s, steps) == 600.0
-    assert np.isnan(ss.steps_to(np.zeros(10), steps))
-    assert ss.steps_to(np.ones(10), steps, window=1) == 100.0
+    e = np.where(np.isnan(s), 0, 4)
+    # the episodes of the last 5 updates: at index 4 they are 4 x 0, 4 x 0, 4 x 1, 4 x 1 (index 2 ended none) -> 0.5
+    assert ss.steps_to(s, steps, e) == 500.0
+    assert np.isnan(ss.steps_to(s, steps, e, min_episodes=17))  # no window holds more than 16 episodes
+    assert np.isnan(ss.steps_to(np.zeros(10), steps, np.full(10, 4)))
+    assert ss.steps_to(np.ones(10), steps, np.full(10, 10), window=1) == 100.0
+    # weighted by the episodes that ended: one early success among many failures is not 50%
+    assert np.isnan(ss.steps_to(np.array([1.0, 0, 0, 0]), steps[:4], episodes=np.array([1, 5, 5, 5])))
+    assert np.isnan(ss.steps_to(np.array([1.0, np.nan]), steps[:2], min_episodes=2))  # 1 episode: not a rate
+    np.testing.assert_allclose(ss.windowed(np.array([1.0, 0.0]), np.array([1, 3])), [1.0, 0.25])
 
 
 def test_summary_counts_never_reached_at_the_budget():
     steps = np.tile(np.arange(1, 21) * 1000.0, (3, 1))
     succ = np.zeros((3, 20))
     succ[0, 5:] = 1.0  # reaches 50% at update index 7 (window 5)
-    c = {"env_steps": steps, "success": succ, "return": succ * 2}
+    c = {"env_steps": steps, "success": succ, "return": succ * 2, "episodes": np.full((3, 20), 4.0)}
     r = ss.summarise(c)
     assert r["reached_50"] == 1 and r["per_seed"]["success"] == [1.0, 0.0, 0.0]
     assert r["steps_to_50"][0] == pytest.approx((8000 + 20000 + 20000) / 3)
@@ -69,13 +75,16 @@ def test_curves_read_the_runs_metrics(tmp_path):
     from jaxrl_pref.logging import write_metrics
     succ = np.array([[0, np.nan, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, np.nan]], np.float32)
     for i, d in enumerate(("a", "b")):
-        write_metrics(tmp_path / d, {"episode_success": succ + 0 * i, "episode_return": succ * 2}, steps_per_update=100)
+        write_metrics(tmp_path / d, {"episode_success": succ, "episode_return": succ * 2,
+                                     "episodes": np.where(np.isnan(succ), 0, 5).astype(np.float32)},
+                      steps_per_update=100)
     c = ss.curves([tmp_path / "a", tmp_path / "b"])
     assert c["success"].shape == (4, 8) and c["env_steps"][0].tolist() == [100 * (i + 1) for i in range(8)]
     np.testing.assert_array_equal(c["return"][1], succ[1] * 2)
     r = ss.summarise(c)
     assert r["per_seed"]["success"] == [1.0, 0.0, 1.0, 0.0] and r["reached_50"] == 2
-    assert r["per_seed"]["steps_to_50"][0] == 500.0  # window of 5 (zeros before the start): 0, 0, 1, 1, 1
+    # episodes of updates 1-3: 5 x 0, none, 5 x 1: 10 episodes, half succeeded
+    assert r["per_seed"]["steps_to_50"][0] == 300.0
 
 
 def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
