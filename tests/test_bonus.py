@@ -99,6 +99,7 @@ def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
     assert any(not np.array_equal(np.asarray(x[0]), np.asarray(x[1])) for x in leaves)
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
 def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path):
     from experiments import ppo as ppo_exp
     d = tmp_path / "run"
@@ -131,6 +132,7 @@ def test_heron_and_oni_clis_take_the_bonus():
     assert o.bonus.bonus == "e3b" and o.host
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
 def test_heron_with_e3b_trains_in_the_jitted_loop():
     """HERON's preference reward plus E3B through one WithBonus: both models learn, both are logged."""
     from agents import heron

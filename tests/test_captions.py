@@ -256,6 +256,7 @@ def test_minigrid_doorkey_scripted_episode():
 
 
 @needs_grid
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
 def test_minigrid_jit_vmap_rollout():
     """vmap over seeds of a batched env through rollout.collect: ids [seeds, T, N] int32 in the rollout's info,
     decodable in jit, with auto-resets inside the rollout."""

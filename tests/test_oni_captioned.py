@@ -152,7 +152,8 @@ def _run(tmp, model, store, num_updates=8, **kw):
     return res, client
 
 
-@pytest.mark.parametrize("model", ["retrieval", pytest.param("ranking", marks=pytest.mark.slow)])
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.parametrize("model", ["retrieval", "ranking"])
 def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model):
     """2 vmapped seeds, the hook every 2 updates, checkpoints every 4: captions (pairs) seen are asked once, their
     answers (one exchange later) are in every seed's state from the next piece on; a run stopped at update 4 and
