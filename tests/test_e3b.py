@@ -42,7 +42,8 @@ def reference_bonus(phi, done_prev, dones, ridge):
 
 def test_bonus_equals_explicit_inverses_with_resets_across_rollouts():
     T, N, dim = 6, 3, 5
-    e3b = E3B(num_envs=N, hidden=(16,), features=4, ridge=0.5, learning_rate=0.0)  # lr 0: a fixed embedding
+    e3b = E3B(num_envs=N, hidden=(16,), features=4, ridge=0.5, learning_rate=0.0,  # lr 0: a fixed embedding
+              normalize_obs=False)
     state = e3b.init(jax.random.PRNGKey(0), envs.EnvSpec((dim,), True, 4))
     done1 = np.zeros((T, N), bool)
     done1[2, 0] = done1[4, 1] = done1[T - 1, 2] = True   # env 2's episode ends at the rollout's last step
@@ -64,7 +65,8 @@ def test_bonus_equals_explicit_inverses_with_resets_across_rollouts():
 
 def test_repeating_a_state_pays_less_and_a_new_episode_pays_again():
     T, N, dim = 8, 2, 4
-    e3b = E3B(num_envs=N, hidden=(8,), features=4, ridge=0.1, learning_rate=0.0)
+    # one constant observation: standardised it would be all zeros (no embedding), so raw inputs here
+    e3b = E3B(num_envs=N, hidden=(8,), features=4, ridge=0.1, learning_rate=0.0, normalize_obs=False)
     state = e3b.init(jax.random.PRNGKey(0), envs.EnvSpec((dim,), True, 2))
     obs = jnp.ones((T, N, dim))
     done = np.zeros((T, N), bool)
@@ -108,3 +110,19 @@ def test_ppo_with_e3b_through_the_seam_vmaps_over_seeds():
     for k in ("e3b/bonus", "e3b/inverse_loss", "reward/intrinsic"):
         assert np.isfinite(np.asarray(m[k])).all(), k
     assert (np.asarray(m["e3b/bonus"]) > 0).all()
+
+
+def test_observation_scale_does_not_matter():
+    """With running observation statistics (the default) the bonus of observations scaled by 1000 (raw glyph ids are
+    in the thousands) is that of the unscaled ones: finite and of the same size."""
+    T, N, dim = 8, 4, 5
+    spec = envs.EnvSpec((dim,), True, 4)
+    tr = _as_pytree(rollout(jax.random.PRNGKey(1), T, N, dim, 4, np.zeros((T, N), bool)))
+    big = tr.replace(obs=tr.obs * 1000.0 + 3000.0, final_obs=tr.final_obs * 1000.0 + 3000.0)
+    out = []
+    for t in (tr, big):
+        e3b = E3B(num_envs=N, hidden=(16,), features=8, learning_rate=0.0)
+        state, _ = e3b.update(e3b.init(jax.random.PRNGKey(0), spec), t, jax.random.PRNGKey(2))
+        out.append(np.asarray(e3b(state, t)[0]))
+    assert np.isfinite(out[1]).all()
+    np.testing.assert_allclose(out[1], out[0], rtol=0.05, atol=1e-3)

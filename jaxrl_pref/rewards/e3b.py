@@ -15,7 +15,9 @@ envs this transform sees per call (per device under data parallelism). The seam 
 embedding, advance ``C^-1`` through the rollout) then ``__call__`` (the bonus of the rollout, from the ``C^-1`` at
 its start, with the updated embedding).
 
-Array, image and dict observations are flattened per step (``rnd.flat_obs``). Discrete actions: the inverse model
+Array, image and dict observations are flattened per step (``rnd.flat_obs``) and, with ``normalize_obs`` (default),
+standardised by running statistics and clipped to [-5, 5] as RND's are (raw NetHack glyph ids are in the thousands:
+unnormalised, the bonus reached 1e7 and the policy's parameters NaN on MiniHack). Discrete actions: the inverse model
 classifies the action taken (cross-entropy, as the paper); continuous actions (e.g. HERON's factor envs): it
 regresses the action vector (mean squared error).
 """
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_pref.networks import MLP
-from jaxrl_pref.rewards.rnd import flat_obs, obs_layout
+from jaxrl_pref.rewards.rnd import flat_obs, normalise_obs, obs_layout, obs_stats, update_obs_stats
 
 
 class _InverseDynamics(nn.Module):
@@ -53,12 +55,12 @@ class E3B:
     its running std)."""
 
     def __init__(self, num_envs: int, hidden: Sequence[int] = (64, 64), features: int = 32, ridge: float = 0.1,
-                 learning_rate: float = 3e-4, steps: int = 1):
+                 learning_rate: float = 3e-4, steps: int = 1, normalize_obs: bool = True):
         if ridge <= 0:
             raise ValueError(f"E3B: ridge (lambda) must be positive, got {ridge}")
         self.num_envs, self.hidden, self.features, self.ridge = num_envs, tuple(hidden), features, ridge
         self.tx = optax.adam(learning_rate)
-        self.steps = steps
+        self.steps, self.normalize_obs = steps, normalize_obs
 
     def init(self, key, spec) -> dict:
         self._discrete = spec.discrete
@@ -68,14 +70,21 @@ class E3B:
         params = self.net.init(key, x, x)
         eye = jnp.broadcast_to(jnp.eye(self.features) / self.ridge, (self.num_envs, self.features, self.features))
         return {"params": params, "opt": self.tx.init(params), "cinv": eye, "cinv_start": eye,
-                "last_done": jnp.ones(self.num_envs, bool), "last_done_start": jnp.ones(self.num_envs, bool)}
+                "last_done": jnp.ones(self.num_envs, bool), "last_done_start": jnp.ones(self.num_envs, bool),
+                **obs_stats(dim)}
 
-    def _phi(self, params, obs):
-        return self.net.apply(params, flat_obs(obs, self._rank), method=_InverseDynamics.phi)
+    def _x(self, state, obs):
+        x = flat_obs(obs, self._rank)
+        return normalise_obs(state, x) if self.normalize_obs else x
 
-    def _bonus(self, params, cinv, last_done, traj):
+    def _phi(self, params, obs, state=None):
+        """The embedding of ``obs`` (normalised by ``state``'s running statistics when ``normalize_obs``)."""
+        x = flat_obs(obs, self._rank) if state is None else self._x(state, obs)
+        return self.net.apply(params, x, method=_InverseDynamics.phi)
+
+    def _bonus(self, state, params, cinv, last_done, traj):
         """Scans the rollout: returns ``(bonus [T, N], C^-1 after it)``."""
-        phi = self._phi(params, traj.final_obs)  # [T, N, d]: the state each step led to
+        phi = self._phi(params, traj.final_obs, state)  # [T, N, d]: the state each step led to
         starts = jnp.concatenate([last_done[None], traj.done[:-1]], 0)  # an episode starts at step t
         reset = jnp.eye(self.features) / self.ridge
 
@@ -83,7 +92,7 @@ class E3B:
             f, start = inp
             cinv = jnp.where(start[:, None, None], reset, cinv)
             u = jnp.einsum("nij,nj->ni", cinv, f)
-            b = jnp.einsum("ni,ni->n", f, u)
+            b = jnp.maximum(jnp.einsum("ni,ni->n", f, u), 0.0)  # >= 0 for a positive-definite C^-1 (float guard)
             cinv = cinv - jnp.einsum("ni,nj->nij", u, u) / (1.0 + b)[:, None, None]
             return cinv, b
 
@@ -95,7 +104,10 @@ class E3B:
         if N != self.num_envs:
             raise ValueError(f"E3B(num_envs={self.num_envs}) got a rollout of {N} envs: pass the env count it sees "
                              "(per device under data parallelism)")
-        x, x_next = flat_obs(traj.obs, self._rank), flat_obs(traj.final_obs, self._rank)
+        if self.normalize_obs:  # raw NetHack glyph ids are in the thousands: standardise, as RND does
+            raw = flat_obs(traj.final_obs, self._rank)
+            state = update_obs_stats(state, raw.reshape((-1, raw.shape[-1])), axis_name)
+        x, x_next = self._x(state, traj.obs), self._x(state, traj.final_obs)
         x, x_next = x.reshape((T * N, -1)), x_next.reshape((T * N, -1))
         actions = traj.action.reshape((T * N,) + traj.action.shape[2:])
 
@@ -117,8 +129,8 @@ class E3B:
 
         (params, opt), (losses, accs) = jax.lax.scan(step, (state["params"], state["opt"]), None,
                                                      length=self.steps)
-        _, cinv = self._bonus(params, state["cinv"], state["last_done"], traj)
-        new = {"params": params, "opt": opt, "cinv": cinv, "cinv_start": state["cinv"],
+        _, cinv = self._bonus(state, params, state["cinv"], state["last_done"], traj)
+        new = {**state, "params": params, "opt": opt, "cinv": cinv, "cinv_start": state["cinv"],
                "last_done": traj.done[-1], "last_done_start": state["last_done"]}
         metrics = {"e3b/inverse_loss": losses[-1]}
         if self._discrete:
@@ -126,5 +138,5 @@ class E3B:
         return new, metrics
 
     def __call__(self, state, traj):
-        bonus, _ = self._bonus(state["params"], state["cinv_start"], state["last_done_start"], traj)
+        bonus, _ = self._bonus(state, state["params"], state["cinv_start"], state["last_done_start"], traj)
         return bonus, {"e3b/bonus": bonus.mean()}

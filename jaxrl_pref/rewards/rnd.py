@@ -76,6 +76,32 @@ def _moments_merge(mean, var, count, b_mean, b_var, b_count):
     return new_mean, m2 / total, total
 
 
+def obs_stats(dim: int) -> dict:
+    """Running mean/variance of flattened observations (state entries ``obs_mean``, ``obs_var``, ``obs_count``)."""
+    return {"obs_mean": jnp.zeros(dim), "obs_var": jnp.ones(dim), "obs_count": jnp.float32(1e-4)}
+
+
+def update_obs_stats(state: dict, raw: jax.Array, axis_name: Optional[str] = None) -> dict:
+    """``state`` with its observation statistics merged with the rows of ``raw`` ``[n, dim]`` (of every device along
+    ``axis_name``: equal-sized shards, so the mean of the moments is the moments of the union)."""
+    b_mean, b_var = raw.mean(0), raw.var(0)
+    if axis_name is not None:
+        b_sq = jax.lax.pmean(b_var + jnp.square(b_mean), axis_name)
+        b_mean = jax.lax.pmean(b_mean, axis_name)
+        b_var = b_sq - jnp.square(b_mean)
+        b_count = raw.shape[0] * jax.lax.psum(1, axis_name)
+    else:
+        b_count = raw.shape[0]
+    mean, var, count = _moments_merge(state["obs_mean"], state["obs_var"], state["obs_count"], b_mean, b_var,
+                                      jnp.float32(b_count))
+    return {**state, "obs_mean": mean, "obs_var": var, "obs_count": count}
+
+
+def normalise_obs(state: dict, x: jax.Array) -> jax.Array:
+    """``x`` standardised by the running statistics, clipped to [-5, 5] (RND's choice)."""
+    return jnp.clip((x - state["obs_mean"]) / jnp.sqrt(state["obs_var"] + 1e-8), -5.0, 5.0)
+
+
 class RND:
     """RND bonus (see module doc). ``RND(hidden=(64, 64), features=64, learning_rate=1e-4, ...)``; use it through
     ``ScaledSum(RND(...), ext_coef=1.0, int_coef=c, normalize=False)`` (it normalises itself)."""
@@ -96,13 +122,11 @@ class RND:
         self._rank, dim = obs_layout(spec)
         x = jnp.zeros((1, dim))
         pred = self.predictor.init(k_p, x)
-        return {"target": self.target.init(k_t, x), "predictor": pred, "opt": self.tx.init(pred),
-                "obs_mean": jnp.zeros(dim), "obs_var": jnp.ones(dim), "obs_count": jnp.float32(1e-4),
+        return {"target": self.target.init(k_t, x), "predictor": pred, "opt": self.tx.init(pred), **obs_stats(dim),
                 "ret_mean": jnp.float32(0.0), "ret_var": jnp.float32(1.0), "ret_count": jnp.float32(1e-4)}
 
     def _x(self, state, obs):
-        x = flat_obs(obs, self._rank)
-        return jnp.clip((x - state["obs_mean"]) / jnp.sqrt(state["obs_var"] + 1e-8), -5.0, 5.0)
+        return normalise_obs(state, flat_obs(obs, self._rank))
 
     def _error(self, target_params, pred_params, x):
         return jnp.mean(jnp.square(self.target.apply(target_params, x) - self.predictor.apply(pred_params, x)), -1)
@@ -111,18 +135,8 @@ class RND:
         obs = traj.final_obs
         raw = flat_obs(obs, self._rank)
         raw = raw.reshape((-1, raw.shape[-1]))
-        b_mean, b_var = raw.mean(0), raw.var(0)
-        if axis_name is not None:  # equal-sized shards: the mean of moments is the moments of the union
-            b_sq = jax.lax.pmean(b_var + jnp.square(b_mean), axis_name)
-            b_mean = jax.lax.pmean(b_mean, axis_name)
-            b_var = b_sq - jnp.square(b_mean)
-            b_count = raw.shape[0] * jax.lax.psum(1, axis_name)
-        else:
-            b_count = raw.shape[0]
-        mean, var, count = _moments_merge(state["obs_mean"], state["obs_var"], state["obs_count"], b_mean, b_var,
-                                          jnp.float32(b_count))
-        state = {**state, "obs_mean": mean, "obs_var": var, "obs_count": count}
-        x = self._x(state, obs).reshape((-1, mean.shape[0]))
+        state = update_obs_stats(state, raw, axis_name)
+        x = self._x(state, obs).reshape((-1, raw.shape[-1]))
         mask = (jax.random.uniform(key, (x.shape[0],)) < self.update_proportion).astype(jnp.float32)
 
         def loss(p):
@@ -150,7 +164,7 @@ class RND:
             r_count = r_count * jax.lax.psum(1, axis_name)
         m, v, c = _moments_merge(state["ret_mean"], state["ret_var"], state["ret_count"], r_mean, r_var, r_count)
         state = {**state, "ret_mean": m, "ret_var": v, "ret_count": c}
-        return state, {"rnd/loss": losses[-1], "rnd/obs_std": jnp.sqrt(var).mean()}
+        return state, {"rnd/loss": losses[-1], "rnd/obs_std": jnp.sqrt(state["obs_var"]).mean()}
 
     def __call__(self, state, traj):
         err = self._error(state["target"], state["predictor"], self._x(state, traj.final_obs))
