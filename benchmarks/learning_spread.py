@@ -154,6 +154,26 @@ def keydoor9_e3b(s: int, n: int) -> dict:
     return _keydoor9(s, n, "e3b")
 
 
+def _deepsea10(s: int, n: int, bonus: str) -> dict:
+    """tests/test_bonus.py::test_e3b_solves_deep_sea_where_ppo_does_not (slow): DeepSea-10, 146 updates of 32 envs x
+    64 steps, PPO with or without E3B (0.01), as experiments.sparse_study's deepsea10; success of the last 15
+    updates per seed."""
+    from agents import ppo
+    from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus
+    cfg = ppo.Config(env_name="DeepSea-10", num_envs=32, num_steps=64, total_timesteps=300_000)
+    reward = with_bonus(None, BonusConfig(bonus=bonus, bonus_coef=0.01), cfg.num_envs)
+    out = jax.jit(jax.vmap(ppo.make_train(cfg, reward=reward)))(_keys(s, n))
+    return {"success": _tail(out.metrics["episode_success"], 15)}
+
+
+def deepsea10_ppo(s: int, n: int) -> dict:
+    return _deepsea10(s, n, "none")
+
+
+def deepsea10_e3b(s: int, n: int) -> dict:
+    return _deepsea10(s, n, "e3b")
+
+
 def cartpole_gru(s: int, n: int) -> dict:
     """tests/test_recurrent.py::test_gru_cartpole_reaches_475 (slow): the anchor bench's GRU config, 500k steps;
     mean return of the last 10 updates per seed."""
@@ -377,7 +397,7 @@ TASKS = {f.__name__: f for f in (
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
     oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru,
-    keydoor9_ppo, keydoor9_e3b)}
+    keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {
