@@ -444,7 +444,7 @@ def summary(task: str, record: Path = RECORD) -> None:
     if not rows:
         print(f"{task}: nothing recorded")
         return
-    n, checks = TESTS[task]
+    n, checks = TESTS.get(task, (len(rows[0]["values"][next(iter(rows[0]["values"]))]), []))  # no test yet: spread
     keys = list(dict.fromkeys(k for r in rows for k in r["values"]))
     per_seed = {k: np.concatenate([np.asarray(r["values"][k], float) for r in rows if k in r["values"]])
                 for k in keys}
