@@ -50,7 +50,7 @@ def test_bonus_equals_explicit_inverses_with_resets_across_rollouts():
     done2 = np.zeros((T, N), bool)
     done2[1, 1] = True
     r1, r2 = rollout(jax.random.PRNGKey(1), T, N, dim, 4, done1), rollout(jax.random.PRNGKey(2), T, N, dim, 4, done2)
-    phi = lambda o: np.asarray(e3b._phi(state["params"], o))  # noqa: E731
+    phi = lambda o: np.asarray(e3b._phi(state["params"], o, state))  # noqa: E731
     ref = reference_bonus(np.concatenate([phi(r1.final_obs), phi(r2.final_obs)]), np.ones(N, bool),
                           np.concatenate([done1, done2]), 0.5)
     got = []

@@ -77,10 +77,9 @@ class E3B:
         x = flat_obs(obs, self._rank)
         return normalise_obs(state, x) if self.normalize_obs else x
 
-    def _phi(self, params, obs, state=None):
+    def _phi(self, params, obs, state):
         """The embedding of ``obs`` (normalised by ``state``'s running statistics when ``normalize_obs``)."""
-        x = flat_obs(obs, self._rank) if state is None else self._x(state, obs)
-        return self.net.apply(params, x, method=_InverseDynamics.phi)
+        return self.net.apply(params, self._x(state, obs), method=_InverseDynamics.phi)
 
     def _bonus(self, state, params, cinv, last_done, traj):
         """Scans the rollout: returns ``(bonus [T, N], C^-1 after it)``."""
