@@ -178,25 +178,10 @@ def steps_to(success: np.ndarray, env_steps: np.ndarray, episodes: Optional[np.n
 
 
 def mean_ci(x) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval."""
-    x = np.asarray(x, np.float64)
-    x = x[~np.isnan(x)]
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else float("nan")), float("nan")
-    return float(x.mean()), float(t975(len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-
-
-# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t (a table to 10 degrees of freedom, then the Cornish-Fisher expansion
-    around the normal's 1.96, within 0.002)."""
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    """Mean and the half-width of its 95% Student-t confidence interval (:func:`slurm.report.mean_ci`)."""
+    from slurm.report import mean_ci as _mean_ci
+    m, half, _ = _mean_ci(np.asarray(x, np.float64))
+    return m, half
 
 
 def summarise(c: dict) -> dict:

@@ -5,10 +5,15 @@ import pytest
 from experiments import sparse_study as ss
 
 
-def test_t_quantiles_and_confidence_interval():
+def test_t_quantiles_and_confidence_interval(monkeypatch):
+    import builtins
+    from slurm.sweep import t_quantile
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("scipy") else real_import(name, *a, **k))  # the fallback without scipy
     # reference values of Student's t 97.5% quantile
     for df, t in ((1, 12.706), (2, 4.303), (10, 2.228), (12, 2.179), (20, 2.086), (40, 2.021), (120, 1.980)):
-        assert abs(ss.t975(df) - t) < 2e-3, df
+        assert abs(t_quantile(df + 1) - t) < 2e-3, df
     m, h = ss.mean_ci([0.0, 1.0, 0.5])
     assert m == pytest.approx(0.5) and h == pytest.approx(4.303 * 0.5 / np.sqrt(3), rel=1e-3)
     assert ss.mean_ci([0.3, np.nan, 0.5]) == (pytest.approx(0.4), pytest.approx(12.706 * np.std([0.3, 0.5], ddof=1)
