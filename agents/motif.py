@@ -15,8 +15,10 @@ output into ``DIR`` and is skipped (said on the console) when a later run finds 
    (:mod:`jaxrl_pref.rewards.motif`);
 4. **PPO** on ``ext_coef * r_ext + int_coef * normalise(r_int)`` with ``r_int = 1[z(m) > eps] z(m) / N(m)^beta``
    from the frozen model (:func:`make_reward`: :class:`~jaxrl_pref.rewards.shaping.ShapedIntrinsic` in
-   :class:`~jaxrl_pref.rewards.transform.ScaledSum`, as ONI's); ONI's host hook counts the messages into the table
-   for the decay and asks the annotator nothing (:class:`NullClient`).
+   :class:`~jaxrl_pref.rewards.transform.ScaledSum`, as ONI's); on the pool ONI's host hook counts the messages into
+   the table for the decay and asks the annotator nothing (:class:`NullClient`); on a captioned JAX task the frozen
+   scores of the caption table and the per-caption counts live in the jitted loop
+   (:class:`~jaxrl_pref.rewards.captioned.CaptionedIntrinsic`, no hook, seeds vmapped).
 
 Each output records a hash of the one it was made from (``pairs.json`` of ``dataset.json``, ``model.json`` of
 ``pairs.json``): delete ``dataset.json`` and the pairs and the model are made again. docs/oni.md has the details.
@@ -431,14 +433,21 @@ def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[]
 
 
 # -- phase 4: PPO ----------------------------------------------------------------------------------------------------
-def make_reward(oni_cfg, prepared: Prepared):
+def make_reward(oni_cfg, prepared: Prepared, captions=None):
     """ONI's reward transform around the frozen model: ``ext_coef * r_ext + int_coef * normalise(r_int)``,
-    ``r_int = 1[z > eps] z / N^beta``; eps is ``--threshold`` when given, else the model's quantile threshold."""
+    ``r_int = 1[z > eps] z / N^beta``; eps is ``--threshold`` when given, else the model's quantile threshold.
+    ``captions`` (a captioned JAX task's :class:`~envs.captions.CaptionTable`): the per-id form that runs inside the
+    jitted loop (:class:`~jaxrl_pref.rewards.captioned.CaptionedIntrinsic`, counts by caption id in the device state,
+    no host hook); None: the message table of the host loop."""
     from jaxrl_pref.rewards import ScaledSum
+    from jaxrl_pref.rewards.captioned import CaptionedIntrinsic
     from jaxrl_pref.rewards.shaping import ShapedIntrinsic
     thr = oni_cfg.threshold if oni_cfg.threshold != -1.0 else prepared.threshold
-    shaped = ShapedIntrinsic(prepared.model, threshold=thr, beta=oni_cfg.count_beta,
-                             table_capacity=oni_cfg.table_capacity)
+    if captions is not None:
+        shaped = CaptionedIntrinsic(prepared.model, captions.bytes, threshold=thr, beta=oni_cfg.count_beta)
+    else:
+        shaped = ShapedIntrinsic(prepared.model, threshold=thr, beta=oni_cfg.count_beta,
+                                 table_capacity=oni_cfg.table_capacity)
     return ScaledSum(shaped, ext_coef=oni_cfg.ext_coef, int_coef=oni_cfg.int_coef,
                      normalize=oni_cfg.normalize_intrinsic)
 
@@ -484,11 +493,16 @@ def train(opts, run_dir):
         collect=lambda: collect_dataset(env_name, m.motif_steps, opts.ppo.num_envs, opts.run.seed, opts.pool),
         connect=lambda: service_client(opts.annotator, env_name, directory))
     _check_resume(opts, run_dir, prepared.sha, directory)
-    reward = make_reward(opts.oni, prepared)
-    hook = make_hook(opts.oni, reward, opts.run.seed, state_key=None if opts.bonus.bonus == "none" else "base")
+    info = {"motif_dir": str(directory), "motif_model_sha256": prepared.sha}
     _say(f"PPO with the frozen reward model of {directory}")
-    result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook,
-                              run_info={"motif_dir": str(directory), "motif_model_sha256": prepared.sha})
+    if opts.host:
+        reward = make_reward(opts.oni, prepared)
+        hook = make_hook(opts.oni, reward, opts.run.seed, state_key=None if opts.bonus.bonus == "none" else "base")
+        result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook, run_info=info)
+    else:  # a captioned JAX task: the frozen scores and the per-caption counts inside the jitted loop, no hook
+        from envs import captions
+        reward = make_reward(opts.oni, prepared, captions.caption_table(env_name))
+        result = launch.train_ppo(opts, run_dir, reward=reward, run_info=info)
     if result.metrics:
         plot_oni_curves(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
     return result

@@ -62,8 +62,6 @@ def check(opts) -> None:
                 f"ONI learns from the agent's messages, and the JAX env {opts.env_name} has none",
                 "pass a captioned JAX task (KeyDoor-5, MiniGrid-DoorKey-8x8, ...) or a NetHack/MiniHack one, e.g. "
                 "--env MiniHack-KeyRoom-Fixed-S5-v0")
-        require(opts.oni.method in ("oni", "ellm"), "method",
-                f"--method {opts.oni.method} runs on NetHack/MiniHack tasks only", "use --method oni or ellm here")
     launch.check_ppo(opts)
 
 

@@ -15,7 +15,7 @@ checkpoint. Methods share every PPO setting of their task; only the reward diffe
 * ``oni-retrieval`` / ``oni-classification`` / ``oni-ranking`` -- ONI with that reward model (``experiments.oni``,
   the embedded annotator unless ``--extra-args`` says otherwise; in the jitted loop on captioned JAX tasks);
 * ``motif`` -- Motif (``experiments.oni --method motif``; its dataset, pairs and model in ``OUT/<task>/motif-data``,
-  shared by the seeds; NetHack/MiniHack tasks only);
+  shared by the seeds);
 * ``ellm`` -- ELLM-BoW (``experiments.oni --method ellm``).
 
 The default methods are the first three; pass ``--methods`` for the others (their budgets are not sized yet).
@@ -85,13 +85,11 @@ def _host(env: str) -> bool:
 
 def not_applicable(task: str, method: str) -> Optional[str]:
     """Why ``method`` cannot run on ``task`` (None if it can): LLM feedback needs messages (a NetHack/MiniHack task
-    or a captioned JAX task); Motif runs on the pool only."""
+    or a captioned JAX task)."""
     from envs import captions
     env = TASKS[task]["env"]
     if method in ("ppo", "rnd", "e3b"):
         return None
-    if method == "motif" and not _host(env):
-        return "Motif runs on NetHack/MiniHack tasks only"
     if not (_host(env) or captions.is_captioned(env)):
         return f"{env} has no messages (not captioned)"
     return None

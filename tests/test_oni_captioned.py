@@ -229,7 +229,7 @@ def test_embedded_backend_judges_by_the_goal_when_the_prompt_lists_no_examples()
 
 def test_cli_refuses_uncaptioned_jax_envs():
     from experiments import oni as oni_exp
-    for argv in (["--env", "CartPole-v1"], ["--env", "KeyDoor-5", "--method", "motif"]):
+    for argv in (["--env", "CartPole-v1"], ["--env", "CartPole-v1", "--method", "motif"]):
         with pytest.raises(SystemExit) as e:
             oni_exp.parse(argv)
         assert e.value.code == 2, argv

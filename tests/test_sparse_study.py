@@ -102,5 +102,6 @@ def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
                                   for _, a in runs)  # one dataset and model for every seed
     (_, argv), = ss.commands(cfg, "keydoor9", "ellm")
     assert argv[argv.index("--method") + 1] == "ellm"
-    assert ss.not_applicable("deepsea10", "ellm") and ss.not_applicable("keydoor9", "motif")
+    assert ss.not_applicable("deepsea10", "ellm") and ss.not_applicable("deepsea10", "motif")
+    assert ss.not_applicable("keydoor9", "motif") is None
     assert ss.not_applicable("keydoor9", "oni-retrieval") is None and ss.not_applicable("minihack_keyroom", "motif") is None

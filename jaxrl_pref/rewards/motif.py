@@ -228,6 +228,12 @@ class FrozenRanking:
         r = score_unique(lambda m: self.reward(state["params"], m), msgs)
         return (r - state["mean"]) / state["std"]
 
+    def caption_scores(self, state, captions, labels):
+        """:meth:`score` of each message of a static caption table (``uint8[K, L]``), the net run once per caption
+        (:class:`~jaxrl_pref.rewards.captioned.CaptionedIntrinsic`; ``labels`` unused: Motif asks nothing during
+        RL)."""
+        return (self.reward(state["params"], captions) - state["mean"]) / state["std"]
+
 
 __all__ = ["FitResult", "FrozenRanking", "fit", "normalisation", "rewards", "save", "load", "split_pairs",
            "pair_accuracy", "weighted_quantile", "file_sha", "write_atomic"]
