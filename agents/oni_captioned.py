@@ -128,6 +128,11 @@ class CaptionLoop:
                 self.asked_pairs.add(p)
             self.written = int(self.pairs["valid"].sum())  # (once the ring has wrapped: not where it was)
 
+    def metrics(self) -> dict:
+        """Host numbers for the runner to log at the update of the last call: the annotator client's and service's
+        (``annotator/*``: connected, labels/s, pending, restarts..., as ONI on NetHack logs them every update)."""
+        return getattr(self.client, "metrics", dict)()
+
     # -- one call between chunks -----------------------------------------------------------------------------------
     def __call__(self, state, update: int, seed_axis: bool = False):
         shaped = self._get(state)

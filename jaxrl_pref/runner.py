@@ -553,12 +553,15 @@ class _Session:
                         break
                 logger.reset_timer(a)
                 new_state, chunk = self.run_chunk(b - a)
-                self.history = {k: np.concatenate([self.history[k], v], axis=1) if k in self.history else v
-                                for k, v in chunk.items()}
+                self.history = concat_metrics(self.history, chunk)
                 self.check_nan(chunk, a)  # a diverged state is not checkpointed
                 self.state, self.done = new_state, b
                 if hook is not None:
                     self.run_hook(hook, b)
+                    host = hook_metrics(hook, chunk)
+                    if host:  # the hook's own numbers (ONI: the annotator's), at the chunk's last update
+                        chunk = {**chunk, **host}
+                        self.history = concat_metrics(self.history, host, overwrite_last=b - a)
                 if b in checkpoints:
                     self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent,
                                                               "updates_done": b}, history=self.history)
@@ -589,6 +592,39 @@ class _Session:
                            self.resumed_from, interrupted, self.compile_s, self.train_s, paths)
         self.logger.message(_summary(result, self.ckpt.latest_step()))
         return result
+
+
+def concat_metrics(history: Mapping, chunk: Mapping, overwrite_last: int = 0) -> dict:
+    """``history`` and a chunk's metrics (``[seeds, n]`` each) side by side, a metric missing on either side NaN there
+    (a key first reported mid-run, or not in every chunk). ``overwrite_last=n``: ``chunk`` replaces the history's last
+    ``n`` updates of its keys instead of extending them."""
+    if not history:
+        return dict(chunk)
+    first = next(iter(history.values()))
+    seeds, width = first.shape[0], first.shape[1] - overwrite_last
+    n = next(iter(chunk.values())).shape[1]
+    out = {}
+    for k in history.keys() | chunk.keys():
+        old = history[k][:, :width] if k in history else np.full((seeds, width), np.nan, np.float32)
+        new = chunk[k] if k in chunk else (history[k][:, width:] if overwrite_last else
+                                           np.full((seeds, n), np.nan, np.float32))
+        out[k] = np.concatenate([old, new], axis=1)
+    return out
+
+
+def hook_metrics(hook, chunk: Mapping) -> dict:
+    """The chunk hook's ``metrics()`` (host numbers, e.g. ONI's annotator counters) as a chunk's metrics: each value
+    at the chunk's last update, for every seed (NaN at the chunk's other updates). ``{}`` if the hook has none."""
+    get = getattr(hook, "metrics", None)
+    if get is None or not chunk:
+        return {}
+    seeds, n = next(iter(chunk.values())).shape[:2]
+    out = {}
+    for k, v in get().items():
+        col = np.full((seeds, n), np.nan, np.float32)
+        col[:, -1] = v
+        out[k] = col
+    return out
 
 
 def _summary(r: RunResult, latest: Optional[int]) -> str:

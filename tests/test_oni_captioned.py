@@ -266,6 +266,9 @@ def test_cli_end_to_end_with_the_annotator_service(tmp_path, env, model):
     assert len(last) == 2 and all(r["messages/distinct_seen"] > 0 for r in last)
     key = "labels/pairs" if model == "ranking" else "labels/labeled"
     assert all(r[key] > 0 for r in last), last
+    # the annotator's numbers (the hook's metrics()) at the updates of its calls, every 5th; none between them
+    assert all(r["annotator/connected"] == 1.0 for r in last), last
+    assert all(r.get("annotator/connected") is None for r in rows if r["update"] % 5), rows[0]
     with sqlite3.connect(run / "labels.db") as db:
         n = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
     p = subprocess.run([sys.executable, "-m", "experiments.oni", "--resume", str(run), "--progress", "False"],

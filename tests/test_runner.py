@@ -366,3 +366,26 @@ def test_vmapped_seeds_log_from_chunk_outputs_without_callbacks(tmp_path, monkey
     run_experiment(make_trainer, CFG, run_dir=tmp_path / "one", **{**RUN, "num_seeds": 1, "log_every": 2})
     assert given[-1] is not None and calls  # traced once into the scan body
     assert counted == [(2, 1), (4, 1), (6, 1)]  # one host call per log_every updates, one seed each
+
+
+def test_concat_metrics_pads_missing_keys_and_hook_metrics_land_on_the_last_update():
+    """A metric first reported mid-run (an annotator that connects late) or missing from a chunk is NaN there, so
+    every metric keeps one column per update; a chunk hook's metrics() sit at its chunk's last update, per seed."""
+    from jaxrl_pref.runner import concat_metrics, hook_metrics
+    a = {"r": np.ones((2, 3), np.float32)}
+    b = {"r": np.full((2, 2), 2.0, np.float32), "late": np.full((2, 2), 5.0, np.float32)}
+    h = concat_metrics(a, b)
+    np.testing.assert_array_equal(h["r"], [[1, 1, 1, 2, 2]] * 2)
+    np.testing.assert_array_equal(h["late"], [[np.nan] * 3 + [5, 5]] * 2)
+    h = concat_metrics(h, {"r": np.zeros((2, 1), np.float32)})
+    assert {k: v.shape for k, v in h.items()} == {"r": (2, 6), "late": (2, 6)} and np.isnan(h["late"][:, -1]).all()
+
+    class Hook:
+        def metrics(self):
+            return {"annotator/connected": 1.0}
+    host = hook_metrics(Hook(), b)
+    np.testing.assert_array_equal(host["annotator/connected"], [[np.nan, 1.0]] * 2)
+    h2 = concat_metrics(concat_metrics(a, b), host, overwrite_last=2)
+    np.testing.assert_array_equal(h2["annotator/connected"], [[np.nan] * 4 + [1.0]] * 2)
+    np.testing.assert_array_equal(h2["r"], [[1, 1, 1, 2, 2]] * 2)  # the chunk's own metrics kept
+    assert hook_metrics(object(), b) == {}
