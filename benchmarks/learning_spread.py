@@ -281,6 +281,43 @@ def sebulba_cartpole_overlap(s: int, n: int) -> dict:
     return _sebulba_cartpole(s, n, True)
 
 
+KEYROOM_STEPS = 100_000
+
+
+def _keyroom(s: int, n: int, bonus: str) -> dict:
+    """tests/test_bonus.py::test_e3b_solves_minihack_keyroom_where_ppo_does_not (slow): MiniHack-KeyRoom-Fixed-S5
+    through the pool, ``python -m experiments.ppo`` with the pool's PPO defaults (as experiments.sparse_study's
+    minihack_keyroom) for KEYROOM_STEPS env steps, with or without the bonus (coefficient 0.01), seeds
+    n*s .. n*s+n-1; success of the episodes that ended in the last tenth of the updates."""
+    import tempfile
+    from agents import launch
+    from experiments import ppo as ppo_exp
+    from experiments.sparse_study import windowed
+    out = []
+    for seed in range(n * s, n * s + n):
+        with tempfile.TemporaryDirectory() as d:
+            argv = ["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--total-timesteps", str(KEYROOM_STEPS), "--seed",
+                    str(seed), "--progress", "False", "--run-dir", d]
+            if bonus != "none":
+                argv += ["--bonus", bonus, "--bonus-coef", "0.01"]
+            m = launch.train_ppo(ppo_exp.parse(argv), d).metrics
+        k = max(1, m["episode_success"].shape[1] // 10)
+        out.append(float(windowed(m["episode_success"][0], m["episodes"][0], k)[-1]))
+    return {"success": np.array(out)}
+
+
+def keyroom_ppo(s: int, n: int) -> dict:
+    return _keyroom(s, n, "none")
+
+
+def keyroom_e3b(s: int, n: int) -> dict:
+    return _keyroom(s, n, "e3b")
+
+
+def keyroom_rnd(s: int, n: int) -> dict:
+    return _keyroom(s, n, "rnd")
+
+
 def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
     """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random (and with network="lstm"
     tests/test_recurrent.py::test_lstm_policy_learns_minihack_room): final return minus random return."""
@@ -397,7 +434,7 @@ TASKS = {f.__name__: f for f in (
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
     oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru,
-    keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b)}
+    keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b, keyroom_ppo, keyroom_e3b, keyroom_rnd)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {
@@ -425,6 +462,8 @@ TESTS = {
     "oni_classification60": (1, [("frac", "min", ">", 0.7), ("active_frac", "min", ">", 0.5)]),
     "oni_ranking": (1, [("frac", "min", ">", 0.8), ("pairs", "min", ">=", 5)]),
     "oni_service": (1, [("frac", "min", ">", 0.8)]),
+    "keyroom_e3b": (2, [("success", "min", ">=", 0.15)]),
+    "keyroom_ppo": (2, [("success", "max", "<=", 0.05)]),
 }
 OPS = {">=": np.greater_equal, ">": np.greater, "<": np.less, "<=": np.less_equal}
 
