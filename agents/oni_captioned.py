@@ -1,8 +1,8 @@
 """ONI on captioned JAX envs inside one ``jit``: ``python -m experiments.oni --env MiniGrid-DoorKey-8x8``.
 
-On a captioned task (:mod:`envs.captions`: ``KeyDoor-*``, ``MiniGrid-*``) every step's message is an id into a static
-caption table, so ONI needs no host loop: PPO's jitted chunked loop (:class:`agents.ppo.Trainer`, seeds vmapped) runs
-with
+On a captioned task (:mod:`envs.captions`: ``KeyDoor-*``, ``MiniGrid-*``, ``Craftax-*``) every step's message is an id
+into a static caption table, so ONI needs no host loop: PPO's jitted chunked loop (:class:`agents.ppo.Trainer`, seeds
+vmapped) runs with
 
 * the reward transform ``ScaledSum(CaptionedIntrinsic(model))`` (:func:`make_reward`;
   :mod:`jaxrl_pref.rewards.captioned`): the same three reward models and shaping as ONI on NetHack, with per-id
@@ -37,7 +37,7 @@ from jaxrl_pref.rewards.captioned import CaptionedIntrinsic
 
 @dataclasses.dataclass(frozen=True)
 class CaptionedOptions:
-    """ONI on captioned JAX envs (KeyDoor-*, MiniGrid-*: the jitted loop)."""
+    """ONI on captioned JAX envs (KeyDoor-*, MiniGrid-*, Craftax-*: the jitted loop)."""
     label_sync_every: int = 10
     """Updates between two exchanges with the annotator on a captioned JAX env (new captions out, labels in), done
     between compiled chunks (NetHack/MiniHack exchange after every rollout)."""

@@ -87,7 +87,7 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
                              "Fix: leave them False")
         return _nethack.make(name, num_envs=num_envs, **kwargs), None
     env, params = _base(name, kwargs)
-    env = captions.wrap(name, env)  # KeyDoor-*, MiniGrid-*: info["message_id"] (envs/captions.py)
+    env = captions.wrap(name, env)  # KeyDoor-*, MiniGrid-*, Craftax-*: info["message_id"] (envs/captions.py)
     # a base env may bring its own auto-reset (Craftax: a few fresh worlds per step instead of one per env)
     make_auto_reset = getattr(env, "make_auto_reset", None)  # (wrappers forward it: pass the outermost env)
     env = make_auto_reset(env, num_envs) if make_auto_reset is not None else AutoReset(env, num_envs)

@@ -26,12 +26,29 @@ task family                 captions
                             ``This door is locked.``, ``The {c} door opens.``, ``The {c} door closes.``,
                             ``You see no door there.``; turning: none. ``{o}`` over xminigrid's 6 pickable
                             objects, ``{c}`` over its 11 colours.
+``Craftax-Classic-*``       one id a step, the first of these that applies (the caption priority):
+(Symbolic and Pixels: one   (1) an achievement unlocked on this step: one caption per achievement, derived from
+table of 42 captions);      its name in craftax's ``Achievement`` enum (``You collect wood.``, ``You place a
+``Craftax-*`` (full         crafting table.``, ``You make a wood pickaxe.``, ``You defeat a zombie.``, ``You
+Craftax: 91, same rules)    drink water.``, ``You wake up.``...), message id = achievement index + 1; several on
+                            one step: the lowest index. (2) health fell: ``You die.`` (health <= 0, the
+                            episode's last step) or ``You are hurt.``. (3) an inventory count rose: ``You now have
+                            more {item}.`` (Classic: wood, stone, coal, iron, diamonds, saplings,
+                            {wood,stone,iron} {pickaxes,swords}; full Craftax: also arrows, torches, rubies,
+                            sapphires, potions, books, and ``You now have a better pickaxe.`` / ``... a better
+                            sword.`` / ``... better armour.`` / ``... a bow.``); several: the first in craftax's
+                            ``Inventory`` field order. (4) food, else drink, rose: ``You feel less hungry.`` /
+                            ``You feel less thirsty.``. (5) food / drink / energy fell to 0 on this step (first
+                            in that order): ``You are very hungry.`` / ``You are very thirsty.`` / ``You are
+                            very tired.``. Else none. An achievement unlocks once per episode: a repeat (a second
+                            cow eaten, a second table placed) says only what (2)-(5) see.
 ==========================  =================================================================================
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Callable
 
 import jax
@@ -204,6 +221,107 @@ def _minigrid_caption(env, key, timestep, action, new_timestep, params) -> jax.A
     return msg[jnp.clip(a, 0, 5)]
 
 
+# -- Craftax -------------------------------------------------------------------------------------------------------
+
+# An achievement's caption is derived from its name in craftax's ``Achievement`` enum, "VERB_OBJECT" -> "You verb
+# the object.": "a"/"an" before a countable object, nothing before a material, "the" before a unique one; the names
+# that do not read as "verb + object" have their whole sentence here.
+_CX_SENTENCES = {
+    "collect_drink": "You drink water.", "place_table": "You place a crafting table.",
+    "place_plant": "You plant a sapling.", "eat_plant": "You eat a ripe plant.", "wake_up": "You wake up.",
+    "make_arrow": "You make some arrows.", "make_torch": "You make some torches.", "fire_bow": "You fire your bow.",
+    "defeat_orc_solider": "You defeat an orc soldier.",  # (craftax spells it "solider")
+    "learn_fireball": "You learn the fireball spell.", "learn_iceball": "You learn the iceball spell.",
+    "cast_fireball": "You cast a fireball.", "cast_iceball": "You cast an iceball.",
+    "place_stone": "You place a stone block.", "enchant_sword": "You enchant your sword.",
+    "enchant_armour": "You enchant your armour."}
+_CX_MATERIALS = {"wood", "stone", "coal", "iron", "iron armour", "diamond armour"}
+_CX_UNIQUE = {"necromancer", "gnomish mines", "dungeon", "sewers", "vault", "troll mines", "fire realm", "ice realm",
+              "graveyard"}
+# what "You now have more {}." says of an inventory field (default: its name, spaces for "_", with an "s"); full
+# Craftax's pickaxe, sword and armour are levels, the bow is had or not
+_CX_ITEMS = {"wood": "wood", "stone": "stone", "coal": "coal", "iron": "iron", "ruby": "rubies",
+             "arrows": "arrows", "torches": "torches", "potions": "potions", "books": "books"}
+_CX_ITEM_SENTENCES = {"pickaxe": "You now have a better pickaxe.", "sword": "You now have a better sword.",
+                      "armour": "You now have better armour.", "bow": "You now have a bow."}
+# after the achievements and the items: health, then food / drink / energy (craftax's 0-9 intrinsics)
+_CX_HURT = ("You die.", "You are hurt.")
+_CX_REFRESHED = ("You feel less hungry.", "You feel less thirsty.")  # food / drink rose
+_CX_EMPTY = ("You are very hungry.", "You are very thirsty.", "You are very tired.")  # food / drink / energy fell to 0
+_CX_STATS = ("player_food", "player_drink", "player_energy")
+
+
+def _achievement_text(name: str) -> str:
+    """``"COLLECT_WOOD"`` -> ``"You collect wood."``, ``"MAKE_WOOD_PICKAXE"`` -> ``"You make a wood pickaxe."``."""
+    name = name.lower()
+    if name in _CX_SENTENCES:
+        return _CX_SENTENCES[name]
+    verb, obj = name.split("_", 1)
+    obj = obj.replace("_", " ")
+    det = "" if obj in _CX_MATERIALS else "the " if obj in _CX_UNIQUE else f"{_article(obj)} "
+    return f"You {verb} {det}{obj}."
+
+
+def _item_text(field: str) -> str:
+    if field in _CX_ITEM_SENTENCES:
+        return _CX_ITEM_SENTENCES[field]
+    return f"You now have more {_CX_ITEMS.get(field, field.replace('_', ' ') + 's')}."
+
+
+@dataclasses.dataclass(frozen=True)
+class _CraftaxCaptions:
+    """The caption table of Classic or full Craftax, in groups (the layout of the module docstring)."""
+    achievements: tuple[str, ...]  # lower-case names, in achievement index order (craftax's Achievement values)
+    items: tuple[str, ...]         # the Inventory fields, in their order
+
+    @functools.cached_property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return {"achievement": tuple(map(_achievement_text, self.achievements)), "hurt": _CX_HURT,
+                "item": tuple(map(_item_text, self.items)), "refreshed": _CX_REFRESHED, "empty": _CX_EMPTY}
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return sum(self.groups.values(), ("",))
+
+    def first(self, group: str) -> int:
+        """The message id of the first caption of ``group``."""
+        return 1 + sum(len(self.groups[g]) for g in itertools.takewhile(lambda name: name != group, self.groups))
+
+
+@functools.lru_cache(maxsize=None)
+def _craftax_captions(classic: bool) -> _CraftaxCaptions:
+    from envs.craftax import require_craftax
+    require_craftax("Craftax-Classic-Symbolic-v1" if classic else "Craftax-Symbolic-v1")
+    if classic:
+        from craftax.craftax_classic.constants import Achievement
+        from craftax.craftax_classic.envs.craftax_state import Inventory
+    else:
+        from craftax.craftax.constants import Achievement
+        from craftax.craftax.craftax_state import Inventory
+    names = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
+    if [a.value for a in sorted(Achievement, key=lambda a: a.value)] != list(range(len(names))):
+        raise RuntimeError("craftax's Achievement values are not 0..N-1: captions index the achievements array by them")
+    return _CraftaxCaptions(names, tuple(f.name for f in dataclasses.fields(Inventory)))
+
+
+def _craftax_caption(cx: _CraftaxCaptions, env, key, state, action, new_state, params) -> jax.Array:
+    """One id a step, by priority: a newly unlocked achievement (the lowest index if several), health lost (``You
+    die.`` at health <= 0), an inventory count risen (the first field), food then drink risen, food / drink / energy
+    fallen to 0; else 0. From :class:`envs.craftax.CraftaxState` before and after the step."""
+    s, n = state.env, new_state.env
+    new_ach = n.achievements & ~s.achievements
+    total = lambda inv, f: jnp.sum(getattr(inv, f))  # noqa: E731  (full Craftax: armour and potions are arrays)
+    gained = jnp.stack([total(n.inventory, f) > total(s.inventory, f) for f in cx.items])
+    refreshed = jnp.stack([getattr(n, f) > getattr(s, f) for f in _CX_STATS[:2]])
+    emptied = jnp.stack([(getattr(n, f) <= 0) & (getattr(s, f) > 0) for f in _CX_STATS])
+    first = lambda flags, group: cx.first(group) + jnp.argmax(flags)  # noqa: E731
+    msg = jnp.select(
+        [new_ach.any(), n.player_health < s.player_health, gained.any(), refreshed.any(), emptied.any()],
+        [first(new_ach, "achievement"), cx.first("hurt") + (n.player_health > 0), first(gained, "item"),
+         first(refreshed, "refreshed"), first(emptied, "empty")], 0)
+    return msg.astype(jnp.int32)
+
+
 # -- the wrapper and the registry ---------------------------------------------------------------------------------
 
 CaptionFn = Callable[..., jax.Array]  # (env, key, state, action, new_state, params) -> int32 message id
@@ -232,7 +350,9 @@ class Captioned:
 
 @functools.lru_cache(maxsize=None)
 def _family(name: str) -> str | None:
-    from envs import sparse
+    from envs import craftax, sparse
+    if name in craftax.NAMES:
+        return "craftax_classic" if craftax.NAMES[name][0] else "craftax"
     if name in {f"KeyDoor-{n}" for n in sparse.SIZES_KD}:
         return "keydoor"
     if name.startswith(sparse.XMINIGRID_PREFIX):
@@ -248,14 +368,17 @@ def is_captioned(name: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _table(family: str) -> CaptionTable:
+    if family.startswith("craftax"):
+        return CaptionTable(_craftax_captions(family == "craftax_classic").texts)
     return CaptionTable(KEYDOOR_TEXTS if family == "keydoor" else MINIGRID_TEXTS)
 
 
 def caption_table(name: str) -> CaptionTable:
-    """The caption table of a captioned task (``ValueError`` otherwise); every ``MiniGrid-*`` task shares one."""
+    """The caption table of a captioned task (``ValueError`` otherwise); every ``MiniGrid-*`` task shares one, the
+    two Classic Craftax tasks one, the two full Craftax tasks another (Craftax ids need craftax installed)."""
     family = _family(name)
     if family is None:
-        raise ValueError(f"env_name: {name} has no captions (captioned: KeyDoor-*, MiniGrid-*)")
+        raise ValueError(f"env_name: {name} has no captions (captioned: KeyDoor-*, MiniGrid-*, Craftax-*)")
     return _table(family)
 
 
@@ -269,6 +392,8 @@ def wrap(name: str, env):
         caption = _minigrid_caption
         if isinstance(getattr(env, "_xenv", None), Memory):  # Memory plays action 3 as toggle
             caption = _memory_caption
+    elif family.startswith("craftax"):
+        caption = functools.partial(_craftax_caption, _craftax_captions(family == "craftax_classic"))
     else:
         caption = _keydoor_caption
     return Captioned(env, caption, _table(family))

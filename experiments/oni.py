@@ -16,9 +16,10 @@ Outputs as ``experiments.ppo`` (``metrics.csv``, ``tb/``, ``checkpoints/``...) p
 store; reusable across runs), ``annotator.log`` and ``oni_curves.png`` (extrinsic vs intrinsic reward, episode
 return, label counts). ``--help`` lists every option by section.
 
-On a captioned JAX task (``KeyDoor-*``, ``MiniGrid-*``: :mod:`envs.captions`) ONI runs inside PPO's jitted loop,
-seeds vmapped (:mod:`agents.oni_captioned`): the reward model and the labels live in the device state, and the
-annotator is sent the new captions, and its answers loaded, between compiled chunks (``--label-sync-every``)::
+On a captioned JAX task (``KeyDoor-*``, ``MiniGrid-*``, ``Craftax-*``: :mod:`envs.captions`) ONI runs inside PPO's
+jitted loop, seeds vmapped (:mod:`agents.oni_captioned`): the reward model and the labels live in the device state,
+and the annotator is sent the new captions, and its answers loaded, between compiled chunks
+(``--label-sync-every``)::
 
     python -m experiments.oni --env MiniGrid-DoorKey-8x8 --total-timesteps 100000 --num-seeds 4
 """

@@ -285,3 +285,162 @@ def test_minigrid_jit_vmap_rollout():
     assert np.asarray(info["episode_done"]).any()  # auto-resets happened inside the rollout
     # the two seeds differ: ids are per env, not shared or averaged
     assert (ids[0] != ids[1]).any()
+
+
+# -- Craftax ------------------------------------------------------------------------------------------------------
+
+CX = "Craftax-Classic-Symbolic-v1"
+
+
+def test_craftax_caption_tables_and_prompt():
+    """One table per game (Symbolic and Pixels share it): unique texts, "" first, a caption per achievement at id
+    index + 1 (derived from the enum names), then health, items, food/drink, stats; the goal-only prompt."""
+    pytest.importorskip("craftax")
+    from craftax.craftax.constants import Achievement as FullAchievement
+    from craftax.craftax_classic.constants import Achievement
+    from jaxrl_pref.annotation.backends import Prompt, task_for_env
+    tab = captions.caption_table(CX)
+    assert captions.caption_table("Craftax-Classic-Pixels-v1") is tab and captions.is_captioned("Craftax-Pixels-v1")
+    assert len(tab) == 42 == len(set(tab.texts)) and tab.texts[0] == ""
+    assert decode_messages(tab.bytes) == list(tab.texts)
+    assert [tab.texts[a.value + 1] for a in (Achievement.COLLECT_WOOD, Achievement.PLACE_TABLE,
+                                             Achievement.MAKE_WOOD_PICKAXE, Achievement.DEFEAT_ZOMBIE,
+                                             Achievement.COLLECT_DIAMOND, Achievement.EAT_COW)] == [
+        "You collect wood.", "You place a crafting table.", "You make a wood pickaxe.", "You defeat a zombie.",
+        "You collect a diamond.", "You eat a cow."]
+    assert all(t.startswith("You ") and t.endswith(".") for t in tab.texts[1:])
+    k = len(Achievement) + 1  # after the achievements: health, then the items
+    assert tab.texts[k:k + 3] == ("You die.", "You are hurt.", "You now have more wood.")
+    full = captions.caption_table("Craftax-Symbolic-v1")
+    assert len(set(full.texts)) == len(full) > len(FullAchievement) + 1 and full.texts[0] == ""
+    assert full.texts[FullAchievement.DEFEAT_ORC_SOLIDER.value + 1] == "You defeat an orc soldier."
+    assert full.texts[FullAchievement.ENTER_GNOMISH_MINES.value + 1] == "You enter the gnomish mines."
+    assert set(tab.texts) - set(full.texts) == {f"You now have more {m} {t}s." for m in ("wood", "stone", "iron")
+                                                for t in ("pickaxe", "sword")}
+    # the annotator's prompt: the game's goal, no caption listed as good or bad
+    assert {task_for_env(n) for n in envs._craftax.NAMES} == {"craftax"}
+    p = Prompt.load("craftax")
+    assert p.goal and "achievements" in p.sections["description"] and not p.progress and not p.neutral
+    assert not set(p.goal) & (set(tab.texts) | set(full.texts))
+    assert '"You collect wood."' in p.label_messages("You collect wood.")[1]["content"]
+
+
+def test_craftax_oni_and_motif_parse():
+    """ONI, Motif and ELLM accept a captioned Craftax task (the jitted-loop path) and pick the Craftax prompt."""
+    from experiments import oni
+    for name in ("Craftax-Classic-Symbolic-v1", "Craftax-Classic-Pixels-v1", "Craftax-Symbolic-v1"):
+        assert captions.is_captioned(name)
+        for method in ("oni", "motif", "ellm"):
+            opts = oni.parse(["--env", name, "--method", method])
+            assert opts.env_name == name and not opts.host and opts.annotator.task(name) == "craftax"
+
+
+@pytest.fixture(scope="module")
+def craftax_start():
+    """A Classic world (jitted reset of the captioned base env) and its jitted caption function."""
+    pytest.importorskip("craftax")
+    base, params = envs._base(CX, {})
+    env = captions.wrap(CX, base)
+    _, state = jax.jit(env.reset_env)(jax.random.PRNGKey(0), params)
+    caption = jax.jit(lambda s, n: env._caption(base, None, s, jnp.int32(0), n, params))
+    return state, caption
+
+
+def test_craftax_scripted_transitions(craftax_start):
+    """Edited copies of a real state: each tier's caption and the priority achievement > health > item > food/drink
+    > stat at 0; several in a tier: the first by index; losses, repeats and gains in health say nothing."""
+    state, caption = craftax_start
+    tab = captions.caption_table(CX)
+    s = state.env
+    assert s.player_health == 9 and s.player_food == 9 and not s.achievements.any()
+
+    def after(ach=(), inv=None, **fields):
+        a = s.achievements.at[jnp.asarray(ach, jnp.int32)].set(True) if ach else s.achievements
+        return s.replace(achievements=a, inventory=s.inventory.replace(**(inv or {})), **fields)
+
+    def says(new, old=s):
+        return tab.texts[int(caption(state.replace(env=old), state.replace(env=new)))]
+
+    wood, table, pickaxe, zombie = 0, 1, 5, 8  # craftax_classic Achievement values
+    assert says(s) == ""
+    assert says(after([wood], {"wood": 1})) == "You collect wood."  # the achievement, not the item
+    assert says(after([pickaxe, table])) == "You place a crafting table."  # the lowest index
+    assert says(after([zombie], player_health=s.player_health - 2)) == "You defeat a zombie."
+    assert says(after(player_health=s.player_health - 1, inv={"sapling": 1})) == "You are hurt."
+    assert says(after(player_health=jnp.zeros_like(s.player_health))) == "You die."
+    assert says(after(player_health=s.player_health + 1)) == ""
+    assert says(after(inv={"wood": 1})) == "You now have more wood."  # no achievement: the item
+    assert says(after(inv={"sapling": 1, "wood_pickaxe": 1}, player_food=s.player_food + 1)) == \
+        "You now have more saplings."
+    assert says(after(inv={"iron_sword": 2})) == "You now have more iron swords."
+    assert says(after(inv={"wood": 3}), after(inv={"wood": 4})) == ""  # spent on crafting
+    got = after([wood])  # the achievement is had before and after: a repeat says what else changed
+    assert says(after([wood], {"wood": 1}), got) == "You now have more wood."
+    assert says(after(player_food=s.player_food + 1, player_drink=s.player_drink + 1)) == "You feel less hungry."
+    assert says(after(player_drink=s.player_drink + 1, player_energy=0)) == "You feel less thirsty."
+    low = after(player_food=1, player_drink=1, player_energy=1)
+    assert says(low.replace(player_drink=0, player_energy=0), low) == "You are very thirsty."
+    assert says(low.replace(player_energy=0), low) == "You are very tired."
+    assert says(low.replace(player_food=0), low) == "You are very hungry."
+    assert says(after(player_food=0), after(player_food=0)) == ""  # stays at 0: said once
+
+
+@pytest.mark.slow  # compiling the batched Classic step takes ~40 s on 2 cores
+def test_craftax_rollout_ids_survive_auto_reset():
+    """4 envs through envs.make (CraftaxAutoReset) in one jitted scan: env 0 is set to die and env 1 to run out
+    of time (and food) on the first step, whose messages survive the reset; then random play."""
+    pytest.importorskip("craftax")
+    n, t = 4, 160
+    env, params = envs.make(CX, num_envs=n)
+    tab = captions.caption_table(CX)
+    die, hungry = tab.id("You die."), tab.id("You are very hungry.")
+
+    def run(key):
+        _, state = env.reset(key, params)
+        s = state.env_state.env
+        s = s.replace(player_health=s.player_health.at[0].set(1),  # env 0: starving, one step from losing health
+                      player_recover=s.player_recover.at[0].set(-15.0),
+                      player_food=s.player_food.at[0].set(0).at[1].set(1),  # env 1: one step from food 0...
+                      player_hunger=s.player_hunger.at[1].set(25.0),
+                      timestep=s.timestep.at[1].set(params.max_timesteps - 1))  # ... and from its time limit
+        state = state.replace(env_state=state.env_state.replace(env=s))
+
+        def step(state, k):
+            ka, ks = jax.random.split(k)
+            a = jax.random.randint(ka, (n,), 0, env.action_space(params).n) * (state.episode_length > 0)
+            _, state, _, te, tr, info = env.step(ks, state, a, params)
+            return state, (info["message_id"], te, tr, state.env_state.env.timestep)
+        return jax.lax.scan(step, state, jax.random.split(key, t))[1]
+
+    ids, term, trunc, clock = jax.tree.map(np.asarray, jax.jit(run)(jax.random.PRNGKey(2)))
+    assert ids.dtype == np.int32 and ids.shape == (t, n) and ids.min() >= 0 and ids.max() < len(tab)
+    assert ids[0, 0] == die and term[0, 0] and ids[0, 1] == hungry and trunc[0, 1] and not term[0, 1]
+    assert (clock[0, :2] == 0).all() and (clock[0, 2:] == 1).all()  # envs 0 and 1 restarted after their message
+    assert len(np.unique(ids[1:])) >= 3  # random play says things too
+    # Classic ends an episode only by death (lava cannot be entered): health fell on that step
+    assert np.isin(ids[term], [die, *range(1, 23)]).all()  # (1-22: an achievement on that step)
+
+
+@pytest.mark.slow  # generating a full Craftax world compiles for ~30 s on 2 cores
+def test_full_craftax_scripted_transitions():
+    """Full Craftax shares the rules: float health, armour and potions are arrays (summed), levels of tools."""
+    pytest.importorskip("craftax")
+    from craftax.craftax.constants import Achievement
+    name = "Craftax-Symbolic-v1"
+    base, params = envs._base(name, {})
+    env = captions.wrap(name, base)
+    _, state = jax.jit(env.reset_env)(jax.random.PRNGKey(0), params)
+    caption = jax.jit(lambda s, n: env._caption(base, None, s, jnp.int32(0), n, params))
+    tab = captions.caption_table(name)
+    s, inv = state.env, state.env.inventory
+
+    def says(**fields):
+        return tab.texts[int(caption(state, state.replace(env=s.replace(**fields))))]
+
+    assert says() == ""
+    assert says(achievements=s.achievements.at[Achievement.DEFEAT_KNIGHT.value].set(True)) == "You defeat a knight."
+    assert says(player_health=s.player_health - 0.5) == "You are hurt."
+    assert says(inventory=inv.replace(armour=inv.armour.at[2].set(1))) == "You now have better armour."
+    assert says(inventory=inv.replace(potions=inv.potions.at[3].add(1), arrows=inv.arrows + 2)) == \
+        "You now have more arrows."  # the first field in Inventory's order
+    assert says(inventory=inv.replace(potions=inv.potions.at[3].add(1))) == "You now have more potions."

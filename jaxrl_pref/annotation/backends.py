@@ -128,7 +128,8 @@ class Prompt:
 def task_for_env(env_name: str) -> str:
     """Prompt task for an env id: NetHackScore -> nethack_score, NetHackStaircase* -> nethack_staircase,
     NetHackOracle -> nethack_oracle; the captioned JAX tasks: KeyDoor-* -> keydoor, MiniGrid-DoorKey-* ->
-    minigrid_doorkey, other MiniGrid-* -> minigrid; anything else (MiniHack-*, test envs) -> minihack."""
+    minigrid_doorkey, other MiniGrid-* -> minigrid, Craftax-* (Classic and full) -> craftax; anything else
+    (MiniHack-*, test envs) -> minihack."""
     n = env_name.lower()
     for key, task in (("score", "nethack_score"), ("staircase", "nethack_staircase"), ("oracle", "nethack_oracle")):
         if n.startswith("nethack") and key in n:
@@ -137,6 +138,8 @@ def task_for_env(env_name: str) -> str:
         return "keydoor"
     if n.startswith("minigrid-"):
         return "minigrid_doorkey" if n.startswith("minigrid-doorkey") else "minigrid"
+    if n.startswith("craftax-"):
+        return "craftax"
     return "minihack"
 
 
