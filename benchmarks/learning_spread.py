@@ -321,20 +321,12 @@ def keyroom_rnd(s: int, n: int) -> dict:
 def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
     """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random (and with network="lstm"
     tests/test_recurrent.py::test_lstm_policy_learns_minihack_room): final return minus random return."""
-    import envs
     from agents import launch, ppo
-    from envs.nethack import PoolConfig
+    from envs.nethack import PoolConfig, random_policy_return
     room = "MiniHack-Room-5x5-v0"
     out = {"final": [], "random": []}
     for seed in range(n * s, n * s + n):
-        pool, _ = envs.make(room, num_envs=16, seed=100 + seed)
-        pool.reset()
-        rng = np.random.default_rng(seed)
-        rets = []
-        for _ in range(400):
-            *_, info = pool.step(rng.integers(pool.num_actions, size=16))
-            rets += list(info["episode_return"][info["episode_done"]])
-        pool.close()
+        out["random"].append(random_policy_return(room, seed=100 + seed, action_seed=seed))
         cfg = ppo.host_config(env_name=room, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20,
                               learning_rate=1e-3, update_epochs=4, network=network)
         pool_cfg = PoolConfig(env_groups=env_groups)
@@ -345,7 +337,6 @@ def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
         finally:
             pool.close()
         out["final"].append(float(np.nanmean(m["episode_return"][-5:])))
-        out["random"].append(float(np.mean(rets)))
     out = {k: np.array(v) for k, v in out.items()}
     out["margin"] = out["final"] - out["random"]
     return out

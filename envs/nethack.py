@@ -645,3 +645,21 @@ class PoolConfig:
 def make(name: str, num_envs: Optional[int] = None, **kwargs) -> NLEPool:
     """The pool for ``envs.make``: ``num_envs=None`` means one env (still batched ``[1, ...]``)."""
     return NLEPool(name, num_envs=1 if num_envs is None else num_envs, **kwargs)
+
+
+def random_policy_return(name: str, num_envs: int = 16, seed: int = 100, steps: int = 400,
+                         action_seed: int = 0) -> float:
+    """The mean return of the episodes a uniformly random policy finishes in ``steps`` batched steps of a
+    ``num_envs`` pool of ``name`` (pool seed ``seed``, actions from ``default_rng(action_seed)``): the baseline a
+    MiniHack learning curve is read against."""
+    pool = make(name, num_envs=num_envs, seed=seed)
+    try:
+        pool.reset()
+        rng = np.random.default_rng(action_seed)
+        rets = []
+        for _ in range(steps):
+            *_, info = pool.step(rng.integers(pool.num_actions, size=num_envs))
+            rets += list(info["episode_return"][info["episode_done"]])
+    finally:
+        pool.close()
+    return float(np.mean(rets))

@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +11,10 @@ import pytest
 
 from agents import motif, oni, ppo
 from jaxrl_pref.annotation.backends import Prompt, ScriptedBackend
-from jaxrl_pref.networks import MLP, EncoderActorCritic
+from jaxrl_pref.networks import EncoderActorCritic
 from jaxrl_pref.rewards import motif as rm
 from jaxrl_pref.rewards.retrieval import encode_messages, lookup
+from tests.test_oni import Cfg, DictMLP
 
 
 # -- phase 1: the dataset --------------------------------------------------------------------------------------------
@@ -239,17 +239,6 @@ class MessageBandit:
 
     def close(self):
         pass
-
-
-class DictMLP(nn.Module):
-    @nn.compact
-    def __call__(self, obs):
-        return MLP((32,))(obs["obs"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Cfg(ppo.Config, oni.ONIOptions):
-    pass
 
 
 def test_frozen_reward_does_not_change_during_ppo(prepared):

@@ -673,15 +673,8 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     import jax
     from agents import launch, ppo
     from envs.nethack import PoolConfig
-    pool, _ = envs.make(ROOM, num_envs=16, seed=100)
-    pool.reset()
-    rng = np.random.default_rng(0)
-    rets = []
-    for _ in range(400):
-        *_, info = pool.step(rng.integers(pool.num_actions, size=16))
-        rets += list(info["episode_return"][info["episode_done"]])
-    pool.close()
-    random_return = float(np.mean(rets))
+    from envs.nethack import random_policy_return
+    random_return = random_policy_return(ROOM)
     cfg = ppo.host_config(env_name=ROOM, num_envs=16, num_steps=32, total_timesteps=16 * 32 * 20,
                           learning_rate=1e-3, update_epochs=4)
     pool_cfg = PoolConfig(env_groups=env_groups)
