@@ -18,7 +18,9 @@ checkpoint. Methods share every PPO setting of their task; only the reward diffe
   shared by the seeds);
 * ``ellm`` -- ELLM-BoW (``experiments.oni --method ellm``).
 
-The default methods are the first three; pass ``--methods`` for the others (their budgets are not sized yet).
+Every method runs by default (about 2 hours on 2 CPU cores; docs/sparse_study.md has the measured table); pass
+``--methods`` / ``--tasks`` for a part. A method that cannot run on a task (LLM feedback on a task without messages)
+is skipped and said so.
 
 Scores per seed: the success rate of the episodes that ended in the last tenth of the updates, their return likewise,
 and the env steps to 50% success (the first update where the success rate of the episodes that ended in the last 5
@@ -39,7 +41,7 @@ from typing import Optional
 import numpy as np
 
 METHODS = ("ppo", "rnd", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif", "ellm")
-DEFAULT_METHODS = ("ppo", "rnd", "e3b")  # the LLM-feedback methods' budgets are not sized yet (issue 21)
+DEFAULT_METHODS = METHODS
 
 # Per task: the env, the agent's budget and PPO settings (shared by every method), one bonus coefficient per bonus.
 _GRID = ["--num-envs", "32", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "4",
