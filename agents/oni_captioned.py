@@ -96,6 +96,7 @@ class CaptionLoop:
                       "valid": np.zeros(C, bool)}
         self.held: dict = {}  # answered pair (texts) -> its slot in the ring of the newest C
         self.written = 0
+        self.replay = 0  # answers the client will deliver again that the restored ring holds (see __call__)
         self.unlabeled = 0
         self.submitted = 0
         self._restored = False
@@ -121,12 +122,14 @@ class CaptionLoop:
         self.asked |= self.counts > 0
         if self.ranking:
             C = len(self.pairs["a"])
-            self.pairs = {k: np.asarray(v).reshape(-1, C)[0].copy() for k, v in shaped["pairs"].items()}
+            self.pairs = {k: np.asarray(v).reshape(-1, C)[0].copy() for k, v in shaped["pairs"].items()
+                          if k != "written"}
             for s in np.flatnonzero(self.pairs["valid"]):
                 p = (self.table.texts[self.pairs["a"][s]], self.table.texts[self.pairs["b"][s]])
                 self.held[p] = int(s)
                 self.asked_pairs.add(p)
-            self.written = int(self.pairs["valid"].sum())  # (once the ring has wrapped: not where it was)
+            self.written = int(np.asarray(shaped["pairs"]["written"]).reshape(-1)[0])  # where the ring goes on
+            self.replay = self.written
 
     def metrics(self) -> dict:
         """Host numbers for the runner to log at the update of the last call: the annotator client's and service's
@@ -171,18 +174,26 @@ class CaptionLoop:
             C = len(self.pairs["a"])
             for a, b, p in pairs:
                 ia, ib = self.ids.get(a), self.ids.get(b)
-                if p is None or ia is None or ib is None or (a, b) in self.held:
+                if p is None or ia is None or ib is None:
+                    continue
+                if self.replay:  # a resumed run's client delivers the store's answers again, oldest first:
+                    self.replay -= 1  # the first `written` of them are in the restored ring already
+                    continue
+                if (a, b) in self.held:
                     continue
                 s = self.written % C
-                if self.pairs["valid"][s]:  # the ring is full: the oldest answer makes room
-                    self.held.pop((texts[self.pairs["a"][s]], texts[self.pairs["b"][s]]), None)
+                if self.pairs["valid"][s]:  # the ring is full: the oldest answer makes room (and may be drawn
+                    old = (texts[self.pairs["a"][s]], texts[self.pairs["b"][s]])  # again: a resumed run, which
+                    self.held.pop(old, None)  # knows only the pairs held, then draws as this one does)
+                    self.asked_pairs.discard(old)
                 self.pairs["a"][s], self.pairs["b"][s], self.pairs["pref"][s], self.pairs["valid"][s] = ia, ib, p, True
                 self.held[(a, b)] = s
                 self.written += 1
                 changed = True
         shaped = {**shaped, "synced": _put(counts.astype(np.float32), shaped["synced"])}
         if self.ranking and changed:
-            shaped = {**shaped, "pairs": {k: _put(v, shaped["pairs"][k]) for k, v in self.pairs.items()}}
+            pairs = {**self.pairs, "written": np.int32(self.written)}
+            shaped = {**shaped, "pairs": {k: _put(v, shaped["pairs"][k]) for k, v in pairs.items()}}
         elif changed:
             shaped = {**shaped, "labels": _put(self.labels, shaped["labels"])}
         return self._set(state, shaped)

@@ -141,8 +141,8 @@ SMALL = ppo.Config(env_name="KeyDoor-5", num_envs=4, num_steps=16, total_timeste
                    update_epochs=1, num_minibatches=2)
 
 
-def _run(tmp, model, store, num_updates=8, **kw):
-    cfg = oni.ONIOptions(reward_model=model, ext_coef=1.0, pairs_per_update=4)
+def _run(tmp, model, store, num_updates=8, rm_capacity=4096, **kw):
+    cfg = oni.ONIOptions(reward_model=model, ext_coef=1.0, pairs_per_update=4, rm_capacity=rm_capacity)
     client = StoreClient(store)
     loop = oni_captioned.CaptionLoop(cfg, KD, client, seed=0, every=2)
     reward = oni_captioned.make_reward(cfg, KD)
@@ -153,13 +153,15 @@ def _run(tmp, model, store, num_updates=8, **kw):
 
 
 @pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
-@pytest.mark.parametrize("model", ["retrieval", "ranking"])
-def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model):
+@pytest.mark.parametrize("model,capacity", [("retrieval", 4096), ("ranking", 4096), ("ranking", 5)])
+def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model, capacity):
     """2 vmapped seeds, the hook every 2 updates, checkpoints every 4: captions (pairs) seen are asked once, their
     answers (one exchange later) are in every seed's state from the next piece on; a run stopped at update 4 and
-    resumed with a new client on the same store asks nothing again and ends bitwise equal to an uninterrupted one."""
+    resumed with a new client on the same store asks nothing again and ends bitwise equal to an uninterrupted one.
+    Ranking with 5 slots: the ring of answered pairs wraps before the stop, and the resumed run writes on where the
+    uninterrupted one does (the ring's position is in the checkpoint)."""
     from tests.test_runner import assert_same_run
-    full, client = _run(tmp_path / "full", model, {})
+    full, client = _run(tmp_path / "full", model, {}, rm_capacity=capacity)
     st = full.state.reward_state["model"]
     counts = np.asarray(st["counts"])
     assert counts.shape == (2, len(KD)) and (counts.sum(1) == 8 * 64).all()  # per seed: every step counted
@@ -178,11 +180,15 @@ def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model):
         assert len(pairs) == len(set(pairs)) and all(a < b for a, b in pairs) and pairs
         assert (np.asarray(full.metrics["labels/pairs"])[:, :2] == 0).all()
         assert np.asarray(st["pairs"]["valid"]).sum(1).max() > 0
+        if capacity == 5:  # more answers than slots: the ring wrapped
+            assert (np.asarray(st["pairs"]["written"]) > 5).all() and np.asarray(st["pairs"]["valid"]).all()
 
     store = {}
-    part, c1 = _run(tmp_path / "resumed", model, store, stop_after=4)
+    part, c1 = _run(tmp_path / "resumed", model, store, stop_after=4, rm_capacity=capacity)
     assert part.updates_done == 4
-    rest, c2 = _run(tmp_path / "resumed", model, store, resume=True)
+    if capacity == 5:
+        assert (np.asarray(part.state.reward_state["model"]["pairs"]["written"]) > 5).all()  # wrapped before the stop
+    rest, c2 = _run(tmp_path / "resumed", model, store, resume=True, rm_capacity=capacity)
     assert rest.resumed_from == 4 and not set(c1.asked) & set(c2.asked)
     assert_same_run(full, rest)
 

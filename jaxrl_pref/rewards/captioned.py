@@ -17,7 +17,8 @@ State (a pytree, vmapped with the seeds and checkpointed with them)::
      "counts": f32[K]   (how often this seed has seen each message; summed over devices when data-parallel),
      "synced": f32[K]   (the host's: the counts, summed over seeds, at its last exchange with the annotator),
      "model":  the reward model's state without its training buffer,
-     "pairs":  {"a", "b": i32[C], "pref": f32[C], "valid": bool[C]}   (ranking only: answered pairs, by id)}
+     "pairs":  {"a", "b": i32[C], "pref": f32[C], "valid": bool[C],   (ranking only: answered pairs, by id, in a
+                "written": i32}                                       ring of C; ``written``: answers put in so far)}
 
 The models' training buffers are views of these: classification trains on every labelled caption (``bytes`` = the
 caption table, ``valid`` = labelled), ranking on the answered pairs (the captions' bytes gathered by id).
@@ -61,7 +62,8 @@ class CaptionedIntrinsic(ShapedIntrinsic):
         if self.pair_capacity:
             C = self.pair_capacity
             state["pairs"] = {"a": jnp.zeros((C,), jnp.int32), "b": jnp.zeros((C,), jnp.int32),
-                              "pref": jnp.zeros((C,), jnp.float32), "valid": jnp.zeros((C,), bool)}
+                              "pref": jnp.zeros((C,), jnp.float32), "valid": jnp.zeros((C,), bool),
+                              "written": jnp.zeros((), jnp.int32)}
         return state
 
     def _model_state(self, state):
