@@ -453,6 +453,7 @@ def _write_sweep(path: Path, name: str, fixed: dict, grid: dict, seeds, **more) 
     return path
 
 
+@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
 def test_sweep_on_real_slurm(slurm, tmp_path):
     f = _write_sweep(tmp_path / "tiny.json", "tiny", {**TINY, "total_timesteps": 4 * 32 * 4, "checkpoint_every": 2},
                      {"learning_rate": [1e-3, 3e-3]}, 1)
