@@ -39,6 +39,7 @@ from jaxrl_pref.recurrent import RecurrentState
 from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
+from jaxrl_pref.rewards.transform import SINGLE, Stream, reward_streams
 from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
 from jaxrl_pref.transfer import ObsPacker, pack_outputs, unpack_outputs
 
@@ -209,14 +210,19 @@ class PPO:
     All methods are pure; ``axis_name`` names the device axis to average gradients over (data-parallel).
     """
 
-    def __init__(self, cfg: Config, spec: envs.EnvSpec, network=None):
+    def __init__(self, cfg: Config, spec: envs.EnvSpec, network=None, streams: tuple[Stream, ...] = SINGLE):
         """``network`` maps a batch of observations to (policy parameters, value); default: an MLP
         :class:`ActorCritic` for array observations, a :class:`NetHackEncoder` one for dict observations.
 
         With ``cfg.network`` "gru" or "lstm" the default is a :class:`RecurrentActorCritic` (maps ``(carry,
         obs[T, B], start[T, B])`` to ``(carry, pi, value)``); an :class:`EncoderActorCritic` given as ``network``
-        then has its encoder put in front of the recurrent core (encoder -> core -> linear heads)."""
-        self.cfg, self.spec = cfg, spec
+        then has its encoder put in front of the recurrent core (encoder -> core -> linear heads).
+
+        ``streams``: the reward streams the reward transform returns (:func:`~jaxrl_pref.rewards.reward_streams`).
+        With more than one the critic has a value head per stream (``value[..., K]``), each stream its own return
+        (its discount; episodic or not) and the policy follows the sum of their advantages."""
+        self.cfg, self.spec, self.streams = cfg, spec, tuple(streams)
+        heads = len(self.streams)
         rnn = cfg.network != "mlp"
         if network is None and isinstance(spec.obs_shape, dict):
             network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
@@ -227,6 +233,12 @@ class PPO:
             network = (RecurrentActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation,
                                             cfg.network, cfg.rnn_hidden) if rnn else
                        ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation))
+        if heads > 1:
+            if not hasattr(network, "value_heads"):
+                raise ValueError(f"PPO: the reward has {heads} streams ({', '.join(s.name for s in self.streams)}) "
+                                 f"but the network {type(network).__name__} has no value_heads field to give each "
+                                 "its value head")
+            network = network.clone(value_heads=heads)
         self.network = network
         self.recurrent = hasattr(network, "initialize_carry")
         if rnn and not self.recurrent:
@@ -295,7 +307,15 @@ class PPO:
         else:
             vf = partial(self.value, params)
         nxt = next_values(traj, last_value, vf)
-        return gae(reward, traj.value, nxt, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
+        if len(self.streams) == 1:
+            return gae(reward, traj.value, nxt, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
+        # one return per stream ([T, N, K]); a non-episodic stream runs on across episode ends, bootstrapping the
+        # next step's value (the new episode's first observation), as Burda et al.'s intrinsic return
+        episodic = jnp.array([s.episodic for s in self.streams])
+        gamma = jnp.stack([jnp.asarray(hp.gamma if s.gamma is None else s.gamma, jnp.float32) for s in self.streams])
+        nxt = jnp.where(episodic, nxt, jnp.concatenate([traj.value[1:], last_value[None]]))
+        return gae(reward, traj.value, nxt, traj.terminated[..., None] & episodic, traj.done[..., None] & episodic,
+                   gamma, hp.gae_lambda)
 
     def _value_after(self, params, carry, obs):
         """V(obs[t, b]) with the carry ``carry[t, b]`` and no reset: one batched call over ``[T * B]``."""
@@ -303,7 +323,7 @@ class PPO:
         flat = lambda x: x.reshape((T * B,) + x.shape[2:])  # noqa: E731
         obs = jax.tree.map(lambda x: flat(x)[None], obs)
         v = self.network.apply(params, jax.tree.map(flat, carry), obs, jnp.zeros((1, T * B), bool))[2]
-        return v.reshape(T, B)
+        return v.reshape((T, B) + v.shape[2:])
 
     def update(self, state: TrainState, hp: HParams, traj: Transition, advantages, returns, key,
                axis_name: Optional[str] = None):
@@ -332,6 +352,8 @@ class PPO:
 
         def loss_fn(params, mb):
             pi, value, action, old_log_prob, old_value, adv, ret = forward(params, mb)
+            if len(self.streams) > 1:  # the policy follows the streams' summed advantage; the heads' losses add
+                adv = adv.sum(-1)
             dist = distribution(pi, self.spec.discrete)
             return ppo_loss(dist.log_prob(action), old_log_prob, adv, dist.entropy(), value, old_value, ret,
                             clip_eps=hp.clip_eps, vf_coef=hp.vf_coef, ent_coef=hp.ent_coef,
@@ -355,6 +377,10 @@ class PPO:
         (flat, opt_state), metrics = jax.lax.scan(epoch, (flat0, state.opt_state),
                                                   jax.random.split(key, cfg.update_epochs))
         state = TrainState(unravel(flat), opt_state)
+        heads = metrics.pop("loss/value_heads", None)
+        if heads is not None:  # one value loss per reward stream, by the stream's name
+            heads = heads.reshape(-1, len(self.streams)).mean(0)
+            metrics.update({f"loss/value_{s.name}": heads[i] for i, s in enumerate(self.streams)})
         metrics = jax.tree.map(jnp.mean, metrics)
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
@@ -448,8 +474,8 @@ class Trainer(ScanLoop):
         self.cfg = cfg
         self.env, self.env_params = make_env(cfg)
         self.spec = envs.spec(self.env, self.env_params)
-        self.agent = PPO(cfg, self.spec, network)
         self.reward = reward if reward is not None else IdentityReward()
+        self.agent = PPO(cfg, self.spec, network, reward_streams(self.reward))
         # train state, reward state and step replicated; env state/obs split over envs (the normalisers'
         # statistics replicated); keys per device
         D, R = distributed.SPLIT, distributed.REPLICATED
@@ -514,9 +540,9 @@ class HostTrainer(HostLoop):
         self._actor = jax.devices()[actor_device] if actor_device >= 0 else None
         self._learner = jax.devices()[0]
         self.spec = host_spec(env)
-        self.agent = PPO(cfg, self.spec, network)
-        self.hp = hparams(cfg)
         self.reward = reward if reward is not None else IdentityReward()
+        self.agent = PPO(cfg, self.spec, network, reward_streams(self.reward))
+        self.hp = hparams(cfg)
         # the policy's random draws use XLA's RngBitGenerator (an "rbg" key, 4 uint32 words, made from the rollout
         # key on the host): threefry's bits are a while loop of small ops, which on CPU cost more than the whole
         # forward pass (8 envs: 240 us per act with threefry, 145 us with rbg; 66 us vs 217 us with glyph_dim 8)

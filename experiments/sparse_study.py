@@ -10,7 +10,9 @@ interrupted study resumes: a finished run is kept (its ``done`` marker), an unfi
 checkpoint. Methods share every PPO setting of their task; only the reward differs:
 
 * ``ppo``  -- the env reward;
-* ``rnd``  -- + Random Network Distillation (``--bonus rnd``);
+* ``rnd``  -- + Random Network Distillation (``--bonus rnd``), learned by PPO's one critic with the env reward;
+* ``rnd-head`` -- the same bonus with its own value head and non-episodic return (``--bonus rnd --bonus-value-head``,
+  Burda et al.'s form);
 * ``e3b``  -- + the elliptical episodic bonus (``--bonus e3b``);
 * ``oni-retrieval`` / ``oni-classification`` / ``oni-ranking`` -- ONI with that reward model (``experiments.oni``,
   the embedded annotator unless ``--extra-args`` says otherwise; in the jitted loop on captioned JAX tasks);
@@ -40,8 +42,9 @@ from typing import Optional
 
 import numpy as np
 
-METHODS = ("ppo", "rnd", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif", "ellm")
-DEFAULT_METHODS = METHODS
+METHODS = ("ppo", "rnd", "rnd-head", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif",
+           "ellm")
+_BONUS_METHODS = ("ppo", "rnd", "rnd-head", "e3b")  # experiments.ppo runs them (on every task)
 
 # Per task: the env, the agent's budget and PPO settings (shared by every method), one bonus coefficient per bonus.
 _GRID = ["--num-envs", "32", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "4",
@@ -61,7 +64,7 @@ TASKS = {
 class StudyConfig:
     """What to run: tasks x methods x seeds, and where."""
     tasks: tuple[str, ...] = tuple(TASKS)
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = METHODS
     num_seeds: int = 3
     out: str = "runs/sparse_study"
     scale: float = 1.0
@@ -90,7 +93,7 @@ def not_applicable(task: str, method: str) -> Optional[str]:
     or a captioned JAX task)."""
     from envs import captions
     env = TASKS[task]["env"]
-    if method in ("ppo", "rnd", "e3b"):
+    if method in _BONUS_METHODS:
         return None
     if not (_host(env) or captions.is_captioned(env)):
         return f"{env} has no messages (not captioned)"
@@ -102,12 +105,14 @@ def commands(cfg: StudyConfig, task: str, method: str) -> list[tuple[Path, list[
     the pool."""
     t = TASKS[task]
     steps = max(int(t["steps"] * cfg.scale), 1)
-    agent = "ppo" if method in ("ppo", "rnd", "e3b") else "oni"
+    agent = "ppo" if method in _BONUS_METHODS else "oni"
     base = [sys.executable, "-m", f"experiments.{agent}", "--env", t["env"], "--total-timesteps", str(steps),
             *t["args"], "--resume", "--progress", "False", "--log-every", "1", *shlex.split(cfg.extra_args)]
     root = Path(cfg.out) / task / method
     if method in ("rnd", "e3b"):
         base += ["--bonus", method, "--bonus-coef", str(t["coef"][method])]
+    elif method == "rnd-head":
+        base += ["--bonus", "rnd", "--bonus-value-head", "--bonus-coef", str(t["coef"]["rnd"])]
     elif method.startswith("oni-"):
         base += ["--reward-model", method.split("-", 1)[1]]
     elif method == "motif":

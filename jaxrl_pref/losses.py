@@ -33,7 +33,11 @@ def gae(rewards, values, next_values, terminated, done, gamma, lam):
 
 def ppo_loss(new_log_prob, old_log_prob, advantages, entropy, new_value, old_value, returns, *, clip_eps,
              vf_coef, ent_coef, clip_value: bool = True, normalize_advantages: bool = True):
-    """PPO clipped-surrogate loss. Returns (total, metrics dict)."""
+    """PPO clipped-surrogate loss. Returns (total, metrics dict).
+
+    Several value heads (one per reward stream): ``new_value``, ``old_value`` and ``returns`` carry a trailing
+    stream axis that ``advantages`` (already summed over streams) does not; the heads' value losses add (and are
+    returned per head as ``loss/value_heads`` ``[K]``)."""
     if normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     log_ratio = new_log_prob - old_log_prob
@@ -44,6 +48,10 @@ def ppo_loss(new_log_prob, old_log_prob, advantages, entropy, new_value, old_val
     if clip_value:
         v_clipped = old_value + jnp.clip(new_value - old_value, -clip_eps, clip_eps)
         v_err = jnp.maximum(v_err, jnp.square(v_clipped - returns))
+    heads = {}
+    if v_err.ndim > advantages.ndim:
+        heads = {"loss/value_heads": 0.5 * v_err.reshape(-1, v_err.shape[-1]).mean(0)}
+        v_err = v_err.sum(-1)
     v_loss = 0.5 * v_err.mean()
     ent = entropy.mean()
     total = pg_loss + vf_coef * v_loss - ent_coef * ent
@@ -53,6 +61,7 @@ def ppo_loss(new_log_prob, old_log_prob, advantages, entropy, new_value, old_val
         "loss/entropy": ent,
         "loss/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
         "loss/clip_frac": (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32).mean(),
+        **heads,
     }
     return total, metrics
 

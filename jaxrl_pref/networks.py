@@ -75,6 +75,8 @@ class ActorCritic(nn.Module):
     discrete: bool = True
     hidden: Sequence[int] = (64, 64)
     activation: str = "tanh"
+    value_heads: int = 1
+    """Critic outputs: 1 gives ``value[...]``; K > 1 gives ``value[..., K]``, one per reward stream."""
 
     @nn.compact
     def __call__(self, obs):
@@ -87,8 +89,13 @@ class ActorCritic(nn.Module):
             log_std = self.param("log_std", nn.initializers.zeros, (self.num_actions,))
             pi = (out, jnp.broadcast_to(log_std, out.shape))
         v = MLP(self.hidden, self.activation, name="critic_torso")(x)
-        value = _dense(1, 1.0)(v)[..., 0]
-        return pi, value
+        return pi, value_head(v, self.value_heads)
+
+
+def value_head(h, heads: int = 1):
+    """The critic's output layer: ``[...]`` for one head, ``[..., heads]`` for several (one per reward stream)."""
+    v = _dense(heads, 1.0)(h)
+    return v[..., 0] if heads == 1 else v
 
 
 def distribution(pi, discrete: bool) -> distrax.Distribution:
@@ -161,11 +168,12 @@ class EncoderActorCritic(nn.Module):
     """Shared encoder (e.g. :class:`NetHackEncoder`) with linear actor and critic heads (discrete actions)."""
     num_actions: int
     encoder: nn.Module
+    value_heads: int = 1
 
     @nn.compact
     def __call__(self, obs):
         h = self.encoder(obs)
-        return _dense(self.num_actions, 0.01)(h), _dense(1, 1.0)(h)[..., 0]
+        return _dense(self.num_actions, 0.01)(h), value_head(h, self.value_heads)
 
 
 def _blocks_orthogonal(blocks: int):
@@ -228,6 +236,7 @@ class RecurrentActorCritic(nn.Module):
     rnn_hidden: int = 128
     encoder: Optional[nn.Module] = None
     unroll: int = 1
+    value_heads: int = 1
 
     @nn.compact
     def __call__(self, carry, obs, start):
@@ -247,7 +256,7 @@ class RecurrentActorCritic(nn.Module):
         else:
             log_std = self.param("log_std", nn.initializers.zeros, (self.num_actions,))
             pi = (out, jnp.broadcast_to(log_std, out.shape))
-        return carry, pi, _dense(1, 1.0)(c)[..., 0]
+        return carry, pi, value_head(c, self.value_heads)
 
     def initialize_carry(self, batch_shape):
         """Zeros: ``[*batch_shape, rnn_hidden]`` for a GRU, a pair ``(c, h)`` of them for an LSTM."""

@@ -77,17 +77,18 @@ def collect(env, env_params, policy: PolicyFn, env_state, obs, key, num_steps: i
 def next_values(traj: Transition, last_value, value_fn: Callable | None):
     """Value of the true next observation for every step of ``traj`` (``[T, N]``).
 
-    Non-final steps use the next step's stored value; the last step uses ``last_value``; truncated steps use
+    Values may carry a trailing axis of value heads (``[T, N, K]``). Non-final steps use the next step's stored value; the last step uses ``last_value``; truncated steps use
     ``value_fn(final_obs)`` (one batched call for the whole rollout) when given, else the reset observation's
     value is *not* used and the bootstrap falls back to 0 (as for termination). Terminated steps are zeroed by
     the advantage code, so their entry does not matter.
     """
     nxt = jnp.concatenate([traj.value[1:], last_value[None]], axis=0)
+    truncated = traj.truncated.reshape(traj.truncated.shape + (1,) * (nxt.ndim - traj.truncated.ndim))
     if value_fn is None:
-        return jnp.where(traj.truncated, 0.0, nxt)
+        return jnp.where(truncated, 0.0, nxt)
     # Evaluated only when some step was truncated (a real branch unless vmapped, where both sides run).
     final_v = jax.lax.cond(traj.truncated.any(), value_fn, lambda o: jnp.zeros_like(nxt), traj.final_obs)
-    return jnp.where(traj.truncated, final_v, nxt)
+    return jnp.where(truncated, final_v, nxt)
 
 
 def episode_metrics(info: dict, axis_name: str | None = None) -> dict:

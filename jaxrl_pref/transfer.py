@@ -83,12 +83,16 @@ class ObsPacker:
 
 
 def pack_outputs(action: jax.Array, log_prob: jax.Array, value: jax.Array) -> jax.Array:
-    """``float32 [3, B]``: the int32 action's bits, its log-probability and the value (inside jit)."""
+    """``float32 [2 + K, B]``: the int32 action's bits, its log-probability and the value (``[B]``, K = 1) or values
+    (``[B, K]``, one per value head) (inside jit)."""
     bits = jax.lax.bitcast_convert_type(action.astype(jnp.int32), jnp.float32)
-    return jnp.stack([bits, log_prob.astype(jnp.float32), value.astype(jnp.float32)])
+    value = value.astype(jnp.float32)
+    return jnp.concatenate([jnp.stack([bits, log_prob.astype(jnp.float32)]),
+                            value[None] if value.ndim == 1 else value.T])
 
 
 def unpack_outputs(host: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The host side of :func:`pack_outputs`: ``(action int32, log_prob, value)`` from the fetched array."""
+    """The host side of :func:`pack_outputs`: ``(action int32, log_prob, value)`` from the fetched array (the value
+    ``[B]``, or ``[B, K]`` for K value heads)."""
     host = np.asarray(host)
-    return host[0].view(np.int32), host[1], host[2]
+    return host[0].view(np.int32), host[1], host[2] if host.shape[0] == 3 else host[2:].T

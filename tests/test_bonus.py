@@ -72,13 +72,17 @@ def test_with_bonus_adds_the_normalised_bonus_to_the_base_reward():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["rnd", "e3b"])
+@pytest.mark.parametrize("kind", ["rnd", "e3b", "rnd-head"])
 def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
     """Killed after the first checkpoint and resumed: the bonus's networks, optimiser, statistics (and E3B's
-    per-env inverse covariances) and the agent equal an uninterrupted run's bit for bit; the bonus is logged."""
+    per-env inverse covariances) and the agent equal an uninterrupted run's bit for bit; the bonus is logged.
+    ``rnd-head``: RND in its own stream and value head (``--bonus-value-head``) under a GRU policy."""
     from jaxrl_pref.runner import run_experiment
-    cfg = ppo.Config(**{**TINY, "total_timesteps": 8 * 16 * 4})
-    reward = with_bonus(None, BonusConfig(bonus=kind, **SMALL_BONUS), cfg.num_envs)
+    head = kind == "rnd-head"
+    kind = "rnd" if head else kind
+    cfg = ppo.Config(**{**TINY, "total_timesteps": 8 * 16 * 4, "network": "gru" if head else "mlp",
+                        "rnn_hidden": 16})
+    reward = with_bonus(None, BonusConfig(bonus=kind, bonus_value_head=head, **SMALL_BONUS), cfg.num_envs)
 
     def make(c, log_fn=None, log_every=1):
         return ppo.make_trainer(c, reward=reward, log_fn=log_fn, log_every=log_every)
@@ -93,6 +97,8 @@ def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
     assert bits(rest.state) == bits(full.state)
     name = "rnd/bonus" if kind == "rnd" else "e3b/bonus"
     np.testing.assert_array_equal(full.metrics[name], rest.metrics[name])
+    if head:
+        np.testing.assert_array_equal(full.metrics["loss/value_rnd"], rest.metrics["loss/value_rnd"])
     assert np.all(np.asarray(full.metrics[name]) > 0) and np.isfinite(full.metrics["reward/bonus"]).all()
     # two seeds, two different bonus models
     leaves = jax.tree.leaves(full.state.reward_state["bonus"])

@@ -8,6 +8,6 @@ HERON's pieces: :mod:`~jaxrl_pref.rewards.factors` (named reward factors, factor
 ``FactorReward``), :mod:`~jaxrl_pref.rewards.hierarchy` (vmapped hierarchical comparison) and
 :mod:`~jaxrl_pref.rewards.preference` (the online Bradley-Terry preference reward model, a RewardTransform).
 """
-from jaxrl_pref.rewards.transform import IdentityReward, RewardTransform, ScaledSum
+from jaxrl_pref.rewards.transform import IdentityReward, RewardTransform, ScaledSum, Stream, reward_streams
 
-__all__ = ["RewardTransform", "IdentityReward", "ScaledSum"]
+__all__ = ["RewardTransform", "IdentityReward", "ScaledSum", "Stream", "reward_streams"]

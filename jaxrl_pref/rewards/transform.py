@@ -10,10 +10,16 @@ lives in the agent's runner state. Each iteration the agent calls, in this order
 Metrics returned by both are logged with the agent's metrics (``reward/...``). A transform whose state arrays may
 change shape during a run (ONI's growing message table) says which with an optional ``resizable(path) -> bool``;
 the runner restores those at their checkpointed shape.
+
+Several reward streams: a transform with a ``streams`` attribute (a tuple of :class:`Stream`, more than one)
+returns ``[T, N, K]``, one column per stream. A PPO-family agent then gives each stream its own value head and
+return (each stream's own discount, episodic or not) and adds their advantages (:func:`reward_streams`); RND's
+non-episodic intrinsic return (``--bonus rnd --bonus-value-head``) is the use.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+from typing import Any, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,28 @@ class RewardTransform(Protocol):
     def update(self, state: Any, traj, key: jax.Array, axis_name: str | None = None) -> tuple[Any, dict]: ...
 
     def __call__(self, state: Any, traj) -> tuple[jax.Array, dict]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One reward stream of a multi-stream transform: it gets its own value head and return."""
+    name: str
+    episodic: bool = True
+    """False: the stream's return runs on across episode ends (Burda et al.'s intrinsic return): no cut at
+    termination or truncation, the next step's value (the new episode's first observation) is bootstrapped."""
+    gamma: Optional[float] = None
+    """The stream's discount; None: the agent's gamma."""
+
+
+SINGLE = (Stream("reward"),)
+
+
+def reward_streams(transform) -> tuple[Stream, ...]:
+    """The reward streams ``transform`` returns (one, :data:`SINGLE`, unless it declares ``streams``)."""
+    streams = tuple(getattr(transform, "streams", None) or SINGLE)
+    if not all(isinstance(s, Stream) for s in streams):
+        raise TypeError(f"{type(transform).__name__}.streams must be a tuple of Stream, got {streams!r}")
+    return streams
 
 
 class IdentityReward:
