@@ -17,10 +17,11 @@ Choices (the paper's, unless said):
   rollouts and gamma 0.99 this is close to the paper's running return;
 * the predictor is trained on each rollout's next observations (``update_proportion`` of them, as the paper's
   0.25 with many envs), ``steps`` Adam steps on the whole batch;
-* the paper adds a second value head for a non-episodic intrinsic return. Here the bonus enters through the seam:
-  ``ScaledSum(RND(...), int_coef=..., normalize=False)`` adds it to the env reward and one critic learns the sum,
-  episodically (the bonus is cut at episode ends like the env reward). This keeps RND a pure reward transform
-  usable by every agent; on the sparse tasks here the two-head variant is the natural next comparison.
+* the paper learns the bonus with a second value head and a non-episodic return. Both forms are here, through the
+  seam (:mod:`jaxrl_pref.rewards.bonus`): by default the bonus is added to the reward and one critic learns the sum
+  episodically (a plain reward transform any agent can use); with ``--bonus-value-head`` it is a second reward
+  stream (:class:`~jaxrl_pref.rewards.transform.Stream`, non-episodic, discount ``gamma_int``) that the PPO-family
+  agents learn with its own value head (docs/exploration.md).
 
 Array observations are used as they are; dict observations (NetHack) are cast to float, flattened and concatenated.
 The state (target and predictor parameters, optimiser state, statistics) is a pytree in the runner
