@@ -1,4 +1,4 @@
-"""Exploration-bonus overhead: PPO vs PPO+RND vs PPO+E3B env-steps/s on the same task and network, in one run.
+"""Exploration-bonus overhead: PPO vs PPO+RND (one critic, or its own value head) vs PPO+E3B env-steps/s on the same task and network, in one run.
 
     python -m benchmarks.bonus_throughput                                    # MiniGrid-DoorKey-8x8, 1 and 4 seeds
     python -m benchmarks.bonus_throughput --env DeepSea-20 --num-envs 16 --seeds 4 --json out.json
@@ -24,12 +24,14 @@ from benchmarks.ppo_throughput import Bench, alternate, seed_keys  # also sets s
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
 
-METHODS = ("ppo", "rnd", "e3b")
-TARGETS = {"rnd": 0.7, "e3b": 0.6}
+METHODS = ("ppo", "rnd", "rnd-head", "e3b")
+TARGETS = {"rnd": 0.7, "rnd-head": 0.7, "e3b": 0.6}
 
 
 def bench(cfg: ppo.Config, method: str, num_seeds: int) -> Bench:
-    bonus = BonusConfig(bonus="none" if method == "ppo" else method)
+    """``rnd-head``: RND as its own reward stream with a second value head (``--bonus-value-head``)."""
+    bonus = BonusConfig(bonus="none" if method == "ppo" else method.split("-")[0],
+                        bonus_value_head=method == "rnd-head")
     train = ppo.make_train(cfg, reward=with_bonus(None, bonus, cfg.num_envs))
 
     def fn(key):
@@ -60,7 +62,7 @@ def report(r: dict) -> str:
         x = r[m]
         ratio = f"  {x['env_steps_per_s'] / base:.3f}x PPO" if base and m != "ppo" else ""
         target = f" (target >= {TARGETS[m]})" if ratio else ""
-        lines.append(f"{m:>4}: {x['env_steps_per_s']:>10,.0f} env-steps/s  run {x['run_s_median']:.2f}s (median of "
+        lines.append(f"{m:>8}: {x['env_steps_per_s']:>10,.0f} env-steps/s  run {x['run_s_median']:.2f}s (median of "
                      f"{len(x['run_s_all'])})  compile {x['compile_s']:.1f}s  final success/return "
                      f"{np.mean(x['final']):.3f}{ratio}{target}")
     return "\n".join(lines)
