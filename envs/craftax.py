@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import spaces
 
-from envs.wrappers import AutoReset, where_done
+from envs.wrappers import AutoReset, any_in_batch, where_done
 
 CRAFTAX_FIX = 'pip install -e ".[craftax]" (or: pip install "craftax>=1.6")'
 
@@ -191,7 +191,7 @@ class CraftaxAutoReset(AutoReset):
                 obs_re, state_re = take(obs_re), jax.tree.map(take, state_re)
                 return where_done(done, obs_re, obs_st), where_done(done, state_re, state_st)
 
-        return jax.lax.cond(jnp.any(done), fresh, lambda _: (obs_st, state_st), None)
+        return jax.lax.cond(any_in_batch(done), fresh, lambda _: (obs_st, state_st), None)
 
 
 def _factory(name: str):

@@ -18,6 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from gymnax.environments import spaces
+from jax.custom_batching import custom_vmap
+
+
+@custom_vmap
+def any_in_batch(x) -> jax.Array:
+    """``x.any()``, and under ``vmap`` the any over the mapped axis too: one unbatched bool. A ``lax.cond`` on it
+    stays a branch under ``vmap`` over seeds (taken when any seed needs it; each branch still selects per element)
+    instead of becoming a select that runs both branches every time, as a cond on a batched predicate does."""
+    return jnp.any(x)
+
+
+@any_in_batch.def_vmap
+def _any_in_batch_vmap(axis_size, in_batched, x):
+    return any_in_batch(x), False
 
 
 class Wrapper:
@@ -49,7 +63,7 @@ class AutoReset(Wrapper):
     With ``num_envs`` set, the env is a batch of ``num_envs`` envs (leading axis on obs, state, reward, flags and
     actions) and ``step``/``reset`` take one key for the whole batch. The reset branch then runs only when some
     env finished (``lax.cond``), which on CPU is most of the cost of stepping cheap envs. Under ``vmap`` over
-    seeds the cond becomes a select and both branches run, as in the unbatched form.
+    seeds it stays a branch (:func:`any_in_batch`), taken when an env of any seed finished.
     """
 
     def __init__(self, env, num_envs: int | None = None):
@@ -88,7 +102,7 @@ class AutoReset(Wrapper):
 
         if self.num_envs is None:
             return with_reset(None)
-        return jax.lax.cond(done.any(), with_reset, lambda _: (obs_st, state_st), None)
+        return jax.lax.cond(any_in_batch(done), with_reset, lambda _: (obs_st, state_st), None)
 
 
 def where_done(done, new, old):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from envs.wrappers import any_in_batch
 from jaxrl_pref.recurrent import RecurrentState
 
 
@@ -86,8 +87,8 @@ def next_values(traj: Transition, last_value, value_fn: Callable | None):
     truncated = traj.truncated.reshape(traj.truncated.shape + (1,) * (nxt.ndim - traj.truncated.ndim))
     if value_fn is None:
         return jnp.where(truncated, 0.0, nxt)
-    # Evaluated only when some step was truncated (a real branch unless vmapped, where both sides run).
-    final_v = jax.lax.cond(traj.truncated.any(), value_fn, lambda o: jnp.zeros_like(nxt), traj.final_obs)
+    # Evaluated only when some step was truncated (of any seed, under vmap: a real branch either way).
+    final_v = jax.lax.cond(any_in_batch(traj.truncated), value_fn, lambda o: jnp.zeros_like(nxt), traj.final_obs)
     return jnp.where(truncated, final_v, nxt)
 
 
