@@ -114,19 +114,17 @@ def test_bonus_value_head_option_builds_a_second_stream():
 
 def test_the_bonus_stream_is_the_scaled_bonus_and_the_base_reward_stays_apart():
     cfg = ppo.Config(**TINY)
-    both = {}
-    for head in (False, True):
-        reward = with_bonus(None, BonusConfig(bonus="rnd", bonus_coef=0.3, bonus_value_head=head, **SMALL_BONUS),
-                            cfg.num_envs)
-        tr = ppo.make_trainer(cfg, reward=reward)
-        rs = tr.init(jax.random.PRNGKey(3), None)
-        _, _, traj = collect(tr.env, tr.env_params, jax.tree_util.Partial(tr.agent.act, rs.train_state.params),
-                             rs.env_state, rs.obs, jax.random.PRNGKey(4), cfg.num_steps)
-        both[head] = (np.asarray(reward(rs.reward_state, traj)[0]), np.asarray(traj.reward))
-    summed, env_r = both[False]
-    split, _ = both[True]
+    split_t = with_bonus(None, BonusConfig(bonus="rnd", bonus_coef=0.3, bonus_value_head=True, **SMALL_BONUS),
+                         cfg.num_envs)
+    tr = ppo.make_trainer(cfg, reward=split_t)
+    summed_t = WithBonus(split_t.base, split_t.bonus, split_t.coef, split_t.normalize)  # the same state, one stream
+    rs = tr.init(jax.random.PRNGKey(3), None)
+    _, _, traj = collect(tr.env, tr.env_params, jax.tree_util.Partial(tr.agent.act, rs.train_state.params),
+                         rs.env_state, rs.obs, jax.random.PRNGKey(4), cfg.num_steps)
+    split = np.asarray(split_t(rs.reward_state, traj)[0])
+    summed = np.asarray(summed_t(rs.reward_state, traj)[0])
     chex.assert_shape(split, (cfg.num_steps, cfg.num_envs, 2))
-    np.testing.assert_array_equal(split[..., 0], env_r)
+    np.testing.assert_array_equal(split[..., 0], np.asarray(traj.reward))
     np.testing.assert_allclose(split.sum(-1), summed, rtol=1e-6)
     assert (split[..., 1] >= 0).all() and split[..., 1].max() > 0
 
