@@ -1,4 +1,5 @@
-"""Exploration-bonus overhead: PPO vs PPO+RND (one critic, or its own value head) vs PPO+E3B env-steps/s on the same task and network, in one run.
+"""Exploration-bonus overhead: PPO vs PPO+RND (one critic, or its own value head) vs PPO+E3B env-steps/s on the
+same task and network, in one run.
 
     python -m benchmarks.bonus_throughput                                    # MiniGrid-DoorKey-8x8, 1 and 4 seeds
     python -m benchmarks.bonus_throughput --env DeepSea-20 --num-envs 16 --seeds 4 --json out.json
