@@ -1,0 +1,74 @@
+"""jaxrl_pref.prng: the unrolled Threefry keys draw exactly the default keys' bits, with no XLA loop per hash."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_pref import prng
+
+SHAPES = [(1,), (2,), (3,), (4, 2), (7, 3), (128, 2)]
+
+
+@pytest.fixture(params=[True, False], ids=["partitionable", "original"])
+def threefry_mode(request):
+    before = jax.config.jax_threefry_partitionable
+    jax.config.update("jax_threefry_partitionable", request.param)
+    yield request.param
+    jax.config.update("jax_threefry_partitionable", before)
+
+
+def same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and (a == b).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 31 + 7])
+def test_same_bits_as_default_keys(threefry_mode, seed):
+    k = jax.random.PRNGKey(seed)
+    u = prng.unrolled(k)
+    assert same(jax.random.split(k), prng.raw(jax.random.split(u)))
+    for shape in SHAPES:
+        assert same(jax.random.split(k, shape), prng.raw(jax.random.split(u, shape))), shape
+        for dtype in (jnp.uint8, jnp.uint16, jnp.uint32):
+            assert same(jax.random.bits(k, shape, dtype), jax.random.bits(u, shape, dtype)), (shape, dtype)
+    for data in (0, 3, 2 ** 20):
+        assert same(jax.random.fold_in(k, data), prng.raw(jax.random.fold_in(u, data)))
+
+
+def test_samplers_match_in_jit_and_vmap():
+    def draw(key):
+        return (jax.random.normal(key, (5, 3)), jax.random.categorical(key, jnp.zeros((9, 4))),
+                jax.random.permutation(key, 33), jax.random.uniform(jax.random.split(key, (3, 2))[2, 1], (2,)))
+
+    keys = jax.random.split(jax.random.PRNGKey(4), 6)
+    expected = jax.jit(jax.vmap(draw))(keys)
+    got = jax.jit(jax.vmap(lambda k: draw(prng.unrolled(k))))(keys)
+    for a, b in zip(expected, got):
+        assert same(a, b)
+
+
+def test_raw_and_unrolled_round_trip():
+    k = jax.random.PRNGKey(3)
+    u = prng.unrolled(k)
+    assert jax.random.key_impl(u) == prng.IMPL and u.shape == ()
+    assert same(prng.raw(u), k) and same(prng.raw(k), k)
+    assert same(prng.raw(prng.unrolled(jax.random.key(3))), jax.random.key_data(jax.random.key(3)))
+    batch = prng.unrolled(jax.random.split(k, 5))  # a batch of raw keys -> a batch of typed keys
+    assert batch.shape == (5,)
+
+
+def test_hash_compiles_without_a_loop():
+    """The point of the module: on CPU the default keys' split is an XLA while loop; this one is straight-line."""
+    hlo = jax.jit(lambda k: prng.raw(jax.random.split(prng.unrolled(k), 4))).lower(
+        jax.random.PRNGKey(0)).compile().as_text()
+    assert " while(" not in hlo
+
+
+def test_ppo_state_keeps_raw_keys():
+    """The trainers hash with unrolled keys inside their step but carry raw uint32 keys (checkpoints unchanged)."""
+    from agents import ppo
+    cfg = ppo.Config(env_name="CartPole-v1", num_envs=4, num_steps=8, total_timesteps=64, update_epochs=1,
+                     num_minibatches=1)
+    out = jax.jit(ppo.make_train(cfg))(jax.random.PRNGKey(0))
+    key = out.runner_state.key
+    assert key.dtype == jnp.uint32 and key.shape == (2,)
