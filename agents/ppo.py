@@ -495,16 +495,16 @@ class Trainer(ScanLoop):
 
     def step(self, rs: RunnerState, hp: HParams, axis_name: Optional[str] = None):
         """One update: an in-jit rollout of ``num_steps`` steps, then :meth:`PPO.learn`."""
-        # typed keys with the Threefry hash unrolled (same bits; prng's docstring): the rollout's per-step hashes
-        # are most of a cheap env step's cost on CPU otherwise
-        key, k_roll, k_reward, k_upd = jax.random.split(prng.unrolled(rs.key), 4)
+        key, k_roll, k_reward, k_upd = jax.random.split(rs.key, 4)
         policy = partial(self.agent.act, rs.train_state.params)
-        out = collect(self.env, self.env_params, policy, rs.env_state, rs.obs, k_roll, self.cfg.num_steps,
-                      policy_state=rs.policy_state)
+        # the rollout's keys hash unrolled (same bits, see jaxrl_pref.prng): its per-step hashes (the policy's
+        # sample, the env step's splits) are otherwise most of a cheap env step's cost on CPU
+        out = collect(self.env, self.env_params, policy, rs.env_state, rs.obs, prng.unrolled(k_roll),
+                      self.cfg.num_steps, policy_state=rs.policy_state)
         env_state, obs, traj, ps = out if self.agent.recurrent else (*out, ())
         train_state, reward_state, metrics = self.agent.learn(rs.train_state, self.reward, rs.reward_state, hp,
                                                               traj, obs, k_reward, k_upd, axis_name, ps)
-        return RunnerState(train_state, env_state, obs, reward_state, prng.raw(key), rs.update_step + 1, ps), metrics
+        return RunnerState(train_state, env_state, obs, reward_state, key, rs.update_step + 1, ps), metrics
 
 
 @struct.dataclass
@@ -641,11 +641,11 @@ class HostTrainer(HostLoop):
         return rest.replace(train_state=train_state), metrics
 
     def _learn_step(self, train_state, state: HostState, traj: Transition, last_obs, last_policy_state=()):
-        key, k_reward, k_upd = jax.random.split(prng.unrolled(state.key), 3)
+        key, k_reward, k_upd = jax.random.split(state.key, 3)
         train_state, reward_state, metrics = self.agent.learn(train_state, self.reward, state.reward_state,
                                                               self.hp, traj, last_obs, k_reward, k_upd,
                                                               last_policy_state=last_policy_state)
-        return train_state, HostState(None, reward_state, prng.raw(key), state.update_step + 1), metrics
+        return train_state, HostState(None, reward_state, key, state.update_step + 1), metrics
 
     def _rate(self, seconds: float) -> dict:
         return {"env_steps_per_s": np.float32(self.cfg.num_steps * self.env.num_envs / max(seconds, 1e-9))}

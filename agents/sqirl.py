@@ -414,7 +414,7 @@ class SQIRL:
     def learn(self, state: SQIRLState, hp: HParams, ro: Rollout):
         """Steps 2-4 of the algorithm for the rollout collected at timestep ``state.t``."""
         H, N, t = self.horizon, self.num_envs, state.t
-        key, k_fit = jax.random.split(prng.unrolled(state.key))
+        key, k_fit = jax.random.split(state.key)
         step_idx = jnp.arange(H)[:, None]
         active = (jnp.arange(N) < hp.episodes_per_timestep)[None, :]
         alive = ro.alive & active
@@ -441,7 +441,7 @@ class SQIRL:
         metrics.update({f"explore/{k}": v for k, v in explore.items()})
         metrics.update({"experience_steps": steps, "timestep": (t + 1).astype(jnp.float32),
                         "replay/valid_transitions": (weights > 0).sum().astype(jnp.float32)})
-        return SQIRLState(params, opt_state, policies, buf, t + 1, prng.raw(key), steps), metrics
+        return SQIRLState(params, opt_state, policies, buf, t + 1, key, steps), metrics
 
 
 def eval_metrics(ro: Rollout) -> dict:
@@ -500,8 +500,10 @@ class Trainer(ScanLoop):
 
     def step(self, state: SQIRLState, hp: HParams, axis_name: Optional[str] = None):
         """One timestep: explore, learn (:meth:`SQIRL.learn`), evaluate the greedy time-indexed policy."""
-        key, k_col, k_eval = jax.random.split(prng.unrolled(state.key), 3)  # prng: same bits, faster on CPU
-        state = state.replace(key=prng.raw(key))
+        key, k_col, k_eval = jax.random.split(state.key, 3)
+        state = state.replace(key=key)
+        # the rollouts' keys hash unrolled (same bits, faster per step on CPU: jaxrl_pref.prng)
+        k_col, k_eval = prng.unrolled(k_col), prng.unrolled(k_eval)
         ro = self.rollout(self.env, state.policies, state.t, state.t - 1, hp.planning_depth, k_col)
         t = state.t
         state, metrics = self.agent.learn(state, hp, ro)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import spaces
 
-from envs.wrappers import AutoReset, any_in_batch, where_done
+from envs.wrappers import AutoReset, any_in_batch, raw_keys, where_done
 
 CRAFTAX_FIX = 'pip install -e ".[craftax]" (or: pip install "craftax>=1.6")'
 
@@ -180,11 +180,11 @@ class CraftaxAutoReset(AutoReset):
         """The finished envs get fresh worlds from a small pool generated on this step (none when nobody finished)."""
         if self.num_envs is None:
             def fresh(_):
-                obs_re, state_re = self._env.reset_env(key, params)
+                obs_re, state_re = self._env.reset_env(raw_keys(key), params)
                 return where_done(done, obs_re, obs_st), where_done(done, state_re, state_st)
         else:
             def fresh(_):
-                keys = jax.random.split(key, self.num_resets)
+                keys = raw_keys(jax.random.split(key, self.num_resets))
                 obs_re, state_re = jax.vmap(self._env.reset_env, in_axes=(0, None))(keys, params)
                 slot = (jnp.cumsum(done) - 1) % self.num_resets  # rank of each finished env among the finished
                 take = lambda x: jnp.take(x, slot, axis=0)  # noqa: E731

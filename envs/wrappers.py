@@ -34,6 +34,13 @@ def _any_in_batch_vmap(axis_size, in_batched, x):
     return any_in_batch(x), False
 
 
+def raw_keys(key):
+    """Keys as a wrapped env's ``step_env``/``reset_env`` get them: raw ``uint32[..., 2]`` data. Our wrappers also
+    take typed keys (``jaxrl_pref.prng.unrolled``: the same bits, hashed faster on CPU) and hash with them, but
+    envs may store their key in their state (xminigrid, Craftax), which must keep one type across resets."""
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 class Wrapper:
     """Base wrapper: forwards unknown attributes (``batch_shape``, spaces...) to the wrapped env."""
 
@@ -75,7 +82,8 @@ class AutoReset(Wrapper):
         return fn if self.num_envs is None else jax.vmap(fn, in_axes=in_axes)
 
     def _keys(self, key):
-        return key if self.num_envs is None else jax.random.split(key, self.num_envs)
+        """The wrapped env's keys (one per env, raw) from the batch's key."""
+        return raw_keys(key if self.num_envs is None else jax.random.split(key, self.num_envs))
 
     def reset(self, key, params):
         return self._map(self._env.reset_env, (0, None))(self._keys(key), params)
