@@ -22,17 +22,24 @@ def same(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and (a == b).all()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2 ** 31 + 7])
-def test_same_bits_as_default_keys(threefry_mode, seed):
-    k = jax.random.PRNGKey(seed)
-    u = prng.unrolled(k)
-    assert same(jax.random.split(k), prng.raw(jax.random.split(u)))
+def _draws(k):
+    out = [jax.random.split(k)]
     for shape in SHAPES:
-        assert same(jax.random.split(k, shape), prng.raw(jax.random.split(u, shape))), shape
-        for dtype in (jnp.uint8, jnp.uint16, jnp.uint32):
-            assert same(jax.random.bits(k, shape, dtype), jax.random.bits(u, shape, dtype)), (shape, dtype)
-    for data in (0, 3, 2 ** 20):
-        assert same(jax.random.fold_in(k, data), prng.raw(jax.random.fold_in(u, data)))
+        out.append(jax.random.split(k, shape))
+        out += [jax.random.bits(k, shape, dtype) for dtype in (jnp.uint8, jnp.uint16, jnp.uint32)]
+    out += [jax.random.fold_in(k, d) for d in (0, 3, 2 ** 20)]
+    return [prng.raw(x) for x in out]
+
+
+def test_same_bits_as_default_keys(threefry_mode):
+    """split (every shape), bits (8/16/32-bit, odd sizes) and fold_in: the default keys' bits, in either mode."""
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2 ** 31 + 7)])
+    expected = jax.jit(jax.vmap(_draws))(keys)
+    got = jax.jit(jax.vmap(lambda k: _draws(prng.unrolled(k))))(keys)
+    assert len(expected) == len(got)
+    for i, (a, b) in enumerate(zip(expected, got)):
+        assert same(a, b), i
+    assert same(jax.random.split(keys[0]), prng.raw(jax.random.split(prng.unrolled(keys[0]))))  # eager too
 
 
 def test_samplers_match_in_jit_and_vmap():
