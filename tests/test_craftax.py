@@ -153,7 +153,7 @@ def test_unknown_param_is_rejected():
 def test_other_variants_step(name):
     pytest.importorskip("craftax")
     env, p = envs.make(name, num_envs=2, max_timesteps=3)
-    obs, s = env.reset(jax.random.PRNGKey(0), p)
+    obs, s = jax.jit(env.reset)(jax.random.PRNGKey(0), p)  # eager world generation takes minutes
     sp = envs.spec(env, p)
     chex.assert_shape(obs, (2,) + sp.obs_shape)
     step = jax.jit(env.step)
