@@ -411,7 +411,7 @@ def oni_service(s: int, n: int) -> dict:
         (d / "prompts").mkdir()
         (d / "prompts" / "toy.v1.txt").write_text(t.TOY_PROMPT)
         proc, url = start_server(str(d / "labels.db"), "embedded", extra_args=["--prompt-dir", str(d / "prompts")])
-        client = t.WaitForLabels(AnnotatorClient(url, "toy", poll_interval=0.05))
+        client = AnnotatorClient(url, "toy", poll_interval=0.05, wait=300.0)
 
         def close():
             client.close()

@@ -71,7 +71,7 @@ def train(opts, run_dir):
         return motif.train(opts, run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     proc, url = start_annotator(opts.annotator, run_dir)
-    client = AnnotatorClient(url, opts.annotator.task(opts.env_name))
+    client = AnnotatorClient(url, opts.annotator.task(opts.env_name), wait=opts.annotator.label_wait)
     state_key = None if opts.bonus.bonus == "none" else "base"  # under launch's WithBonus
     info = {"annotator_url": url, "prompt_task": client.task}
     try:

@@ -22,6 +22,7 @@ from jaxrl_pref.annotation.backends import OpenAIBackend, Prompt, parse_boxed, t
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
 from jaxrl_pref.annotation.config import AnnotatorConfig, start_annotator
 from jaxrl_pref.annotation.store import LabelStore
+from jaxrl_pref.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -419,6 +420,39 @@ def test_client_never_blocks_and_catches_up(tmp_path, fake_llm):
     finally:
         c.close()
         stop_server(proc)
+
+
+def test_client_wait_delivers_every_answer_or_says_it_ran_out(tmp_path, fake_llm, capfd):
+    """``wait`` (``--label-wait``): poll() returns once every message submitted has its answer, though the client
+    polls the service only every 30 s on its own; a wait that runs out (a reply the fake LLM holds) is said on
+    stderr and returns what arrived; the held answer comes with the next poll once it is given."""
+    llm_url, _ = fake_llm()
+    proc, url = _service(tmp_path, llm_url, tmp_path / "labels.db")
+    c = AnnotatorClient(url, "minihack", poll_interval=30.0, wait=120.0)
+    held = AnnotatorClient(url, "minihack", poll_interval=30.0, wait=0.5, warn_every=0.0)
+    try:
+        msgs = [f"good-yes {i}" for i in range(20)] + ["good-no 0"]
+        c.submit(msgs)
+        labels, pairs = c.poll()
+        assert sorted(labels) == sorted(msgs) and pairs == [] and labels["good-no 0"] == 0.0
+        assert c.poll() == ({}, [])  # nothing submitted is unanswered: no wait
+        assert c.metrics()["annotator/waited_s"] > 0
+        capfd.readouterr()
+        held.submit(["hold-x yes"])
+        t = time.monotonic()
+        labels, _ = held.poll()
+        assert time.monotonic() - t >= 0.5 and "hold-x yes" not in labels
+        assert "waited --label-wait 0.5 s and 1 submitted item(s) still have no answer" in capfd.readouterr().err
+        _open_gate(tmp_path, "x")
+        got = {}
+        assert _wait(lambda: got.update(held.poll()[0]) or "hold-x yes" in got, 60)
+        assert got["hold-x yes"] == 1.0
+    finally:
+        c.close()
+        held.close()
+        stop_server(proc)
+    with pytest.raises(ConfigError, match="label_wait"):
+        AnnotatorConfig(label_wait=-1.0)
 
 
 # -- embedded backend + encoder -----------------------------------------------------------------------------------------

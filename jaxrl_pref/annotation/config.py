@@ -36,6 +36,11 @@ class AnnotatorConfig:
     """JAX platform of the annotator service (the embedded MiniLM): cpu (default: the learner keeps the GPU/TPU and
     its memory to itself; the child would otherwise preallocate its own share of the accelerator), or gpu / tpu /
     "" (JAX's default) to put it on the accelerator as well."""
+    label_wait: float = 0.0
+    """Seconds each exchange with the annotator waits at most for the answers to everything submitted so far (0:
+    never waits, ONI's asynchronous default). With a deterministic annotator (scripted, bow, embedded) and a wait
+    that does not run out, which labels the agent has at each update no longer depends on the machine's speed (a
+    run repeats exactly where its env does). A wait that runs out is said on the console and training goes on."""
     allow_unreachable_llm: bool = False
     """openai annotator: start even if the LLM server does not answer at start-up (by default the run stops with an
     error naming the URL). Messages then stay pending in the label store, with their errors recorded and warned
@@ -48,6 +53,8 @@ class AnnotatorConfig:
             require(bool(self.llm_base_url) and bool(self.llm_model), "llm_base_url",
                     "the openai annotator needs a server URL and a model name",
                     "pass --llm-base-url http://HOST:PORT/v1 --llm-model NAME")
+        require(self.label_wait >= 0, "label_wait", f"must be >= 0 seconds, got {self.label_wait}",
+                "pass e.g. --label-wait 60 (or 0: never wait for the annotator)")
 
     def store_path(self, run_dir) -> str:
         return self.label_store or str(Path(run_dir) / "labels.db")
