@@ -60,7 +60,8 @@ def test_method_ellm_selects_the_bow_annotator_and_retrieval():
 @pytest.mark.slow
 def test_ellm_trains_on_minihack_with_the_bow_annotator(tmp_path):
     """`python -m experiments.oni --method ellm` on MiniHack: the annotator process labels every message with its
-    cosine similarity to the goal, the retrieval model pays those above the threshold."""
+    cosine similarity to the goal, the retrieval model pays those above the threshold (``--label-wait``: the labels
+    are in the store however slow the service starts on this machine)."""
     import json
     import os
     import sqlite3
@@ -69,7 +70,8 @@ def test_ellm_trains_on_minihack_with_the_bow_annotator(tmp_path):
     from pathlib import Path
     run = tmp_path / "run"
     args = ["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--method", "ellm", "--num-envs", "8", "--num-steps", "32",
-            "--total-timesteps", str(8 * 32 * 6), "--threshold", "0.3", "--run-dir", str(run), "--progress", "False"]
+            "--total-timesteps", str(8 * 32 * 6), "--threshold", "0.3", "--label-wait", "300", "--run-dir", str(run),
+            "--progress", "False"]
     p = subprocess.run([sys.executable, "-m", "experiments.oni", *args], cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
     assert p.returncode == 0, p.stderr[-3000:]
