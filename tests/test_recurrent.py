@@ -408,14 +408,15 @@ def test_memory_task_needs_a_recurrent_policy(network, tmp_path):
 @pytest.mark.slow
 def test_gru_cartpole_reaches_475():
     """The anchor bench's GRU config (4 envs x 128 steps, 500k steps, Dense(128) -> GRU(128) -> heads): mean return
-    of the last 10 updates >= 475 for at least 3 of 4 seeds. Measured (``python -m benchmarks.learning_spread
-    --task cartpole_gru --sets 2 --first-set 0``, 2026-12-03): 500.0 on all 8 seeds."""
+    of the last 10 updates >= 475 for both of 2 seeds. Measured (``python -m benchmarks.learning_spread
+    --task cartpole_gru --sets 2 --first-set 0``, 2026-12-03): 500.0 on all 8 seeds (these 2 among them; 2 seeds,
+    not 4, since 2026-12-04: the test took 162 s of a CI run)."""
     from benchmarks.ppo_rnn_throughput import BENCH
     out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**BENCH, network="gru"))))(
-        jax.random.split(jax.random.PRNGKey(0), 4))
+        jax.random.split(jax.random.PRNGKey(0), 2))
     final = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -10:], axis=1)
     print("CartPole GRU final returns", np.round(final, 1))
-    assert (final >= 475).sum() >= 3, final
+    assert (final >= 475).all(), final
 
 
 @pytest.mark.slow
