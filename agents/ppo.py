@@ -39,7 +39,7 @@ from jaxrl_pref.recurrent import RecurrentState
 from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
-from jaxrl_pref.rewards.transform import SINGLE, Stream, reward_streams
+from jaxrl_pref.rewards.transform import SINGLE, Stream, reward_streams, update_and_reward
 from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
 from jaxrl_pref.transfer import ObsPacker, pack_outputs, unpack_outputs
 
@@ -425,12 +425,11 @@ class PPO:
         """Learns from one rollout, in the Anakin step and the host loop alike: reward-model update -> learning
         reward (the reward-transform seam) -> advantages -> PPO epochs. Returns (state, reward_state, metrics).
         ``last_policy_state``: a recurrent policy's state after the rollout (for ``V(last_obs)``)."""
-        reward_state, model_metrics = reward.update(reward_state, traj, key_reward, axis_name)
-        learning_reward, reward_metrics = reward(reward_state, traj)
+        reward_state, learning_reward, reward_metrics = update_and_reward(reward, reward_state, traj, key_reward,
+                                                                          axis_name)
         adv, ret = self.targets(state.params, hp, traj, learning_reward, last_obs, last_policy_state)
         state, loss_metrics = self.update(state, hp, traj, adv, ret, key_update, axis_name)
-        return state, reward_state, {**episode_metrics(traj.info, axis_name), **loss_metrics, **model_metrics,
-                                     **reward_metrics}
+        return state, reward_state, {**episode_metrics(traj.info, axis_name), **loss_metrics, **reward_metrics}
 
 
 def _with_time(obs):

@@ -71,6 +71,47 @@ def test_with_bonus_adds_the_normalised_bonus_to_the_base_reward():
     assert t.resizable("['base']['model']['table']['rows']") and not t.resizable("['bonus']['calls']")
 
 
+@pytest.mark.parametrize("kind", ["e3b", "rnd", "e3b+oni", "rnd-head", "constant"])
+def test_update_and_reward_equals_update_then_call(kind):
+    """The seam's fused call (what PPO makes: ``transform.update_and_reward``) gives what ``update`` then
+    ``__call__`` give -- state, reward and metrics -- over three rollouts in a row (E3B's matrices and RND's
+    statistics carry over), for the bonuses that fuse them, their wrappers, and one that does not (the fallback)."""
+    from jaxrl_pref.rewards.transform import ScaledSum, update_and_reward
+    from envs import EnvSpec
+    T, N, D = 6, 4, 5
+    spec = EnvSpec(obs_shape=(D,), discrete=True, num_actions=3)
+    base = IdentityReward()
+    if kind == "e3b+oni":
+        base = ScaledSum(E3B(N, hidden=(16,), features=8), ext_coef=0.5, int_coef=2.0)  # fused inside a wrapper
+    if kind == "constant":
+        t = WithBonus(base, Constant(), 0.3)
+    else:
+        t = with_bonus(base, BonusConfig(bonus=kind.split("+")[0].split("-")[0], bonus_value_head=kind == "rnd-head",
+                                         **SMALL_BONUS), N)
+    rng = np.random.default_rng(1)
+    state_a = state_b = t.init(jax.random.PRNGKey(0), spec)
+    fused = jax.jit(lambda s, tr, k: update_and_reward(t, s, tr, k))
+    split = jax.jit(lambda s, tr, k: (lambda s2m: (s2m[0], *t(s2m[0], tr), s2m[1]))(t.update(s, tr, k)))
+    for i in range(3):
+        obs = jnp.asarray(rng.normal(size=(T + 1, N, D)), jnp.float32)
+        done = jnp.asarray(rng.random((T, N)) < 0.2)
+        traj = Transition(obs[:-1], jnp.asarray(rng.integers(0, 3, (T, N)), jnp.int32), jnp.zeros((T, N)),
+                          jnp.zeros((T, N)), jnp.asarray(rng.normal(size=(T, N)), jnp.float32), done,
+                          jnp.zeros((T, N), bool), obs[1:], {})
+        key = jax.random.PRNGKey(10 + i)
+        state_a, reward_a, m_a = fused(state_a, traj, key)
+        state_b, reward_b, m_call, m_upd = split(state_b, traj, key)
+        np.testing.assert_allclose(np.asarray(reward_a), np.asarray(reward_b), rtol=1e-5, atol=1e-6)
+        for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        m_b = {**m_upd, **m_call}
+        assert set(m_a) == set(m_b)
+        for k in m_b:
+            np.testing.assert_allclose(np.asarray(m_a[k]), np.asarray(m_b[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(jnp.abs(reward_a).sum()) > 0
+    assert (hasattr(t, "update_and_reward") and hasattr(t.bonus, "update_and_reward")) == (kind != "constant")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rnd", "e3b", "rnd-head"])
 def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):

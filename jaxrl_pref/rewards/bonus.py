@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_pref.config import in_range, positive, require
-from jaxrl_pref.rewards.transform import SINGLE, IdentityReward, Stream, reward_streams, running_var
+from jaxrl_pref.rewards.transform import (SINGLE, IdentityReward, Stream, reward_streams, running_var,
+                                          update_and_reward)
 
 BONUSES = ("none", "rnd", "e3b")
 
@@ -129,9 +130,21 @@ class WithBonus:
     def __call__(self, state, traj):
         reward, m1 = self.base(state["base"], traj)
         b, m2 = self.bonus(state["bonus"], traj)
+        return self._combine(state, reward, b, {**m1, **m2})
+
+    def update_and_reward(self, state, traj, key, axis_name: Optional[str] = None):
+        k1, k2 = jax.random.split(key)
+        base, reward, m1 = update_and_reward(self.base, state["base"], traj, k1, axis_name)
+        bonus, b, m2 = update_and_reward(self.bonus, state["bonus"], traj, k2, axis_name)
+        var = running_var(state["var"], b, self.momentum, axis_name) if self.normalize else state["var"]
+        state = {"base": base, "bonus": bonus, "var": var}
+        reward, metrics = self._combine(state, reward, b, {**m1, **m2})
+        return state, reward, metrics
+
+    def _combine(self, state, reward, b, metrics):
         if self.normalize:
             b = b / jnp.sqrt(state["var"] + 1e-8)
-        metrics = {**m1, **m2, "reward/bonus": (self.coef * b).mean()}
+        metrics = {**metrics, "reward/bonus": (self.coef * b).mean()}
         if self.streams is not None:
             return jnp.stack([reward, self.coef * b], axis=-1), metrics
         return reward + self.coef * b, metrics

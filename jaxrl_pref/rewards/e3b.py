@@ -99,6 +99,16 @@ class E3B:
         return bonus, cinv
 
     def update(self, state, traj, key, axis_name: Optional[str] = None):
+        new, _, metrics = self._update(state, traj, axis_name)
+        return new, metrics
+
+    def update_and_reward(self, state, traj, key, axis_name: Optional[str] = None):
+        """``update`` then ``__call__`` with one scan: the update's scan of the rollout (from the ``C^-1`` at its
+        start, with the updated embedding) is the bonus ``__call__`` computes."""
+        new, bonus, metrics = self._update(state, traj, axis_name)
+        return new, bonus, {**metrics, "e3b/bonus": bonus.mean()}
+
+    def _update(self, state, traj, axis_name):
         T, N = traj.action.shape[:2]
         if N != self.num_envs:
             raise ValueError(f"E3B(num_envs={self.num_envs}) got a rollout of {N} envs: pass the env count it sees "
@@ -128,13 +138,13 @@ class E3B:
 
         (params, opt), (losses, accs) = jax.lax.scan(step, (state["params"], state["opt"]), None,
                                                      length=self.steps)
-        _, cinv = self._bonus(state, params, state["cinv"], state["last_done"], traj)
+        bonus, cinv = self._bonus(state, params, state["cinv"], state["last_done"], traj)
         new = {**state, "params": params, "opt": opt, "cinv": cinv, "cinv_start": state["cinv"],
                "last_done": traj.done[-1], "last_done_start": state["last_done"]}
         metrics = {"e3b/inverse_loss": losses[-1]}
         if self._discrete:
             metrics["e3b/inverse_accuracy"] = accs[-1]
-        return new, metrics
+        return new, bonus, metrics
 
     def __call__(self, state, traj):
         bonus, _ = self._bonus(state, state["params"], state["cinv_start"], state["last_done_start"], traj)

@@ -133,6 +133,17 @@ class RND:
         return jnp.mean(jnp.square(self.target.apply(target_params, x) - self.predictor.apply(pred_params, x)), -1)
 
     def update(self, state, traj, key, axis_name: Optional[str] = None):
+        state, _, metrics = self._update(state, traj, key, axis_name)
+        return state, metrics
+
+    def update_and_reward(self, state, traj, key, axis_name: Optional[str] = None):
+        """``update`` then ``__call__`` with one forward pass: the update's prediction error (updated predictor,
+        updated statistics) is the one ``__call__`` computes."""
+        state, err, metrics = self._update(state, traj, key, axis_name)
+        bonus, m = self._scaled(state, err)
+        return state, bonus, {**metrics, **m}
+
+    def _update(self, state, traj, key, axis_name):
         obs = traj.final_obs
         raw = flat_obs(obs, self._rank)
         raw = raw.reshape((-1, raw.shape[-1]))
@@ -165,9 +176,11 @@ class RND:
             r_count = r_count * jax.lax.psum(1, axis_name)
         m, v, c = _moments_merge(state["ret_mean"], state["ret_var"], state["ret_count"], r_mean, r_var, r_count)
         state = {**state, "ret_mean": m, "ret_var": v, "ret_count": c}
-        return state, {"rnd/loss": losses[-1], "rnd/obs_std": jnp.sqrt(state["obs_var"]).mean()}
+        return state, err, {"rnd/loss": losses[-1], "rnd/obs_std": jnp.sqrt(state["obs_var"]).mean()}
 
     def __call__(self, state, traj):
-        err = self._error(state["target"], state["predictor"], self._x(state, traj.final_obs))
+        return self._scaled(state, self._error(state["target"], state["predictor"], self._x(state, traj.final_obs)))
+
+    def _scaled(self, state, err):
         bonus = err / jnp.sqrt(state["ret_var"] + 1e-8)
         return bonus, {"rnd/bonus": bonus.mean(), "rnd/error": err.mean()}

@@ -6,7 +6,10 @@ lives in the agent's runner state. Each iteration the agent calls, in this order
     state, m1 = transform.update(state, traj, key, axis_name)   # learn the reward model (may be a no-op)
     reward, m2 = transform(state, traj)                          # [T, N] reward used for advantages
 
-``traj`` is the time-major :class:`jaxrl_pref.rollout.Transition` batch; ``traj.reward`` is the env reward.
+``traj`` is the time-major :class:`jaxrl_pref.rollout.Transition` batch; ``traj.reward`` is the env reward. The
+agent makes both calls through :func:`update_and_reward`: a transform whose ``update`` already computes the reward it
+will return (E3B's episodic scan, RND's prediction error, a wrapper's normalising statistics) offers the pair as one
+method, ``update_and_reward``, and computes it once (XLA does not merge two equal scans).
 Metrics returned by both are logged with the agent's metrics (``reward/...``). A transform whose state arrays may
 change shape during a run (ONI's growing message table) says which with an optional ``resizable(path) -> bool``;
 the runner restores those at their checkpointed shape.
@@ -31,6 +34,18 @@ class RewardTransform(Protocol):
     def update(self, state: Any, traj, key: jax.Array, axis_name: str | None = None) -> tuple[Any, dict]: ...
 
     def __call__(self, state: Any, traj) -> tuple[jax.Array, dict]: ...
+
+
+def update_and_reward(transform, state, traj, key: jax.Array, axis_name: str | None = None):
+    """``update`` then ``__call__`` on the same rollout: ``(state, reward, metrics)`` (both calls' metrics; the
+    call's win a name clash). Uses the transform's own ``update_and_reward`` when it has one (same results, the work
+    shared)."""
+    fused = getattr(transform, "update_and_reward", None)
+    if fused is not None:
+        return fused(state, traj, key, axis_name)
+    state, m1 = transform.update(state, traj, key, axis_name)
+    reward, m2 = transform(state, traj)
+    return state, reward, {**m1, **m2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +117,15 @@ class ScaledSum:
 
     def __call__(self, state, traj):
         r_int, metrics = self.intrinsic(state["model"], traj)
+        return self._combine(state, traj, r_int, metrics)
+
+    def update_and_reward(self, state, traj, key, axis_name=None):
+        model, r_int, metrics = update_and_reward(self.intrinsic, state["model"], traj, key, axis_name)
+        state = {"model": model, "var": running_var(state["var"], r_int, self.momentum, axis_name)}
+        reward, metrics = self._combine(state, traj, r_int, metrics)
+        return state, reward, metrics
+
+    def _combine(self, state, traj, r_int, metrics):
         if self.normalize:
             r_int = r_int / jnp.sqrt(state["var"] + 1e-8)
         reward = self.ext_coef * traj.reward + self.int_coef * r_int
