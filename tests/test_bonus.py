@@ -71,7 +71,7 @@ def test_with_bonus_adds_the_normalised_bonus_to_the_base_reward():
     assert t.resizable("['base']['model']['table']['rows']") and not t.resizable("['bonus']['calls']")
 
 
-@pytest.mark.parametrize("kind", ["e3b", "rnd", "e3b+oni", "rnd-head", "constant"])
+@pytest.mark.parametrize("kind", ["e3b+oni", "rnd-head", "constant"])
 def test_update_and_reward_equals_update_then_call(kind):
     """The seam's fused call (what PPO makes: ``transform.update_and_reward``) gives what ``update`` then
     ``__call__`` give -- state, reward and metrics -- over three rollouts in a row (E3B's matrices and RND's
