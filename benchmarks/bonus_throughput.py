@@ -8,8 +8,10 @@ The PPO config is the one the exploration study uses (``experiments.sparse_study
 steps, 4 epochs x 4 minibatches, the MLP policy); the bonus is ``--bonus rnd|e3b`` with its defaults
 (:class:`jaxrl_pref.rewards.bonus.BonusConfig`). What is timed: one compiled call that runs the whole training
 (``total_timesteps`` env steps per seed, seeds vmapped) and blocks until done; compilation apart. Timed runs
-alternate between the three so machine drift hits all alike; env-steps/s from the median. Targets (issue 20):
-RND >= 0.7x and E3B >= 0.6x plain PPO.
+alternate between the methods so machine drift hits all alike; env-steps/s from the median. Targets (issue 20):
+RND >= 0.7x and E3B >= 0.6x plain PPO. ``e3b-unfused`` / ``rnd-unfused``: the same bonus with the seam's two calls
+made apart (``update`` then ``__call__``, as before ``update_and_reward``): E3B's rollout scan three times per update
+instead of once, RND's prediction error twice (``--methods ppo e3b e3b-unfused``).
 """
 from __future__ import annotations
 
@@ -25,15 +27,37 @@ from benchmarks.ppo_throughput import Bench, alternate, seed_keys  # also sets s
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
 
-METHODS = ("ppo", "rnd", "rnd-head", "e3b")
+METHODS = ("ppo", "rnd", "rnd-head", "e3b", "rnd-unfused", "e3b-unfused")
+DEFAULT_METHODS = ("ppo", "rnd", "rnd-head", "e3b")
 TARGETS = {"rnd": 0.7, "rnd-head": 0.7, "e3b": 0.6}
 
 
+class Unfused:
+    """A reward transform with the seam's calls made apart: everything of ``inner`` but ``update_and_reward``
+    (recursively through ``WithBonus``'s base and bonus)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        for name in ("base", "bonus"):
+            if hasattr(inner, name):
+                setattr(inner, name, Unfused(getattr(inner, name)))
+
+    def __getattr__(self, name):
+        if name == "update_and_reward":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, state, traj):
+        return self.inner(state, traj)
+
+
 def bench(cfg: ppo.Config, method: str, num_seeds: int) -> Bench:
-    """``rnd-head``: RND as its own reward stream with a second value head (``--bonus-value-head``)."""
+    """``rnd-head``: RND as its own reward stream with a second value head (``--bonus-value-head``);
+    ``*-unfused``: see the module doc."""
     bonus = BonusConfig(bonus="none" if method == "ppo" else method.split("-")[0],
                         bonus_value_head=method == "rnd-head")
-    train = ppo.make_train(cfg, reward=with_bonus(None, bonus, cfg.num_envs))
+    reward = with_bonus(None, bonus, cfg.num_envs)
+    train = ppo.make_train(cfg, reward=Unfused(reward) if method.endswith("-unfused") else reward)
 
     def fn(key):
         m = train(key).metrics
@@ -62,8 +86,8 @@ def report(r: dict) -> str:
             continue
         x = r[m]
         ratio = f"  {x['env_steps_per_s'] / base:.3f}x PPO" if base and m != "ppo" else ""
-        target = f" (target >= {TARGETS[m]})" if ratio else ""
-        lines.append(f"{m:>8}: {x['env_steps_per_s']:>10,.0f} env-steps/s  run {x['run_s_median']:.2f}s (median of "
+        target = f" (target >= {TARGETS[m]})" if ratio and m in TARGETS else ""
+        lines.append(f"{m:>11}: {x['env_steps_per_s']:>10,.0f} env-steps/s  run {x['run_s_median']:.2f}s (median of "
                      f"{len(x['run_s_all'])})  compile {x['compile_s']:.1f}s  final success/return "
                      f"{np.mean(x['final']):.3f}{ratio}{target}")
     return "\n".join(lines)
@@ -75,7 +99,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--num-envs", type=int, default=32)
     p.add_argument("--num-steps", type=int, default=128)
     p.add_argument("--total-timesteps", type=int, default=262_144)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to measure")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
