@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from jaxrl_pref.runner import use_sync_cpu_dispatch
@@ -68,10 +69,12 @@ def _tail(x, last: int):
 
 
 def best_window_mean(x, window: int):
-    """Per seed, the best mean over ``window`` consecutive updates (updates with no ended episode skipped)."""
-    x = np.asarray(x, np.float64)
-    return np.array([np.nanmax([np.nanmean(row[i:i + window]) if np.isfinite(row[i:i + window]).any() else np.nan
-                                for i in range(len(row) - window + 1)]) for row in x])
+    """Per seed (rows of ``x``), the best mean over ``window`` consecutive updates (updates with no ended episode,
+    NaN, skipped; windows of none ignored)."""
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(x, np.float64), window, axis=1)
+    with warnings.catch_warnings():  # early windows without any ended episode: NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmax(np.nanmean(windows, -1), -1)
 
 
 def _test_module(name: str):
