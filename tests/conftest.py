@@ -89,6 +89,8 @@ NIGHTLY: dict[str, str] = {
         "Motif end to end: test_motif_on_a_captioned_jax_task_from_the_cli (36 s)",
     "tests/test_accelerator.py::test_accelerator_check_runs_on_cpu_with_a_small_budget":
         "the GPU/TPU one-call check, run on CPU (64 s); its pieces are tested in the default suite",
+    "tests/test_sparse_study.py::test_a_small_study_runs_reports_and_resumes":
+        "the study's CLI end to end: test_cli_documented.py's README main-job test in CI; this one adds its resume",
     # default-suite duplicates: the same check at another device count or env
     "tests/test_ppo.py::test_normalisation_statistics_are_shared_across_devices[4]": "CI runs [2] (11 s)",
     "tests/test_ppo.py::test_data_parallel_devices[4]": "CI runs [2] (8 s)",
