@@ -30,4 +30,19 @@ def test_accelerator_check_runs_on_cpu_with_a_small_budget():
     assert checks["ppo_mlp"]["callbacks_per_update"] <= 1
     assert checks["resume"]["bitwise_equal"] is True
     assert checks["oni"]["exit_status"] == 0 and checks["oni"]["updates"] > 0
-    assert all(r["peak_mb"] > 0 for r in out["results"])
+    # the budget's numbers: 8192 env steps of 16 envs x 32 steps = 16 updates, logged every 10 (once, at update 10);
+    # the resume check's 4-update run (checkpoints every 2) stops half-way; ONI's 20k steps of 8 x 32 = 78 updates
+    assert checks["ppo_mlp"]["callbacks_per_update"] == 1 / 16
+    assert checks["resume"]["stopped_at"] == 2
+    assert checks["oni"]["updates"] == 20_000 // (8 * 32)
+    for name in ("ppo_mlp", "ppo_mlp_vmapped", "ppo_gru", "ppo_2_devices_normalised"):
+        r = checks[name]
+        assert r["env_steps_per_s"] > 0 and r["compile_s"] > 0 and r["final_return"] >= 8, r  # CartPole: >= 8
+    # peak memory in MB: on CPU the peak resident memory of a process that imported JAX and trained (hundreds of
+    # MB; a unit slip -- bytes, KB, GB -- is off by 1024x), never falling (a peak), below the machine's memory
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+    peaks = [r["peak_mb"] for r in out["results"]]
+    assert all(50 < p < mem_mb for p in peaks), peaks
+    in_order = ("ppo_mlp", "ppo_mlp_vmapped", "ppo_gru", "ppo_2_devices_normalised", "resume")  # as they ran
+    in_process = [checks[c]["peak_mb"] for c in in_order]
+    assert in_process == sorted(in_process), in_process

@@ -175,8 +175,11 @@ def test_store_dedup_record_and_changes(tmp_path):
     # a second reader sees everything (WAL: readers alongside the writer)
     r = LabelStore(tmp_path / "l.db", readonly=True)
     assert r.counts() == {"pending": 2, "labeled": 2, "unlabeled": 1}
-    with pytest.raises(Exception):
-        r.add("t", ["z"])  # a reader cannot write
+    import sqlite3
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        r.add("t", ["z"])  # a reader cannot write (SQLite refuses: query_only)
+    assert r.get("t", "z") is None and s.get("t", "z") is None  # and nothing was written
+    assert r.counts() == {"pending": 2, "labeled": 2, "unlabeled": 1}
     assert _wal_files(tmp_path / "l.db")  # open connections: the WAL is there
     s.close()
     r.close()  # a clean close (the reader last) checkpoints it away

@@ -465,3 +465,16 @@ def test_oni_and_heron_run_with_an_lstm_on_minihack(experiment, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "finished 3 updates" in p.stdout, p.stdout[-2000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["network"] == "lstm"
+    # values, not only names: a row per update, finite losses, a policy that changed in every update (approx_kl > 0)
+    # and is still stochastic after 3 updates, and the agent's own reward model's numbers
+    from jaxrl_pref.logging import read_metrics
+    m = read_metrics(tmp_path / "run" / "metrics.csv")
+    get = lambda k: np.asarray(m[k], np.float64).reshape(-1)  # noqa: E731
+    np.testing.assert_array_equal(get("update"), [1, 2, 3])
+    for k in ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl"):
+        assert np.isfinite(get(k)).all(), (k, get(k))
+    assert (get("loss/approx_kl") > 0).all() and (get("loss/entropy") > 0.1).all(), m
+    if experiment == "oni":
+        assert np.isfinite(get("intrinsic/reward")).all() and (get("messages/distinct_seen") >= 1).all()
+    else:
+        assert np.isfinite(get("reward/heron_loss")[-1])
