@@ -18,8 +18,9 @@ checks). Seed set ``s`` of ``n`` seeds is ``jax.random.split(jax.random.PRNGKey(
 per-seed values go to ``benchmarks/learning_spread.jsonl`` (task, set, seeds, values, wall time, date, host, code).
 ``--summary`` prints per task the per-seed mean/std/min/max over all recorded seeds, then for each check of the
 test: its value per recorded set and over 4000 sets of the test's size drawn from all recorded seeds (mean, std,
-mean -/+ 3 std, worst, how often the bound fails), and for k-of-n and median checks the binomial failure
-probability at the per-seed miss rate (misses + 1) / (N + 2).
+mean -/+ 3 std, worst, how often the bound fails), for k-of-n, median, min and max checks the binomial failure
+probability at the per-seed miss rate (misses + 1) / (N + 2) (min/max: every seed must pass), and for mean/min/max
+checks a normal tail (how many standard deviations of the check's value the bound lies from its mean).
 """
 from __future__ import annotations
 
@@ -201,6 +202,122 @@ def heron_pendulum(s: int, n: int) -> dict:
     out = jax.jit(jax.vmap(heron.make_train(task_config("pendulum", 300_000))))(_keys(s, n))
     ret = np.asarray(out.metrics["episode_return"])
     return {"first": np.nanmean(ret[:, :10], axis=1), "final": score(ret, 0.1)}
+
+
+def rnd_novelty(s: int, n: int) -> dict:
+    """tests/test_rnd.py::test_seen_observations_pay_less_than_new_ones: per seed (init, data and update keys from
+    one key), the seen observations' bonus after 61 updates over the first one's (``after/first``) and the novel
+    observations' bonus over the seen ones' (``new/after``)."""
+    from jaxrl_pref.rewards.rnd import RND
+    t = _test_module("test_rnd")
+    rnd = RND(hidden=(32, 32), features=16, learning_rate=1e-3, steps=4)
+
+    def run(key):
+        k_init, k_seen, k_novel, k_upd = jax.random.split(key, 4)
+        state = rnd.init(k_init, t.spec((6,)))
+        seen = jax.random.normal(k_seen, (16, 8, 6)) * 0.3 + 1.0
+        novel = jax.random.normal(k_novel, (16, 8, 6)) * 0.3 - 1.0
+        state, _ = rnd.update(state, t.batch(seen), k_upd)
+        first = rnd(state, t.batch(seen))[0].mean()
+        state = jax.lax.scan(lambda st, i: rnd.update(st, t.batch(seen), jax.random.fold_in(k_upd, i)), state,
+                             jnp.arange(60))[0]
+        after, new = rnd(state, t.batch(seen))[0].mean(), rnd(state, t.batch(novel))[0].mean()
+        return after / first, new / after
+    fall, novelty = jax.jit(jax.vmap(run))(_keys(s, n))
+    return {"after/first": np.asarray(fall), "new/after": np.asarray(novelty)}
+
+
+def e3b_inverse(s: int, n: int) -> dict:
+    """tests/test_e3b.py::test_inverse_dynamics_embedding_learns_the_action: the inverse model's accuracy at the
+    first and the 40th update per seed."""
+    from jaxrl_pref.rewards.e3b import E3B
+    import envs
+    t = _test_module("test_e3b")
+    N = 16
+    e3b = E3B(num_envs=N, hidden=(32,), features=16, learning_rate=3e-3, steps=4)
+
+    def run(key):
+        k_init, k_data, k_upd = jax.random.split(key, 3)
+        state = e3b.init(k_init, envs.EnvSpec((6,), True, 4))
+
+        def step(state, i):
+            tr = t.rollout(jax.random.fold_in(k_data, i), 8, N, 6, 4, np.zeros((8, N), bool))
+            state, m = e3b.update(state, t._as_pytree(tr), jax.random.fold_in(k_upd, i))
+            return state, m["e3b/inverse_accuracy"]
+        return jax.lax.scan(step, state, jnp.arange(40))[1]
+    accs = np.asarray(jax.jit(jax.vmap(run))(_keys(s, n)))
+    return {"first": accs[:, 0], "last": accs[:, -1]}
+
+
+def oni_classifier(s: int, n: int) -> dict:
+    """tests/test_oni.py::test_classifier_generalises_to_held_out_messages: training accuracy and held-out accuracy
+    (24 messages of 5 monsters and 3 items never trained on) per seed (init and update keys from one key)."""
+    from jaxrl_pref.rewards.classification import Classification
+    from jaxrl_pref.rewards.retrieval import encode_messages
+    t = _test_module("test_oni")
+    train_x, train_y = t._cls_data(t.MONSTERS[:11], t.ITEMS[:7])
+    test_x, test_y = t._cls_data(t.MONSTERS[11:], t.ITEMS[7:])
+    model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
+    data, test_msgs = model.buffer_from(encode_messages(train_x), train_y), jnp.asarray(encode_messages(test_x))
+
+    def run(key):
+        k_init, k_upd = jax.random.split(key)
+        state, m = model.update({**model.init(k_init), "data": data}, k_upd)
+        acc = ((model.prob(state, test_msgs) > 0.5) == (jnp.asarray(test_y) > 0.5)).mean()
+        return m["reward_model/train_acc"], acc
+    train_acc, acc = jax.jit(jax.vmap(run))(_keys(s, n))
+    return {"train_acc": np.asarray(train_acc), "held_out_acc": np.asarray(acc)}
+
+
+def random_success(s: int, n: int) -> dict:
+    """tests/test_sparse.py::test_tasks_jittable_with_success on DeepSea/KeyDoor: uniformly random play, 256 envs x
+    64 steps per seed (reset and action keys from one key, not the test's own PRNGKey(0)/(1)); per task the
+    successes and the ended episodes per seed."""
+    import envs
+    from envs import sparse
+    from jaxrl_pref.rollout import collect
+    out = {}
+    for name in [f"DeepSea-{k}" for k in sparse.SIZES] + [f"KeyDoor-{k}" for k in sparse.SIZES_KD]:
+        env, p = envs.make(name, num_envs=256)
+        num_actions = envs.spec(env, p).num_actions
+
+        def one(key, env=env, p=p, num_actions=num_actions):
+            k_reset, k_act = jax.random.split(key)
+            pol = lambda o, k: (jax.random.randint(k, (256,), 0, num_actions), jnp.zeros(256), jnp.zeros(256))  # noqa
+            obs, st = env.reset(k_reset, p)
+            tr = collect(env, p, pol, st, obs, k_act, 64, keep_info=("episode_success",))[2]
+            return tr.info["episode_success"].sum(), tr.done.sum()
+        succ, eps = jax.jit(lambda ks: jax.lax.map(one, ks))(_keys(s, n))  # one seed at a time: bounded memory
+        out[f"{name}/successes"], out[f"{name}/episodes"] = np.asarray(succ), np.asarray(eps)
+    return out
+
+
+def oni_captioned_key(s: int, n: int) -> dict:
+    """tests/test_oni_captioned.py::test_labelling_a_caption_helpful_makes_the_agent_produce_it_more: "You pick up
+    the key." per ended episode over the last quarter of 120 updates, with that caption labelled helpful and with
+    every caption labelled 0 (the test's former control: bimodal, not asserted), seeds n*s .. n*s+n-1 vmapped
+    (run_experiment: PRNGKey(seed + i)). The test's control is ``oni_captioned_locked``."""
+    import tempfile
+    t = _test_module("test_oni_captioned")
+    texts = [x for x in t.KD.texts if x]
+    with tempfile.TemporaryDirectory() as d:
+        helpful = t.key_rate(Path(d) / "helpful", {**{x: 0.0 for x in texts}, t.KEY: 1.0}, seeds=n, seed=n * s)
+        none = t.key_rate(Path(d) / "none", {x: 0.0 for x in texts}, seeds=n, seed=n * s)
+    return {"helpful": np.asarray(helpful), "none": np.asarray(none), "diff": np.asarray(helpful) - np.asarray(none)}
+
+
+LOCKED = "This door is locked."
+
+
+def oni_captioned_locked(s: int, n: int) -> dict:
+    """The same with "This door is locked." labelled helpful instead (every other caption 0): "You pick up the key."
+    per ended episode (holding the key opens the door, which then no longer answers "locked")."""
+    import tempfile
+    t = _test_module("test_oni_captioned")
+    texts = [x for x in t.KD.texts if x]
+    with tempfile.TemporaryDirectory() as d:
+        locked = t.key_rate(Path(d) / "locked", {**{x: 0.0 for x in texts}, LOCKED: 1.0}, seeds=n, seed=n * s)
+    return {"locked": np.asarray(locked)}
 
 
 def sqirl_deep_sea(s: int, n: int) -> dict:
@@ -436,7 +553,8 @@ TASKS = {f.__name__: f for f in (
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
     oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru,
-    keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b, keyroom_ppo, keyroom_e3b, keyroom_rnd)}
+    keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b, keyroom_ppo, keyroom_e3b, keyroom_rnd, rnd_novelty,
+    e3b_inverse, oni_classifier, random_success, oni_captioned_key, oni_captioned_locked)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
 # comparison, bound); keep in sync with the tests' assertions
 TESTS = {
@@ -464,8 +582,14 @@ TESTS = {
     "oni_classification60": (1, [("frac", "min", ">", 0.7), ("active_frac", "min", ">", 0.5)]),
     "oni_ranking": (1, [("frac", "min", ">", 0.8), ("pairs", "min", ">=", 5)]),
     "oni_service": (1, [("frac", "min", ">", 0.8)]),
-    "keyroom_e3b": (2, [("success", "min", ">=", 0.15)]),
-    "keyroom_ppo": (2, [("success", "max", "<=", 0.05)]),
+    "rnd_novelty": (8, [("after/first", "median", "<", 0.3), ("new/after", "median", ">", 10)]),
+    "e3b_inverse": (8, [("first", "median", "<", 0.7), ("last", "median", ">", 0.9)]),
+    "oni_classifier": (8, [("train_acc", "median", ">", 0.95), ("held_out_acc", "median", ">=", 0.9)]),
+    "keyroom_e3b": (2, [("success", "mean", ">=", 0.2)]),  # and mean(e3b) - mean(ppo) >= 0.2: keyroom_margin()
+    "keyroom_ppo": (2, []),  # not bounded on its own (PPO's failure is measured, not asserted)
+    "oni_captioned_key": (8, [("helpful", "median", ">=", 0.9)]),  # "none" measured, not asserted (bimodal)
+    "oni_captioned_locked": (8, [("locked", "median", "<=", 0.1)]),
+    "random_success": (1, []),  # the test bounds each task's count by exact binomial tails (tests/test_sparse.py)
 }
 OPS = {">=": np.greater_equal, ">": np.greater, "<": np.less, "<=": np.less_equal}
 
@@ -514,16 +638,50 @@ def summary(task: str, record: Path = RECORD) -> None:
         # (misses + 1) / (N + 2), which stays above zero when no seed missed
         if (how.startswith("count>=") and op == ">=") or (how == "median" and n > 1):
             thr, k = (float(how.split(">=")[1]), int(np.ceil(bound))) if how != "median" else (bound, n - n // 2 + 1)
-            miss = int((v < thr).sum())
+            miss = int((v < thr).sum()) if how != "median" else int((~OPS[op](v, bound)).sum())
             q = (miss + 1) / (len(v) + 2)
             p_fail = sum(math.comb(n, j) * (1 - q) ** j * q ** (n - j) for j in range(k))
-            print(f"    {miss} of {len(v)} seeds below {thr}; at a per-seed rate of {q:.3f} this check fails w.p. "
-                  f"{100 * p_fail:.2f}%{' (at most: fewer than half below never fails)' if how == 'median' else ''}")
+            side = "below" if how != "median" or op.startswith(">") else "above"
+            print(f"    {miss} of {len(v)} seeds {side} {thr}; at a per-seed rate of {q:.4f} this check fails w.p. "
+                  f"{100 * p_fail:.2g}%{' (at most: fewer than half missing never fails)' if how == 'median' else ''}")
+        elif how in ("min", "max"):  # n of n seeds must pass: binomial with the same per-seed rate
+            miss = int((~OPS[op](v, bound)).sum())
+            q = (miss + 1) / (len(v) + 2)
+            print(f"    {miss} of {len(v)} seeds miss the bound; at a per-seed rate of {q:.4f} this check fails w.p. "
+                  f"{100 * (1 - (1 - q) ** n):.2g}% (Laplace rate: an upper estimate when none missed)")
+        if not how.startswith("count>=") and boot.std() > 0:  # a normal tail, for mean/min/max checks
+            z = (boot.mean() - bound) / boot.std() * (1 if op.startswith(">") else -1)
+            print(f"    normal approximation: the bound is {z:.1f} std from the mean; fails w.p. "
+                  f"{100 * 0.5 * math.erfc(z / math.sqrt(2)):.2g}%")
+
+
+# checks across two tasks: (task, other task, statistic, seeds per task, bound): mean(task) - mean(other) >= bound
+MARGINS = {"keyroom_e3b": ("keyroom_ppo", "success", 2, 0.2)}
+
+
+def margin_summary(task: str, record: Path = RECORD) -> None:
+    """For a check ``mean(task) - mean(other) >= bound`` over n seeds of each: the margin over 4000 draws of n
+    recorded seeds of each task, how often it misses the bound, and a normal tail."""
+    other, stat, n, bound = MARGINS[task]
+    rows = [json.loads(x) for x in record.read_text().splitlines()]
+    a, b = ([np.asarray(v, float) for r in rows if r["task"] == t for v in [r["values"].get(stat, [])]] for t in
+            (task, other))
+    a, b = np.concatenate(list(a) or [np.zeros(0)]), np.concatenate(list(b) or [np.zeros(0)])
+    if a.size < n or b.size < n:
+        return
+    rng = np.random.default_rng(0)
+    m = np.array([rng.choice(a, n, replace=False).mean() - rng.choice(b, n, replace=False).mean()
+                  for _ in range(4000)])
+    z = (m.mean() - bound) / m.std() if m.std() > 0 else float("inf")
+    print(f"  check mean({task}.{stat}) - mean({other}.{stat}) over {n} seeds each >= {bound} ({a.size} and {b.size} "
+          f"seeds recorded): resampled mean {m.mean():.3f} std {m.std():.3f} worst {m.min():.3f}; fails in "
+          f"{100 * (m < bound).mean():.2f}% of draws; normal approximation: {z:.1f} std, fails w.p. "
+          f"{100 * 0.5 * math.erfc(z / math.sqrt(2)):.2g}%")
 
 
 _VMAPPED = {"cartpole", "pendulum", "xminigrid_door_key", "heron_pendulum", "sqirl_deep_sea", "sqirl_deep_sea4",
             "sqirl_deep_sea4_128", "sqirl_chain", "memory_chain_mlp", "memory_chain_gru",
-            "memory_chain_lstm", "cartpole_gru"}
+            "memory_chain_lstm", "cartpole_gru", "rnd_novelty", "e3b_inverse", "oni_classifier", "random_success"}
 
 
 def main(argv=None) -> None:
@@ -538,6 +696,8 @@ def main(argv=None) -> None:
     if a.summary or not a.task:  # report what is recorded (for --task: those tasks); runs nothing
         for task in (a.task or TASKS):
             summary(task, a.record)
+            if task in MARGINS:
+                margin_summary(task, a.record)
         return
     for task in a.task:
         n = a.set_size or TESTS[task][0]

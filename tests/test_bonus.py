@@ -147,12 +147,15 @@ def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
 
 
 @pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
-def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path):
+def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path, capsys):
+    import shutil
     from experiments import ppo as ppo_exp
+    from jaxrl_pref.logging import read_metrics
     d = tmp_path / "run"
     args = ["--env", "DeepSea-8", "--num-envs", "8", "--num-steps", "16", "--total-timesteps", str(8 * 16 * 3),
             "--update-epochs", "1", "--num-minibatches", "2", "--hidden", "16", "--bonus", "e3b", "--bonus-coef",
-            "0.05", "--bonus-hidden", "16", "--bonus-features", "8", "--progress", "False"]
+            "0.05", "--bonus-hidden", "16", "--bonus-features", "8", "--checkpoint-every", "1", "--log-every", "1",
+            "--progress", "False"]
     assert ppo_exp.main([*args, "--run-dir", str(d)]) == 0
     saved = json.loads((d / "config.json").read_text())["config"]
     assert (saved["bonus"], saved["bonus_coef"], saved["bonus_features"]) == ("e3b", 0.05, 8)
@@ -161,7 +164,22 @@ def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path):
     assert {"e3b/bonus", "e3b/inverse_loss", "reward/bonus"} <= set(header)
     opts = ppo_exp.parse(["--resume", str(d)])
     assert (opts.bonus.bonus, opts.bonus.bonus_coef) == ("e3b", 0.05)
-    assert ppo_exp.main(["--resume", str(d)]) == 0
+    # the same run killed after its checkpoint at update 2 (a copy without the update-3 checkpoint): --resume
+    # continues from update 2, with the bonus options read back, and ends as the uninterrupted run (JAX env:
+    # bitwise), so the bonus's state (E3B's encoder, optimiser, covariances) came back from the checkpoint too
+    cut = tmp_path / "cut"
+    shutil.copytree(d, cut)
+    shutil.rmtree(cut / "checkpoints" / "3")
+    capsys.readouterr()
+    assert ppo_exp.main(["--resume", str(cut)]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {cut} at update 2/3" in out and "finished 3 updates" in out, out
+    full, rest = read_metrics(d / "metrics.csv"), read_metrics(cut / "metrics.csv")
+    np.testing.assert_array_equal(np.asarray(rest["update"]).reshape(-1), [1, 2, 3])
+    assert set(full) == set(rest)
+    for k in sorted(set(full) - {"env_steps_per_s"}):  # (wall-clock: the one metric that may differ)
+        np.testing.assert_array_equal(rest[k], full[k], err_msg=k)
+    assert np.asarray(full["e3b/bonus"]).min() > 0
     # a run without a bonus saves none of its options; a changed bonus is a different run
     plain = ppo_exp.parse(["--env", "DeepSea-8"]).config
     assert not any(k.startswith("bonus") for k in vars(plain))
@@ -187,10 +205,31 @@ def test_heron_with_e3b_trains_in_the_jitted_loop():
                        num_envs=4, num_steps=32, total_timesteps=4 * 32 * 3, update_epochs=1, num_minibatches=2,
                        hidden=(16,))
     reward = with_bonus(heron.reward_model(cfg), BonusConfig(bonus="e3b", **SMALL_BONUS), cfg.num_envs)
-    out = jax.jit(ppo.make_train(cfg.ppo_config(), reward=reward))(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
+    out = jax.jit(ppo.make_train(cfg.ppo_config(), reward=reward))(key)
+    start = jax.jit(ppo.make_trainer(cfg.ppo_config(), reward=reward).init)(key).reward_state  # what train began at
     m = {k: np.asarray(v) for k, v in out.metrics.items()}
     assert "reward/heron_loss" in m and "e3b/inverse_loss" in m and np.isfinite(m["reward/bonus"]).all()
-    assert set(out.runner_state.reward_state) == {"base", "bonus", "var"}
+    end = out.runner_state.reward_state
+    assert set(end) == {"base", "bonus", "var"}
+
+    def moved(a, b):
+        return [not np.array_equal(np.asarray(x), np.asarray(y))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    # both models were trained, each in its own state under WithBonus: every weight of E3B's inverse-dynamics
+    # model and of HERON's preference model moved from its initial value
+    assert all(moved(start["bonus"]["params"], end["bonus"]["params"]))
+    assert all(moved(start["base"].params, end["base"].params))
+    # and both learn. HERON trains once its buffer holds enough segments (from update 2): its loss falls and its
+    # accuracy on the preference labels rises from update 2 to 3. E3B's elliptical bonus falls as the inverse
+    # covariance of the episode's embeddings, carried from update to update, fills (Pendulum's 200-step episodes
+    # span the 3 rollouts of 32 steps). Measured on 6 seeds (jax.random.split(PRNGKey(0), 6)): HERON loss 2 -> 3
+    # 0.39-1.01 -> 0.28-0.52 (ratio 0.44-0.73), accuracy 0.38-0.85 -> 0.73-0.91; E3B bonus 1 -> 3 0.85-1.53 ->
+    # 0.078-0.14 (ratio 0.05-0.13); bounds 0.85 and 0.3 leave margin for other machines' float order
+    assert int(end["base"].updates) == cfg.num_updates - 1 and np.isnan(m["reward/heron_loss"][0])
+    loss, acc, bonus = m["reward/heron_loss"], m["reward/heron_accuracy"], m["e3b/bonus"]
+    assert loss[2] < 0.85 * loss[1] and acc[2] > acc[1], (loss, acc)
+    assert bonus[2] < 0.3 * bonus[0], bonus
 
 
 def test_oni_loop_finds_its_state_under_the_bonus():
@@ -246,6 +285,19 @@ def test_host_loop_agents_train_with_a_bonus_on_minihack(experiment, bonus, tmp_
     assert json.loads((run / "config.json").read_text())["config"]["bonus"] == bonus
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert f"{bonus}/bonus" in header and "reward/bonus" in header
+    # values, not only names: a row per update; the bonus (RND's prediction error / E3B's elliptical bonus) is
+    # positive in every update and reaches the reward (reward/bonus: coef x the normalised bonus); its model trained
+    from jaxrl_pref.logging import read_metrics
+    m = read_metrics(run / "metrics.csv")
+    get = lambda k: np.asarray(m[k], np.float64).reshape(-1)  # noqa: E731
+    np.testing.assert_array_equal(get("update"), [1, 2, 3])
+    assert (get(f"{bonus}/bonus") > 0).all() and (get("reward/bonus") > 0).all(), (get(f"{bonus}/bonus"),
+                                                                                    get("reward/bonus"))
+    own_loss = get("rnd/loss" if bonus == "rnd" else "e3b/inverse_loss")
+    assert np.isfinite(own_loss).all() and (own_loss > 0).all(), own_loss
+    for k in ("loss/policy", "loss/value", "loss/entropy"):
+        assert np.isfinite(get(k)).all(), (k, get(k))
+    assert (get("loss/approx_kl") > 0).all()  # the policy was updated in every update
 
 
 def _keyroom_success(run_dir, bonus: str, seed: int) -> float:
@@ -275,10 +327,13 @@ def test_e3b_solves_minihack_keyroom_where_ppo_does_not(tmp_path):
     """The exploration bonus pays where PPO alone does not: MiniHack-KeyRoom-Fixed-S5 (find the key, open the locked
     door, reach the stairs), 100k env steps through the pool, seeds 0 and 1. PPO finds the stairs by chance early
     (success 0.1-0.2 in the first 25k steps), then its policy collapses onto the rooms it knows and success goes
-    to 0; with E3B it keeps opening the door. Spread (``python -m benchmarks.learning_spread --task keyroom_e3b
-    --task keyroom_ppo --set-size 4 --first-set 0`` and ``--first-set 1``, seeds 0-7, 2026-12-03): E3B 0.273, 0.523,
-    0.375, 0.453, 0.507, 0.468, 0.452, 0.414 (mean 0.43, std 0.08, min 0.27); PPO 0.0 on all 8. Bounds: E3B >= 0.15
-    on both seeds (mean - 3.5 std), PPO <= 0.05 on both. Runs ~4 x 70 s."""
+    to 0; with E3B it keeps opening the door. Checked: E3B's mean success over its 2 seeds exceeds PPO's by >= 0.2
+    (PPO failing is not asserted on its own: the margin is the claim). Spread (``python -m benchmarks.learning_spread
+    --task keyroom_e3b --task keyroom_ppo --set-size 4`` with ``--first-set 0``, ``1`` (2026-12-03) and ``2``
+    (2026-12-07), 2-core CPU): E3B 0.273 ... 0.529 over seeds 0-11 (mean 0.438, std 0.074); PPO 0.0 on all 12. Over
+    4000 draws of 2 recorded seeds of each the margin is 0.440 +- 0.048 (worst 0.317, never below 0.2); another
+    machine (other seeds standing in) fails it w.p. ~2e-7 under a normal tail (5.0 std; ``--summary --task
+    keyroom_e3b``). Runs ~4 x 20-70 s."""
     e3b = [_keyroom_success(tmp_path / f"e3b{s}", "e3b", s) for s in (0, 1)]
     base = [_keyroom_success(tmp_path / f"ppo{s}", "none", s) for s in (0, 1)]
-    assert min(e3b) >= 0.15 and max(base) <= 0.05, (e3b, base)
+    assert np.mean(e3b) - np.mean(base) >= 0.2, (e3b, base)

@@ -114,16 +114,26 @@ def _cls_data(monsters, items):
 
 
 def test_classifier_generalises_to_held_out_messages():
+    """Trained on messages of 11 monsters and 7 items, the classifier labels the 24 messages of 5 other monsters and
+    3 other items. 8 seeds in one vmapped program (init and update keys from ``split(PRNGKey(0), 8)``), checked on
+    their medians. Measured (``python -m benchmarks.learning_spread --task oni_classifier --set-size 64 --sets 2`` and
+    ``--set-size 8 --first-set 0``, 2026-12-07, 136 seeds, 2-core CPU): training accuracy 0.988 +- 0.004 per seed
+    (min 0.978), held-out accuracy 1.0 on all 136. Bounds: medians > 0.95 and >= 0.9 (at most 2 of 24 wrong);
+    another machine (other seeds standing in) fails each w.p. < 2e-7 (``--summary --task oni_classifier``:
+    binomial at the per-seed miss rate 1 / 138; a median fails only once 4 of 8 seeds miss)."""
     train_x, train_y = _cls_data(MONSTERS[:11], ITEMS[:7])
     test_x, test_y = _cls_data(MONSTERS[11:], ITEMS[7:])
     model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
-    state = jax.jit(model.init)(jax.random.PRNGKey(0))
-    state = {**state, "data": model.buffer_from(encode_messages(train_x), train_y)}
-    state, m = jax.jit(model.update)(state, jax.random.PRNGKey(1))
-    assert float(m["reward_model/train_acc"]) > 0.95
-    p = np.asarray(jax.jit(model.prob)(state, jnp.asarray(encode_messages(test_x))))
-    acc = ((p > 0.5) == (test_y > 0.5)).mean()
-    assert acc >= 0.9, (acc, list(zip(test_x, p.round(2))))
+    data, test_msgs = model.buffer_from(encode_messages(train_x), train_y), jnp.asarray(encode_messages(test_x))
+
+    def run(key):
+        k_init, k_upd = jax.random.split(key)
+        state, m = model.update({**model.init(k_init), "data": data}, k_upd)
+        return m["reward_model/train_acc"], model.prob(state, test_msgs)
+    train_acc, p = (np.asarray(x) for x in jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 8)))
+    acc = ((p > 0.5) == (test_y > 0.5)).mean(1)  # per seed
+    assert np.median(train_acc) > 0.95, train_acc
+    assert np.median(acc) >= 0.9, (acc, list(zip(test_x, p.mean(0).round(2))))
 
 
 # -- ranking ---------------------------------------------------------------------------------------------------------
@@ -315,7 +325,7 @@ def test_experiment_cli_on_minihack(tmp_path):
     run = tmp_path / "run"
     rc = oni_exp.main(["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--num-envs", "4", "--num-steps", "32",
                        "--total-timesteps", "512", "--reward-model", "classification", "--run-dir", str(run),
-                       "--progress", "False", "--log-every", "1"])
+                       "--progress", "False", "--log-every", "1", "--label-wait", "300"])
     assert rc == 0
     for f in ("labels.db", "oni_curves.png", "metrics.csv", "annotator.log", "tb"):
         assert (run / f).exists(), f
@@ -323,17 +333,27 @@ def test_experiment_cli_on_minihack(tmp_path):
     assert "annotator" in (run / "annotator.log").read_text()
     m = read_metrics(run / "metrics.csv")
     assert {"labels/labeled", "intrinsic/reward", "reward/extrinsic", "annotator/queue_depth"} <= set(m)
-    # values, not only names: 512 steps = 4 updates of 4 envs x 32 steps; the counts can only grow, a message is
-    # labelled only once seen, and the store holds at least what the run had received
+    # values, not only names: 512 steps = 4 updates of 4 envs x 32 steps; the counts can only grow. --label-wait
+    # makes each update's exchange wait (up to 300 s: it bounds a hang only) until everything submitted so far is
+    # answered, so every message seen up to an update has its answer in that update, on any machine: labels arrive
     get = lambda k: np.asarray(m[k], np.float64).reshape(-1)  # noqa: E731
     np.testing.assert_array_equal(get("update"), [1, 2, 3, 4])
-    seen, labeled = get("messages/distinct_seen"), get("labels/labeled")
-    assert seen[-1] >= 1 and (np.diff(seen) >= 0).all() and (np.diff(labeled) >= 0).all() and (labeled <= seen).all()
+    seen, labeled, unlabeled = get("messages/distinct_seen"), get("labels/labeled"), get("labels/unlabeled")
+    assert seen[0] >= 1 and (np.diff(seen) >= 0).all() and (np.diff(labeled) >= 0).all()
+    np.testing.assert_array_equal(labeled + unlabeled, seen)  # every message seen was answered that update
+    assert labeled[0] >= 1, (labeled, unlabeled)  # the embedded annotator labels the first update's messages
+    waited = get("annotator/waited_s")
+    assert np.isfinite(waited).all() and (waited >= 0).all() and (np.diff(waited) >= 0).all()
     assert np.isfinite(get("reward/extrinsic")).all() and np.isfinite(get("intrinsic/reward")).all()
-    assert (get("annotator/queue_depth") >= 0).all()
+    qd = get("annotator/queue_depth")  # the service's last report (it may predate the update's last answers)
+    assert (qd >= 0).all() and (qd <= seen).all(), qd
     from jaxrl_pref.annotation.store import LabelStore
-    stored = LabelStore(run / "labels.db", readonly=True).changes_since("minihack", 0)["labels"]
-    assert len([v for _, v in stored if v is not None]) >= labeled[-1] and {v for _, v in stored} <= {0.0, 1.0, None}
+    store = LabelStore(run / "labels.db", readonly=True)
+    stored = store.changes_since("minihack", 0)["labels"]
+    assert store.counts()["pending"] == 0  # nothing was left unanswered: the run waited for every answer
+    assert len([v for _, v in stored if v is not None]) == labeled[-1] and {v for _, v in stored} <= {0.0, 1.0, None}
+    assert len(stored) == seen[-1]
+    store.close()
     with pytest.raises(SystemExit) as e:
         oni_exp.parse(["--reward-model", "nope"])
     assert e.value.code == 2

@@ -311,11 +311,21 @@ def key_rate(tmp, labels: dict, seeds=2, updates=120, seed=0):
 
 @pytest.mark.slow
 def test_labelling_a_caption_helpful_makes_the_agent_produce_it_more(tmp_path):
-    """KeyDoor-5, ext_coef 0 (the env's reward is not learnt from), fixed seeds 0 and 1: with "You pick up the key."
-    labelled 1 (every other caption 0) the agent picks up the key in >= 90% of its episodes by the last quarter of
-    120 updates (measured: 100% for both seeds); with every caption labelled 0 (no intrinsic reward) in <= 75%
-    (measured: 45% and 5%)."""
-    helpful = key_rate(tmp_path / "helpful", {**{t: 0.0 for t in KD.texts if t}, KEY: 1.0})
-    none = key_rate(tmp_path / "none", {t: 0.0 for t in KD.texts if t})
-    print("key per episode, labelled:", helpful, "unlabelled:", none)
-    assert (helpful >= 0.9).all() and (none <= 0.75).all(), (helpful, none)
+    """KeyDoor-5, ext_coef 0 (the env's reward is not learnt from), 8 seeds vmapped (PRNGKey(0) ... PRNGKey(7)),
+    "You pick up the key." per ended episode over the last quarter of 120 updates: with that caption labelled 1
+    (every other caption 0) the agent picks up the key in nearly every episode; with "This door is locked." labelled
+    1 instead it bumps the locked door and almost never picks up the key (holding it would open the door). Medians
+    over the 8 seeds: >= 0.9 and <= 0.1. Measured (``python -m benchmarks.learning_spread --task oni_captioned_key
+    --task oni_captioned_locked --set-size 8 --sets 2 --first-set 0`` and ``--set-size 16 --sets 2 --first-set 1``,
+    2026-12-07, seeds 0-47, 2-core CPU): labelled key 0.996 ... 1.010 on every seed (a window's edges can exceed 1),
+    labelled locked door 0.0 ... 0.008; another machine (other seeds standing in) fails each median w.p. < 1.1e-5
+    (``--summary``: binomial at the per-seed miss rate 1 / 50; a median fails only once 4 of 8 seeds miss). With
+    every caption labelled 0 (no intrinsic reward; what this test compared against before, bounded <= 0.75 from its
+    own 2 seeds) the rate is bimodal, > 0.9 on 37 of 48 seeds and < 0.2 on 11 (under zero reward the policy drifts,
+    its way set by the float order: seed 0 gave 0.45 vmapped with 1 other seed, 0.99 with 7), so it bounds nothing.
+    Runs ~2 x 25 s."""
+    others = {t: 0.0 for t in KD.texts if t}
+    helpful = key_rate(tmp_path / "helpful", {**others, KEY: 1.0}, seeds=8)
+    locked = key_rate(tmp_path / "locked", {**others, "This door is locked.": 1.0}, seeds=8)
+    print("key per episode, key labelled:", helpful, "locked door labelled:", locked)
+    assert np.median(helpful) >= 0.9 and np.median(locked) <= 0.1, (helpful, locked)
