@@ -146,7 +146,7 @@ def test_ppo_with_a_bonus_resumes_bitwise_exactly(kind, tmp_path):
     assert any(not np.array_equal(np.asarray(x[0]), np.asarray(x[1])) for x in leaves)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_ppo_cli_bonus_flag_trains_saves_and_resumes(tmp_path, capsys):
     import shutil
     from experiments import ppo as ppo_exp
@@ -197,7 +197,7 @@ def test_heron_and_oni_clis_take_the_bonus():
     assert o.bonus.bonus == "e3b" and o.host
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_heron_with_e3b_trains_in_the_jitted_loop():
     """HERON's preference reward plus E3B through one WithBonus: both models learn, both are logged."""
     from agents import heron

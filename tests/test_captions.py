@@ -256,7 +256,7 @@ def test_minigrid_doorkey_scripted_episode():
 
 
 @needs_grid
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_minigrid_jit_vmap_rollout():
     """vmap over seeds of a batched env through rollout.collect: ids [seeds, T, N] int32 in the rollout's info,
     decodable in jit, with auto-resets inside the rollout."""

@@ -66,7 +66,7 @@ def rollout():
     return env, p, jax.device_get(out)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_spec_shapes_dtypes(rollout):
     env, p, (obs0, s0, s, (obs, cstate, r, te, tr, info)) = rollout
     sp = envs.spec(env, p)
@@ -83,7 +83,7 @@ def test_spec_shapes_dtypes(rollout):
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(s))
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_time_limit_truncates_not_terminates(rollout):
     _, _, (_, _, _, (_, cstate, r, te, tr, info)) = rollout
     assert not (te & tr).any()
@@ -95,7 +95,7 @@ def test_time_limit_truncates_not_terminates(rollout):
     np.testing.assert_array_equal(info["episode_done"], te | tr)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_auto_reset_from_fresh_worlds(rollout):
     _, _, (obs0, s0, _, (obs, cstate, _, te, tr, info)) = rollout
     step = LIMIT - 1  # every env not killed earlier is truncated here and starts in a fresh world
@@ -116,7 +116,7 @@ def test_auto_reset_from_fresh_worlds(rollout):
                 assert np.array_equal(maps[e], maps[f]) == (i % 2 == j % 2), (seed, e, f)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_achievement_and_score_metrics(rollout):
     env, _, (_, _, _, (_, cstate, r, te, tr, info)) = rollout
     names = env.unwrapped.achievement_names

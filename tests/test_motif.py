@@ -375,7 +375,7 @@ def test_caption_scores_are_the_message_scores(prepared):
     np.testing.assert_allclose(np.asarray(r), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_motif_on_a_captioned_jax_task_from_the_cli(tmp_path):
     """`python -m experiments.oni --env KeyDoor-5 --method motif` (scripted annotator, 2 vmapped seeds): the dataset
     is collected in jit from the caption ids, the pairs answered, the model trained and frozen, and PPO runs in the

@@ -152,7 +152,7 @@ def _run(tmp, model, store, num_updates=8, rm_capacity=4096, **kw):
     return res, client
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 @pytest.mark.parametrize("model,capacity", [("retrieval", 4096), ("ranking", 4096), ("ranking", 5)])
 def test_asked_once_loaded_between_chunks_and_resume_is_exact(tmp_path, model, capacity):
     """2 vmapped seeds, the hook every 2 updates, checkpoints every 4: captions (pairs) seen are asked once, their

@@ -294,7 +294,7 @@ def test_mlp_runner_state_has_no_policy_state():
     assert out.runner_state.policy_state == ()
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_resume_of_a_recurrent_run_is_bitwise_exact(cell, tmp_path):
     """Killed after the first chunk's checkpoint, resumed: parameters, policy state (carry), keys and metrics equal
@@ -388,7 +388,7 @@ def _cli_success(tmp_path, network: str) -> np.ndarray:
     return np.nanmean(read_metrics(run / "metrics.csv")["episode_success"][:, -10:], axis=1)
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 @pytest.mark.parametrize("network", ["gru", "lstm"])
 def test_memory_task_needs_a_recurrent_policy(network, tmp_path):
     """MemoryChain-10 from the CLI: the cue (+-1) is shown at the first step only and the answer is asked 10 steps

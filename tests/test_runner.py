@@ -118,7 +118,7 @@ def test_outputs_exist(baseline):
     ck.close()
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_resume_after_sigterm_and_crash_is_bitwise_exact(baseline, tmp_path):
     d = tmp_path / "run"
     # 1) SIGTERM during the first chunk: the chunk is finished, saved, and the run stops cleanly
@@ -345,7 +345,7 @@ def test_metrics_files_and_plot_handle_nan(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_vmapped_seeds_log_from_chunk_outputs_without_callbacks(tmp_path, monkeypatch):
     """Under vmap a callback in the scan would run once per seed on every update; the runner gives a vmapped trainer
     no log_fn and logs every log_every-th update from the chunk's outputs instead (tensorboard, progress). One seed

@@ -453,7 +453,7 @@ def _write_sweep(path: Path, name: str, fixed: dict, grid: dict, seeds, **more) 
     return path
 
 
-@pytest.mark.slow  # default-suite budget (~15 min on 2 cores): runs in CI's slow pass
+@pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 def test_sweep_on_real_slurm(slurm, tmp_path):
     f = _write_sweep(tmp_path / "tiny.json", "tiny", {**TINY, "total_timesteps": 4 * 32 * 4, "checkpoint_every": 2},
                      {"learning_rate": [1e-3, 3e-3]}, 1)
@@ -524,7 +524,7 @@ def _signal_pending(pid: int, sig: int) -> bool:
     return bool(mask & (1 << (sig - 1)))
 
 
-@pytest.mark.slow  # ~75 s on a busy 2-core machine; .ci/run runs it
+@pytest.mark.slow  # ~75 s on a busy 2-core machine; CI's slow pass
 def test_requeued_task_resumes_from_checkpoint(slurm, tmp_path):
     # one task, many short chunks: requeue it once it has a checkpoint; it must continue from there. The run is
     # stopped (SIGSTOP) as soon as its first checkpoint is seen and continued only once slurm.task has passed the
