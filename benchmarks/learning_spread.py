@@ -230,22 +230,7 @@ def rnd_novelty(s: int, n: int) -> dict:
 def e3b_inverse(s: int, n: int) -> dict:
     """tests/test_e3b.py::test_inverse_dynamics_embedding_learns_the_action: the inverse model's accuracy at the
     first and the 40th update per seed."""
-    from jaxrl_pref.rewards.e3b import E3B
-    import envs
-    t = _test_module("test_e3b")
-    N = 16
-    e3b = E3B(num_envs=N, hidden=(32,), features=16, learning_rate=3e-3, steps=4)
-
-    def run(key):
-        k_init, k_data, k_upd = jax.random.split(key, 3)
-        state = e3b.init(k_init, envs.EnvSpec((6,), True, 4))
-
-        def step(state, i):
-            tr = t.rollout(jax.random.fold_in(k_data, i), 8, N, 6, 4, np.zeros((8, N), bool))
-            state, m = e3b.update(state, t._as_pytree(tr), jax.random.fold_in(k_upd, i))
-            return state, m["e3b/inverse_accuracy"]
-        return jax.lax.scan(step, state, jnp.arange(40))[1]
-    accs = np.asarray(jax.jit(jax.vmap(run))(_keys(s, n)))
+    accs = _test_module("test_e3b").inverse_accuracies(_keys(s, n))
     return {"first": accs[:, 0], "last": accs[:, -1]}
 
 

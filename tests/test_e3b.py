@@ -80,15 +80,9 @@ def test_repeating_a_state_pays_less_and_a_new_episode_pays_again():
     assert b[7, 0] < 0.2 * b[0, 0]
 
 
-def test_inverse_dynamics_embedding_learns_the_action():
-    """The next state shows the action taken: the inverse model's accuracy climbs well above chance (1/4). 8 seeds
-    in one vmapped program (init, data and update keys from ``split(PRNGKey(0), 8)``), checked on their medians.
-    Measured (``python -m benchmarks.learning_spread --task e3b_inverse --set-size 64 --sets 2`` and ``--set-size 8
-    --first-set 0``, 2026-12-07, 136 seeds, 2-core CPU): accuracy after the first update (4 Adam steps)
-    0.451 +- 0.108 per seed (0.18 ... 0.73: 15 of 136 seeds at >= 0.6, so the old one-seed bound < 0.6 failed on
-    ~11% of seeds; median of 8: 0.35 ... 0.53), after the 40th 1.0 on all 136. Bounds: median first < 0.7 (1 seed of
-    136 above), median last > 0.9; another machine (other seeds standing in) fails them w.p. < 3e-6 and 2e-7
-    (``--summary --task e3b_inverse``: binomial at the per-seed miss rates (misses + 1) / 138)."""
+def inverse_accuracies(keys, updates: int = 40):
+    """The inverse model's accuracy after each of ``updates`` updates on random rollouts, per key (one vmapped
+    program): ``[len(keys), updates]``. Shared with ``benchmarks/learning_spread.py --task e3b_inverse``."""
     N = 16
     e3b = E3B(num_envs=N, hidden=(32,), features=16, learning_rate=3e-3, steps=4)
 
@@ -100,8 +94,20 @@ def test_inverse_dynamics_embedding_learns_the_action():
             tr = rollout(jax.random.fold_in(k_data, i), 8, N, 6, 4, np.zeros((8, N), bool))
             state, m = e3b.update(state, _as_pytree(tr), jax.random.fold_in(k_upd, i))
             return state, m["e3b/inverse_accuracy"]
-        return jax.lax.scan(step, state, jnp.arange(40))[1]
-    accs = np.asarray(jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 8)))  # [seed, update]
+        return jax.lax.scan(step, state, jnp.arange(updates))[1]
+    return np.asarray(jax.jit(jax.vmap(run))(keys))
+
+
+def test_inverse_dynamics_embedding_learns_the_action():
+    """The next state shows the action taken: the inverse model's accuracy climbs well above chance (1/4). 8 seeds
+    in one vmapped program (init, data and update keys from ``split(PRNGKey(0), 8)``), checked on their medians.
+    Measured (``python -m benchmarks.learning_spread --task e3b_inverse --set-size 64 --sets 2`` and ``--set-size 8
+    --first-set 0``, 2026-12-07, 136 seeds, 2-core CPU): accuracy after the first update (4 Adam steps)
+    0.451 +- 0.108 per seed (0.18 ... 0.73: 15 of 136 seeds at >= 0.6, so the old one-seed bound < 0.6 failed on
+    ~11% of seeds; median of 8: 0.35 ... 0.53), after the 40th 1.0 on all 136. Bounds: median first < 0.7 (1 seed of
+    136 above), median last > 0.9; another machine (other seeds standing in) fails them w.p. < 3e-6 and 2e-7
+    (``--summary --task e3b_inverse``: binomial at the per-seed miss rates (misses + 1) / 138)."""
+    accs = inverse_accuracies(jax.random.split(jax.random.PRNGKey(0), 8))  # [seed, update]
     assert np.median(accs[:, -1]) > 0.9 and np.median(accs[:, 0]) < 0.7, accs[:, [0, -1]]
 
 
