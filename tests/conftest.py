@@ -141,17 +141,18 @@ def pytest_report_header(config):
     return f"per-test durations are appended to {log}" if log else None
 
 
+def _progress(line: str) -> None:
+    log = os.environ.get("PYTEST_PROGRESS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+
 def pytest_runtest_logreport(report):
     """With ``PYTEST_PROGRESS_LOG=FILE``, append each test phase's duration as it ends ("start" lines as tests begin),
     so that a pass killed by its time limit can still say which tests ran long (``.ci/run`` prints it)."""
-    log = os.environ.get("PYTEST_PROGRESS_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
+    _progress(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}")
 
 
 def pytest_runtest_logstart(nodeid, location):
-    log = os.environ.get("PYTEST_PROGRESS_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{time.time():.0f}\tstart\t-\t{nodeid}\n")
+    _progress(f"{time.time():.0f}\tstart\t-\t{nodeid}")
