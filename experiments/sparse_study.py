@@ -70,7 +70,8 @@ class StudyConfig:
     scale: float = 1.0
     """Multiplies every task's env-step budget (0.1: a smoke run)."""
     extra_args: str = ""
-    """Flags added to every run (e.g. --bonus-learning-rate 3e-4)."""
+    """Flags added to every run, one quoted string (e.g. --extra-args '--bonus-learning-rate 3e-4'); checked by the
+    runs' own parser before the study starts."""
 
     def __post_init__(self):
         from jaxrl_pref.config import require
@@ -123,6 +124,43 @@ def commands(cfg: StudyConfig, task: str, method: str) -> list[tuple[Path, list[
         return [(root / f"seed{s}", [*base, "--seed", str(s), "--run-dir", str(root / f"seed{s}")])
                 for s in range(cfg.num_seeds)]
     return [(root, [*base, "--num-seeds", str(cfg.num_seeds), "--run-dir", str(root)])]
+
+
+def attach_extra_args(argv: list[str]) -> list[str]:
+    """``--extra-args '--x 3'`` -> ``--extra-args=--x 3``: its value starts with ``--``, which the parser would
+    otherwise read as the next flag ("Missing value")."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--extra-args", "--extra_args") and i + 1 < len(argv):
+            out.append(f"--extra-args={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def check_commands(cfg: StudyConfig) -> list[str]:
+    """Every run's command (``--extra-args`` included) through its experiment's own parser and checks, here, before
+    anything runs (:mod:`slurm.validate`): one line per distinct problem, naming the runs; [] when all pass."""
+    from slurm import validate
+    problems: dict[tuple[str, str], list[str]] = {}
+    specs = {}
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            if not_applicable(task, method):
+                continue
+            for run_dir, argv in commands(cfg, task, method):
+                module = argv[2]
+                if module not in specs:
+                    specs[module] = validate.load_spec(module)
+                msg = validate.check_argv(specs[module], argv[3:])
+                if msg is not None and not validate.machine_dependent(msg):
+                    where = f"{task}/{method}" + (f"/{run_dir.name}" if run_dir.name.startswith("seed") else "")
+                    problems.setdefault((module, msg), []).append(where)
+    extra = f" with --extra-args {shlex.quote(cfg.extra_args)}" if cfg.extra_args else ""
+    return [f"run{'s' if len(w) > 1 else ''} {', '.join(w) if len(w) <= 4 else f'{w[0]} and {len(w) - 1} more'}"
+            f" (python -m {module}{extra}): {msg}" for (module, msg), w in problems.items()]
 
 
 def run(run_dir: Path, argv: list[str]) -> None:
@@ -246,8 +284,19 @@ def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from jaxrl_pref.config import cli
+    from jaxrl_pref.config import ConfigError, cli
+    from slurm.validate import keep_jax_on_cpu
+    argv = attach_extra_args(list(sys.argv[1:] if argv is None else argv))
     cfg = cli(StudyConfig, argv, description=__doc__.split("\n\n")[0])
+    keep_jax_on_cpu()  # this process only checks the runs' options: the runs (child processes) get the accelerator
+    try:
+        problems = check_commands(cfg)
+    except ConfigError as e:
+        problems = [str(e)]
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     results, all_curves = {}, {}
     for task in cfg.tasks:

@@ -149,15 +149,38 @@ def load(path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("sweep", f"{path} does not exist", "pass the path of a sweep file (see slurm/examples/)")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"sweep file {path}", f"is not UTF-8 text ({e.reason} at byte {e.start})",
+                          "save it as UTF-8 YAML or JSON") from None
     if path.suffix == ".json":
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"sweep file {path}", f"line {e.lineno}, column {e.colno}: {e.msg}",
+                              "correct the JSON there") from None
     else:
         import yaml
-        raw = yaml.safe_load(text)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"sweep file {path}", _yaml_problem(e), "correct the YAML there") from None
     if not isinstance(raw, Mapping):
         raise ConfigError("sweep", f"{path} does not hold a mapping", "write `experiment: ppo` etc. at top level")
     return from_dict(dict(raw), default_name=path.stem)
+
+
+def _yaml_problem(e) -> str:
+    """``line L, column C: <problem> (<context> at line L', column C')`` of a PyYAML error (1-based)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark else "") + ")"
+    return text
 
 
 def from_dict(raw: Mapping, default_name: str = "sweep") -> Sweep:
@@ -326,7 +349,14 @@ def read_manifest(sweep_dir) -> dict:
     if not path.is_file():
         raise ConfigError("sweep_dir", f"{sweep_dir} has no {MANIFEST}",
                           "pass the directory `python -m slurm.submit` printed (it holds manifest.json)")
-    return json.loads(path.read_text())
+    try:
+        m = json.loads(path.read_text())
+        if not (isinstance(m, dict) and isinstance(m.get("tasks"), list) and m.get("module")):
+            raise ValueError("no tasks/module")
+    except (ValueError, OSError) as e:
+        raise ConfigError("sweep_dir", f"{path} is unreadable ({e})",
+                          "pass the directory of a sweep written by python -m slurm.submit") from None
+    return m
 
 
 def task_record(sweep_dir, index: int) -> dict:

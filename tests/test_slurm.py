@@ -100,6 +100,111 @@ def test_dry_run_prints_script_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# -- checked before submission (issue 33): every task's command through the experiment's own parser ------------------
+def _one_error_line(err: str) -> str:
+    """stderr holds exactly one line, ``error: ...``, and no traceback; returns it."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("fixed, grid, experiment, words", [
+    ({}, {}, "pop", ["experiment: there is no experiment 'pop' (did you mean ppo?)", "Fix: use one of", "ppo, "]),
+    ({"env_name": "CartPol-v1"}, {"learning_rate": [1e-3, 3e-3]}, "ppo",
+     ["tasks 0-3 (", "seeds 0-1): env_name: unknown environment 'CartPol-v1'", "Fix: ", "CartPole-v1"]),
+    ({"totl_timesteps": 2048}, {}, "ppo",
+     ["tasks 0-1 (seeds 0-1): unrecognized option --totl-timesteps=2048", "Fix: did you mean --total-timesteps?"]),
+    ({}, {"learning_rate": [1e-3, "abc"]}, "ppo",
+     ["tasks 2-3 (learning_rate=abc, seeds 0-1): learning_rate: could not convert string to float: 'abc'",
+      "Fix: pass --learning-rate a number (default: "]),
+], ids=["unknown-experiment", "env-typo", "unknown-option", "bad-value"])
+def test_bad_task_commands_fail_before_anything_is_written(tmp_path, capsys, fixed, grid, experiment, words):
+    """``python -m slurm.submit SWEEP --dry-run`` (and a plain submit, ``--local``) parses every task's command with the
+    experiment's parser first: a bad experiment, env id, option or value is one ``error:`` line naming the tasks
+    (grid point, seeds), the problem and the fix; exit 2; nothing written, nothing printed as if it would run."""
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"experiment": experiment, "name": "bad", "seeds": 2, "grid": grid,
+                             "fixed": {"env_name": "CartPole-v1", "total_timesteps": 2048, **fixed}}))
+    out = tmp_path / "out"
+    for mode in (["--dry-run"], ["--local"], []):
+        assert submit.main([str(f), "--out", str(out), *mode]) == 2, mode
+        got = capsys.readouterr()
+        line = _one_error_line(got.err)
+        for w in words:
+            assert w in line, (w, line)
+        assert len(line) < 400, line  # one readable line (no list of every env or option)
+        assert got.out == "" and not out.exists(), (mode, got.out)
+
+
+def test_a_valid_sweep_is_checked_and_dry_runs(tmp_path, capsys):
+    """The README's example sweeps pass: each of cartpole_lr's 30 commands is parsed (milliseconds each, after the
+    import of experiments.ppo), the vmapped one's single task with its --hp-values too."""
+    for name, n in (("cartpole_lr", 30), ("cartpole_vmapped", 1)):
+        out = tmp_path / name
+        assert submit.main([str(REPO / "slurm" / "examples" / f"{name}.yaml"), "--dry-run", "--out", str(out)]) == 0
+        got = capsys.readouterr()
+        assert "every task's command passes experiments.ppo's checks" in got.out and got.err == "", got
+        assert got.out.count("-m experiments.ppo") == n and not out.exists()
+
+
+def test_device_checks_are_left_to_the_node(tmp_path, capsys):
+    """``--num-devices`` is checked against the devices of the node the task runs on, not of this one: a note."""
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"experiment": "ppo", "name": "gpus", "fixed": {"num_devices": 64, "num_envs": 64}}))
+    assert submit.main([str(f), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "note: task 0 (seed 0): num_devices: asked for 64 devices" in out and "[0] " in out
+
+
+def _cli(*args, **kw):
+    return subprocess.run([PY, "-m", "slurm.submit", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_malformed_sweep_file_is_one_line(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("experiment: ppo\nfixed: {env_name: CartPole-v1\ngrid: {learning_rate: [0.001]}\n")
+    r = _cli(f, "--dry-run", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stdout == ""
+    line = _one_error_line(r.stderr)
+    assert line.startswith(f"error: sweep file {f}: line 3, column 5: expected ',' or '}}'"), line
+    assert "line 2, column 8" in line and "Fix:" in line  # where the unclosed mapping starts
+    f = tmp_path / "s.json"
+    f.write_text('{"experiment": "ppo",\n "seeds": 2,,}')
+    r = _cli(f, "--dry-run")
+    assert r.returncode == 2 and _one_error_line(r.stderr).startswith(f"error: sweep file {f}: line 2, column 13: ")
+
+
+def test_rerun_bad_task_syntax_or_dir_is_one_line(tmp_path):
+    _fake_sweep(tmp_path / "sweep")
+    for tasks in ("x-3", "5-3", "1,,-2"):
+        r = _cli("--rerun", tmp_path / "sweep", "--tasks", tasks)
+        assert r.returncode == 2, r.stderr
+        line = _one_error_line(r.stderr)
+        assert line.startswith("error: --tasks: ") and "e.g. --tasks 3,7-9" in line, line
+    r = _cli("--rerun", tmp_path, "--tasks", "1")
+    assert r.returncode == 2 and "has no manifest.json" in _one_error_line(r.stderr)
+
+
+def test_local_sweep_with_a_failing_task_exits_1_naming_it(tmp_path):
+    """A task that passes every check but fails when it runs: ``--local`` runs the others and exits 1 naming it."""
+    (tmp_path / "failexp").mkdir()
+    (tmp_path / "failexp" / "__init__.py").write_text("")
+    (tmp_path / "failexp" / "run.py").write_text(
+        "import sys\nargs = sys.argv[1:]\nsys.exit(3 if args[args.index('--seed') + 1] == '1' else 0)\n")
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"experiment": "failexp.run", "name": "f", "fixed": {"total_timesteps": 64}, "seeds": 3,
+                             "python": PY}))
+    out = tmp_path / "out"
+    r = _cli(f, "--local", "--out", out, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert _one_error_line(r.stderr).startswith("error: 1 of 3 task(s) failed: 1 ")
+    assert "slurm.task 2: done" in r.stdout  # the others ran
+    states = [json.loads((out / t["run_dir"] / "status.json").read_text())["state"]
+              for t in sw.read_manifest(out)["tasks"]]
+    assert states == ["done", "failed", "done"]
+
+
 def _fake_sweep(tmp_path, broken=()):
     """A 2-point x 3-seed sweep whose runs are written directly (no training): return = 10 * point + seed."""
     s = _sweep(grid={"learning_rate": [1e-3, 3e-3]})

@@ -105,3 +105,36 @@ def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
     assert ss.not_applicable("deepsea10", "ellm") and ss.not_applicable("deepsea10", "motif")
     assert ss.not_applicable("keydoor9", "motif") is None
     assert ss.not_applicable("keydoor9", "oni-retrieval") is None and ss.not_applicable("minihack_keyroom", "motif") is None
+
+
+def test_extra_args_value_may_start_with_dashes(tmp_path):
+    """``--extra-args '--bonus-coef 0.5'`` (one shell word that starts with --) is the option's value, as
+    ``--extra-args='--bonus-coef 0.5'`` is, not a flag of its own ("Missing value" before)."""
+    from jaxrl_pref.config import cli
+    for argv in (["--extra-args", "--bonus-coef 0.5"], ["--extra-args=--bonus-coef 0.5"]):
+        cfg = cli(ss.StudyConfig, ss.attach_extra_args(["--tasks", "keydoor9", *argv, "--out", str(tmp_path)]))
+        assert cfg.extra_args == "--bonus-coef 0.5" and cfg.out == str(tmp_path)
+        (_, run_argv), = ss.commands(cfg, "keydoor9", "ppo")
+        assert run_argv[run_argv.index("--bonus-coef") + 1] == "0.5"
+    cfg = ss.StudyConfig(tasks=("keydoor9",), methods=("ppo",), num_seeds=2, out=str(tmp_path),
+                         extra_args="--bonus-coef 0.5")
+    assert ss.check_commands(cfg) == []  # the runs' own parser accepts them
+
+
+def test_extra_args_typo_fails_before_the_study_starts(tmp_path):
+    """A typo in ``--extra-args`` is caught by the runs' own parser before any run starts: one ``error:`` line naming
+    the runs, the option and the fix; exit 2; nothing run or written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "study"
+    r = subprocess.run([sys.executable, "-m", "experiments.sparse_study", "--tasks", "keydoor9", "--methods", "ppo",
+                        "e3b", "--num-seeds", "2", "--extra-args", "--bonus-coeff 0.5", "--out", str(out)],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("error: runs keydoor9/ppo, keydoor9/e3b (python -m experiments.ppo with --extra-args "
+                               "'--bonus-coeff 0.5'): unrecognized options --bonus-coeff"), lines[0]
+    assert "Fix: did you mean --bonus-coef?" in lines[0]
+    assert "+ " not in r.stdout and not out.exists()
