@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,106 @@ class Dataset:
 
     def as_dict(self) -> dict:
         return dict(zip(self.texts, (int(c) for c in self.counts)))
+
+
+# -- the files of --motif-dir, read and checked before anything runs -------------------------------------------------
+def _redo(file: Path, what: str) -> str:
+    return f"delete it (rm {file}) and run the same command again: {what}"
+
+
+REDO_DATASET = "the dataset is collected anew"
+REDO_PAIRS = "the pairs are asked anew (the label store answers those it holds at once)"
+
+
+def _read_json(file: Path, fix: str):
+    """``file``'s JSON; ConfigError on ``motif_dir`` saying what is wrong with it (unreadable, not UTF-8, not JSON:
+    where) and ``fix``."""
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise ConfigError("motif_dir", f"{file} cannot be read ({e.strerror})", fix) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        cut = e.reason == "unexpected end of data"  # a multi-byte character's first bytes, then the end
+        raise ConfigError("motif_dir", f"{file} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} of "
+                          f"{len(raw)}: " + ("the file ends inside a character: cut short)" if cut else
+                                             "a damaged file)"), fix) from None
+    if not text.strip():
+        raise ConfigError("motif_dir", f"{file} is empty", fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("motif_dir", f"{file} is not valid JSON at line {e.lineno} column {e.colno} ({e.msg}"
+                          + ("; the file ends there: cut short" if e.pos >= len(text.rstrip()) else "") + ")",
+                          fix) from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_dataset(file) -> Dataset:
+    """``DIR/dataset.json``, checked: ConfigError (naming the file, the problem, the fix) if it is not one."""
+    file = Path(file)
+    fix = _redo(file, REDO_DATASET)
+    d = _read_json(file, fix)
+    if not isinstance(d, dict):
+        raise ConfigError("motif_dir", f"{file} holds a JSON {type(d).__name__}, not a Motif dataset", fix)
+    missing = [k for k in ("env", "steps", "seed", "texts", "counts") if k not in d]
+    if missing:
+        raise ConfigError("motif_dir", f"{file} is not a Motif dataset (no {', '.join(missing)})", fix)
+    texts, counts = d["texts"], d["counts"]
+    ok = (isinstance(d["env"], str) and _is_int(d["steps"]) and _is_int(d["seed"]) and isinstance(texts, list)
+          and isinstance(counts, list) and len(texts) == len(counts) and all(isinstance(t, str) for t in texts)
+          and all(_is_int(c) and c >= 0 for c in counts))
+    if not ok:
+        raise ConfigError("motif_dir", f"{file} is not a Motif dataset (env a string, steps and seed integers, texts "
+                          "strings and counts integers, as many of each, expected)", fix)
+    return Dataset.from_json(json.dumps(d))
+
+
+def read_pairs(file) -> dict:
+    """``DIR/pairs.json``, checked: ConfigError (naming the file, the problem, the fix) if it is not one."""
+    file = Path(file)
+    fix = _redo(file, REDO_PAIRS)
+    d = _read_json(file, fix)
+    if not isinstance(d, dict):
+        raise ConfigError("motif_dir", f"{file} holds a JSON {type(d).__name__}, not Motif's answered pairs", fix)
+    pairs, bad = d.get("pairs"), d.get("unanswerable", [])
+    ok = (isinstance(d.get("dataset_sha256"), str) and isinstance(pairs, list) and bool(pairs)
+          and all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+                  and isinstance(p[2], (int, float)) and not isinstance(p[2], bool) for p in pairs)
+          and isinstance(bad, list) and all(isinstance(p, list) and len(p) == 2 for p in bad))
+    if not ok:
+        raise ConfigError("motif_dir", f"{file} is not Motif's answered pairs (dataset_sha256, and pairs: a non-empty "
+                          "list of [message, message, preference], expected)", fix)
+    return {**d, "unanswerable": bad}
+
+
+def check_dir(directory, env_name: str) -> bool:
+    """Reads and checks what ``directory`` (``--motif-dir``) holds before anything runs: ConfigError (one line: the
+    file, the problem, the fix) for a damaged or foreign ``dataset.json`` / ``pairs.json``, a dataset of another
+    env, a ``directory`` that is not a directory or cannot be written. Returns whether the annotator will be asked
+    (no dataset yet, or no pairs made from it)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConfigError("motif_dir", f"{d} is not a directory", "pass a directory to --motif-dir (it is created "
+                          "if missing)")
+    ds_file, pairs_file = d / DATASET_FILE, d / PAIRS_FILE
+    ask = True
+    if ds_file.exists():
+        ds = read_dataset(ds_file)
+        if ds.env != env_name:
+            raise ConfigError("motif_dir", f"{ds_file} holds messages of {ds.env}, not {env_name}",
+                              "pass another --motif-dir (one per env)")
+        if pairs_file.exists():
+            ask = read_pairs(pairs_file)["dataset_sha256"] != rm.file_sha(ds_file)
+    complete = not ask and (d / rm.MODEL_FILE).exists() and (d / rm.STATS_FILE).exists()
+    if d.is_dir() and not complete and not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError("motif_dir", f"{d} is not writable (Motif writes its dataset, pairs and model there)",
+                          f"make it writable (chmod u+w {d}), or pass another --motif-dir")
+    return ask
 
 
 def _sorted(counts: dict) -> tuple[list, np.ndarray]:
@@ -335,7 +436,7 @@ def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[]
 
     # 1. dataset
     if ds_file.exists():
-        ds = Dataset.from_json(ds_file.read_text())
+        ds = read_dataset(ds_file)
         if ds.env != env_name:
             raise ConfigError("motif_dir", f"{ds_file} holds messages of {ds.env}, not {env_name}",
                               "pass another --motif-dir (one per env)")
@@ -352,7 +453,7 @@ def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[]
     ds_sha = rm.file_sha(ds_file)
 
     # 2. pairs
-    saved = json.loads(pairs_file.read_text()) if pairs_file.exists() else None
+    saved = read_pairs(pairs_file) if pairs_file.exists() else None
     if saved is not None and saved.get("dataset_sha256") == ds_sha:
         say(f"reusing the pairs {pairs_file}: {len(saved['pairs'])} answered"
             + (f", {len(saved['unanswerable'])} unanswerable" if saved["unanswerable"] else ""))
@@ -391,7 +492,11 @@ def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[]
     if (d / rm.STATS_FILE).exists() and (d / rm.MODEL_FILE).exists():
         try:
             params, info = rm.load(d)
-        except (ValueError, KeyError) as e:
+            missing = [k for k in ("pairs_sha256", "epochs", "train_acc", "heldout_acc") if k not in info] + [
+                f"stats.{k}" for k in ("mean", "std", "threshold", "quantile") if k not in info.get("stats", {})]
+            if missing:
+                raise ValueError(f"{d / rm.STATS_FILE} lacks {', '.join(missing)}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             say(f"cannot reuse the reward model in {d} ({e}): training it again")
             info = None
         if info is not None and info.get("pairs_sha256") != pairs_sha:
@@ -483,10 +588,13 @@ def _check_resume(opts, run_dir, sha: str, directory: Path) -> None:
 def train(opts, run_dir):
     """``experiments.oni --method motif``: phases 1-3 (reused from ``--motif-dir`` when there), then PPO."""
     from agents import launch
+    from jaxrl_pref.annotation.config import preflight
     from jaxrl_pref.logging import plot_oni_curves
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     directory = motif_dir(opts, run_dir)
     env_name, m = opts.env_name, opts.motif
+    if check_dir(directory, env_name):  # before anything is built or written: the files, then the annotator's needs
+        preflight(opts.annotator, directory)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     prepared = prepare(
         m, env_name, directory, seed=opts.run.seed, batch_size=opts.oni.rm_batch_size,
         learning_rate=opts.oni.rm_learning_rate, annotator=opts.annotator.annotator,

@@ -37,12 +37,13 @@ cli.setup()  # before JAX starts
 from agents import launch, motif, oni, oni_captioned, ppo  # noqa: E402
 from envs import captions  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, stop_server  # noqa: E402
-from jaxrl_pref.annotation.config import AnnotatorConfig, start_annotator  # noqa: E402
+from jaxrl_pref.annotation.config import AnnotatorConfig, preflight, start_annotator  # noqa: E402
 from jaxrl_pref.config import require  # noqa: E402
 from jaxrl_pref.logging import plot_oni_curves  # noqa: E402
 
 
 def check(opts) -> None:
+    opts.annotator.check()
     if opts.oni.method == "ellm":  # ELLM-BoW: similarity labels, looked up by message
         require(opts.annotator.annotator in ("embedded", "bow") and not opts.annotator.annotator_url, "method",
                 f"--method ellm labels messages itself (the bow annotator), not with --annotator "
@@ -69,8 +70,9 @@ def check(opts) -> None:
 def train(opts, run_dir):
     if opts.oni.method == "motif":  # dataset, pairs, frozen reward model (reused from --motif-dir), then PPO
         return motif.train(opts, run_dir)
+    preflight(opts.annotator, run_dir)  # the service, the label store, the LLM: before anything is built or written
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    proc, url = start_annotator(opts.annotator, run_dir)
+    proc, url = start_annotator(opts.annotator, run_dir, checked=True)
     client = AnnotatorClient(url, opts.annotator.task(opts.env_name), wait=opts.annotator.label_wait)
     state_key = None if opts.bonus.bonus == "none" else "base"  # under launch's WithBonus
     info = {"annotator_url": url, "prompt_task": client.task}

@@ -312,13 +312,13 @@ def _launch(args: Sequence[str], store_path: Path, log_path: Path, port: int, ti
     cmd = [sys.executable, "-m", "jaxrl_pref.annotation.server", "--store", str(store_path), "--port", str(port),
            "--port-file", str(port_file), "--parent-pid", str(os.getpid()), *args]
     with open(log_path, "ab") as log:
+        start = log.tell()  # what this start writes to the log (it is appended to across restarts and runs)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     try:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"annotator exited with status {proc.returncode}; see {log_path}:\n"
-                                   + log_path.read_text(errors="replace")[-2000:])
+                raise RuntimeError(_exit_reason(proc.returncode, log_path, start))
             if port_file.exists():
                 url = f"http://127.0.0.1:{int(port_file.read_text())}"
                 try:
@@ -332,6 +332,20 @@ def _launch(args: Sequence[str], store_path: Path, log_path: Path, port: int, ti
         raise RuntimeError(f"annotator did not start within {timeout}s; see {log_path}")
     finally:
         port_file.unlink(missing_ok=True)
+
+
+def _exit_reason(rc: int, log_path: Path, start: int = 0) -> str:
+    """One line for a service that exited at start: its own ``error: ...`` line (a bad option, an unusable store, an
+    LLM server that does not answer), else the last line it wrote (a crash's exception; the traceback stays in the
+    log)."""
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    said = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
+    if said:
+        return f"the annotator service exited with status {rc}: {said[-1]} (log: {log_path})"
+    return (f"the annotator service exited with status {rc}" + (f": {lines[-1]}" if lines else "")
+            + f" (the full output is in {log_path})")
 
 
 def _status(rc: int) -> str:

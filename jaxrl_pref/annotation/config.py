@@ -3,13 +3,19 @@ service they describe."""
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import json
 import os
+import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 from jaxrl_pref.annotation.backends import BACKENDS
-from jaxrl_pref.config import require
+from jaxrl_pref.config import ConfigError, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +27,8 @@ class AnnotatorConfig:
     for tests and benchmarks of the pipeline) or bow (ELLM-BoW: cosine similarity of bag-of-words embeddings to the
     task's goal statement; what --method ellm uses)."""
     annotator_url: str = ""
-    """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one."""
+    """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one (the
+    run stops at start if it does not answer GET /health)."""
     llm_base_url: str = ""
     """openai annotator: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     llm_model: str = ""
@@ -29,7 +36,8 @@ class AnnotatorConfig:
     llm_api_key_env: str = "OPENAI_API_KEY"
     """openai annotator: environment variable holding the API key (never logged)."""
     label_store: str = ""
-    """SQLite label store (default: <run-dir>/labels.db). Share one between runs to reuse labels."""
+    """SQLite label store (default: <run-dir>/labels.db). Share one between runs to reuse labels. Checked at start: a
+    label store or a new file, writable."""
     prompt_task: str = ""
     """Prompt file task (default from the env: nethack_score, nethack_staircase, nethack_oracle, minihack)."""
     annotator_platform: str = "cpu"
@@ -55,6 +63,12 @@ class AnnotatorConfig:
                     "pass --llm-base-url http://HOST:PORT/v1 --llm-model NAME")
         require(self.label_wait >= 0, "label_wait", f"must be >= 0 seconds, got {self.label_wait}",
                 "pass e.g. --label-wait 60 (or 0: never wait for the annotator)")
+
+    def check(self) -> None:
+        """The URLs are http(s) URLs (ConfigError naming the option and the fix); the experiment's check calls it,
+        before anything runs. Whether they answer is :func:`preflight`'s."""
+        check_url(self.annotator_url, "annotator_url", "http://localhost:8765")
+        check_url(self.llm_base_url, "llm_base_url", "http://localhost:8000/v1")
 
     def store_path(self, run_dir) -> str:
         return self.label_store or str(Path(run_dir) / "labels.db")
@@ -82,21 +96,99 @@ def check_llm(cfg: AnnotatorConfig) -> None:
               "(--allow-unreachable-llm): messages stay pending until it answers", file=sys.stderr, flush=True)
 
 
-def start_annotator(cfg: AnnotatorConfig, run_dir):
+def check_url(url: str, field: str, example: str) -> None:
+    """``url`` (when set) is an http(s) URL with a host: ConfigError on ``field`` otherwise."""
+    if not url:
+        return
+    u = urlparse(url)
+    fix = f"pass e.g. --{field.replace('_', '-')} {example}"
+    try:
+        u.port
+    except ValueError as e:  # a port that is not a number in 0-65535
+        raise ConfigError(field, f"{url!r} has no valid port ({e})", fix) from None
+    if u.scheme in ("http", "https") and u.netloc:
+        return
+    if "://" not in url and u.scheme not in ("http", "https"):  # localhost:8765, 127.0.0.1:8765/v1: no scheme
+        raise ConfigError(field, f"{url!r} has no http:// or https:// scheme", f"pass --{field.replace('_', '-')} "
+                          f"http://{url}")
+    raise ConfigError(field, f"{url!r} is not an http(s) URL (scheme {u.scheme!r}"
+                      + ("" if u.netloc else ", no host") + ")", fix)
+
+
+SERVICE_COMMAND = "python -m jaxrl_pref.annotation.server --store labels.db --port {port}"
+
+
+def check_service(url: str, timeout: float = 3.0) -> None:
+    """The preflight of ``--annotator-url``: the annotator service there answers ``GET /health`` within ``timeout``
+    s. ConfigError naming the URL, what failed (connection refused, timeout, another server) and the fix."""
+    u = urlparse(url)
+    start = SERVICE_COMMAND.format(port=u.port or (443 if u.scheme == "https" else 80))
+    fix = (f"start the annotator service first (e.g. `{start}`, docs/oni.md), or drop --annotator-url to let the run "
+           "start its own")
+    target = url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as r:
+            reply = json.loads(r.read(4096))
+    except urllib.error.HTTPError as e:
+        raise ConfigError("annotator_url", f"{url} answers GET /health with HTTP {e.code}: it is not an annotator "
+                          "service", fix) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ConnectionRefusedError):
+            what = "connection refused (nothing listens there)"
+        elif isinstance(reason, (TimeoutError, socket.timeout)):
+            what = f"no answer within {timeout:g} s (timeout)"
+        elif isinstance(reason, socket.gaierror):
+            what = f"unknown host {u.hostname!r} ({reason.strerror})"
+        else:
+            what = f"{reason} ({type(reason).__name__})"
+        raise ConfigError("annotator_url", f"the annotator service at {url} cannot be reached: {what}", fix) from None
+    except ValueError:  # the reply is not JSON
+        reply = None
+    if not (isinstance(reply, dict) and reply.get("ok") is True):
+        raise ConfigError("annotator_url", f"{url} answers GET /health, but not as an annotator service (reply "
+                          f"{str(reply)[:80]!r})", fix)
+
+
+def check_store(cfg: AnnotatorConfig, run_dir) -> None:
+    """The label store the run will use (``--label-store``, else ``run_dir/labels.db``) can be opened and written,
+    checked without creating anything (:func:`~jaxrl_pref.annotation.store.check_usable`)."""
+    from jaxrl_pref.annotation.store import check_usable
+    problem = check_usable(cfg.store_path(run_dir), "--label-store")
+    if problem:
+        raise ConfigError("label_store", *problem)
+
+
+def preflight(cfg: AnnotatorConfig, run_dir) -> None:
+    """Everything outside the run that its annotator needs, checked before anything is built or written (a
+    ConfigError or, from :func:`check_llm`, a RuntimeError: one line naming the option and the fix): the service of
+    ``--annotator-url`` answers; the label store (``--label-store``, or ``run_dir/labels.db`` for a service the run
+    starts) is usable; the openai annotator's LLM server answers."""
+    if cfg.annotator_url:
+        check_service(cfg.annotator_url)
+    if cfg.label_store or not cfg.annotator_url:  # (a service elsewhere without --label-store: its store, its care)
+        check_store(cfg, run_dir)
+    if cfg.annotator == "openai" and not cfg.annotator_url:
+        check_llm(cfg)
+
+
+def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):
     """``(supervisor or None, url)``: the service named by ``--annotator-url`` (None: not ours to run), or a new
     supervised child process writing ``run_dir/annotator.log`` and restarted whenever it dies (see
-    :class:`~jaxrl_pref.annotation.client.Supervisor`). The openai annotator is checked first (:func:`check_llm`).
-    A client made afterwards with ``AnnotatorClient(url, task)`` writes its messages ahead into the label store."""
+    :class:`~jaxrl_pref.annotation.client.Supervisor`). First the :func:`preflight` (unless ``checked``: the caller
+    just ran it). A client made afterwards with ``AnnotatorClient(url, task)`` writes its messages ahead into the
+    label store."""
     from jaxrl_pref.annotation.client import remember_store, start_server
+    if not checked:
+        preflight(cfg, run_dir)
     if cfg.annotator_url:
         if cfg.label_store:
             remember_store(cfg.annotator_url, cfg.label_store)
         return None, cfg.annotator_url
     extra = []
     if cfg.annotator == "openai":
-        check_llm(cfg)
         extra = ["--base-url", cfg.llm_base_url, "--model", cfg.llm_model, "--api-key-env", cfg.llm_api_key_env,
-                 "--preflight", "False"]  # checked here; a restarted service must not refuse to start
+                 "--preflight", "False"]  # checked by preflight; a restarted service must not refuse to start
     return start_server(cfg.store_path(run_dir), cfg.annotator, log_path=str(Path(run_dir) / "annotator.log"),
                         extra_args=extra, supervise=True, env=service_env(cfg))
 

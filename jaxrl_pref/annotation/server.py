@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -46,7 +47,7 @@ from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
 from jaxrl_pref.annotation.backends import BACKENDS, BackendError, Prompt, make_backend
-from jaxrl_pref.annotation.store import LabelStore, owner_id
+from jaxrl_pref.annotation.store import LabelStore, check_usable, owner_id
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import ConfigError, require
 
@@ -340,6 +341,19 @@ class ServerConfig:
             require(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}", f"pass --{f.replace('_', '-')} 0 or more")
 
 
+def open_store(path) -> LabelStore:
+    """The label store at ``path``; ConfigError (one line: the path, what is wrong, the fix) where it cannot be used,
+    so the service exits 2 saying so, not with sqlite3's traceback."""
+    problem = check_usable(path, "--store")
+    if problem:
+        raise ConfigError("store", *problem)
+    try:
+        return LabelStore(path)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError("store", f"the label store {path} cannot be used ({type(e).__name__}: {e})",
+                          "pass another --store (a file that does not exist yet is created)") from None
+
+
 def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     backend = make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
                            temperature=cfg.temperature)
@@ -350,7 +364,7 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
             raise ConfigError("base_url", f"the LLM server does not answer: {e}",
                               f"start an OpenAI-compatible server at {cfg.base_url} (e.g. `vllm serve MODEL`) or fix "
                               "--base-url; or pass --preflight False to start anyway") from None
-    store = LabelStore(cfg.store)
+    store = open_store(cfg.store)
     ann = Annotator(store, backend, max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
                     parse_retries=cfg.parse_retries, backoff=cfg.backoff, cooldown=cfg.cooldown,
                     prompt_dir=cfg.prompt_dir or None, lease=cfg.lease, log_every=cfg.log_every,

@@ -102,6 +102,82 @@ def _owner_dead(owner: str) -> bool:
     return False
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+REQUIRED_COLUMNS = ("task", "kind", "a", "b", "status", "label", "seq")  # of items (older stores gain the others)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path``, and it is not marked read-only for everyone (``chmod a-w``: refused
+    for root too, who could write it anyway, so the answer does not depend on who runs)."""
+    try:
+        return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def check_usable(path, flag: str = "--label-store") -> Optional[tuple[str, str]]:
+    """Why a label store cannot be used at ``path``, found without creating or changing anything: ``(problem, fix)``
+    (``flag``: the option that names the path, for the fix), or None when it can be (an existing label store, an
+    empty file, or a new file that can be created there). Checked: a directory; an existing file that is not a
+    SQLite database (its 16-byte header) or is damaged, or one holding another program's ``items`` table; a
+    read-only file; a directory it (and its ``-wal`` / ``-shm`` files) cannot be written in."""
+    p = Path(path)
+    other = f"pass another {flag} (a file that does not exist yet is created)"
+    if p.is_dir():
+        return f"{p} is a directory", f"name a file in it, e.g. {flag} {p / 'labels.db'}"
+    if p.exists() or p.is_symlink():
+        if not p.is_file():
+            return f"{p} is not a regular file", other
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            return f"{p} cannot be read ({e.strerror})", f"make it readable and writable (chmod u+rw {p}), or {other}"
+        if head and head != SQLITE_HEADER:
+            return f"{p} is not a SQLite database (it begins with {head[:12]!r}, not {SQLITE_HEADER!r})", other
+        if head and not Path(str(p) + "-wal").exists():  # (a store in use is read by its own connections only)
+            problem = _schema_problem(p)
+            if problem:
+                return f"{p} {problem}", f"{other}; or restore the store from a copy"
+        if not _writable(p):
+            return f"{p} is read-only", f"make it writable (chmod u+w {p}), or {other}"
+        try:  # a read-only file system, an immutable file: refused here, not in the middle of the run
+            os.close(os.open(p, os.O_RDWR))
+        except OSError as e:
+            return f"{p} cannot be opened for writing ({e.strerror})", other
+        parent = p.parent
+        if not _writable(parent):
+            return (f"the directory of {p}, {parent}, is not writable (the store keeps its -wal and -shm files "
+                    "next to it)", f"make {parent} writable, or {other}")
+        return None
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:  # the store's directories are created: the first one
+        parent = parent.parent                               # that exists must take them
+    if not parent.is_dir():
+        return f"{parent} is not a directory, so {p} cannot be created", other
+    if not _writable(parent):
+        return f"{p} cannot be created: {parent} is not writable", f"make {parent} writable, or {other}"
+    return None
+
+
+def _schema_problem(path: Path) -> Optional[str]:
+    """Why the SQLite file ``path`` is not a label store (damaged, another program's ``items`` table), or None. Opened
+    immutable (no lock, no -wal/-shm files made): for files no connection has open."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            db.execute("SELECT name FROM sqlite_master").fetchall()
+            have = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        return f"is a damaged SQLite database ({e})"
+    missing = [c for c in REQUIRED_COLUMNS if c not in have]
+    if have and missing:
+        return f"is a SQLite database but not a label store (its items table has no {', '.join(missing)} column)"
+    return None
+
+
 class LabelStore:
     def __init__(self, path, readonly: bool = False, timeout: float = 30.0):
         self.path = str(path)
