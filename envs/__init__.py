@@ -45,8 +45,10 @@ def check_name(name: str) -> None:
         _base(name, {})
     except (ValueError, ImportError) as e:
         problem, _, fix = str(e).split(": ", 1)[-1].partition(" Fix: ")
-        raise ConfigError("env_name", problem.rstrip("."),
-                          fix or "pick a registered env (python -c 'import envs; print(envs.registered())')") from None
+        raise ConfigError("env_name", problem.rstrip("."), fix or f"pick a registered env ({LIST_ENVS})") from None
+
+
+LIST_ENVS = "python -c 'import envs; print(envs.registered())' lists them; docs/envs.md describes them"
 
 
 def _base(name: str, kwargs: dict):
@@ -56,8 +58,8 @@ def _base(name: str, kwargs: dict):
         if name.startswith(_sparse.XMINIGRID_PREFIX):  # xminigrid's ids register only when it is installed
             _sparse._require_xminigrid(name)
         close = difflib.get_close_matches(name, registered(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"env_name: unknown environment {name!r}.{hint} Known: {', '.join(registered())}")
+        hint = f"Did you mean {' or '.join(close)}? Otherwise pick" if close else "Pick"
+        raise ValueError(f"env_name: unknown environment {name!r}. Fix: {hint} a registered env ({LIST_ENVS})")
     env, params = gymnax.make(name)
     fields = {f.name for f in dataclasses.fields(params)}
     unknown = set(kwargs) - fields

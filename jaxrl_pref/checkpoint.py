@@ -56,6 +56,33 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint is intact but does not fit the template (different model/config)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing checkpoint ``step`` failed (disk full, permissions, an I/O error): ``cause`` is what orbax or the file
+    system raised. The steps saved before it are intact."""
+
+    def __init__(self, path, step: Optional[int], cause: BaseException, manifest: bool = False):
+        self.step, self.cause, self.manifest = step, cause, manifest
+        what = "writing its checksum manifest" if manifest else "saving it"
+        super().__init__(path, f"{what} failed ({type(cause).__name__}: {_short(cause)})",
+                         "check free disk space and permissions")
+
+
+_IO_WORDS = ("No space left on device", "os_error_code", "Disk quota exceeded", "Read-only file system",
+             "Permission denied", "Input/output error", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED")
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a file-system error: an ``OSError``, or one of the
+    error types orbax/tensorstore wrap an errno in (``ValueError: RESOURCE_EXHAUSTED: ... [os_error_code='28']``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) or any(w in str(exc) for w in _IO_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -191,9 +218,14 @@ class Checkpointer:
         if history is not None:
             items["history"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in history.items()})
         self.wait()  # the previous save must be final before its checksums are written
-        if step in self._manager.all_steps():  # e.g. re-saving after a resume at the same step
-            self._manager.delete(step)
-        ok = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            if step in self._manager.all_steps():  # e.g. re-saving after a resume at the same step
+                self._manager.delete(step)
+            ok = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 -- a full disk surfaces here as OSError or an orbax ValueError
+            if is_io_error(e):
+                raise CheckpointWriteError(self.step_dir(step), step, e) from e
+            raise
         if not ok:
             raise CheckpointError(self.step_dir(step), "orbax refused to save this step",
                                   "check that the directory is writable and not shared with another run")
@@ -203,27 +235,37 @@ class Checkpointer:
         self._sealer.start()
 
     def _seal(self) -> None:
+        self._seal_error = self._finish(list(self._unsealed))  # re-raised by wait() in the caller's thread
+
+    def _finish(self, steps: list) -> Optional[tuple]:
+        """Waits for orbax, then writes the checksum manifests of ``steps``; returns ``(step, error, manifest)``
+        for the first failure (``manifest``: orbax finished the step, only its manifest could not be written)."""
         try:
             self._manager.wait_until_finished()
-            for step in list(self._unsealed):
-                _write_manifest(self.step_dir(step))
-        except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
-            self._seal_error = e
+        except BaseException as e:  # noqa: BLE001
+            return (steps[0] if steps else None), e, False
+        for step in steps:
+            try:
+                if not (self.step_dir(step) / MANIFEST).exists():
+                    _write_manifest(self.step_dir(step))
+            except BaseException as e:  # noqa: BLE001
+                return step, e, True
+        return None
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk (and checksummed)."""
+        """Blocks until pending asynchronous saves are on disk (and checksummed). Raises
+        :class:`CheckpointWriteError` if one of them failed (the steps saved before it stay intact)."""
         if self._sealer is not None:
             self._sealer.join()
             self._sealer = None
-        self._manager.wait_until_finished()
-        for step in self._unsealed:
-            if not (self.step_dir(step) / MANIFEST).exists():
-                _write_manifest(self.step_dir(step))
-        self._unsealed.clear()
-        err, self._seal_error = self._seal_error, None
-        if err is not None:
-            raise CheckpointError(self.directory, f"saving a checkpoint failed ({type(err).__name__}: {err})",
-                                  "check free disk space and permissions") from err
+        pending, self._unsealed = list(self._unsealed), []
+        failed, self._seal_error = self._seal_error, None
+        if failed is None:
+            failed = self._finish(pending)  # orbax re-raises its writer threads' errors here
+        if failed is not None:
+            step, err, manifest = failed
+            raise CheckpointWriteError(self.step_dir(step) if step is not None else self.directory, step, err,
+                                       manifest=manifest) from err
 
     # -- restore ---------------------------------------------------------------------------------------------
     def read_meta(self, step: int) -> dict:
@@ -321,8 +363,10 @@ class Checkpointer:
 
     # -- housekeeping ----------------------------------------------------------------------------------------
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self):
         return self
@@ -352,8 +396,12 @@ def _write_manifest(step_dir: Path) -> None:
     files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc(p)]
              for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}))
-    tmp.replace(step_dir / MANIFEST)
+    try:
+        tmp.write_text(json.dumps({"files": files}))
+        tmp.replace(step_dir / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the step stays restorable, unverified, as one saved before manifests existed
+        raise
 
 
 def _verify_manifest(step_dir: Path) -> None:
@@ -395,25 +443,43 @@ def _first_difference(have: list, want: list) -> str:
 
 def move_aside(directory) -> Optional[Path]:
     """Renames an existing ``directory`` to ``<directory>.old-<timestamp>`` (used to start over without deleting)."""
-    directory = Path(directory)
-    if not directory.exists():
-        return None
-    dest = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    i = 0
-    while dest.exists():
+    moved = move_aside_all([directory])
+    return moved[0] if moved else None
+
+
+def move_aside_all(paths) -> list[Path]:
+    """Renames each existing file or directory of ``paths`` to ``<name>.old-<timestamp>``, one suffix for all of
+    them (``-1``, ``-2``... appended when a name is taken), so the files of one earlier run stay together. Returns
+    the new paths, in the order of ``paths``."""
+    paths = [Path(p) for p in paths if Path(p).exists()]
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    suffix, i = f".old-{stamp}", 0
+    while any(p.with_name(p.name + suffix).exists() for p in paths):
         i += 1
-        dest = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{i}")
-    shutil.move(str(directory), str(dest))
-    return dest
+        suffix = f".old-{stamp}-{i}"
+    out = []
+    for p in paths:
+        dest = p.with_name(p.name + suffix)
+        shutil.move(str(p), str(dest))
+        out.append(dest)
+    return out
+
+
+def finished_steps(directory) -> list[int]:
+    """The finished checkpoint steps in ``directory``, sorted (cheap: reads no checkpoint, opens no orbax; a step
+    being written, or one whose save failed, is not finished)."""
+    d = Path(directory)
+    try:
+        return sorted(int(p.name) for p in d.iterdir()
+                      if p.name.isdigit() and p.is_dir() and (p / "_CHECKPOINT_METADATA").exists())
+    except OSError:
+        return []
 
 
 def has_checkpoints(directory) -> bool:
     """True if ``directory`` holds at least one finished checkpoint step (cheap, does not open orbax)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return False
-    return any(p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists() for p in d.iterdir())
+    return bool(finished_steps(directory))
 
 
-__all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "Restored", "move_aside",
-           "has_checkpoints"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointWriteError", "IncompatibleCheckpointError", "Restored",
+           "move_aside", "move_aside_all", "finished_steps", "has_checkpoints", "is_io_error"]

@@ -10,8 +10,12 @@ pool's, the reward model's, the run options), its per-env defaults and a ``train
   pool), then, with ``--resume RUN_DIR``, the options saved in ``RUN_DIR/config.json``; flags given override all;
 * validation happens before anything is built: each section checks itself when constructed, the experiment checks
   the combination (``error: <field>: <problem>. Fix: <fix>``, exit 2);
+* the run dir is checked before anything is built (creatable, writable, not a file, 50 MB free: exit 2 naming the
+  fix); ``--resume`` of another agent's run names the command that resumes it (exit 2);
 * ``--distributed`` joins the other processes before JAX starts; SIGTERM/SIGINT finish the chunk, save and exit
-  ``128 + signal``; a NaN loss exits 1; a bad option or unusable checkpoint exits 2.
+  ``128 + signal`` (a second SIGINT aborts at once without saving, 130); a NaN loss exits 1; a bad option or
+  unusable checkpoint exits 2; a write that fails mid-run (disk full) exits 3, keeping the last good checkpoint;
+* every expected failure is one ``error: ...`` line; ``--debug`` (or ``JAXRL_DEBUG=1``) adds its traceback.
 
 Sections marked ``host_only`` (the NetHack/MiniHack pool and its network) apply to host envs only: for a JAX env
 they are left out of the saved config, and setting one of them is an error that names it.
@@ -44,7 +48,7 @@ def setup() -> None:
     try:
         distributed.initialize_if_requested(sys.argv[1:])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e, sys.argv[1:])
         raise SystemExit(2) from None
 
 
@@ -171,7 +175,7 @@ class Options:
         return dict(run_dir=run_dir, num_seeds=r.num_seeds, seed=r.seed, log_every=r.log_every,
                     checkpoint_every=r.checkpoint_every, progress=r.progress, per_seed=r.per_seed,
                     resume=True if r.resume is not None else (False if r.no_resume else None),
-                    agent=self.spec.name)
+                    agent=self.spec.name, module=self.spec.module)
 
     def run_info(self) -> dict:
         """Run settings recorded in config.json's ``run`` next to the runner's own."""
@@ -215,8 +219,9 @@ def _normalise(spec: Experiment, argv: Sequence[str]) -> tuple[list[str], Option
     return out, resume, env
 
 
-def _saved_options(resume_path: str) -> dict:
-    """The options of the run in ``resume_path``: its config, its run settings and any section it saved apart."""
+def _saved_options(resume_path: str, agent: Optional[str] = None) -> dict:
+    """The options of the run in ``resume_path``: its config, its run settings and any section it saved apart.
+    ``agent``: the agent resuming it; another agent's run is refused, naming the command that resumes it."""
     cfg_file = Path(resume_path) / "config.json"
     if not cfg_file.is_file():
         raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
@@ -224,8 +229,10 @@ def _saved_options(resume_path: str) -> dict:
     try:
         saved = json.loads(cfg_file.read_text())
         config, run = dict(saved["config"]), dict(saved["run"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError("resume", f"{cfg_file} is unreadable ({e})", "start a new run, or restore that file") from None
+    from jaxrl_pref.runner import check_same_agent
+    check_same_agent(saved, agent, resume_path)
     for v in run.values():  # sections an older version saved under run (e.g. run["heron"])
         if isinstance(v, dict) and not any(k.startswith(".") for k in v):
             config.update(v)
@@ -235,6 +242,8 @@ def _saved_options(resume_path: str) -> dict:
         varied = {k.lstrip("."): v for k, v in run["hp"].items() if isinstance(v, list) and len(set(v)) > 1}
         if varied:
             config["hp_values"] = json.dumps(varied)
+    if config.get("network", "mlp") != "mlp" and "critic" not in config:
+        config["critic"] = "shared"  # recurrent runs saved before agents.ppo.Config.critic had a shared core
     config["run_dir"] = str(resume_path)
     return config
 
@@ -268,22 +277,70 @@ def parse(spec: Experiment, argv: Optional[Sequence[str]] = None) -> Options:
     argv, resume, env = _normalise(spec, list(sys.argv[1:] if argv is None else argv))
     helping = any(a in ("-h", "--help") for a in argv)
     try:
-        saved = _saved_options(resume) if resume is not None and not helping else {}
+        saved = _saved_options(resume, spec.name) if resume is not None and not helping else {}
         env = env or saved.get("env_name") or spec.default_env
         host = is_host_env(env)
         flat_names = [f.name for s in spec.sections for f in dataclasses.fields(s.cls)]
         dup = {n for n in flat_names if flat_names.count(n) > 1}
         assert not dup, f"option names appear in two sections: {dup}"
         defaults = _defaults(spec, {"env_name": spec.default_env, **spec.defaults(env, host), **saved})
-        parsed = tyro.cli(_section_type(spec, host, defaults), args=argv, prog=f"python -m {spec.module}",
-                          description=spec.doc.split("\n\n")[0] + " (--env is short for --env-name)",
-                          config=(tyro.conf.FlagConversionOff, tyro.conf.OmitArgPrefixes))
+        with _one_line_value_errors(argv, spec.module):
+            parsed = tyro.cli(_section_type(spec, host, defaults), args=argv, prog=f"python -m {spec.module}",
+                              description=spec.doc.split("\n\n")[0] + " (--env is short for --env-name)",
+                              config=(tyro.conf.FlagConversionOff, tyro.conf.OmitArgPrefixes))
         opts = Options(spec, {s.name: getattr(parsed, s.name) for s in spec.sections}, host)
         _check(opts, defaults)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e, argv)
         raise SystemExit(2) from None
     return opts
+
+
+class _SectionError(ConfigError):
+    """A section's own check (its ``__post_init__``) refused a value while tyro built it; ``str`` is its message."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.field = message.split(":", 1)[0]
+
+
+def _one_line_value_errors(argv: Sequence[str], module: str = "..."):
+    """tyro draws a box of 5-10 lines around a ValueError (our ConfigError) raised while it builds a section; this
+    turns that into the usual one ``error: <field>: <problem>. Fix: <fix>`` line (tyro's hook, a private API: where
+    it is missing, tyro's box is printed)."""
+    import contextlib
+    try:
+        from tyro import _errors
+        on_parse_error, failure = _errors.on_parse_error, _errors.InstantiationFailure
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+
+    def hook(event):
+        if not (isinstance(event, failure) and isinstance(getattr(event, "message", None), str)):
+            return
+        arg = getattr(event, "argument", None)
+        field = getattr(getattr(arg, "field", None), "intern_name", None)
+        if arg is not None and field:  # a value tyro could not convert: name the option and what it takes
+            flag = (getattr(getattr(arg, "lowered", None), "name_or_flags", None) or (_flag(field),))[0]
+            kind = getattr(getattr(arg, "lowered", None), "metavar", None) or "a value of its type"
+            raise ConfigError(field, event.message, f"pass {flag} {kind} (python -m {module} --help lists the options)")
+        raise _SectionError(event.message)  # --debug: its traceback shows the section's (the chained one)
+    return on_parse_error(hook)
+
+
+def debug_requested(argv: Sequence[str] = ()) -> bool:
+    """``--debug`` in ``argv``, or ``JAXRL_DEBUG=1`` in the environment."""
+    from jaxrl_pref.distributed import flag_on
+    from jaxrl_pref.logging import debug_mode
+    return debug_mode() or flag_on(argv, "--debug")
+
+
+def _print_error(e: BaseException, argv: Sequence[str] = ()) -> None:
+    """``error: <e>`` on stderr; its traceback first with ``--debug`` / ``JAXRL_DEBUG=1``."""
+    if debug_requested(argv):
+        import traceback
+        traceback.print_exception(e)
+    print(f"error: {e}", file=sys.stderr)
 
 
 def _check(opts: Options, defaults: dict) -> None:
@@ -310,16 +367,27 @@ def _check(opts: Options, defaults: dict) -> None:
 def main(spec: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     """Parses ``argv``, trains (``spec.train``) and returns the exit status (see the module docstring)."""
     from jaxrl_pref import distributed
-    from jaxrl_pref.runner import run_for_cli
+    from jaxrl_pref.runner import _remove_empty, check_run_dir, exit_now_if_aborted, run_for_cli
     argv = list(sys.argv[1:] if argv is None else argv)
     try:  # before parsing: validation may look at jax.devices(), which must already be the global list
         distributed.initialize_if_requested(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e, argv)
         return 2
     opts = parse(spec, argv)
+    if opts.run.debug:
+        import os
+        os.environ["JAXRL_DEBUG"] = "1"  # what the runner and the writers look at
     apply_run_options(opts.run)
     run_dir = opts.default_run_dir()
+    try:  # before anything is built (an annotator started, a dataset collected, a program compiled)
+        created = check_run_dir(run_dir)
+    except ConfigError as e:
+        _print_error(e, argv)
+        return 2
     status, _ = run_for_cli(lambda: spec.train(opts, run_dir), module=spec.module, run_dir=run_dir,
                             unit=spec.unit, errors=spec.errors)
+    if status != 0:  # refused (or stopped) before it wrote anything: no new empty directory left behind
+        _remove_empty(created)
+    exit_now_if_aborted(status)  # a second Ctrl-C: its chunk still computes in a thread
     return status

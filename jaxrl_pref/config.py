@@ -98,7 +98,8 @@ class RunOptions:
     options given as well override them, and the run refuses settings that change its results), or a bare
     '--resume' for the run in --run-dir (starts fresh when it has no checkpoint yet)."""
     no_resume: bool = False
-    """Start over even if --run-dir holds checkpoints (old checkpoints/ and tb/ are moved aside, not deleted)."""
+    """Start over even if --run-dir holds checkpoints (the old run's checkpoints/, tb/, config.json, metrics.csv,
+    metrics.jsonl and plots are moved aside as <name>.old-<timestamp>, not deleted)."""
     progress: bool = True
     """Show a progress bar (plain lines when stdout is not a terminal or CI=true)."""
     per_seed: bool = False
@@ -126,6 +127,9 @@ class RunOptions:
     gradients, no autotuning races), so a resumed run is bitwise equal there too; costs speed where scatters are
     large. CPU is deterministic already. Must be known before JAX starts: give it on the command line (or in the
     resumed run's config). Recorded in config.json."""
+    debug: bool = False
+    """Print the traceback of expected errors too (a bad option, an unusable run dir, a full disk...) and the
+    checkpoint/tensorboard writers' own error logs; same as the environment variable JAXRL_DEBUG=1."""
 
     def __post_init__(self):
         self.validate_run()

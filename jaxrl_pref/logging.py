@@ -29,7 +29,15 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["Logger", "write_metrics", "read_metrics", "plot_learning_curve", "interactive", "stack_seeds"]
+__all__ = ["Logger", "write_metrics", "read_metrics", "plot_learning_curve", "interactive", "stack_seeds",
+           "debug_mode"]
+
+
+def debug_mode() -> bool:
+    """``JAXRL_DEBUG=1`` (``--debug`` sets it): expected failures (a bad option, a full disk...) show their traceback
+    and the background writers' errors (orbax, tensorboard) are printed as they happen, not only summed up in the
+    one-line error."""
+    return os.environ.get("JAXRL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def interactive(stream=None) -> bool:
@@ -88,10 +96,12 @@ class Logger:
         self._last_print, self._last_printed_step = -math.inf, None
         self._latest: dict = {}
         self.writer = None
+        self.write_error: Optional[BaseException] = None  # tensorboard's writer failed (disk full...): it is off
         if run_dir is not None and tensorboard:
             from tensorboardX import SummaryWriter
             purge = start_update * steps_per_update if start_update > 0 else None
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge, flush_secs=30)
+            _watch_tb_threads()
         self._bar = None
         self._mode = "off"
         if progress:
@@ -140,10 +150,11 @@ class Logger:
             mean["perf/env_steps_per_sec"] = rate[0] * self.steps_per_update * self.num_seeds
             mean["perf/updates_per_sec"] = rate[0]
         env_steps = step * self.steps_per_update
-        if self.writer is not None:
+        writer = self.writer  # (closed by another thread meanwhile: a closed writer drops what it is given)
+        if writer is not None and self._tb_ok():
             for k, v in mean.items():
                 if not math.isnan(v):
-                    self.writer.add_scalar(k, v, env_steps)
+                    writer.add_scalar(k, v, env_steps)
         self.history.append({"update": step, "env_steps": env_steps, **mean})
         self._latest = mean
         self._show(step)
@@ -202,7 +213,7 @@ class Logger:
         ``per_seed`` is on; also advances the progress display (useful when callbacks are off)."""
         arrays = {k: np.asarray(v) for k, v in metrics.items()}
         n = next(iter(arrays.values())).shape[-1] if arrays else 0
-        if self.writer is not None and self.per_seed:
+        if self.writer is not None and self.per_seed and self._tb_ok():
             for j in range(n):
                 u = first_update + j + 1
                 if u % self.log_every:
@@ -223,14 +234,58 @@ class Logger:
         else:
             print(text, file=self.stream, flush=True)
 
+    def _tb_ok(self) -> bool:
+        """False once tensorboard's writer thread died (it raised, e.g. on a full disk): the writer is then given up
+        (``write_error`` says why) instead of filling its queue, which would block the next ``add_scalar``."""
+        if self.writer is None:
+            return False
+        dead = [w for w in _tb_workers(self.writer) if not w.is_alive()]
+        if dead:
+            self.write_error = _TB_ERRORS.get(id(dead[0])) or OSError(f"tensorboard's writer thread stopped")
+            self._abandon_writer()
+            return False
+        return True
+
+    def _abandon_writer(self) -> None:
+        """Closes the tensorboard writer after a write failed, without raising and without leaving anything that
+        would try again (and print a traceback) at exit."""
+        writer, self.writer = self.writer, None
+        for fw in (getattr(writer, "all_writers", None) or {}).values():
+            ew = getattr(fw, "event_writer", None)
+            if ew is None or getattr(ew, "_closed", True):
+                continue
+            worker, q = getattr(ew, "_worker", None), getattr(ew, "_event_queue", None)
+            try:
+                if worker is not None and worker.is_alive():
+                    q.put_nowait(worker._shutdown_signal)
+                    worker.join(5.0)
+            except Exception:  # noqa: BLE001 -- giving up a broken writer
+                pass
+            for close in (lambda: ew._ev_writer.close(), lambda: (q.cancel_join_thread(), q.close())):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001
+                    pass
+            ew._closed = True  # its atexit hook does nothing now
+
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self.writer is not None and self._tb_ok():
+            try:
+                self.writer.flush()
+            except OSError as e:
+                self.write_error = e
+                self._abandon_writer()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """Closes the tensorboard writer (a failure to write is recorded in ``write_error``, not raised) and the
+        progress display."""
+        if self.writer is not None and self._tb_ok():
+            try:
+                self.writer.close()
+                self.writer = None
+            except OSError as e:
+                self.write_error = e
+                self._abandon_writer()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -256,8 +311,43 @@ def stack_seeds(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _atomic_write(path: Path, text: str) -> None:
     # per-process temporary name: the processes of a multi-process run write the same files concurrently
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written temporary left behind
+        raise
+
+
+# tensorboardX writes events in a daemon thread: an error there (a full disk) would print a traceback and leave the
+# writer's queue unread. Those threads' errors are recorded here (by thread id) and shown only in debug mode; the
+# Logger notices the dead thread and reports the error once (``Logger.write_error``).
+_TB_ERRORS: dict = {}
+_TB_HOOK = None
+
+
+def _tb_workers(writer) -> list:
+    out = []
+    for fw in (getattr(writer, "all_writers", None) or {}).values():
+        w = getattr(getattr(fw, "event_writer", None), "_worker", None)
+        if isinstance(w, threading.Thread):
+            out.append(w)
+    return out
+
+
+def _watch_tb_threads() -> None:
+    global _TB_HOOK
+    if _TB_HOOK is not None:
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__module__.startswith("tensorboardX") and issubclass(args.exc_type, OSError):
+            _TB_ERRORS[id(args.thread)] = args.exc_value
+            if not debug_mode():
+                return
+        previous(args)
+    _TB_HOOK = threading.excepthook = hook
 
 
 def _fmt(v: float) -> str:

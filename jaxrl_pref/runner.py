@@ -19,9 +19,18 @@ keywords) then
 4. on ``resume=True`` restores the newest intact checkpoint and continues. Because the chunking is fixed and the
    state (incl. PRNG keys and counters) is restored bit for bit, the final parameters and metrics are bitwise equal
    to those of an uninterrupted run;
-5. on SIGTERM/SIGINT finishes the current chunk, saves, and returns with ``interrupted`` set (a second SIGINT
-   aborts at once);
+5. on SIGTERM/SIGINT finishes the current chunk, saves, and returns with ``interrupted`` set (``None`` if that chunk
+   was the last: the run is complete). A second SIGINT aborts at once, without saving (:class:`RunAborted`): the
+   compiled chunks run in a worker thread while the main thread waits in short sleeps, so Python's signal handlers
+   run even while a long chunk computes;
 6. writes ``run_dir/{config.json, metrics.csv, metrics.jsonl, learning_curve.png, tb/, checkpoints/}``.
+
+Before anything is built the run directory is checked (:func:`check_run_dir`: creatable, writable, not a file), and
+once the initial state exists, the free disk space against what the checkpoints and metrics will need
+(:func:`check_free_space`); both raise :class:`~jaxrl_pref.config.ConfigError` naming the fix. A write that fails
+mid-run (disk full, permissions, an I/O error) raises :class:`RunDirWriteError`, without the writers' background
+tracebacks (orbax's absl log, tensorboard's thread; shown with ``JAXRL_DEBUG=1``): the checkpoints saved before are
+intact.
 
 A jitted trainer may have a ``chunk_hook``: host work between compiled chunks (ONI on captioned JAX envs sends the
 messages seen to its annotator and loads the labels that arrived into the reward state). It is a callable
@@ -44,10 +53,17 @@ devices and one seed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging as _pylogging
 import math
+import os
+import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,12 +73,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_pref.checkpoint import Checkpointer, CheckpointError, has_checkpoints, move_aside
+from jaxrl_pref.checkpoint import (Checkpointer, CheckpointError, CheckpointWriteError, finished_steps,
+                                   has_checkpoints, move_aside_all)
 from jaxrl_pref.config import ConfigError
-from jaxrl_pref.logging import Logger, plot_learning_curve, write_metrics
+from jaxrl_pref.logging import Logger, debug_mode, plot_learning_curve, write_metrics
 
-__all__ = ["run_experiment", "run", "RunSpec", "RunResult", "DivergenceError", "chunk_bounds", "segment_bounds",
-           "seed_keys", "use_sync_cpu_dispatch"]
+__all__ = ["run_experiment", "run", "RunSpec", "RunResult", "DivergenceError", "RunDirWriteError", "RunAborted",
+           "chunk_bounds", "segment_bounds", "seed_keys", "use_sync_cpu_dispatch", "check_run_dir",
+           "check_free_space", "check_same_agent", "RUN_OUTPUTS", "MIN_FREE_BYTES", "EXIT_WRITE_FAILED"]
 
 
 def use_sync_cpu_dispatch() -> bool:
@@ -83,6 +101,250 @@ IDENTITY_KEYS = ("num_seeds", "seed", "checkpoint_every", "num_updates", "hp")
 
 class DivergenceError(RuntimeError):
     """A watched metric (the losses) became NaN; the run stopped and kept its last good checkpoint."""
+
+
+EXIT_WRITE_FAILED = 3  # run_for_cli's exit status for a RunDirWriteError
+
+
+class RunDirWriteError(RuntimeError):
+    """Writing the run's outputs failed mid-run (``what``: e.g. "save the checkpoint of update 500"; ``path``: where;
+    ``cause``: what the file system or orbax raised). ``reason`` says it in words ("the disk is full (ENOSPC: ...)"),
+    ``errno`` is the error number when one is known. The checkpoints saved before it are intact."""
+
+    def __init__(self, what: str, path, cause: BaseException):
+        self.what, self.path, self.cause = what, Path(path), cause
+        self.reason, self.errno = describe_io_error(cause)
+        super().__init__(f"could not {what} in {self.path}: {self.reason}")
+
+
+class RunAborted(KeyboardInterrupt):
+    """A second SIGINT: the run stopped at once, without saving (the last checkpoint is kept)."""
+
+
+_ERRNO_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.EIO: "an I/O error"}
+_ERRNO_WORDS = ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied"),
+                (errno.EIO, "Input/output error"))
+
+
+def _errno_text(code: int) -> str:
+    name, words = errno.errorcode.get(code, f"errno {code}"), os.strerror(code)
+    head = _ERRNO_REASONS.get(code)
+    return f"{head} ({name}: {words})" if head else f"{words} ({name})"
+
+
+def describe_io_error(exc: BaseException) -> tuple[str, Optional[int]]:
+    """``(reason in words, errno or None)`` for a failed write: the errno of the first ``OSError`` in ``exc``'s chain,
+    else one found in the message (orbax/tensorstore: ``RESOURCE_EXHAUSTED: ... [os_error_code='28']``)."""
+    e, seen = exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return _errno_text(e.errno), e.errno
+        text = str(e)
+        m = re.search(r"os_error_code='?(\d+)", text)
+        if m and int(m.group(1)):
+            return _errno_text(int(m.group(1))), int(m.group(1))
+        for code, words in _ERRNO_WORDS:
+            if words in text:
+                return _errno_text(code), code
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200] + '...' if len(text) > 200 else text}", None
+
+
+def _io_fix(code: Optional[int], run_dir) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"free some space (df -h {run_dir})"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make {run_dir} writable"
+    return f"check the disk of {run_dir}"
+
+
+@contextlib.contextmanager
+def _writing(what: str, path):
+    """Turns a failed write inside the block into a :class:`RunDirWriteError` (``what`` failed in ``path``)."""
+    try:
+        yield
+    except CheckpointWriteError as e:
+        if e.step is not None:
+            what = (f"write the checksum manifest of the checkpoint of update {e.step}" if e.manifest else
+                    f"save the checkpoint of update {e.step}")
+        raise RunDirWriteError(what, path, e.cause) from e
+    except OSError as e:
+        raise RunDirWriteError(what, path, e) from e
+
+
+# -- the run directory, before the run --------------------------------------------------------------------------------
+
+MIN_FREE_BYTES = 50 * 2 ** 20
+"""Free disk space a run needs besides its checkpoints: metrics files, tensorboard events, plots and orbax's
+temporary files. :func:`check_run_dir` asks for this much before anything is built; :func:`check_free_space` adds
+the checkpoints' and metrics' share once the state's size is known."""
+METRICS_BYTES_PER_UPDATE = 1024
+"""Disk per seed and update for the metrics: a row of ~25 values in metrics.csv and metrics.jsonl, and the history
+kept in each checkpoint (PPO writes ~0.5 KB)."""
+
+RUN_OUTPUTS = ("checkpoints", "tb", "config.json", "metrics.csv", "metrics.jsonl", "learning_curve.png",
+               "oni_curves.png")
+"""What a run writes into its run dir (``--no-resume`` moves these aside, with one ``.old-<timestamp>`` suffix)."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2 ** 20:,.0f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB"
+
+
+def _remove_empty(created: Sequence[Path]) -> None:
+    """Removes the directories a check created (deepest first) where they are still empty."""
+    for d in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def check_run_dir(run_dir, min_free: int = MIN_FREE_BYTES) -> list[Path]:
+    """Checks, before anything is built, that ``run_dir`` can hold a run: not an existing file, creatable (it is
+    created, with its missing parents), writable (a temporary file is written and removed) and on a disk with at
+    least ``min_free`` bytes free. Returns the directories it created. Raises
+    :class:`~jaxrl_pref.config.ConfigError` (field ``run_dir``) with the problem and the fix, leaving no directory
+    of its own behind."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("run_dir", f"{path} is an existing file, not a directory",
+                          "pass a directory for --run-dir (a new or an existing one), or move that file away")
+    missing, p = [], path.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise ConfigError("run_dir", f"cannot create {path}: {p} is a file, not a directory",
+                          "pass a --run-dir whose parent is a directory")
+    created, where = [], "create"
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:  # made meanwhile (the other processes of a multi-process run check too)
+                continue
+            created.append(d)
+        where = "write into"
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        _remove_empty(created)
+        reason, code = describe_io_error(e)
+        if code == errno.ENOENT:  # e.g. under /proc: the parent exists but takes no new directory
+            reason = f"{p} does not allow creating directories in it (ENOENT)"
+        fix = (f"free some space (df -h {p}), or pass a --run-dir on another disk" if code in (errno.ENOSPC,
+               errno.EDQUOT) else "pass a --run-dir where you can write (e.g. under runs/ or your home directory)")
+        raise ConfigError("run_dir", f"cannot {where} {path}: {reason}", fix) from None
+    try:
+        check_free_space(path, min_free)
+    except ConfigError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def check_free_space(run_dir, need: int, what: str = "") -> None:
+    """Raises :class:`~jaxrl_pref.config.ConfigError` unless the disk of ``run_dir`` has ``need`` bytes free."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError("run_dir", f"only {_mb(free)} free on the disk of {run_dir}; this run needs about "
+                          f"{_mb(need)}{what}", f"free some space (df -h {run_dir}), or pass a --run-dir on another "
+                          "disk")
+
+
+def _state_bytes(state) -> int:
+    return int(sum(getattr(x, "nbytes", 0) or np.asarray(x).nbytes for x in jax.tree.leaves(state)
+                   if hasattr(x, "shape")))
+
+
+def _check_disk_for_run(plan: "_Plan", state) -> None:
+    """The disk must hold ``max_to_keep + 1`` checkpoints (orbax writes the next before dropping the oldest), the
+    metrics (:data:`METRICS_BYTES_PER_UPDATE` per seed and update) and :data:`MIN_FREE_BYTES` more."""
+    spec = plan.spec
+    ckpt = (spec.max_to_keep + 1) * _state_bytes(state)
+    metrics = plan.num_updates * spec.num_seeds * METRICS_BYTES_PER_UPDATE
+    check_free_space(plan.run_dir, ckpt + metrics + MIN_FREE_BYTES,
+                     f" ({spec.max_to_keep + 1} checkpoints of {_mb(ckpt / (spec.max_to_keep + 1))}, "
+                     f"{_mb(metrics)} of metrics, {_mb(MIN_FREE_BYTES)} for the rest)")
+
+
+def _orbax_error(record) -> bool:
+    return record.levelno >= _pylogging.ERROR and ("orbax" in (record.pathname or "")
+                                                   or record.name.startswith("orbax"))
+
+
+def _drop_orbax_errors(record) -> bool:
+    return not _orbax_error(record)
+
+
+def _closed_loop_noise(args) -> bool:
+    """orbax's writer threads, failing (a full disk), leave tensorstore callbacks that find their event loop closed:
+    each prints a bare ``RuntimeError: Event loop is closed`` traceback through ``sys.unraisablehook``."""
+    return isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _quiet_background_errors():
+    """While a run writes: orbax's error logs (absl, with the traceback of each of its writer threads, hundreds of
+    lines for one full disk) and the closed-event-loop tracebacks its failed writers leave are dropped; the error
+    they carry reaches the runner as an exception and is reported in one line. After a failure the filters stay
+    (orbax's threads may go on failing while the process exits). ``JAXRL_DEBUG=1`` keeps everything."""
+    if debug_mode():
+        yield
+        return
+    import sys
+    loggers = [_pylogging.getLogger("absl"), _pylogging.getLogger("orbax")]
+    for lg in loggers:
+        lg.addFilter(_drop_orbax_errors)
+    previous = sys.unraisablehook
+
+    def unraisable(args):
+        if not _closed_loop_noise(args):
+            previous(args)
+    sys.unraisablehook = unraisable
+    yield  # not restored when the block raises: see above
+    for lg in loggers:
+        lg.removeFilter(_drop_orbax_errors)
+    if sys.unraisablehook is unraisable:
+        sys.unraisablehook = previous
+
+
+AGENT_ALIASES = {"ppo_nethack": "ppo", "heron_nethack": "heron"}
+"""Entry points that are other names of one agent (their runs resume with either)."""
+
+
+def _agent_module(agent: str) -> Optional[str]:
+    import importlib.util
+    name = f"experiments.{agent}"
+    try:
+        return name if importlib.util.find_spec(name) is not None else None
+    except (ImportError, ValueError):
+        return None
+
+
+def check_same_agent(saved: Mapping, agent: Optional[str], run_dir) -> None:
+    """Refuses to resume another agent's run (config.json's ``agent``), naming the command that resumes it: its
+    ``module`` (recorded since 2026-12) or ``experiments.<agent>``. Silent when either agent is unknown (then the
+    settings comparison says what differs)."""
+    theirs = saved.get("agent") if isinstance(saved, Mapping) else None
+    if not theirs or not agent or AGENT_ALIASES.get(theirs, theirs) == AGENT_ALIASES.get(agent, agent):
+        return
+    module = saved.get("module") or _agent_module(theirs)
+    if module is None:
+        return
+    raise ConfigError("resume", f"{run_dir} is a {theirs} run ({module}), not a {agent} run",
+                      f"resume it with python -m {module} --resume {run_dir}")
 
 
 @dataclasses.dataclass
@@ -146,7 +408,9 @@ class _LogProxy:
 
 
 class _GracefulStop:
-    """Turns SIGTERM/SIGINT into a flag checked between chunks. A second SIGINT raises KeyboardInterrupt."""
+    """Turns SIGTERM/SIGINT into a flag checked between chunks. A second SIGINT raises :class:`RunAborted` (a
+    KeyboardInterrupt) in the main thread, which :meth:`_Session.wait_for` keeps running Python while a chunk
+    computes."""
 
     def __init__(self, enabled: bool, on_signal: Callable[[int], None]):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
@@ -156,7 +420,7 @@ class _GracefulStop:
 
     def _handler(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise RunAborted
         if self.signum is None:
             self.signum = signum
             self._on_signal(signum)
@@ -212,8 +476,12 @@ def _diff(saved: Mapping, now: Mapping, prefix: str = "") -> list[str]:
 
 
 def _check_same_run(saved: Mapping, identity: Mapping, where) -> None:
-    diffs = _diff({"config": saved.get("config", {}), **{k: saved.get("run", {}).get(k) for k in IDENTITY_KEYS}},
-                  {"config": identity["config"], **{k: identity["run"].get(k) for k in IDENTITY_KEYS}})
+    # a field the saved config lacks was added to the code after the run started: the resuming CLI gives it the
+    # value that keeps the old behaviour (cli._saved_options), so it is not compared
+    saved_cfg = saved.get("config", {})
+    now_cfg = {k: v for k, v in identity["config"].items() if k in saved_cfg}
+    diffs = _diff({"config": saved_cfg, **{k: saved.get("run", {}).get(k) for k in IDENTITY_KEYS}},
+                  {"config": now_cfg, **{k: identity["run"].get(k) for k in IDENTITY_KEYS}})
     if diffs:
         raise ConfigError("resume", f"{where} was started with different settings ("
                           + "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "") + ")",
@@ -251,22 +519,49 @@ def _first_nan(chunk: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> Opti
     return None
 
 
+def _last_checkpoint(run_dir) -> str:
+    steps = finished_steps(Path(run_dir) / "checkpoints")
+    return (f"the last checkpoint is update {steps[-1]} in {Path(run_dir) / 'checkpoints'}" if steps else
+            "no checkpoint was saved")
+
+
 def run_for_cli(run: Callable[[], "RunResult"], *, module: str, run_dir, unit: str = "update",
                 errors: tuple = ()) -> tuple[int, Optional["RunResult"]]:
     """Calls ``run()`` (a :func:`run_experiment` call) for a command-line entry point and maps the outcome to an
     exit status, printing one ``error: ...`` line where it fails: 2 for a bad option or an unusable checkpoint
-    (``ConfigError``, ``CheckpointError`` and the extra ``errors``), 1 for divergence, ``128 + signal`` when a
-    signal stopped the run (with the ``python -m <module> --resume <run_dir>`` line to continue it), else 0.
-    Returns ``(status, result)``; ``result`` is None when the run raised."""
+    (``ConfigError``, ``CheckpointError`` and the extra ``errors``), 1 for divergence, 3
+    (:data:`EXIT_WRITE_FAILED`) when the run dir could not be written (disk full, permissions), 130 when SIGINT
+    aborted it without saving, ``128 + signal`` when a signal stopped the run after saving (with the ``python -m
+    <module> --resume <run_dir>`` line to continue it), else 0. With ``JAXRL_DEBUG=1`` the traceback of the error
+    is printed before its line. Returns ``(status, result)``; ``result`` is None when the run raised."""
     import sys
+    import traceback
+
+    def fail(status: int, line: str):
+        if debug_mode():
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(line, file=sys.stderr, flush=True)
+        return status, None
+
+    resume = f"python -m {module} --resume {run_dir}"
     try:
         result = run()
     except DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1, None
+        return fail(1, f"error: {e}")
+    except RunDirWriteError as e:
+        kept = _last_checkpoint(run_dir)
+        kept = kept[0].upper() + kept[1:] + (" (kept)" if kept.startswith("the last") else "")
+        then = (f"continue with: {resume}" if (Path(run_dir) / "config.json").is_file() else
+                "run the same command again")
+        return fail(EXIT_WRITE_FAILED, f"error: {e}. {kept}; {_io_fix(e.errno, run_dir)}, then {then}")
     except (ConfigError, CheckpointError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2, None
+        return fail(2, f"error: {e}")
+    except KeyboardInterrupt as e:
+        how = "a second SIGINT" if isinstance(e, RunAborted) else "SIGINT"
+        kept = _last_checkpoint(run_dir)
+        then = f". Continue with: {resume}" if kept.startswith("the last") else ""
+        return fail(128 + signal.SIGINT, f"aborted by {how}: stopped at once, without saving; {kept}{then}")
     if result.interrupted is not None:
         print(f"stopped by signal {result.interrupted} after {unit} {result.updates_done}/{result.num_updates} "
               f"(checkpoint saved). Continue with: python -m {module} --resume {run_dir}", file=sys.stderr)
@@ -279,12 +574,14 @@ class RunSpec:
     """How to run an experiment (everything but the trainer and the agent's config); see :func:`run`.
 
     ``resume``: ``True`` continues from the newest intact checkpoint in ``run_dir`` (or starts fresh if there is
-    none); ``False`` starts over, moving old ``checkpoints/`` and ``tb/`` aside; ``None`` starts fresh but refuses
-    (ConfigError) if ``run_dir`` already holds checkpoints. ``hp``: hyperparameters passed to ``init``/``run``
-    (``None``: the trainer's defaults); with ``hp_batched`` every leaf has a leading ``[num_seeds]`` axis (a sweep:
-    seed ``i`` uses ``hp[i]``). ``num_updates`` / ``steps_per_update`` default to ``cfg.num_updates`` /
-    ``cfg.num_envs * cfg.num_steps``. ``stop_after``: stop (saved, resumable) once at least this many updates are
-    done -- to fit a time slot. ``nan_check``: metric-name prefixes whose NaN stops the run
+    none); ``False`` starts over, moving the old run's outputs (:data:`RUN_OUTPUTS`: ``checkpoints/``, ``tb/``,
+    ``config.json``, ``metrics.*``, the plots) aside as ``<name>.old-<timestamp>``; ``None`` starts fresh but
+    refuses (ConfigError) if ``run_dir`` already holds checkpoints. ``agent`` / ``module``: recorded in config.json
+    (a run is resumed by the same agent, and a refusal names ``python -m <module>``). ``hp``: hyperparameters passed
+    to ``init``/``run`` (``None``: the trainer's defaults); with ``hp_batched`` every leaf has a leading
+    ``[num_seeds]`` axis (a sweep: seed ``i`` uses ``hp[i]``). ``num_updates`` / ``steps_per_update`` default to
+    ``cfg.num_updates`` / ``cfg.num_envs * cfg.num_steps``. ``stop_after``: stop (saved, resumable) once at least
+    this many updates are done -- to fit a time slot. ``nan_check``: metric-name prefixes whose NaN stops the run
     (:class:`DivergenceError`). ``stream``: where progress and the summary are printed (default stdout).
     ``trainer_kwargs``: passed on to ``make_trainer``.
     """
@@ -301,6 +598,7 @@ class RunSpec:
     num_updates: Optional[int] = None
     steps_per_update: Optional[int] = None
     agent: Optional[str] = None
+    module: Optional[str] = None
     run_info: Optional[Mapping] = None
     stop_after: Optional[int] = None
     max_to_keep: int = 3
@@ -382,10 +680,12 @@ def _resume_policy(plan: _Plan) -> tuple[bool, list]:
             except ValueError:
                 saved_cfg = None
             if isinstance(saved_cfg, dict):
+                check_same_agent(saved_cfg, plan.spec.agent, run_dir)
                 _check_same_run(saved_cfg, plan.identity, run_dir)
     moved = []
-    if existing and resume is False:
-        moved = [p for p in (move_aside(run_dir / "checkpoints"), move_aside(run_dir / "tb")) if p is not None]
+    if resume is False and jax.process_index() == 0:  # start over: the old run's outputs kept aside, one suffix
+        with _writing("move the previous run's files aside", run_dir):
+            moved = move_aside_all([run_dir / name for name in RUN_OUTPUTS])
     return existing, moved
 
 
@@ -407,41 +707,67 @@ def run(make_trainer: Callable, cfg, spec: RunSpec) -> RunResult:
     ``config.json`` and compared on resume; ``num_updates``, ``steps_per_update`` and ``num_devices`` are read from
     it unless the spec gives them.
 
-    Returns a :class:`RunResult`. Raises :class:`~jaxrl_pref.config.ConfigError` for bad settings (before
-    compiling), :class:`~jaxrl_pref.checkpoint.CheckpointError` for unusable checkpoints and
-    :class:`DivergenceError` on NaN losses.
+    Returns a :class:`RunResult`. Raises :class:`~jaxrl_pref.config.ConfigError` for bad settings or an unusable
+    run dir (before compiling), :class:`~jaxrl_pref.checkpoint.CheckpointError` for unusable checkpoints,
+    :class:`DivergenceError` on NaN losses, :class:`RunDirWriteError` when writing the run's outputs fails (disk
+    full) and :class:`RunAborted` (a KeyboardInterrupt) on a second SIGINT.
     """
     plan = _plan(cfg, spec)
     spec = plan.spec
-    existing, moved = _resume_policy(plan)
-    proxy = _LogProxy()
-    # vmapped seeds log from each chunk's outputs (one transfer per chunk): a callback inside a vmapped scan runs
-    # once per seed on every update, whatever log_every says (a device->host round trip each on an accelerator)
-    trainer = make_trainer(cfg, log_fn=None if plan.vmapped else proxy, log_every=spec.log_every,
-                           **dict(spec.trainer_kwargs or {}))
-    if not getattr(trainer, "jittable", True) and spec.num_seeds != 1:
-        raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got "
-                          f"{spec.num_seeds}", "pass --num-seeds 1 and start one process per seed (--seed 0, ...)")
-    t0 = time.perf_counter()
-    state = _init_state(trainer, plan)
-    session = _Session(trainer, plan, proxy, state, compile_s=time.perf_counter() - t0)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    session.ckpt = Checkpointer(plan.run_dir / "checkpoints", max_to_keep=spec.max_to_keep)
+    created = check_run_dir(plan.run_dir)  # before anything is built: creatable, writable, not a file
     try:
-        if existing and spec.resume:
-            session.restore()
-        config_json = {"agent": spec.agent, **plan.identity}
-        (plan.run_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-        session.logger = Logger(plan.run_dir, num_seeds=spec.num_seeds, steps_per_update=plan.steps_per_update,
-                                log_every=spec.log_every, total_updates=plan.num_updates, start_update=session.done,
-                                progress=spec.progress, tensorboard=spec.tensorboard, per_seed=spec.per_seed,
-                                stream=spec.stream, description=spec.agent or "training")
+        existing, moved = _resume_policy(plan)
+        proxy = _LogProxy()
+        # vmapped seeds log from each chunk's outputs (one transfer per chunk): a callback inside a vmapped scan
+        # runs once per seed on every update, whatever log_every says (a device->host round trip each on an
+        # accelerator)
+        trainer = make_trainer(cfg, log_fn=None if plan.vmapped else proxy, log_every=spec.log_every,
+                               **dict(spec.trainer_kwargs or {}))
+        if not getattr(trainer, "jittable", True) and spec.num_seeds != 1:
+            raise ConfigError("num_seeds", f"a host-env (Sebulba) trainer trains one seed per process, got "
+                              f"{spec.num_seeds}", "pass --num-seeds 1 and start one process per seed (--seed 0, ...)")
+        t0 = time.perf_counter()
+        state = _init_state(trainer, plan)
+        _check_disk_for_run(plan, state)  # before the chunk is compiled: the checkpoints' size is known now
+    except BaseException:
+        _remove_empty(created)
+        raise
+    session = _Session(trainer, plan, proxy, state, compile_s=time.perf_counter() - t0)
+    with _quiet_background_errors():
+        ok = False
         try:
-            return session.train(moved)
+            with _writing("create the checkpoint directory", plan.run_dir / "checkpoints"):
+                session.ckpt = Checkpointer(plan.run_dir / "checkpoints", max_to_keep=spec.max_to_keep)
+            if existing and spec.resume:
+                session.restore()
+            config_json = {"agent": spec.agent, **({"module": spec.module} if spec.module else {}), **plan.identity}
+            with _writing("write config.json", plan.run_dir):
+                (plan.run_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+            with _writing("create the tensorboard event file", plan.run_dir / "tb"):
+                session.logger = Logger(plan.run_dir, num_seeds=spec.num_seeds, steps_per_update=plan.steps_per_update,
+                                        log_every=spec.log_every, total_updates=plan.num_updates,
+                                        start_update=session.done, progress=spec.progress,
+                                        tensorboard=spec.tensorboard, per_seed=spec.per_seed, stream=spec.stream,
+                                        description=spec.agent or "training")
+            result = session.train(moved)
+            ok = True
+            return result
         finally:
-            session.logger.close()
-    finally:
-        session.ckpt.close()
+            session.close(quiet=not ok)  # after a failure: the failure is the error, not what closing then raises
+
+
+_CHUNK_THREAD = "jaxrl-chunk"
+
+
+def exit_now_if_aborted(status: int) -> None:
+    """After a second SIGINT the aborted chunk still computes in its (daemon) thread, which the interpreter's
+    shutdown would tear down under XLA (``terminate called without an active exception``, SIGABRT): an entry point
+    exits at once instead, once its outputs are flushed (the run's files are closed by then)."""
+    if _Session.chunk_running():
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 class _Session:
@@ -455,10 +781,73 @@ class _Session:
         self.logger: Optional[Logger] = None
         self._compiled = {}
 
+    def close(self, quiet: bool) -> None:
+        """Closes the logger and the checkpointer (waiting for the last save). ``quiet`` (the run is failing
+        already): their errors are dropped, the first failure is the one reported; otherwise a failed write raises
+        :class:`RunDirWriteError`."""
+        self.proxy.target = None  # an aborted chunk may still be computing (and calling back) in its thread
+        for what, close, path in (("write the tensorboard events", self._close_logger, self.plan.run_dir / "tb"),
+                                  ("save the last checkpoint", self.ckpt and self.ckpt.close,
+                                   self.plan.run_dir / "checkpoints")):
+            if not close:
+                continue
+            if quiet:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 -- reported already: the run failed before this
+                    pass
+            else:
+                with _writing(what, path):
+                    close()
+
+    def _close_logger(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            if self.logger.write_error is not None:
+                raise self.logger.write_error
+
+    def check_logger(self) -> None:
+        """Raises :class:`RunDirWriteError` if tensorboard's writer failed (it writes in a thread of its own)."""
+        if self.logger is not None and self.logger.write_error is not None:
+            raise RunDirWriteError("write the tensorboard events", self.plan.run_dir / "tb", self.logger.write_error)
+
+    def wait_for(self, stop: "_GracefulStop", fn: Callable):
+        """``fn()`` (a compiled chunk) in a worker thread while the main thread waits in short sleeps: a blocking
+        call into XLA would hold off Python's signal handlers until the chunk ends, so a second SIGINT could not
+        abort it. Without signal handling (or for a host-loop trainer, whose Python loop runs the handlers between
+        its steps) ``fn`` runs here."""
+        if not stop.enabled or not getattr(self.trainer, "jittable", True):
+            return fn()
+        box = {}
+
+        def target():
+            try:
+                box["out"] = fn()
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread
+                box["err"] = e
+            finally:
+                _Session._running -= 1
+        worker = threading.Thread(target=target, name=_CHUNK_THREAD, daemon=True)
+        _Session._running += 1
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+        if "err" in box:
+            raise box.pop("err")
+        return box["out"]
+
+    _running = 0  # chunks computing in worker threads (see wait_for)
+
+    @staticmethod
+    def chunk_running() -> bool:
+        """Whether an aborted chunk is still computing in its worker thread (see :meth:`wait_for`)."""
+        return _Session._running > 0
+
     def restore(self) -> None:
         # arrays a reward transform grows during a run (ONI's message table) come back at their saved shape
         resizable = getattr(getattr(self.trainer, "reward", None), "resizable", None)
         restored = self.ckpt.restore(target=self.state, resizable=resizable)
+        check_same_agent(restored.extra, self.plan.spec.agent, self.plan.run_dir)
         _check_same_run(restored.extra, self.plan.identity, self.plan.run_dir)
         self.state, self.done, self.resumed_from = restored.state, restored.step, restored.step
         self.history = dict(restored.history or {})
@@ -517,7 +906,8 @@ class _Session:
         nan = _first_nan(chunk, self.plan.spec.nan_check)
         if nan is None:
             return
-        write_metrics(self.plan.run_dir, self.history, self.plan.steps_per_update)
+        with _writing("write metrics.csv and metrics.jsonl", self.plan.run_dir):
+            write_metrics(self.plan.run_dir, self.history, self.plan.steps_per_update)
         k, s, j = nan
         last = self.ckpt.latest_step()
         kept = (f"the last good checkpoint is update {last} in {self.ckpt.directory}" if last is not None
@@ -552,7 +942,7 @@ class _Session:
                         stop.signum = stop.signum if stop.signum is not None else signum  # another process's signal
                         break
                 logger.reset_timer(a)
-                new_state, chunk = self.run_chunk(b - a)
+                new_state, chunk = self.wait_for(stop, lambda n=b - a: self.run_chunk(n))
                 self.history = concat_metrics(self.history, chunk)
                 self.check_nan(chunk, a)  # a diverged state is not checkpointed
                 self.state, self.done = new_state, b
@@ -563,27 +953,38 @@ class _Session:
                         chunk = {**chunk, **host}
                         self.history = concat_metrics(self.history, host, overwrite_last=b - a)
                 if b in checkpoints:
-                    self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent,
-                                                              "updates_done": b}, history=self.history)
-                    write_metrics(plan.run_dir, self.history, plan.steps_per_update)
+                    with _writing(f"save the checkpoint of update {b}", self.ckpt.directory):
+                        self.ckpt.save(b, self.state, extra_json={**plan.identity, "agent": spec.agent,
+                                                                  "updates_done": b}, history=self.history)
+                    with _writing("write metrics.csv and metrics.jsonl", plan.run_dir):
+                        write_metrics(plan.run_dir, self.history, plan.steps_per_update)
                 if plan.vmapped:
                     logger.log_updates(a, chunk)
                 logger.log_chunk(a, chunk)
+                self.check_logger()
             interrupted = stop.signum
+            if interrupted is not None and self.done >= plan.num_updates:  # it came during the last chunk
+                logger.message(f"{signal.Signals(interrupted).name} came during the last chunk, which finished: the "
+                               "run is complete (nothing to resume)")
+                interrupted = None
             # still under the handler: a SIGTERM now (say a requeue as the run ends) must not kill the last save
             logger.flush()
-            self.ckpt.wait()
+            with _writing("save the last checkpoint", self.ckpt.directory):
+                self.ckpt.wait()
+            self.check_logger()
         return self.finish(interrupted)
 
     def finish(self, interrupted: Optional[int]) -> RunResult:
         plan, history, run_dir = self.plan, self.history, self.plan.run_dir
         paths = {"run_dir": run_dir, "config": run_dir / "config.json", "checkpoints": self.ckpt.directory}
         if history:
-            paths["metrics_csv"], paths["metrics_jsonl"] = write_metrics(run_dir, history, plan.steps_per_update)
+            with _writing("write metrics.csv and metrics.jsonl", run_dir):
+                paths["metrics_csv"], paths["metrics_jsonl"] = write_metrics(run_dir, history, plan.steps_per_update)
         if plan.spec.plot and history and "episode_return" in history:
-            png = plot_learning_curve(history, run_dir / "learning_curve.png", plan.steps_per_update,
-                                      title=f"{plan.spec.agent or 'agent'}: "
-                                            f"{plan.identity['config'].get('env_name', '')}")
+            with _writing("write learning_curve.png", run_dir):
+                png = plot_learning_curve(history, run_dir / "learning_curve.png", plan.steps_per_update,
+                                          title=f"{plan.spec.agent or 'agent'}: "
+                                                f"{plan.identity['config'].get('env_name', '')}")
             if png is not None:
                 paths["learning_curve"] = png
         if (run_dir / "tb").exists():

@@ -113,7 +113,7 @@ def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_
     sane = [*TINY, "--learning-rate", "3e-4", "--checkpoint-every", "3", "--run-dir", str(d)]
     p = run_module("experiments.ppo", *sane, "--no-resume")
     assert p.returncode == 0, p.stderr[-3000:]
-    moved = re.search(r"moved the previous run's files aside: (\S+), (\S+)", p.stdout)
+    moved = re.search(r"moved the previous run's files aside: (\S+), (\S+?),", p.stdout)
     assert moved, p.stdout[-2000:]
     ck_old, tb_old = Path(moved.group(1)), Path(moved.group(2))
     assert ck_old.parent == d and ck_old.name.startswith("checkpoints.old-") and ck_old.is_dir()
