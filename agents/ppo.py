@@ -74,9 +74,14 @@ class Config:
     network: str = "mlp"
     """Policy network: mlp (feed-forward), gru or lstm: torso MLP(hidden) (or the NetHack encoder) -> recurrent core
     of rnn_hidden -> actor and critic heads; the carry resets at episode starts and the update re-runs the core
-    over whole env sequences (docs/recurrent.md)."""
+    over whole env sequences (docs/library.md, Recurrent policies)."""
     rnn_hidden: int = 128
     """Width of the GRU/LSTM core."""
+    critic: str = "detached"
+    """Recurrent networks: what the critic reads. detached: the core's output through a stop-gradient, next to its
+    own feed-forward torso of the observation (the value loss never reaches the core); shared: the core, trained by
+    both losses (purejaxrl's ppo_rnn); separate: its own torso and core, batched with the actor's (~2x the compute).
+    A shared core saturates under large, constant value targets (docs/library.md, Recurrent policies)."""
     bptt_len: int = 0
     """Recurrent update: length of the sequences gradients flow through (0: the whole rollout, num_steps). Shorter
     chunks start from the carries stored during the rollout; num_steps must be a multiple of it."""
@@ -101,6 +106,10 @@ class Config:
         require(self.network in NETWORKS, "network", f"unknown network {self.network!r}",
                 f"use one of {', '.join(NETWORKS)}")
         positive(self, "rnn_hidden")
+        require(self.critic in CRITICS, "critic", f"unknown critic {self.critic!r}", f"use one of {', '.join(CRITICS)}")
+        require(self.network != "mlp" or self.critic == CRITICS[0], "critic",
+                f"applies to recurrent networks (gru, lstm); the mlp's critic always has its own layers",
+                "drop --critic, or pass --network gru/lstm")
         positive(self, "bptt_len", strict=False)
         require(self.num_envs % self.num_devices == 0, "num_envs",
                 f"{self.num_envs} envs cannot be split evenly over {self.num_devices} devices",
@@ -141,6 +150,7 @@ class Config:
 
 
 NETWORKS = ("mlp", "gru", "lstm")
+CRITICS = ("detached", "shared", "separate")
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -228,10 +238,10 @@ class PPO:
             network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
         if rnn and isinstance(network, EncoderActorCritic):
             network = RecurrentActorCritic(network.num_actions, True, tuple(cfg.hidden), cfg.activation,
-                                           cfg.network, cfg.rnn_hidden, encoder=network.encoder)
+                                           cfg.network, cfg.rnn_hidden, encoder=network.encoder, critic=cfg.critic)
         if network is None:
             network = (RecurrentActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation,
-                                            cfg.network, cfg.rnn_hidden) if rnn else
+                                            cfg.network, cfg.rnn_hidden, critic=cfg.critic) if rnn else
                        ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation))
         if heads > 1:
             if not hasattr(network, "value_heads"):

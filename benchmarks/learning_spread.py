@@ -195,6 +195,17 @@ def cartpole_gru(s: int, n: int) -> dict:
     return {"final": _tail(ret, 10), "peak": best_window_mean(ret, 10)}
 
 
+def acrobot_gru(s: int, n: int) -> dict:
+    """tests/test_recurrent.py::test_gru_acrobot_learns_with_the_truncation_bootstrap (nightly): the anchor bench's
+    GRU config on Acrobot-v1 with the defaults (truncation bootstrapped, detached critic), 500k steps; mean return of
+    the last 10 updates per seed."""
+    from agents import ppo
+    from benchmarks.ppo_rnn_throughput import BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
+        _keys(s, n))
+    return {"final": _tail(out.metrics["episode_return"], 10)}
+
+
 def heron_pendulum(s: int, n: int) -> dict:
     """tests/test_heron.py::test_heron_learns_pendulum: first-10-updates mean and final score per seed."""
     from agents import heron
@@ -537,7 +548,7 @@ TASKS = {f.__name__: f for f in (
     cartpole, pendulum, xminigrid_door_key, heron_pendulum, sqirl_deep_sea, sqirl_deep_sea4, sqirl_deep_sea4_128,
     sqirl_chain, sqirl_host_deep_sea, sqirl_host_deep_sea128, sebulba_cartpole, sebulba_cartpole_overlap,
     minihack_room_g1, minihack_room_g2, oni_retrieval, oni_classification, oni_classification60, oni_ranking,
-    oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru,
+    oni_service, minihack_room_lstm, memory_chain_mlp, memory_chain_gru, memory_chain_lstm, cartpole_gru, acrobot_gru,
     keydoor9_ppo, keydoor9_e3b, deepsea10_ppo, deepsea10_e3b, keyroom_ppo, keyroom_e3b, keyroom_rnd, rnd_novelty,
     e3b_inverse, oni_classifier, random_success, oni_captioned_key, oni_captioned_locked)}
 # per task: seeds per test (one set) and the checks the test makes on them, (statistic, aggregate over the set,
@@ -550,6 +561,7 @@ TESTS = {
     "memory_chain_gru": (4, [("success", "count>=0.9", ">=", 3)]),
     "memory_chain_lstm": (4, [("success", "count>=0.9", ">=", 3)]),
     "cartpole_gru": (3, [("peak", "count>=475", ">=", 2)]),
+    "acrobot_gru": (4, [("final", "count>=-150", ">=", 3)]),
     "heron_pendulum": (1, [("first", "max", "<", -1000), ("final", "min", ">", -700)]),
     "sqirl_deep_sea": (8, [("success", "count>=1", ">=", 5), ("explore_success", "max", "<", 0.2)]),
     "sqirl_deep_sea4": (8, [("success", "count>=1", ">=", 4)]),

@@ -15,8 +15,10 @@ Outputs (``--run-dir``, default ``runs/ppo-<env>-<timestamp>``): ``config.json``
 (every update of every seed), ``learning_curve.png``, ``tb/`` (tensorboard) and ``checkpoints/``. A resumed host-loop
 run restores the learner exactly but starts fresh episodes (the games are not checkpointed).
 
-Exit status: 0 done; 2 bad option or unusable checkpoint (message names the option and the fix); 1 training
-diverged (NaN loss; the last good checkpoint is kept); 128+signal when stopped by SIGTERM/SIGINT after saving.
+Exit status: 0 done; 2 bad option, unusable run dir, annotator or checkpoint (one line naming the option and the
+fix; ``--debug`` adds the traceback); 1 training diverged (NaN loss; the last good checkpoint is kept); 3 a write
+failed mid-run (disk full; the last good checkpoint is kept); 128+signal when stopped by SIGTERM/SIGINT after saving
+(130 also for a second Ctrl-C, which aborts at once without saving). docs/running.md has the table.
 """
 from __future__ import annotations
 

@@ -219,6 +219,30 @@ class RecurrentCore(nn.Module):
         return recurrent.zero_carry(self.cell, batch_shape, self.features)
 
 
+def _trunk(m, carry, obs, start):
+    """``m``'s torso (its ``encoder``, else ``MLP(hidden)``) then its GRU/LSTM core: ``(carry, h[T, B, H])``. Called
+    inside ``m``'s compact method, so the layers are ``m``'s children ("torso"/"encoder", "core")."""
+    if m.encoder is not None:
+        x = m.encoder(obs)
+    else:
+        x = MLP(m.hidden, m.activation, name="torso")(obs.astype(jnp.float32))
+    return RecurrentCore(m.cell, m.rnn_hidden, m.unroll, name="core")(carry, x, start)
+
+
+class _Trunk(nn.Module):
+    """One torso + core (:func:`_trunk`) as a module, for ``nn.vmap`` over actor and critic."""
+    hidden: Sequence[int]
+    activation: str
+    cell: str
+    rnn_hidden: int
+    unroll: int
+    encoder: Optional[nn.Module] = None
+
+    @nn.compact
+    def __call__(self, carry, obs, start):
+        return _trunk(self, carry, obs, start)
+
+
 class RecurrentActorCritic(nn.Module):
     """Torso -> GRU/LSTM core -> actor and critic heads, over sequences: ``(carry, obs[T, B, ...], start[T, B]) ->
     (carry_T, pi[T, B, ...], value[T, B])`` (``pi`` as :class:`ActorCritic` returns it). ``start[t]`` marks an
@@ -237,19 +261,38 @@ class RecurrentActorCritic(nn.Module):
     encoder: Optional[nn.Module] = None
     unroll: int = 1
     value_heads: int = 1
+    critic: str = "shared"
+    """What the critic reads. ``shared``: the core's output, the core trained by both losses (purejaxrl's
+    ``ActorCriticRNN``). ``detached``: the core's output through a stop-gradient, concatenated with the critic's own
+    feed-forward torso of the observation (``MLP(hidden)``, or a copy of the encoder): the value loss trains the
+    critic's torso and head, never the core. ``separate``: its own torso and core, ``nn.vmap``-ed with the actor's
+    over a stack axis (the carry holds both, ``[*batch, 2, rnn_hidden]``; about twice the compute on CPU).
+
+    Why not ``shared`` by default (agents.ppo.Config.critic): regressing large, constant value targets (Acrobot's
+    -1 per step, bootstrapped through time limits: V = -100 everywhere) drives a shared core into saturation
+    (|h| -> 1, the same output for every state), and the policy reading it can no longer tell states apart."""
 
     @nn.compact
     def __call__(self, carry, obs, start):
         act = ACTIVATIONS[self.activation]
-        if self.encoder is not None:
-            x = self.encoder(obs)
+        if self.critic == "separate":
+            trunks = nn.vmap(_Trunk, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(-2, None, None), out_axes=(-2, 0), axis_size=2)
+            encoder = self.encoder.clone(parent=None) if self.encoder is not None else None
+            carry, hs = trunks(self.hidden, self.activation, self.cell, self.rnn_hidden, self.unroll, encoder,
+                               name="trunks")(carry, obs, start)
+            h, c = hs[0], hs[1]
         else:
-            x = MLP(self.hidden, self.activation, name="torso")(obs.astype(jnp.float32))
-        carry, h = RecurrentCore(self.cell, self.rnn_hidden, self.unroll, name="core")(carry, x, start)
-        a, c = h, h
+            carry, h = _trunk(self, carry, obs, start)
+            c = h
+            if self.critic == "detached":
+                own = (self.encoder.clone(parent=self, name="critic_encoder")(obs) if self.encoder is not None else
+                       MLP(self.hidden, self.activation, name="critic_torso")(obs.astype(jnp.float32)))
+                c = jnp.concatenate([jax.lax.stop_gradient(h), own], -1)
+        a = h
         if self.encoder is None:
             a = act(_dense(self.hidden[-1], np.sqrt(2))(h))
-            c = act(_dense(self.hidden[-1], np.sqrt(2))(h))
+            c = act(_dense(self.hidden[-1], np.sqrt(2))(c))
         out = _dense(self.num_actions, 0.01)(a)
         if self.discrete:
             pi = out
@@ -259,8 +302,10 @@ class RecurrentActorCritic(nn.Module):
         return carry, pi, value_head(c, self.value_heads)
 
     def initialize_carry(self, batch_shape):
-        """Zeros: ``[*batch_shape, rnn_hidden]`` for a GRU, a pair ``(c, h)`` of them for an LSTM."""
-        return recurrent.zero_carry(self.cell, batch_shape, self.rnn_hidden)
+        """Zeros: ``[*batch_shape, rnn_hidden]`` for a GRU, a pair ``(c, h)`` of them for an LSTM (with
+        ``critic="separate"``, ``[*batch_shape, 2, rnn_hidden]``: the actor's then the critic's)."""
+        shape = tuple(batch_shape) + ((2,) if self.critic == "separate" else ())
+        return recurrent.zero_carry(self.cell, shape, self.rnn_hidden)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ step). ``start[t]`` marks an episode start: the carry entering step ``t`` is zer
 The backward pass is written by hand (``jax.custom_vjp``): a reverse scan with one ``[B, G*H] @ [G*H, H]`` matmul per
 step, and the weight gradient ``sum_t h_t^T dgates_t`` as ONE matmul after the loop. Autodiff of the scan would
 instead add a ``[H, G*H]`` outer product into an accumulator at every step, which on CPU costs more than the rest of
-the step (see docs/recurrent.md for the measurements).
+the step.
 
 Gate layout, fused along the last axis of the kernels ``wi [in, G*H]``, ``wh [H, G*H]`` and biases ``[G*H]``:
 

@@ -31,6 +31,8 @@ NIGHTLY: dict[str, str] = {
     # MiniHack: test_nethack.py::test_ppo_learns_minihack_room_beats_random[1]; memory: the GRU memory task;
     # ONI: test_oni.py's retrieval learning test in the default suite)
     "tests/test_recurrent.py::test_gru_cartpole_reaches_475": _LEARN + " (94 s); CartPole: test_ppo's",
+    "tests/test_recurrent.py::test_gru_acrobot_learns_with_the_truncation_bootstrap":
+        _LEARN + " (4 x 500k steps); the cause is pinned in CI by test_constant_value_targets_saturate_...",
     "tests/test_sparse.py::test_ppo_learns_xminigrid_door_key_5x5": _LEARN + " (92 s)",
     "tests/test_bonus.py::test_e3b_solves_minihack_keyroom_where_ppo_does_not": _LEARN + " (86 s)",
     "tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random[2]": _LEARN + "; CI runs [1]",
@@ -73,7 +75,7 @@ NIGHTLY: dict[str, str] = {
     "tests/test_captions.py::test_full_craftax_scripted_transitions": "full Craftax world generation (~30 s)",
     # second and later instances of a behaviour CI covers
     "tests/test_recurrent.py::test_update_over_sequences_equals_a_step_by_step_reference":
-        "[gru-4] in the default suite (31 s for [gru-0])",
+        "[gru-4-detached] in the default suite (31 s for [gru-0-detached])",
     "tests/test_recurrent.py::test_oni_and_heron_run_with_an_lstm_on_minihack":
         "the host loop's recurrent carry: test_recurrent.py::test_host_loop_carries_the_policy_state",
     "tests/test_value_heads.py::test_ppo_with_the_rnd_value_head_trains_in_both_loops[gru]": "[mlp] in the default suite",

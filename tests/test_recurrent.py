@@ -162,6 +162,98 @@ def test_core_matches_flax_cells_and_autodiff(cell):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+# -- the critic: what the value loss trains (issue 32: GRU PPO failed Acrobot with the truncation bootstrap) -----
+
+def _core_names(params):
+    """The parameter paths of the actor's torso and core (what the policy reads)."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if any(n in jax.tree_util.keystr(p) for n in ("'torso'", "'core'", "'encoder'"))]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("critic", ppo.CRITICS)
+def test_what_the_value_loss_trains(cell, critic):
+    """detached (the default) and separate: the value loss never reaches the actor's torso and core; shared: it
+    does (purejaxrl's ppo_rnn). separate: the critic's own trunk is the second member of the stacked trunks."""
+    cfg = ppo.Config(**{**TINY, "network": cell, "critic": critic})
+    env, env_params = envs.make(cfg.env_name, num_envs=cfg.num_envs)
+    agent = ppo.PPO(cfg, envs.spec(env, env_params))
+    p = agent.init(jax.random.PRNGKey(0), ppo.hparams(cfg)).params
+    net, carry = agent.network, agent.initial_policy_state(cfg.num_envs).carry
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    obs = jax.random.normal(k1, (cfg.num_steps, cfg.num_envs, 4))
+    start = jax.random.bernoulli(k2, 0.2, (cfg.num_steps, cfg.num_envs))
+    ps_carry = net.apply(p, carry, obs, start)[0]
+
+    def value_loss(p):
+        return jnp.square(net.apply(p, carry, obs, start)[2] + 100.0).mean()
+
+    g = jax.grad(value_loss)(p)
+    flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(g)[0]}
+    if critic == "separate":
+        trunks = {k: v for k, v in flat.items() if "'trunks'" in k}
+        assert trunks and all(np.abs(v[0]).max() == 0 for v in trunks.values())      # the actor's member
+        assert any(np.abs(v[1]).max() > 0 for v in trunks.values())                   # the critic's member
+        chex.assert_shape(jax.tree.leaves(ps_carry), (cfg.num_envs, 2, cfg.rnn_hidden))
+        return
+    core = [flat[k] for k in _core_names(p)]
+    assert core
+    reached = max(np.abs(v).max() for v in core)
+    if critic == "shared":
+        assert reached > 0
+    else:
+        assert reached == 0
+        assert any(np.abs(v).max() > 0 for k, v in flat.items() if "critic_torso" in k)
+    chex.assert_shape(jax.tree.leaves(ps_carry), (cfg.num_envs, cfg.rnn_hidden))
+
+
+def _core_output_spread(critic, steps):
+    """Fits the value loss alone to Acrobot's never-succeeding target (V = -100 everywhere: -1 a step, gamma 0.99,
+    truncation bootstrapped) on random-policy sequences, with PPO's optimiser; returns the spread over states
+    (std over steps and envs, mean over units) of the actor's core output before and after."""
+    cfg = ppo.Config(env_name="Acrobot-v1", num_envs=4, num_steps=128, network="gru", hidden=(128,),
+                     activation="relu", critic=critic)
+    env, env_params = envs.make(cfg.env_name, num_envs=cfg.num_envs)
+    agent = ppo.PPO(cfg, envs.spec(env, env_params))
+    hp = ppo.hparams(cfg)
+    state = agent.init(jax.random.PRNGKey(0), hp)
+    obs, env_state = env.reset(jax.random.PRNGKey(1), env_params)
+    policy = jax.tree_util.Partial(agent.act, state.params)
+    _, _, traj, _ = collect(env, env_params, policy, env_state, obs, jax.random.PRNGKey(2), cfg.num_steps,
+                            policy_state=agent.initial_policy_state(cfg.num_envs))
+    carry0 = agent.initial_policy_state(cfg.num_envs).carry
+    start = traj.policy_state.start
+    tx = agent.optimizer(hp)
+    net = agent.network
+
+    def core_spread(params):  # the core's output h: the GRU carry after each step
+        h = net.apply(params, carry0, traj.obs, start, capture_intermediates=lambda m, _: m.name == "core")[1]
+        out = jax.tree.leaves(h["intermediates"])[-1]
+        return out.reshape(-1, out.shape[-1]).std(0).mean()
+
+    def step(carry, _):
+        params, opt = carry
+        g = jax.grad(lambda p: jnp.square(net.apply(p, carry0, traj.obs, start)[2] + 100.0).mean())(params)
+        upd, opt = tx.update(g, opt, params)
+        return (optax.apply_updates(params, upd), opt), None
+
+    params = state.params
+    (after, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None, steps))(params)
+    return float(core_spread(params)), float(core_spread(after))
+
+
+@pytest.mark.slow  # ~15 s: CI's slow pass (tests/conftest.py)
+def test_constant_value_targets_saturate_a_shared_core_and_leave_the_default_alone():
+    """The cause of issue 32, pinned: regressing V = -100 through a shared GRU drives the core into saturation (the
+    same output for every state: the policy reading it is blind; measured 0.097 -> 0.0009 in 1000 Adam steps); the
+    default critic leaves the core as it was. (Before the fix the default was shared: this test failed.)"""
+    before, shared = _core_output_spread("shared", 1000)
+    before_d, detached = _core_output_spread(ppo.Config.critic, 100)
+    assert ppo.Config.critic == "detached"
+    assert shared < 0.05 * before, (before, shared)
+    np.testing.assert_allclose(detached, before_d, rtol=1e-6)
+
+
 # -- rollouts, targets and the update ----------------------------------------------------------------------------
 
 def _rollout(cfg, key=jax.random.PRNGKey(4), **env_kwargs):
@@ -200,34 +292,79 @@ def test_rollout_stores_the_state_entering_each_step(cell):
         np.testing.assert_allclose(v[0], traj.value[t], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_targets_bootstrap_truncation_from_the_carry_after_the_step(cell):
-    cfg = ppo.Config(**{**TINY, "network": cell})
-    agent, hp, state, (traj, last_obs, ps), _, _ = _rollout(cfg, max_steps_in_episode=6)
-    adv, ret = jax.jit(agent.targets)(state.params, hp, traj, traj.reward, last_obs, ps)
-    # reference, step by step: V(final_obs[t]) from the carry after step t, no reset; V(last_obs) from ps
-    net, p = agent.network, state.params
+def _reference_targets(agent, p, traj, reward, last_obs, ps, gamma, lam):
+    """(advantages, returns) step by step: V(final_obs[t]) from the carry after step t, no reset; V(last_obs) from
+    ``ps``; with several reward streams a non-episodic one runs on across episode ends (next value = the next
+    step's stored value: the new episode's first observation, from a reset carry)."""
+    net = agent.network
+    obs_at = lambda o, t: jax.tree.map(lambda x: jnp.asarray(x[t])[None], o)  # noqa: E731
     T, N = traj.reward.shape
-    nxt = np.zeros((T, N), np.float32)
+    nxt = np.zeros(np.shape(traj.value), np.float32)
     for t in range(T):
-        s = jax.tree.map(lambda x: x[t], traj.policy_state)
-        after, _, _ = net.apply(p, s.carry, traj.obs[t][None], s.start[None])
-        v_final = net.apply(p, after, traj.final_obs[t][None], jnp.zeros((1, N), bool))[2][0]
-        v_next = (net.apply(p, ps.carry, last_obs[None], ps.start[None])[2][0] if t == T - 1
-                  else traj.value[t + 1])
-        nxt[t] = np.where(traj.truncated[t], v_final, v_next)
-    adv_ref, ret_ref = gae(traj.reward, traj.value, jnp.asarray(nxt), traj.terminated, traj.done, cfg.gamma,
-                           cfg.gae_lambda)
+        s = jax.tree.map(lambda x: jnp.asarray(x[t]), traj.policy_state)
+        after, _, _ = net.apply(p, s.carry, obs_at(traj.obs, t), s.start[None])
+        v_final = net.apply(p, after, obs_at(traj.final_obs, t), jnp.zeros((1, N), bool))[2][0]
+        v_next = (net.apply(p, ps.carry, jax.tree.map(lambda x: jnp.asarray(x)[None], last_obs), ps.start[None])[2][0]
+                  if t == T - 1 else traj.value[t + 1])
+        trunc = np.asarray(traj.truncated[t]).reshape((N,) + (1,) * (np.ndim(v_next) - 1))
+        nxt[t] = np.where(trunc, v_final, v_next)
+    if len(agent.streams) == 1:
+        return gae(reward, traj.value, jnp.asarray(nxt), traj.terminated, traj.done, gamma, lam)
+    episodic = np.array([st.episodic for st in agent.streams])
+    cont = np.concatenate([np.asarray(traj.value)[1:], nxt[-1:]])  # non-episodic: the next stored value
+    nxt = np.where(episodic, nxt, cont)
+    return gae(reward, traj.value, jnp.asarray(nxt), jnp.asarray(traj.terminated)[..., None] & episodic,
+               jnp.asarray(traj.done)[..., None] & episodic,
+               jnp.array([gamma if st.gamma is None else st.gamma for st in agent.streams], jnp.float32), lam)
+
+
+@pytest.mark.parametrize("cell, critic", [("gru", "detached"), ("lstm", "detached"), ("gru", "shared"),
+                                           ("lstm", "separate")])
+def test_targets_bootstrap_truncation_from_the_carry_after_the_step(cell, critic):
+    cfg = ppo.Config(**{**TINY, "network": cell, "critic": critic})
+    agent, hp, state, (traj, last_obs, ps), _, _ = _rollout(cfg, max_steps_in_episode=6)
+    assert traj.truncated.any() and traj.terminated.sum() < traj.done.sum()
+    adv, ret = jax.jit(agent.targets)(state.params, hp, traj, traj.reward, last_obs, ps)
+    adv_ref, ret_ref = _reference_targets(agent, state.params, traj, traj.reward, last_obs, ps, cfg.gamma,
+                                          cfg.gae_lambda)
     np.testing.assert_allclose(adv, adv_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ret, ret_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cell, bptt_len", [pytest.param("gru", 0, marks=pytest.mark.slow), ("gru", 4),
-                                            pytest.param("lstm", 8, marks=pytest.mark.slow)])
-def test_update_over_sequences_equals_a_step_by_step_reference(cell, bptt_len):
+def test_targets_of_an_episodic_and_a_non_episodic_stream_at_episode_ends():
+    """Two value heads (an exploration bonus's setup): the episodic stream bootstraps V(final_obs) from the carry
+    after a truncated step and cuts at every end; the non-episodic one runs on into the next episode."""
+    from jaxrl_pref.rewards.transform import Stream
+    cfg = ppo.Config(**{**TINY, "network": "gru"})
+    env, params = envs.make(cfg.env_name, num_envs=cfg.num_envs, max_steps_in_episode=6)
+    streams = (Stream("ext"), Stream("int", episodic=False, gamma=0.9))
+    agent = ppo.PPO(cfg, envs.spec(env, params), streams=streams)
+    hp = ppo.hparams(cfg)
+    key = jax.random.PRNGKey(4)
+    state = agent.init(key, hp)
+    obs, env_state = env.reset(key, params)
+    _, last_obs, traj, ps = jax.jit(lambda es, o: collect(env, params, jax.tree_util.Partial(agent.act, state.params),
+                                                          es, o, key, cfg.num_steps,
+                                                          policy_state=agent.initial_policy_state(cfg.num_envs)))(
+        env_state, obs)
+    assert traj.truncated.any()
+    chex.assert_shape(traj.value, (cfg.num_steps, cfg.num_envs, 2))
+    reward = jnp.stack([traj.reward, jax.random.uniform(key, traj.reward.shape)], -1)
+    adv, ret = jax.jit(agent.targets)(state.params, hp, traj, reward, last_obs, ps)
+    adv_ref, ret_ref = _reference_targets(agent, state.params, traj, reward, last_obs, ps, cfg.gamma, cfg.gae_lambda)
+    np.testing.assert_allclose(adv, adv_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ret, ret_ref, rtol=1e-4, atol=1e-5)
+    assert (np.asarray(traj.done) & ~np.asarray(traj.terminated)).any()  # truncations inside the rollout
+
+
+@pytest.mark.parametrize("cell, bptt_len, critic", [pytest.param("gru", 0, "detached", marks=pytest.mark.slow),
+                                                    ("gru", 4, "detached"),
+                                                    pytest.param("lstm", 8, "detached", marks=pytest.mark.slow),
+                                                    pytest.param("gru", 4, "separate", marks=pytest.mark.slow)])
+def test_update_over_sequences_equals_a_step_by_step_reference(cell, bptt_len, critic):
     """Minibatches of whole env sequences (chunks of bptt_len starting from the stored carries), permuted as
     sequences, the core re-run step by step: same parameters after two epochs."""
-    cfg = ppo.Config(**{**TINY, "network": cell, "bptt_len": bptt_len})
+    cfg = ppo.Config(**{**TINY, "network": cell, "bptt_len": bptt_len, "critic": critic})
     agent, hp, state, (traj, last_obs, ps), _, _ = _rollout(cfg, max_steps_in_episode=6)
     adv, ret = agent.targets(state.params, hp, traj, traj.reward, last_obs, ps)
     key = jax.random.PRNGKey(9)
@@ -347,11 +484,46 @@ def test_host_loop_carries_the_policy_state():
         for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(nxt)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v[0], traj.value[t], rtol=1e-5, atol=1e-6)
+    # the boundary as in the jitted loop: V(final_obs) of a truncated step from the carry after it
+    assert traj.truncated.any()
+    hp = ppo.hparams(cfg)
+    adv, ret = tr.agent.targets(p, hp, traj, traj.reward, last, tr.policy_state)
+    adv_ref, ret_ref = _reference_targets(tr.agent, p, traj, traj.reward, last, tr.policy_state, cfg.gamma,
+                                          cfg.gae_lambda)
+    np.testing.assert_allclose(adv, adv_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ret, ret_ref, rtol=1e-4, atol=1e-5)
     before = tr.policy_state
     traj2, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(2))
     assert bits(jax.tree.map(lambda x: x[0], traj2.policy_state)) == bits(before)  # carried across rollouts
     state, metrics = tr.run(state, None, 3)
     assert int(state.update_step) == 3 and np.isfinite(metrics["loss/value"]).all()
+
+
+def test_a_recurrent_run_saved_before_the_critic_option_resumes_with_its_shared_core(tmp_path):
+    """Runs saved before ``critic`` existed had a shared core: their config.json has no ``critic``, and resuming
+    one must rebuild that network (the default, detached, has other parameters) and go on."""
+    import json
+    d = tmp_path / "run"
+    args = ["--network", "gru", "--critic", "shared", "--num-envs", "4", "--num-steps", "16", "--total-timesteps",
+            "384", "--hidden", "16", "--rnn-hidden", "8", "--update-epochs", "1", "--num-minibatches", "2",
+            "--checkpoint-every", "4", "--run-dir", str(d)]
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "CI": "true"}
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "experiments.ppo", *a], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    p = cli(*args)
+    assert p.returncode == 0, p.stderr
+    import shutil
+    shutil.rmtree(d / "checkpoints" / "6")  # as if stopped after update 4
+    saved = json.loads((d / "config.json").read_text())
+    del saved["config"]["critic"]
+    (d / "config.json").write_text(json.dumps(saved))
+    p = cli("--resume", str(d))
+    assert p.returncode == 0, p.stderr
+    assert "resumed" in p.stdout and "update 6/6" in p.stdout, p.stdout
+    assert "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -423,6 +595,20 @@ def test_gru_cartpole_reaches_475():
     peak, final = best_window_mean(ret, 10), np.nanmean(ret[:, -10:], axis=1)
     print("CartPole GRU best / final 10-update mean returns", np.round(peak, 1), np.round(final, 1))
     assert (peak >= 475).sum() >= 2, (peak, final)
+
+
+@pytest.mark.slow  # nightly (tests/conftest.py): 4 x 500k steps
+def test_gru_acrobot_learns_with_the_truncation_bootstrap():
+    """Issue 32's failure, as a learning test: the anchor bench's GRU config on Acrobot-v1 with the defaults
+    (truncated episodes bootstrapped from V(final_obs), the detached critic), 4 seeds: at least 3 end with a mean
+    return >= -150 over their last 10 updates (a random policy scores about -490; before the fix every seed ended at
+    -500 or -472). SPREAD"""
+    from benchmarks.ppo_rnn_throughput import BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
+        jax.random.split(jax.random.PRNGKey(0), 4))
+    final = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -10:], axis=1)
+    print("Acrobot GRU final 10-update mean returns", np.round(final, 1))
+    assert (final >= -150).sum() >= 3, final
 
 
 @pytest.mark.slow
