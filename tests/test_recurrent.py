@@ -600,15 +600,18 @@ def test_gru_cartpole_reaches_475():
 @pytest.mark.slow  # nightly (tests/conftest.py): 4 x 500k steps
 def test_gru_acrobot_learns_with_the_truncation_bootstrap():
     """Issue 32's failure, as a learning test: the anchor bench's GRU config on Acrobot-v1 with the defaults
-    (truncated episodes bootstrapped from V(final_obs), the detached critic), 4 seeds: at least 3 end with a mean
-    return >= -150 over their last 10 updates (a random policy scores about -490; before the fix every seed ended at
-    -500 or -472). SPREAD"""
+    (truncated episodes bootstrapped from V(final_obs), the detached critic), 4 seeds: at least 2 end with a mean
+    return >= -250 over their last 10 updates (a random policy scores about -490; with the shared critic every seed
+    ended at -500 or -472). Measured (``python -m benchmarks.learning_spread --task acrobot_gru --set-size 4 --sets 2
+    --first-set 0``: these seeds and 4 more; 2026-12-07): -83.2, -83.1, -88.9, -83.5 | -82.6, -81.5, -85.4, -159.5;
+    0 of 8 below -250, so at a per-seed miss rate of 1/10 the check fails w.p. 0.37% (3 of 4 at -150 would fail
+    w.p. ~18%: one seed in 8 ended at -159)."""
     from benchmarks.ppo_rnn_throughput import BENCH
     out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
         jax.random.split(jax.random.PRNGKey(0), 4))
     final = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -10:], axis=1)
     print("Acrobot GRU final 10-update mean returns", np.round(final, 1))
-    assert (final >= -150).sum() >= 3, final
+    assert (final >= -250).sum() >= 2, final
 
 
 @pytest.mark.slow
