@@ -2,9 +2,11 @@
 Ctrl-C is pressed twice, the env id is misspelt, ``--no-resume`` starts over or another agent's run is resumed.
 
 Every expected failure is one ``error: ...`` line naming the fix, without a traceback (``--debug`` /
-``JAXRL_DEBUG=1`` adds it); docs/running.md has the exit codes. The commands run as a user runs them
-(``python -m experiments.ppo ...``) where a subprocess can show it; the disk-full and last-chunk cases inject their
-event in-process (a full disk cannot be made without root)."""
+``JAXRL_DEBUG=1`` adds it); docs/running.md has the exit codes. One run-dir probe, the second Ctrl-C and the full
+disk while writing metrics run as a user runs them (``python -m experiments.ppo ...``, a process of their own); the
+other commands call the same entry point (``experiments.ppo.main``) in this process, which spares each ~5 s of
+imports; the disk-full and last-chunk cases inject their event in-process (a full disk cannot be made without
+root)."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +35,41 @@ def env(**extra) -> dict:
 def ppo(*args, timeout=300, **extra):
     return subprocess.run([sys.executable, "-m", "experiments.ppo", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env(**extra))
+
+
+class _Built(BaseException):
+    """Raised by what builds a run (not an Exception: no ``except Exception`` on the way can swallow it)."""
+
+
+def ppo_here(monkeypatch, capsys, *args, build: bool = False):
+    """``experiments.ppo.main(args)`` in this process, as ``python -m experiments.ppo`` calls it, in the environment
+    of :func:`env`; unless ``build``, PPO's trainer is replaced by a :class:`_Built` failure. Returns ``(status,
+    stdout, stderr, JAX's tracing/compiling events while it ran)``."""
+    import jax
+    from agents import launch
+    from experiments import ppo as ppo_exp
+    if not build:
+        def built(*a, **kw):
+            raise _Built("PPO's trainer was built before the check failed")
+        monkeypatch.setattr(launch, "train_ppo", built)
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("JAXRL_DEBUG", "")  # records its value: restored after the test, though --debug sets it
+    monkeypatch.delenv("JAXRL_DEBUG")
+    compiled = []
+
+    def listen(event, duration, **kw):
+        if event.startswith("/jax/core/compile/"):
+            compiled.append(event)
+    capsys.readouterr()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        status = ppo_exp.main(list(args))
+    except SystemExit as e:
+        status = e.code
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    out, err = capsys.readouterr()
+    return status, out, err, compiled
 
 
 def lines(text: str) -> list[str]:
@@ -65,9 +102,24 @@ def _read_only_parent(tmp_path: Path) -> Path:
     ("file", "is an existing file, not a directory"),
     ("read_only_parent", "permission denied"),
 ])
-def test_unusable_run_dir_is_one_line_before_anything_is_built(tmp_path, case, problem):
+def test_unusable_run_dir_is_one_line_before_anything_is_built(tmp_path, monkeypatch, capsys, case, problem):
     run_dir = {"proc": lambda: Path("/proc/foo"), "read_only_parent": lambda: _read_only_parent(tmp_path),
                "file": lambda: _a_file(tmp_path)}[case]()
+    status, _, err, compiled = ppo_here(monkeypatch, capsys, "--run-dir", str(run_dir), *TINY)
+    assert status == 2, err
+    e = lines(err)
+    assert len(e) == 1 and e[0].startswith("error: run_dir: ") and problem in e[0] and "Fix: " in e[0], err
+    assert "Traceback" not in err
+    assert compiled == [], compiled  # nothing built: JAX traced or compiled nothing (and no trainer: _Built)
+    if case == "file":
+        assert run_dir.read_text() == "x"
+    elif case == "read_only_parent":
+        assert not run_dir.exists()
+
+
+def test_unusable_run_dir_as_a_user_runs_it():
+    """The same probe as ``python -m experiments.ppo`` in a process of its own, with JAX's compile log."""
+    run_dir, problem = Path("/proc/foo"), "cannot create /proc/foo"
     p = ppo("--run-dir", str(run_dir), *TINY, JAX_LOG_COMPILES="1")
     assert p.returncode == 2, p.stderr
     err = [x for x in lines(p.stderr) if not x.startswith(("Finished ", "Compiling "))]  # (JAX's compile log)
@@ -76,16 +128,13 @@ def test_unusable_run_dir_is_one_line_before_anything_is_built(tmp_path, case, p
     assert "Traceback" not in p.stderr
     # nothing built: importing compiles a few constants' conversions, a run's start its PRNG key and init
     assert not {"jit(_threefry_seed)", "jit(init)", "jit(stage)"} & set(p.stderr.split()), p.stderr
-    if case == "file":
-        assert run_dir.read_text() == "x"
-    elif case == "read_only_parent":
-        assert not run_dir.exists()
+    assert not run_dir.exists()
 
 
-def test_debug_shows_the_traceback_of_an_expected_error(tmp_path):
-    p = ppo("--run-dir", "/proc/foo", "--debug", *TINY)
-    assert p.returncode == 2 and "Traceback" in p.stderr, p.stderr
-    assert lines(p.stderr)[-1].startswith("error: run_dir: cannot create /proc/foo"), p.stderr
+def test_debug_shows_the_traceback_of_an_expected_error(tmp_path, monkeypatch, capsys):
+    status, _, err, _ = ppo_here(monkeypatch, capsys, "--run-dir", "/proc/foo", "--debug", *TINY)
+    assert status == 2 and "Traceback" in err, err
+    assert lines(err)[-1].startswith("error: run_dir: cannot create /proc/foo"), err
 
 
 def test_jaxrl_debug_env_var_is_debug_too(monkeypatch, capsys):
@@ -238,16 +287,19 @@ def test_sigint_during_the_last_chunk_says_the_run_finished(tmp_path, capsys):
 
 # -- env ids, --no-resume, another agent's run -------------------------------------------------------------------------
 
-def test_unknown_env_names_the_close_ones_in_one_line():
-    p = ppo("--env", "CartPol-v1", "--run-dir", "/tmp/never-made")
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert len(lines(p.stderr)) <= 3 and "Did you mean CartPole-v1" in p.stderr, p.stderr
-    assert "envs.registered()" in p.stderr and "Pendulum-v1" not in p.stderr  # a pointer, not the 110 names
-    assert lines(p.stderr)[-1].startswith("error: env_name: unknown environment 'CartPol-v1'. Fix: ")
+def test_unknown_env_names_the_close_ones_in_one_line(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "never-made"
+    status, _, err, compiled = ppo_here(monkeypatch, capsys, "--env", "CartPol-v1", "--run-dir", str(d))
+    assert status == 2 and "Traceback" not in err, err
+    assert len(lines(err)) <= 3 and "Did you mean CartPole-v1" in err, err
+    assert "envs.registered()" in err and "Pendulum-v1" not in err  # a pointer, not the 110 names
+    assert lines(err)[-1].startswith("error: env_name: unknown environment 'CartPol-v1'. Fix: ")
+    assert compiled == [] and not d.exists()
 
 
-def test_no_resume_keeps_the_old_runs_outputs_aside(tmp_path):
-    """The old run's metrics.csv (and every other output) is moved aside with one suffix, not overwritten."""
+def test_no_resume_keeps_the_old_runs_outputs_aside(tmp_path, monkeypatch, capsys):
+    """The old run's metrics.csv (and every other output) is moved aside with one suffix, not overwritten.
+    In-process (a run of 6 updates, as the tests of the runner do; the signal handlers it installs are put back)."""
     d = tmp_path / "run"
     (d / "checkpoints" / "2").mkdir(parents=True)
     (d / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_text("{}")  # a finished checkpoint, to the runner
@@ -256,9 +308,9 @@ def test_no_resume_keeps_the_old_runs_outputs_aside(tmp_path):
            "learning_curve.png": "png", "labels.db": "kept in place"}
     for name, text in old.items():
         (d / name).write_text(text)
-    p = ppo(*TINY, "--run-dir", str(d), "--no-resume")
-    assert p.returncode == 0, p.stderr[-3000:]
-    moved = next(x for x in lines(p.stdout) if x.startswith("moved the previous run's files aside: "))
+    status, out, err, _ = ppo_here(monkeypatch, capsys, *TINY, "--run-dir", str(d), "--no-resume", build=True)
+    assert status == 0, err[-3000:]
+    moved = next(x for x in lines(out) if x.startswith("moved the previous run's files aside: "))
     paths = [Path(x) for x in moved.split(": ", 1)[1].split(", ")]
     suffix = paths[0].name.split(".old-")[1]
     assert [x.name for x in paths] == [f"{n}.old-{suffix}" for n in ("checkpoints", "tb", "config.json", "metrics.csv",

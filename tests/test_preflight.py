@@ -1,8 +1,10 @@
 """What an ONI / Motif run depends on outside itself is checked before the run builds anything (issue 33): the
-service of ``--annotator-url``, the ``--label-store``, Motif's files in ``--motif-dir``. Each probe runs
-``python -m experiments.oni`` as a user does and must fail at once with exit 2 and one last line
-``error: <option>: <problem>. Fix: <fix>``, no traceback, nothing compiled, nothing written (docs/running.md,
-"Checked before a run starts")."""
+service of ``--annotator-url``, the ``--label-store``, Motif's files in ``--motif-dir``. Each probe must fail at once
+with exit 2 and one last line ``error: <option>: <problem>. Fix: <fix>``, no traceback, nothing compiled, nothing
+written (docs/running.md, "Checked before a run starts"). One probe runs ``python -m experiments.oni`` as a user
+does; the others call the same entry point (``experiments.oni.main``) in this process, which spares each ~5 s of
+imports, with what would build the run replaced by a failure and JAX's compile events counted."""
+import contextlib
 import json
 import os
 import resource
@@ -45,6 +47,64 @@ def _fails_at_once(tmp_path, *args):
     return last
 
 
+class _Built(BaseException):
+    """Raised by what builds a run (not an Exception: no ``except Exception`` on the way can swallow it)."""
+
+
+@contextlib.contextmanager
+def _jax_compiles():
+    """The JAX tracing/compiling events while the block runs, from every thread (none when nothing is built)."""
+    import jax
+    events = []
+
+    def listen(event, duration, **kw):
+        if event.startswith("/jax/core/compile/"):
+            events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _fails_at_once_here(tmp_path, monkeypatch, capsys, *args):
+    """:func:`_fails_at_once` in this process: ``experiments.oni.main`` (what ``python -m experiments.oni`` calls),
+    with the annotator service, Motif's dataset / reward model and PPO's trainer replaced by a :class:`_Built`
+    failure; also checks that JAX traced or compiled nothing. Returns the last ``error:`` line."""
+    from agents import launch, motif
+    from experiments import oni
+
+    def refuse(what):
+        def built(*a, **kw):
+            raise _Built(f"{what} was built before the check failed")
+        return built
+    monkeypatch.setattr(oni, "start_annotator", refuse("the annotator service"))
+    monkeypatch.setattr(motif, "prepare", refuse("Motif's dataset and reward model"))
+    monkeypatch.setattr(launch, "train_ppo", refuse("PPO's trainer"))
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("JAXRL_DEBUG", raising=False)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    cpu = time.process_time()
+    with _jax_compiles() as compiled:
+        try:
+            status = oni.main([*TINY, "--run-dir", str(run_dir), *args])
+        except SystemExit as e:
+            status = e.code
+    cpu = time.process_time() - cpu
+    out, err = capsys.readouterr()
+    out = out + err
+    assert status == 2, out[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ". Fix: " in last, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "compil" not in out.lower() and "motif: " not in out and "update" not in out.lower(), out[-3000:]
+    assert compiled == [], compiled
+    assert not run_dir.exists(), sorted(run_dir.iterdir())
+    assert cpu < 10, f"{cpu:.1f} s of CPU: more than the checks"
+    return last
+
+
 def _free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -54,38 +114,39 @@ def _free_port() -> int:
 
 
 def test_annotator_url_without_scheme(tmp_path):
+    """As a user runs it: ``python -m experiments.oni`` in a process of its own (the other probes call its main)."""
     last = _fails_at_once(tmp_path, "--annotator-url", "localhost:8765")
     assert last == ("error: annotator_url: 'localhost:8765' has no http:// or https:// scheme. Fix: pass "
                     "--annotator-url http://localhost:8765"), last
 
 
-def test_annotator_url_nothing_listens(tmp_path):
+def test_annotator_url_nothing_listens(tmp_path, monkeypatch, capsys):
     url = f"http://127.0.0.1:{_free_port()}"
-    last = _fails_at_once(tmp_path, "--annotator-url", url)
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--annotator-url", url)
     assert last.startswith(f"error: annotator_url: the annotator service at {url} cannot be reached: connection "
                            "refused"), last
     assert "python -m jaxrl_pref.annotation.server" in last and "drop --annotator-url" in last, last
 
 
-def test_label_store_is_a_directory(tmp_path):
+def test_label_store_is_a_directory(tmp_path, monkeypatch, capsys):
     store = tmp_path / "store"
     store.mkdir()
-    last = _fails_at_once(tmp_path, "--label-store", str(store))
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--label-store", str(store))
     assert last == (f"error: label_store: {store} is a directory. Fix: name a file in it, e.g. --label-store "
                     f"{store / 'labels.db'}"), last
     assert list(store.iterdir()) == []
 
 
-def test_label_store_is_not_sqlite(tmp_path):
+def test_label_store_is_not_sqlite(tmp_path, monkeypatch, capsys):
     store = tmp_path / "labels.db"
     store.write_text('{"labels": "not a database"}\n')
-    last = _fails_at_once(tmp_path, "--label-store", str(store))
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--label-store", str(store))
     assert last.startswith(f"error: label_store: {store} is not a SQLite database") and "--label-store" in last, last
     assert store.read_text() == '{"labels": "not a database"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.db"]  # no -wal/-shm, no port file, no log
 
 
-def test_label_store_is_read_only(tmp_path):
+def test_label_store_is_read_only(tmp_path, monkeypatch, capsys):
     from jaxrl_pref.annotation.store import LabelStore
     store = tmp_path / "labels.db"
     s = LabelStore(store)
@@ -93,21 +154,21 @@ def test_label_store_is_read_only(tmp_path):
     s.close()
     data = store.read_bytes()
     store.chmod(0o444)
-    last = _fails_at_once(tmp_path, "--label-store", str(store))
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--label-store", str(store))
     assert last == (f"error: label_store: {store} is read-only. Fix: make it writable (chmod u+w {store}), or pass "
                     "another --label-store (a file that does not exist yet is created)"), last
     assert store.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["labels.db"]
 
 
 @pytest.mark.parametrize("cut", ["json", "utf8"])
-def test_motif_dataset_cut_short(tmp_path, cut):
+def test_motif_dataset_cut_short(tmp_path, monkeypatch, capsys, cut):
     """dataset.json cut off mid-JSON, or inside a multi-byte character: the file, the problem, how to redo it."""
     mdir = tmp_path / "motif"
     mdir.mkdir()
     raw = json.dumps(DATASET, indent=1, ensure_ascii=False).encode()
     end = raw.index(b"\xc3\x89") + 1 if cut == "utf8" else len(raw) // 2  # (after the first byte of "É")
     (mdir / "dataset.json").write_bytes(raw[:end])
-    last = _fails_at_once(tmp_path, "--method", "motif", "--motif-dir", str(mdir))
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--method", "motif", "--motif-dir", str(mdir))
     ds = mdir / "dataset.json"
     problem = "is not UTF-8 text (byte 0xc3 at offset" if cut == "utf8" else "is not valid JSON at line"
     assert last.startswith(f"error: motif_dir: {ds} {problem}"), last
@@ -116,12 +177,12 @@ def test_motif_dataset_cut_short(tmp_path, cut):
     assert sorted(p.name for p in mdir.iterdir()) == ["dataset.json"]
 
 
-def test_motif_pairs_not_json(tmp_path):
+def test_motif_pairs_not_json(tmp_path, monkeypatch, capsys):
     mdir = tmp_path / "motif"
     mdir.mkdir()
     (mdir / "dataset.json").write_text(json.dumps(DATASET, indent=1))
     (mdir / "pairs.json").write_text("<html>502 Bad Gateway</html>\n")
-    last = _fails_at_once(tmp_path, "--method", "motif", "--motif-dir", str(mdir))
+    last = _fails_at_once_here(tmp_path, monkeypatch, capsys, "--method", "motif", "--motif-dir", str(mdir))
     pairs = mdir / "pairs.json"
     assert last == (f"error: motif_dir: {pairs} is not valid JSON at line 1 column 1 (Expecting value). Fix: delete it "
                     f"(rm {pairs}) and run the same command again: the pairs are asked anew (the label store answers "
