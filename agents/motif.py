@@ -146,17 +146,24 @@ def _read_json(file: Path, fix: str):
                           fix) from None
 
 
+def _read_object(file, redo: str, what: str):
+    """``(file, fix, the JSON object in file)``; ConfigError if the file is not a JSON object (``what`` names what
+    it should hold)."""
+    file = Path(file)
+    fix = _redo(file, redo)
+    d = _read_json(file, fix)
+    if not isinstance(d, dict):
+        raise ConfigError("motif_dir", f"{file} holds a JSON {type(d).__name__}, not {what}", fix)
+    return file, fix, d
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def read_dataset(file) -> Dataset:
     """``DIR/dataset.json``, checked: ConfigError (naming the file, the problem, the fix) if it is not one."""
-    file = Path(file)
-    fix = _redo(file, REDO_DATASET)
-    d = _read_json(file, fix)
-    if not isinstance(d, dict):
-        raise ConfigError("motif_dir", f"{file} holds a JSON {type(d).__name__}, not a Motif dataset", fix)
+    file, fix, d = _read_object(file, REDO_DATASET, "a Motif dataset")
     missing = [k for k in ("env", "steps", "seed", "texts", "counts") if k not in d]
     if missing:
         raise ConfigError("motif_dir", f"{file} is not a Motif dataset (no {', '.join(missing)})", fix)
@@ -172,11 +179,7 @@ def read_dataset(file) -> Dataset:
 
 def read_pairs(file) -> dict:
     """``DIR/pairs.json``, checked: ConfigError (naming the file, the problem, the fix) if it is not one."""
-    file = Path(file)
-    fix = _redo(file, REDO_PAIRS)
-    d = _read_json(file, fix)
-    if not isinstance(d, dict):
-        raise ConfigError("motif_dir", f"{file} holds a JSON {type(d).__name__}, not Motif's answered pairs", fix)
+    file, fix, d = _read_object(file, REDO_PAIRS, "Motif's answered pairs")
     pairs, bad = d.get("pairs"), d.get("unanswerable", [])
     ok = (isinstance(d.get("dataset_sha256"), str) and isinstance(pairs, list) and bool(pairs)
           and all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
