@@ -116,7 +116,7 @@ def _one_error_line(err: str) -> str:
      ["tasks 0-1 (seeds 0-1): unrecognized option --totl-timesteps=2048", "Fix: did you mean --total-timesteps?"]),
     ({}, {"learning_rate": [1e-3, "abc"]}, "ppo",
      ["tasks 2-3 (learning_rate=abc, seeds 0-1): learning_rate: could not convert string to float: 'abc'",
-      "Fix: pass --learning-rate a number (default: "]),
+      "Fix: pass --learning-rate FLOAT"]),
 ], ids=["unknown-experiment", "env-typo", "unknown-option", "bad-value"])
 def test_bad_task_commands_fail_before_anything_is_written(tmp_path, capsys, fixed, grid, experiment, words):
     """``python -m slurm.submit SWEEP --dry-run`` (and a plain submit, ``--local``) parses every task's command with the
