@@ -499,6 +499,7 @@ def test_host_loop_carries_the_policy_state():
     assert int(state.update_step) == 3 and np.isfinite(metrics["loss/value"]).all()
 
 
+@pytest.mark.slow  # two CLI runs (~20 s): CI's slow pass
 def test_a_recurrent_run_saved_before_the_critic_option_resumes_with_its_shared_core(tmp_path):
     """Runs saved before ``critic`` existed had a shared core: their config.json has no ``critic``, and resuming
     one must rebuild that network (the default, detached, has other parameters) and go on."""
