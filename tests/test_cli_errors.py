@@ -224,21 +224,33 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_good_one(tmp_path, m
 
 # -- Ctrl-C ------------------------------------------------------------------------------------------------------------
 
-def test_second_sigint_aborts_a_long_compiled_chunk_at_once(tmp_path):
-    """The chunk is 100,000 updates (minutes); the first SIGINT asks for a stop at its end, the second one, sent once
-    the first is acknowledged, ends the process within a second or two: exit 130, nothing saved, no traceback."""
+# The chunk the second Ctrl-C must cut: PPO's scanned loop (100,000 updates in one compiled chunk, minutes) and a
+# host-env loop (SQIRL through JaxHostEnv, H = 100 updates in one chunk: ~50 s left after update 1 on a loaded 2-core
+# machine, 2026-12-07). Each prints a progress line from inside its chunk; the abort cuts the rest.
+_LONG_CHUNKS = {
+    "scanned": (["experiments.ppo", "--num-envs", "4", "--num-steps", "16", "--total-timesteps", str(64 * 100_000),
+                 "--hidden", "16", "--update-epochs", "1", "--num-minibatches", "1", "--checkpoint-every", "100000",
+                 "--log-every", "10"], "update ", "update 100000/100000"),
+    "host": (["experiments.sqirl", "--env", "DeepSea-20", "--host", "--horizon", "100", "--episodes-per-timestep",
+              "8", "--eval-episodes", "8", "--hidden", "16", "--n-epochs", "1", "--checkpoint-every", "100",
+              "--log-every", "1"], "update 1/100", "update 100/100"),
+}
+
+
+@pytest.mark.parametrize("loop", sorted(_LONG_CHUNKS))
+def test_second_sigint_aborts_a_long_chunk_at_once(tmp_path, loop):
+    """README "Resuming": the first SIGINT asks for a stop at the chunk's end, the second one, sent once the first is
+    acknowledged, lands mid-chunk and ends the process within seconds: exit 130, nothing saved, no traceback."""
     d = tmp_path / "run"
-    args = ["--num-envs", "4", "--num-steps", "16", "--total-timesteps", str(64 * 100_000), "--hidden", "16",
-            "--update-epochs", "1", "--num-minibatches", "1", "--checkpoint-every", "100000", "--log-every", "10",
-            "--run-dir", str(d)]
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.ppo", *args], cwd=ROOT, env=env(), text=True,
+    argv, started, last = _LONG_CHUNKS[loop]
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--run-dir", str(d)], cwd=ROOT, env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = []
     try:
-        deadline = time.time() + 240  # bounds a hang only
-        for line in proc.stdout:  # training started: the first progress line comes from inside the chunk
+        deadline = time.time() + 300  # bounds a hang only
+        for line in proc.stdout:  # training started: this progress line comes from inside the chunk
             out.append(line)
-            if line.startswith("update "):
+            if line.startswith(started):
                 break
             assert time.time() < deadline, "".join(out)
         proc.send_signal(signal.SIGINT)
@@ -258,8 +270,8 @@ def test_second_sigint_aborts_a_long_compiled_chunk_at_once(tmp_path):
     out = "".join(out) + rest
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert elapsed < 5, elapsed  # measured ~0.1 s on 2 loaded cores
-    assert lines(err) == [f"aborted by a second SIGINT: stopped at once, without saving; no checkpoint was saved"], err
-    assert "update 100000/100000" not in out and checkpoints(d) == []
+    assert lines(err) == ["aborted by a second SIGINT: stopped at once, without saving; no checkpoint was saved"], err
+    assert last not in out and "stopped at update" not in out and checkpoints(d) == []
 
 
 def test_sigint_during_the_last_chunk_says_the_run_finished(tmp_path, capsys):
