@@ -77,11 +77,12 @@ class Config:
     over whole env sequences (docs/library.md, Recurrent policies)."""
     rnn_hidden: int = 128
     """Width of the GRU/LSTM core."""
-    critic: str = "detached"
+    critic: str = "auto"
     """Recurrent networks: what the critic reads. detached: the core's output through a stop-gradient, next to its
     own feed-forward torso of the observation (the value loss never reaches the core); shared: the core, trained by
-    both losses (purejaxrl's ppo_rnn); separate: its own torso and core, batched with the actor's (~2x the compute).
-    A shared core saturates under large, constant value targets (docs/library.md, Recurrent policies)."""
+    both losses (purejaxrl's ppo_rnn); separate: its own torso and core, batched with the actor's (~2x the compute);
+    auto: the cell's measured default, detached for gru, separate for lstm (docs/performance.md, Recurrent learning
+    parity). A shared core saturates under large, constant value targets (docs/library.md, Recurrent policies)."""
     bptt_len: int = 0
     """Recurrent update: length of the sequences gradients flow through (0: the whole rollout, num_steps). Shorter
     chunks start from the carries stored during the rollout; num_steps must be a multiple of it."""
@@ -107,7 +108,7 @@ class Config:
                 f"use one of {', '.join(NETWORKS)}")
         positive(self, "rnn_hidden")
         require(self.critic in CRITICS, "critic", f"unknown critic {self.critic!r}", f"use one of {', '.join(CRITICS)}")
-        require(self.network != "mlp" or self.critic == CRITICS[0], "critic",
+        require(self.network != "mlp" or self.critic == "auto", "critic",
                 f"applies to recurrent networks (gru, lstm); the mlp's critic always has its own layers",
                 "drop --critic, or pass --network gru/lstm")
         positive(self, "bptt_len", strict=False)
@@ -144,13 +145,21 @@ class Config:
         return self.num_steps * self.num_envs // self.num_devices // self.num_minibatches
 
     @property
+    def critic_kind(self) -> str:
+        """The recurrent critic this config builds: ``critic``, with auto resolved per cell (:data:`AUTO_CRITIC`)."""
+        return AUTO_CRITIC.get(self.network, "detached") if self.critic == "auto" else self.critic
+
+    @property
     def seq_len(self) -> int:
         """Steps per sequence in the recurrent update: bptt_len, or the whole rollout."""
         return self.bptt_len or self.num_steps
 
 
 NETWORKS = ("mlp", "gru", "lstm")
-CRITICS = ("detached", "shared", "separate")
+CRITICS = ("auto", "detached", "shared", "separate")
+# critic=auto per cell, from the parity table (docs/performance.md): the LSTM with the detached critic fell below
+# purejaxrl on CartPole (294 vs 500, 4 seeds) where the separate critic reached 500 and held Acrobot (-86)
+AUTO_CRITIC = {"gru": "detached", "lstm": "separate"}
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -238,10 +247,11 @@ class PPO:
             network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
         if rnn and isinstance(network, EncoderActorCritic):
             network = RecurrentActorCritic(network.num_actions, True, tuple(cfg.hidden), cfg.activation,
-                                           cfg.network, cfg.rnn_hidden, encoder=network.encoder, critic=cfg.critic)
+                                           cfg.network, cfg.rnn_hidden, encoder=network.encoder,
+                                           critic=cfg.critic_kind)
         if network is None:
             network = (RecurrentActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation,
-                                            cfg.network, cfg.rnn_hidden, critic=cfg.critic) if rnn else
+                                            cfg.network, cfg.rnn_hidden, critic=cfg.critic_kind) if rnn else
                        ActorCritic(spec.num_actions, spec.discrete, tuple(cfg.hidden), cfg.activation))
         if heads > 1:
             if not hasattr(network, "value_heads"):

@@ -8,7 +8,8 @@ seeds, final return with a 95% interval per task.
 The config is the anchor bench's (``../shared/anchors/bench_ppo_rnn.py``): 4 envs x 128 steps, 500k env steps per
 seed, 4 epochs x 4 minibatches, lr 2.5e-4 annealed, gamma 0.99, lambda 0.95, Dense(128)+relu -> GRU/LSTM(128) ->
 heads of Dense(128)+relu; the MLP row is the same network without the core. The recurrent rows use the project's
-default critic (``detached``: the core's output through a stop-gradient plus the critic's own torso); ``gru:shared``
+default critic (``auto``: for the GRU ``detached``, the core's output through a stop-gradient plus the critic's own
+torso; for the LSTM ``separate``, its own torso and core); ``gru:shared``
 is the anchor's exact architecture (one core trained by both losses). The project runs with its defaults
 otherwise (truncated episodes bootstrap from ``V(final_obs)``; the anchor treats them as terminal). Seeds: the keys
 ``jax.random.split(PRNGKey(0), seeds)``, vmapped, on both sides.

@@ -173,9 +173,12 @@ def _core_names(params):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("critic", ppo.CRITICS)
 def test_what_the_value_loss_trains(cell, critic):
-    """detached (the default) and separate: the value loss never reaches the actor's torso and core; shared: it
-    does (purejaxrl's ppo_rnn). separate: the critic's own trunk is the second member of the stacked trunks."""
+    """detached (the GRU's default) and separate (the LSTM's): the value loss never reaches the actor's torso and
+    core; shared: it does (purejaxrl's ppo_rnn). separate: the critic's own trunk is the second member of the stacked
+    trunks. auto is the cell's default."""
     cfg = ppo.Config(**{**TINY, "network": cell, "critic": critic})
+    critic = cfg.critic_kind
+    assert critic == {"gru": "detached", "lstm": "separate"}[cell] if cfg.critic == "auto" else critic == cfg.critic
     env, env_params = envs.make(cfg.env_name, num_envs=cfg.num_envs)
     agent = ppo.PPO(cfg, envs.spec(env, env_params))
     p = agent.init(jax.random.PRNGKey(0), ppo.hparams(cfg)).params
@@ -248,8 +251,8 @@ def test_constant_value_targets_saturate_a_shared_core_and_leave_the_default_alo
     same output for every state: the policy reading it is blind; measured 0.097 -> 0.0009 in 1000 Adam steps); the
     default critic leaves the core as it was. (Before the fix the default was shared: this test failed.)"""
     before, shared = _core_output_spread("shared", 1000)
-    before_d, detached = _core_output_spread(ppo.Config.critic, 100)
-    assert ppo.Config.critic == "detached"
+    before_d, detached = _core_output_spread(ppo.Config.critic, 100)  # auto: the GRU's default
+    assert ppo.Config(network="gru").critic_kind == "detached"
     assert shared < 0.05 * before, (before, shared)
     np.testing.assert_allclose(detached, before_d, rtol=1e-6)
 
