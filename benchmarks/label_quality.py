@@ -116,9 +116,15 @@ def pair_agreement(backend, prompt: Prompt, pairs: Sequence[tuple]) -> dict:
     ba = _batched(backend.compare, prompt, [(n, p) for p, n in pairs], backend)
     p_ab = np.array([_pref(r) for r in ab])
     p_ba = 1.0 - np.array([_pref(r) for r in ba])  # P(positive preferred) in the swapped order
-    return {"ab": float(p_ab.mean()), "ba": float(p_ba.mean()), "pair": float((p_ab.mean() + p_ba.mean()) / 2),
-            "consistent": float(np.mean(np.isclose(p_ab, p_ba))),
-            "unparsed": int(sum(r.label is None for r in list(ab) + list(ba))), "n_pairs": len(pairs)}
+    out = {"ab": float(p_ab.mean()), "ba": float(p_ba.mean()), "pair": float((p_ab.mean() + p_ba.mean()) / 2),
+           "consistent": float(np.mean(np.isclose(p_ab, p_ba))),
+           "unparsed": int(sum(r.label is None for r in list(ab) + list(ba))), "n_pairs": len(pairs)}
+    if hasattr(backend, "preferences"):  # a backend that averages both orders: its single orders, before averaging
+        first, second = (np.concatenate(x) for x in zip(*(
+            backend.preferences(prompt, pairs[i:i + 64]) for i in range(0, len(pairs), 64))))
+        out.update({"single_ab": float(first.mean()), "single_ba": float(second.mean()),
+                    "single_consistent": float(np.mean((first > 0.5) == (second > 0.5)))})
+    return out
 
 
 def _batched(fn, prompt, items: list, backend) -> list:
@@ -224,6 +230,13 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {goal} ({r['positives']}/{r['n']}) | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{r['acc']:.3f} | {r['ab']:.3f} / {r['ba']:.3f} / {r['pair']:.3f} | "
                          f"{r['consistent']:.3f} | {r['swap_auc']:.3f} |")
+    single = [(name, goal, r) for name, per_goal in results.items() for goal, r in per_goal.items()
+              if "single_ab" in r]
+    if single:  # the position bias that averaging over both orders cancels
+        lines += ["", "| annotator | goal | one order: P(positive preferred) shown first / shown second | "
+                  "same answer in both orders |", "|---|---|---|---|"]
+        lines += [f"| {name} | {goal} | {r['single_ab']:.3f} / {r['single_ba']:.3f} | {r['single_consistent']:.3f} |"
+                  for name, goal, r in single]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 same NetHack/MiniHack pool, measured in one process, plus the embedded annotator's throughput.
 
     python -m benchmarks.oni_overhead --env MiniHack-KeyRoom-Fixed-S5-v0 --reward-model classification
+    python -m benchmarks.oni_overhead --annotator llm          # SmolLM2 in JAX in the annotator process
 
 PPO and ONI are timed in alternating short rounds (after untimed warm-up updates, which compile, and once the
 annotator has caught up), so load changes on a shared machine hit both alike. Reported: env-steps/s of each over
@@ -24,7 +25,7 @@ import jax  # noqa: E402
 
 from agents import launch, oni, ppo  # noqa: E402
 from envs.nethack import PoolConfig  # noqa: E402
-from jaxrl_pref.annotation.backends import EmbeddedBackend, Prompt, task_for_env  # noqa: E402
+from jaxrl_pref.annotation.backends import Prompt, make_backend, task_for_env  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
 from jaxrl_pref.config import cli  # noqa: E402
 
@@ -39,6 +40,10 @@ class Bench(oni.ONIOptions):
     rounds: int = 12
     labels: int = 512
     """Distinct synthetic messages for the annotator-throughput measurement."""
+    annotator: str = "embedded"
+    """The annotator service's backend: embedded, llm (SmolLM2 in JAX, or --llm-model), scripted, bow."""
+    llm_model: str = "default"
+    """llm annotator: a GGUF file, a Hugging Face directory or default."""
 
 
 def _time(trainer, state, n):
@@ -54,7 +59,9 @@ def main(argv=None) -> int:
                               total_timesteps=cfg.num_envs * cfg.num_steps * cfg.updates * (cfg.rounds + 1))
     tmp = tempfile.mkdtemp(prefix="oni_bench_")
     pool = PoolConfig().make_pool(cfg.env_name, cfg.num_envs, 0)
-    proc, url = start_server(f"{tmp}/labels.db", "embedded", log_path=f"{tmp}/annotator.log")
+    extra = ["--model", cfg.llm_model] if cfg.annotator == "llm" else []
+    proc, url = start_server(f"{tmp}/labels.db", cfg.annotator, log_path=f"{tmp}/annotator.log", extra_args=extra,
+                             timeout=300.0)
     client = AnnotatorClient(url, task_for_env(cfg.env_name))
     try:
         ppo_tr = launch.host_trainer(ppo_cfg, pool)
@@ -85,19 +92,21 @@ def main(argv=None) -> int:
         stop_server(proc)
         pool.close()
     # annotator throughput, in this process (the same backend the service runs)
-    backend = EmbeddedBackend()
+    backend = make_backend(cfg.annotator, model=cfg.llm_model)
     prompt = Prompt.load(task_for_env(cfg.env_name))
     msgs = [f"You see here {i} gold pieces and a {w}." for i, w in
             zip(range(cfg.labels), ["dagger", "scroll", "wand", "ring"] * cfg.labels)]
-    backend.label(prompt, msgs[:64])  # compile
+    backend.label(prompt, msgs[:backend.batch_size])  # compile
+    msgs = msgs[backend.batch_size:]
     t = time.perf_counter()
     backend.label(prompt, msgs)
-    lps = cfg.labels / (time.perf_counter() - t)
+    lps = len(msgs) / (time.perf_counter() - t)
     print(f"\n{cfg.env_name}, {cfg.num_envs} envs x {cfg.num_steps} steps, reward model {cfg.reward_model}, "
           f"{cfg.rounds} rounds x {cfg.updates} updates")
     print(f"PPO: {p:.0f} env-steps/s   ONI: {o:.0f} env-steps/s   ratio ONI/PPO = {o / p:.1%}   "
           f"median per-round ratio = {paired:.1%} (target >= 85%)")
-    print(f"embedded annotator: {lps:.0f} labels/s (batches of {backend.batch_size}, this process); "
+    print(f"{cfg.annotator} annotator ({backend.describe()}): {lps:.0f} labels/s (batches of {backend.batch_size}, "
+          f"this process); "
           f"service during the run: {server.get('labeled_total', 0):.0f} labelled, "
           f"mean latency {server.get('latency_s_mean', 0) * 1000:.0f} ms/label")
     return 0

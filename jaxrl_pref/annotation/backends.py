@@ -424,10 +424,14 @@ class LLMBackend:
         return f"llm {self.llm.describe()} ({how}, label = P(\\boxed{{1}}) > {self.threshold:g}{rate})"
 
     def warmup(self) -> None:
-        """Compiles the engine's batch sizes on a packaged prompt (the service calls it while messages arrive)."""
+        """Compiles what labelling runs (the prefix's KV cache, the scoring program at the engine's batch sizes, for
+        message-length prompts) on a packaged prompt; the service calls it while the first messages arrive. Not
+        counted in the rate :meth:`describe` reports."""
         prompt = Prompt.load("minihack")
-        for n in sorted({1, 8, self.batch_size}):
-            self.scores(prompt, [f"warm-up message {i}" for i in range(n)], cache=False)
+        for n, words in ((32, 4), (32, 12), (32, 20), (16, 4), (16, 12), (8, 4), (4, 4), (1, 4)):
+            # prompts of ~16, 24 and 32 tokens (a message and the answer's start): NetHack messages' usual lengths
+            self.scores(prompt, [f"{i} " + " ".join(["gold"] * (words - 1)) for i in range(n)])
+        self.scored, self.seconds = 0, 0.0
 
     @staticmethod
     def _question(prompt: Prompt, kind: str) -> str:

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qs, urlparse
@@ -50,6 +50,7 @@ from jaxrl_pref.annotation.backends import BACKENDS, BackendError, Prompt, make_
 from jaxrl_pref.annotation.store import LabelStore, check_usable, owner_id
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import ConfigError, require
+from jaxrl_pref.httpjson import JSONHandler
 
 MAX_BODY = 32 * 1024 * 1024
 
@@ -239,50 +240,41 @@ class Annotator:
 
 
 def make_http_server(annotator: Annotator, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # quiet: requests are frequent
-            pass
-
-        def _send(self, code: int, obj):
-            body = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    class Handler(JSONHandler):
+        protocol_version = "HTTP/1.1"
 
         def do_GET(self):
             u = urlparse(self.path)
             q = parse_qs(u.query)
             try:
                 if u.path == "/health":
-                    return self._send(200, {"ok": True, "backend": annotator.backend.name})
+                    return self.send_json(200, {"ok": True, "backend": annotator.backend.name})
                 if u.path == "/metrics":
-                    return self._send(200, annotator.metrics())
+                    return self.send_json(200, annotator.metrics())
                 if u.path == "/changes":
                     task = q.get("task", [""])[0]
                     since = int(q.get("since", ["0"])[0])
-                    return self._send(200, annotator.store.changes_since(task, since))
+                    return self.send_json(200, annotator.store.changes_since(task, since))
                 if u.path == "/summary":
-                    return self._send(200, annotator.store.summary(q.get("task", [""])[0]))
-                self._send(404, {"error": f"no route {u.path}"})
+                    return self.send_json(200, annotator.store.summary(q.get("task", [""])[0]))
+                self.send_json(404, {"error": f"no route {u.path}"})
             except (ValueError, KeyError) as e:
-                self._send(400, {"error": str(e)})
+                self.send_json(400, {"error": str(e)})
 
         def do_POST(self):
             u = urlparse(self.path)
             if u.path != "/submit":
-                return self._send(404, {"error": f"no route {u.path}"})
+                return self.send_json(404, {"error": f"no route {u.path}"})
             try:
                 n = int(self.headers.get("Content-Length", 0))
                 if n > MAX_BODY:
-                    return self._send(413, {"error": "request too large"})
+                    return self.send_json(413, {"error": "request too large"})
                 req = json.loads(self.rfile.read(n) or b"{}")
                 msgs = [str(m) for m in req.get("messages", [])]
                 pairs = [(str(a), str(b)) for a, b in req.get("pairs", [])]
-                self._send(200, {"new": annotator.submit(str(req["task"]), msgs, pairs)})
+                self.send_json(200, {"new": annotator.submit(str(req["task"]), msgs, pairs)})
             except (ValueError, KeyError, TypeError) as e:
-                self._send(400, {"error": str(e)})
+                self.send_json(400, {"error": str(e)})
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

@@ -19,7 +19,7 @@ import numpy as np
 from jaxrl_pref.llm import model as M
 from jaxrl_pref.llm.loaders import LAYER_NAMES, Checkpoint, load_checkpoint
 
-BATCH_BUCKETS = (1, 8, 32)
+BATCH_BUCKETS = (1, 4, 8, 16, 32)  # rows a batch is padded to (each a compiled program per length bucket)
 MAX_VARIANTS = 8          # token ids per choice (see LLM.choice_token_ids)
 PREFIX_LRU = 8            # distinct prefixes whose KV cache is kept
 SHARD_ABOVE_BYTES = 2 * 2 ** 30   # on several devices, shard (not replicate) weights larger than this

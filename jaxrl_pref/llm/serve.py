@@ -26,11 +26,12 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
 from jaxrl_pref.config import require
+from jaxrl_pref.httpjson import JSONHandler
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -186,29 +187,18 @@ class OpenAIApp:
 
 
 def make_http_server(app: OpenAIApp, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args):
-            pass
-
-        def _send(self, code: int, obj) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
         def _error(self, e: RequestError) -> None:
-            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.code}})
+            self.send_json(e.status, {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.code}})
 
         def do_GET(self):
             path = self.path.split("?")[0].rstrip("/")
             if path in ("/v1/models", "/models"):
-                return self._send(200, app.models())
+                return self.send_json(200, app.models())
             if path == "/health":
-                return self._send(200, {"ok": True, "model": app.name})
+                return self.send_json(200, {"ok": True, "model": app.name})
             self._error(RequestError(404, f"no route GET {path}", "invalid_request_error", "not_found"))
 
         def do_POST(self):
@@ -230,7 +220,7 @@ def make_http_server(app: OpenAIApp, host: str = "127.0.0.1", port: int = 0) -> 
                     raise RequestError(400, "the body must be a JSON object")
                 if req.get("stream"):
                     raise RequestError(400, "stream=true is not supported: ask without streaming")
-                self._send(200, route(req))
+                self.send_json(200, route(req))
             except RequestError as e:
                 self._error(e)
             except ValueError as e:  # the engine's own checks (a prompt over the context length, ...)
