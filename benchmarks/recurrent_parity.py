@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from agents import ppo
+from jaxrl_pref.stats import bootstrap_mean_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = dict(num_envs=4, num_steps=128, total_timesteps=500_000, learning_rate=2.5e-4, update_epochs=4,
@@ -66,15 +67,6 @@ rets = np.asarray(m["returned_episode_returns"]).reshape(shape)[:, -last:]
 print(json.dumps({"sums": (rets * done).sum((1, 2)).tolist(), "counts": done.sum((1, 2)).tolist(),
                   "seconds": time.perf_counter() - t}))
 """
-
-
-def bootstrap_ci(x, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``x`` over its entries (the seeds)."""
-    x = np.asarray(x, np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
-    means = x[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def final_returns(sums, counts) -> list[float]:
@@ -109,10 +101,10 @@ def summarize(results: dict) -> str:
     lines = ["| task | policy | final return, mean [95% CI] | per seed | vs anchor |", "|---|---|---|---|---|"]
     for env, rows in results.items():
         a = rows.get("purejaxrl ppo_rnn")
-        a_lo = bootstrap_ci(a["final"])[0] if a else None
+        a_lo = bootstrap_mean_interval(a["final"])[0] if a else None
         for name, r in rows.items():
             x = np.asarray(r["final"])
-            lo, hi = bootstrap_ci(x)
+            lo, hi = bootstrap_mean_interval(x)
             verdict = "" if a is None or r is a else (">= anchor" if x.mean() >= a_lo else "BELOW anchor")
             lines.append(f"| {env} | {name} | {x.mean():.1f} [{lo:.1f}, {hi:.1f}] | "
                          f"{', '.join(f'{v:.1f}' for v in x)} | {verdict} |")

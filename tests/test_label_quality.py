@@ -1,18 +1,22 @@
-"""The label-quality reference set (benchmarks/data/label_reference.jsonl) and benchmarks/label_quality's metrics."""
-import json
+"""The label-quality reference set (benchmarks/data/label_reference.jsonl) and the metrics
+(jaxrl_pref.annotation.quality, jaxrl_pref.stats) that benchmarks/label_quality.py reports."""
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import label_quality as LQ
+from jaxrl_pref import stats
+from jaxrl_pref.annotation import quality as LQ
 from jaxrl_pref.annotation.backends import Prompt, Reply, make_backend
+
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "label_reference.jsonl"
 
 GOALS = ("keyroom", "staircase", "score")
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return LQ.load_reference()
+    return LQ.load_reference(REFERENCE)
 
 
 def test_reference_file(rows):
@@ -30,23 +34,26 @@ def test_reference_file(rows):
 
 
 def test_auc_hand_computed():
-    assert LQ.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert LQ.auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
-    assert LQ.auc([0.5, 0.5, 0.5], [1, 0, 0]) == 0.5
+    assert stats.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert stats.auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert stats.auc([0.5, 0.5, 0.5], [1, 0, 0]) == 0.5
     # positives {0.35, 0.8} vs negatives {0.1, 0.4}: 0.35 beats 0.1 only, 0.8 beats both -> 3 of 4
-    assert LQ.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert stats.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     # a tie counts one half: positive 1 vs negatives {1, 0} -> (0.5 + 1) / 2
-    assert LQ.auc([1, 1, 0], [1, 0, 0]) == 0.75
-    assert np.isnan(LQ.auc([0.1, 0.2], [1, 1]))
+    assert stats.auc([1, 1, 0], [1, 0, 0]) == 0.75
+    assert np.isnan(stats.auc([0.1, 0.2], [1, 1]))
 
 
 def test_bootstrap_interval_seeded():
     rng = np.random.default_rng(1)
     y = np.array([0] * 30 + [1] * 30)
     s = y + rng.normal(0, 1, 60)
-    a = LQ.bootstrap_interval(LQ.auc, s, y, resamples=200, seed=3)
-    assert a == LQ.bootstrap_interval(LQ.auc, s, y, resamples=200, seed=3)
-    assert a[0] < LQ.auc(s, y) < a[1]
+    a = stats.bootstrap_interval(stats.auc, s, y, resamples=200, seed=3)
+    assert a == stats.bootstrap_interval(stats.auc, s, y, resamples=200, seed=3)
+    assert a[0] < stats.auc(s, y) < a[1]
+    # the mean's interval (the parity benchmark's): the table's Acrobot anchor row, reproduced from its seeds
+    assert stats.bootstrap_mean_interval([-86.4, -83.3, -495.1, -84.3]) == (-392.4, -83.8)
+    assert stats.bootstrap_mean_interval([5.0, 5.0]) == (5.0, 5.0)
 
 
 class FirstAlways:
@@ -90,16 +97,12 @@ def test_parse_spec():
         LQ.build("no-such-backend")
 
 
-def test_harness_end_to_end_scripted(rows, tmp_path, capsys):
+def test_harness_end_to_end_scripted(rows):
     out = LQ.evaluate(make_backend("scripted"), rows[:80], pairs=20, resamples=50)
     for g in GOALS:
         r = out[g]
         assert 0 <= r["auc"] <= 1 and 0 <= r["acc"] <= 1 and 0 <= r["swap_auc"] <= 1
         assert r["auc_ci"][0] <= r["auc"] <= r["auc_ci"][1]
         assert r["consistent"] == 1.0 and r["ab"] == r["ba"]  # the keyword count is symmetric in the pair
-    assert LQ.main(["--annotators", "scripted", "--limit", "80", "--pairs", "10", "--resamples", "20",
-                    "--json", str(tmp_path / "r.json")]) == 0
-    printed = capsys.readouterr().out
-    assert "| scripted | keyroom" in printed
-    saved = json.loads((tmp_path / "r.json").read_text())
-    assert set(saved["results"]["scripted"]) == set(GOALS)
+    printed = LQ.table({"scripted": out})
+    assert printed.count("| scripted | ") == len(GOALS) and "| scripted | keyroom" in printed
