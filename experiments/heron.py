@@ -16,7 +16,6 @@ reward model's loss/accuracy/margins (``reward/heron_*``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
 
 from jaxrl_pref import cli
 
@@ -59,13 +58,7 @@ SPEC = cli.Experiment(
     defaults=lambda env, host: {**launch.ppo_defaults(env, host), **(HOST_DEFAULTS if host else {})})
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
 
 from experiments import heron as _heron  # first: sets up JAX before anything imports it
 from jaxrl_pref import cli
@@ -12,13 +11,7 @@ SPEC = dataclasses.replace(_heron.SPEC, name="heron_nethack", module="experiment
                            default_env="MiniHack-Room-5x5-v0")
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from jaxrl_pref import cli
 
@@ -105,13 +104,7 @@ SPEC = cli.Experiment(
     defaults=launch.ppo_defaults, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError, RuntimeError))
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

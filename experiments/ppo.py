@@ -22,8 +22,6 @@ failed mid-run (disk full; the last good checkpoint is kept); 128+signal when st
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts: synchronous CPU dispatch, --distributed
@@ -37,13 +35,7 @@ SPEC = cli.Experiment(
     errors=(ImportError,))
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

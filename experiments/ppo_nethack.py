@@ -3,7 +3,6 @@ with ``--env NetHackScore-v0`` by default and NetHack/MiniHack envs only (``expe
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
 
 from experiments import ppo as _ppo  # first: sets up JAX before anything imports it
 from agents import launch
@@ -22,13 +21,7 @@ SPEC = dataclasses.replace(_ppo.SPEC, name="ppo_nethack", module="experiments.pp
                            default_env="NetHackScore-v0", check=_check)
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,8 +17,6 @@ exploration episodes, ``loss/q_head*``, ``experience_steps`` (env steps of the e
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts
@@ -44,13 +42,7 @@ SPEC = cli.Experiment(
     defaults=lambda env, host: {"log_every": 1, "checkpoint_every": 50}, unit="timestep", errors=(ImportError,))
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> cli.Options:
-    return cli.parse(SPEC, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(SPEC, argv)
-
+parse, main = cli.entry_points(SPEC)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -364,6 +364,25 @@ def _check(opts: Options, defaults: dict) -> None:
         spec.check(opts)
 
 
+def entry_points(spec: Experiment):
+    """``(parse, main)`` of an experiment module: ``parse(argv=None) -> Options`` and ``main(argv=None) -> exit
+    status``, :func:`parse` and :func:`main` bound to ``spec``. An entry point is its spec and these two lines::
+
+        parse, main = cli.entry_points(SPEC)
+        if __name__ == "__main__":
+            raise SystemExit(main())
+    """
+    def parse_argv(argv: Optional[Sequence[str]] = None) -> Options:
+        return parse(spec, argv)
+
+    def main_argv(argv: Optional[Sequence[str]] = None) -> int:
+        return main(spec, argv)
+
+    parse_argv.__doc__ = f"The options of ``python -m {spec.module}`` from ``argv`` (default: the command line)."
+    main_argv.__doc__ = f"``python -m {spec.module}``: parse ``argv``, train, return the exit status."
+    return parse_argv, main_argv
+
+
 def main(spec: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     """Parses ``argv``, trains (``spec.train``) and returns the exit status (see the module docstring)."""
     from jaxrl_pref import distributed
