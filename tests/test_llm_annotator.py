@@ -186,8 +186,9 @@ def test_openai_annotator_is_served_by_the_real_llm(served, tmp_path):
         assert (label in (0.0, 1.0)) if status == "labeled" else (label is None and "boxed" in error)
 
 
-def test_oni_on_minihack_learns_from_labels_the_llm_produced(tmp_path):
-    """README (ONI, issue 35's command at a shorter budget): ``--annotator llm`` starts an annotator service that
+def test_oni_on_minihack_learns_from_labels_the_llm_produced(tmp_path, llm):
+    """README (ONI, issue 35's command at a shorter budget: 4 updates of 4 envs x 32 steps, each waiting for its
+    labels): ``--annotator llm`` starts an annotator service that
     runs SmolLM2 in JAX; every message the run saw is labelled by it (backend llm, model SmolLM2, raw reply the
     model's P(1)), and the stored label is what the backend computes again here for that message."""
     pytest.importorskip("nle")
@@ -198,7 +199,7 @@ def test_oni_on_minihack_learns_from_labels_the_llm_produced(tmp_path):
     from jaxrl_pref.logging import read_metrics
     run = tmp_path / "run"
     rc = oni_exp.main(["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--annotator", "llm", "--num-envs", "4",
-                       "--num-steps", "64", "--total-timesteps", "2048", "--run-dir", str(run), "--progress", "False",
+                       "--num-steps", "32", "--total-timesteps", "512", "--run-dir", str(run), "--progress", "False",
                        "--log-every", "1", "--label-wait", "600"])
     assert rc == 0
     log = (run / "annotator.log").read_text()
@@ -212,7 +213,7 @@ def test_oni_on_minihack_learns_from_labels_the_llm_produced(tmp_path):
     s.close()
     assert len(rows) == labeled[-1]
     assert {(r[2], r[3]) for r in rows} == {("llm", "SmolLM2-135M-Instruct")}
-    b = make_backend("llm")
+    b = make_backend("llm", llm=llm)
     p = b.scores(Prompt.load("minihack"), [r[0] for r in rows])
     for (msg, label, _, _, raw), pm in zip(rows, p):
         assert raw == f"llm P(1)={pm:.4f}" or abs(float(raw.split("=")[1]) - pm) < 2e-4, (msg, raw, pm)
