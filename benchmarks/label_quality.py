@@ -45,7 +45,9 @@ scripted bow --json /tmp/label_quality.json`` (320 messages; 200 pairs per goal;
 
 In short: no annotator is a good judge (AUC 0.48-0.79; every accuracy is below labelling everything 0:
 0.912 / 0.944 / 0.788); the three are order-consistent by construction; the embedded backend reads only its
-prompt's example messages (goal swap: below chance). See ``docs/oni.md``, "Label quality", for the reading.
+prompt's example messages (goal swap: below chance). See ``docs/oni.md``, "Label quality", for the reading, and
+there the rows of the in-process LLM (``--annotators llm "llm:shots=4"``: SmolLM2-135M is at chance zero-shot and
+answers pairs by position only).
 """
 from __future__ import annotations
 
