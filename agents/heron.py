@@ -9,7 +9,7 @@ reward-transform seam; this module only wires configuration together (nothing of
 
 The env must report reward factors (a registered factor env such as ``PendulumFactors-v1``,
 ``MountainCarContinuousFactors-v0``; a gymnax id with a factor variant, e.g. ``Pendulum-v1``, is mapped to it).
-Any other agent (e.g. the Sebulba host loop for NetHack, with :data:`jaxrl_pref.rewards.factors.MINIHACK`) uses the
+Any other agent (e.g. the Sebulba host loop for NetHack, with :data:`envs.factors.MINIHACK`) uses the
 same model via :func:`reward_model`.
 
 Baselines of the HERON study: :func:`baseline_trainer` gives PPO on the hand-designed weighted-sum reward
@@ -21,8 +21,9 @@ import dataclasses
 from typing import Optional
 
 from agents import ppo
+from envs.factors import FactorSet, factor_env_name, factor_set_for
 from jaxrl_pref.config import ConfigError, require
-from jaxrl_pref.rewards.factors import FactorReward, FactorSet, factor_env_name, factor_set_for
+from jaxrl_pref.rewards.factors import FactorReward
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward
 
 
@@ -58,7 +59,7 @@ class Config(ppo.Config, PreferenceConfig):
 
 
 def _factor_envs():
-    from jaxrl_pref.rewards.factors import FACTOR_ENVS
+    from envs.factors import FACTOR_ENVS
     return sorted(FACTOR_ENVS)
 
 

@@ -37,9 +37,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from envs.messages import decode_messages
 from jaxrl_pref.config import ConfigError, require
 from jaxrl_pref.rewards import motif as rm
-from jaxrl_pref.rewards.retrieval import decode_messages, message_hash_np
+from jaxrl_pref.rewards.retrieval import message_hash_np
 
 DATASET_FILE, PAIRS_FILE = "dataset.json", "pairs.json"
 PAIR_SAMPLING = ("uniform", "counts")

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents import ppo
+from envs.messages import decode_messages, encode_messages
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import require
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import (MessageTable, Retrieval, decode_messages, encode_messages, message_hash_np,
-                                         update_rows)
+from jaxrl_pref.rewards.retrieval import MessageTable, Retrieval, message_hash_np, update_rows
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 
 REWARD_MODELS = ("retrieval", "classification", "ranking")

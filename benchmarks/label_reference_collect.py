@@ -116,7 +116,7 @@ class Seek:
 def collect(task: str, policy: str, seed: int, steps: int, num_envs: int) -> collections.Counter:
     import envs.nethack as N
     from envs import nle_worker as W
-    from jaxrl_pref.rewards.retrieval import decode_messages
+    from envs.messages import decode_messages
 
     env = W.make_env(task)
     keys = [int(a) for a in env.unwrapped.actions]

@@ -249,7 +249,7 @@ def oni_classifier(s: int, n: int) -> dict:
     """tests/test_oni.py::test_classifier_generalises_to_held_out_messages: training accuracy and held-out accuracy
     (24 messages of 5 monsters and 3 items never trained on) per seed (init and update keys from one key)."""
     from jaxrl_pref.rewards.classification import Classification
-    from jaxrl_pref.rewards.retrieval import encode_messages
+    from envs.messages import encode_messages
     t = _test_module("test_oni")
     train_x, train_y = t._cls_data(t.MONSTERS[:11], t.ITEMS[:7])
     test_x, test_y = t._cls_data(t.MONSTERS[11:], t.ITEMS[7:])

@@ -53,7 +53,8 @@ from agents.ppo import HostState
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
 from jaxrl_pref.annotation.store import LabelStore
 from jaxrl_pref.config import cli
-from jaxrl_pref.rewards.retrieval import encode_messages, lookup
+from envs.messages import encode_messages
+from jaxrl_pref.rewards.retrieval import lookup
 from jaxrl_pref.rollout import Transition
 
 TASK = "nethack_score"

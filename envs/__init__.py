@@ -33,9 +33,9 @@ def registered() -> list[str]:
 
 
 def check_name(name: str) -> None:
-    """Raises :class:`~jaxrl_pref.config.ConfigError` (field ``env_name``) unless ``name`` is a known env. Cheap:
+    """Raises :class:`~envs.errors.ConfigError` (field ``env_name``) unless ``name`` is a known env. Cheap:
     builds nothing (xminigrid and Craftax ids need their package installed, and say so)."""
-    from jaxrl_pref.config import ConfigError
+    from envs.errors import ConfigError
     try:
         if name in _craftax.NAMES:  # registered without craftax installed: say so here, importing nothing
             _craftax.check_installed(name)
@@ -156,10 +156,10 @@ from envs import nethack as _nethack  # noqa: E402
 
 
 def _register_factor_envs() -> None:
-    """JAX envs that report HERON reward factors in ``info`` (see :mod:`jaxrl_pref.rewards.factors`)."""
+    """JAX envs that report HERON reward factors in ``info`` (see :mod:`envs.factors`)."""
     from functools import partial
 
-    from jaxrl_pref.rewards.factors import FACTOR_ENVS, make_factor_env
+    from envs.factors import FACTOR_ENVS, make_factor_env
     for name, (base, factor_set) in FACTOR_ENVS.items():
         register(name, partial(make_factor_env, base, factor_set))
 

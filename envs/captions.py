@@ -55,9 +55,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from envs.messages import MESSAGE_LEN, encode_messages
+
 __all__ = ["Captioned", "CaptionTable", "caption_table", "is_captioned", "wrap", "message_bytes"]
 
-MESSAGE_LEN = 256  # jaxrl_pref.rewards.retrieval.MESSAGE_LEN (NetHack's message buffer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,6 @@ class CaptionTable:
     @functools.cached_property
     def bytes(self) -> np.ndarray:
         """``uint8[K, 256]``: ``encode_messages(texts)``, NUL-padded (the NetHack message form)."""
-        from jaxrl_pref.rewards.retrieval import encode_messages
         out = encode_messages(self.texts, MESSAGE_LEN)
         out.setflags(write=False)
         return out

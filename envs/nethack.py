@@ -597,7 +597,7 @@ class PoolConfig:
     rollout moves to the learner in one transfer per update."""
 
     def __post_init__(self):
-        from jaxrl_pref.config import require
+        from envs.errors import require
         bad = [k for k in self.obs_keys if k not in W.OBS_KEYS]
         require(not bad and len(self.obs_keys) > 0, "obs_keys", f"unknown keys {bad}",
                 f"choose from {' '.join(W.OBS_KEYS)}")
@@ -612,7 +612,7 @@ class PoolConfig:
 
     def check(self, num_envs: int) -> None:
         """Checks the settings that depend on the pool's size."""
-        from jaxrl_pref.config import require
+        from envs.errors import require
         require(self.env_groups >= 1 and num_envs % self.env_groups == 0, "env_groups",
                 f"must be >= 1 and divide num_envs={num_envs}, got {self.env_groups}",
                 "pass --env-groups 1, or 2 with an even --num-envs")

@@ -22,7 +22,7 @@ from jaxrl_pref import cli
 cli.setup()  # before JAX starts
 
 from agents import heron, launch, ppo  # noqa: E402
-from jaxrl_pref.rewards.factors import MINIHACK, factor_env_name, factor_set_for  # noqa: E402
+from envs.factors import MINIHACK, factor_env_name, factor_set_for  # noqa: E402
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
 from jaxrl_pref.config import require  # noqa: E402
 

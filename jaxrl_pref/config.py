@@ -6,20 +6,9 @@ import json
 import sys
 from typing import Any, Optional, Sequence, TypeVar
 
+from envs.errors import ConfigError, require  # noqa: F401 (this module is where the rest of the project imports them)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message names the field and how to fix it."""
-
-    def __init__(self, field: str, problem: str, fix: str):
-        self.field = field
-        super().__init__(f"{field}: {problem}. Fix: {fix}")
-
-
-def require(cond: bool, field: str, problem: str, fix: str) -> None:
-    if not cond:
-        raise ConfigError(field, problem, fix)
 
 
 def positive(cfg, *names: str, strict: bool = True) -> None:

@@ -236,7 +236,7 @@ def test_oni_loop_finds_its_state_under_the_bonus():
     """With a bonus, ONI's reward state sits under WithBonus's "base": the host hook reads and writes it there and
     leaves the bonus's state alone."""
     from agents.ppo import HostState
-    from jaxrl_pref.rewards.retrieval import encode_messages
+    from envs.messages import encode_messages
 
     class Client:
         def submit(self, messages, pairs=()):

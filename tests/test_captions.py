@@ -10,7 +10,7 @@ import pytest
 
 import envs
 from envs import captions
-from jaxrl_pref.rewards.retrieval import decode_messages
+from envs.messages import decode_messages
 from jaxrl_pref.rollout import collect
 
 try:

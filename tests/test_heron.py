@@ -11,7 +11,7 @@ import pytest
 
 import envs
 from agents import heron
-from jaxrl_pref.rewards import factors as F
+from envs import factors as F
 from jaxrl_pref.rewards.hierarchy import (compare, compare_all_pairs, compare_pairs, random_margins,
                                           std_margins)
 from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward, bt_loss
@@ -325,7 +325,7 @@ def test_heron_reward_model_in_the_nethack_host_loop():
     pytest.importorskip("nle")
     from agents import launch, ppo
     from envs.nethack import PoolConfig
-    from jaxrl_pref.rewards.factors import MINIHACK
+    from envs.factors import MINIHACK
     cfg = ppo.host_config(env_name="MiniHack-Room-5x5-v0", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3,
                           update_epochs=1, num_minibatches=2)
     rm = PreferenceReward(PreferenceConfig(factors=("depth", "damage", "steps"), margins=(0, 0, 1), segment_len=4,
@@ -362,7 +362,7 @@ def test_heron_run_resumes_exactly(tmp_path):
 
 def test_heron_nethack_cli_errors_name_the_field():
     from experiments import heron_nethack as hn
-    from jaxrl_pref.rewards.factors import MINIHACK
+    from envs.factors import MINIHACK
     for argv, field in ((["--factors", "depth>luck"], "factors"), (["--margins", "0", "1"], "margins"),
                         (["--segment-len", "64", "--num-steps", "32"], "segment_len")):
         with pytest.raises(SystemExit) as e:

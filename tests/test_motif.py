@@ -13,7 +13,8 @@ from agents import motif, oni, ppo
 from jaxrl_pref.annotation.backends import Prompt, ScriptedBackend
 from jaxrl_pref.networks import EncoderActorCritic
 from jaxrl_pref.rewards import motif as rm
-from jaxrl_pref.rewards.retrieval import encode_messages, lookup
+from envs.messages import encode_messages
+from jaxrl_pref.rewards.retrieval import lookup
 from tests.test_oni import Cfg, DictMLP
 
 

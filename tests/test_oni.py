@@ -11,7 +11,8 @@ from agents import oni, ppo
 from jaxrl_pref.networks import MLP, EncoderActorCritic
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import MessageTable, decode_messages, encode_messages, lookup
+from envs.messages import decode_messages, encode_messages
+from jaxrl_pref.rewards.retrieval import MessageTable, lookup
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 from jaxrl_pref.rollout import Transition
 

@@ -11,7 +11,7 @@ import pytest
 
 from agents import oni, oni_captioned, ppo
 from envs import captions
-from jaxrl_pref.rewards.retrieval import encode_messages
+from envs.messages import encode_messages
 from jaxrl_pref.rollout import Transition
 from jaxrl_pref.runner import run_experiment, segment_bounds
 from tests.test_oni import InstantClient

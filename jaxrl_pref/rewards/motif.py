@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxrl_pref.rewards.classification import MessageNet, score_unique
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import MESSAGE_LEN, encode_messages
+from envs.messages import MESSAGE_LEN, encode_messages
 
 MODEL_FILE, STATS_FILE = "model.msgpack", "model.json"
 

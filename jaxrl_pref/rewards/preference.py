@@ -46,7 +46,8 @@ from flax import struct
 
 from jaxrl_pref.config import ConfigError, in_range, positive, require
 from jaxrl_pref.networks import ACTIVATIONS, MLP
-from jaxrl_pref.rewards.factors import FactorSet, traj_factors
+from envs.factors import FactorSet
+from jaxrl_pref.rewards.factors import traj_factors
 from jaxrl_pref.rewards.hierarchy import compare_all_pairs, random_margins, std_margins
 
 TIES = ("skip", "half")
@@ -141,7 +142,7 @@ class PreferenceConfig:
 
 
 def _flatten_ranking(factors: Sequence[str]) -> tuple[str, ...]:
-    from jaxrl_pref.rewards.factors import parse_ranking
+    from envs.factors import parse_ranking
     return parse_ranking(list(factors)) if factors else ()
 
 

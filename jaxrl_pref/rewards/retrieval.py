@@ -17,14 +17,15 @@ times the learner has seen it (for count-based decay). Unknown or unlabeled mess
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from envs.messages import BLANK, MESSAGE_LEN
+
 MAX_PROBES = 16
-MESSAGE_LEN = 256
 _B1, _B2 = 0x01000193, 0x9E3779B1  # bases of the two polynomial hashes (odd: invertible mod 2^32)
 
 
@@ -56,8 +57,7 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
-_BLANK = (0, 9, 10, 11, 12, 13, 32)  # NUL and the ASCII whitespace decode_messages strips from a message's end
-_IS_BLANK = np.isin(np.arange(256), _BLANK)
+_IS_BLANK = np.isin(np.arange(256), BLANK)
 
 
 def canonical_np(msgs: np.ndarray) -> np.ndarray:
@@ -107,27 +107,6 @@ def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
     h2 = (m * (jnp.asarray(_P2[:L]) + jnp.uint32(3))).sum(-1, dtype=jnp.uint32)
     h1, h2 = _fmix(h1), _fmix(h2)
     return h1, jnp.where((h1 == 0) & (h2 == 0), jnp.uint32(1), h2)  # (0, 0) marks a free slot
-
-
-def encode_messages(texts: Iterable[str], length: int = MESSAGE_LEN) -> np.ndarray:
-    """Texts -> ``uint8[n, length]`` NUL-padded (latin-1, so bytes <-> text is lossless)."""
-    bs = [t.encode("latin-1", "replace")[:length] for t in texts]
-    out = np.zeros((len(bs), length), np.uint8)
-    lens = np.fromiter(map(len, bs), np.int64, len(bs))
-    if lens.sum():  # one scatter of all the bytes (a row at a time costs ~1 us per message)
-        starts = np.repeat(np.cumsum(lens) - lens, lens)
-        out[np.repeat(np.arange(len(bs)), lens), np.arange(len(starts)) - starts] = \
-            np.frombuffer(b"".join(bs), np.uint8)
-    return out
-
-
-def decode_messages(msgs: np.ndarray) -> list[str]:
-    """``uint8[n, L]`` -> texts (up to the first NUL; trailing ASCII whitespace stripped)."""
-    out = []
-    strip = bytes(_BLANK[1:])
-    for row in np.asarray(msgs, np.uint8).reshape(-1, np.shape(msgs)[-1]):
-        out.append(row.tobytes().split(b"\x00", 1)[0].rstrip(strip).decode("latin-1"))
-    return out
 
 
 class MessageTable:
