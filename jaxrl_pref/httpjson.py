@@ -1,9 +1,17 @@
-"""The JSON-over-HTTP handler the project's local services share (the annotator service, the OpenAI-compatible LLM
-server): quiet logs, ``send_json(code, obj)``."""
+"""What the project's local HTTP services share (the annotator service, the OpenAI-compatible LLM server): a JSON
+handler (quiet logs, ``send_json(code, obj)``) and the port file a starter reads the bound port from."""
 from __future__ import annotations
 
 import json
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Writes ``port`` to ``path`` atomically (a reader never sees a half-written file)."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
 
 
 class JSONHandler(BaseHTTPRequestHandler):

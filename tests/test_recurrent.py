@@ -274,12 +274,18 @@ def _rollout(cfg, key=jax.random.PRNGKey(4), **env_kwargs):
     return agent, hp, state, (traj, obs, ps), (traj2, ps2), ps0
 
 
+def carry_shape(cfg, *lead) -> tuple:
+    """A carry leaf's shape: ``[*lead, rnn_hidden]``, with the stack axis of 2 before it for the separate critic (the
+    LSTM's default)."""
+    return (*lead, *((2,) if cfg.critic_kind == "separate" else ()), cfg.rnn_hidden)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_rollout_stores_the_state_entering_each_step(cell):
     cfg = ppo.Config(**{**TINY, "network": cell})
     agent, hp, state, (traj, last_obs, ps), (traj2, _), ps0 = _rollout(cfg, max_steps_in_episode=6)
     T, N = cfg.num_steps, cfg.num_envs
-    chex.assert_shape(jax.tree.leaves(traj.policy_state.carry), (T, N, cfg.rnn_hidden))
+    chex.assert_shape(jax.tree.leaves(traj.policy_state.carry), carry_shape(cfg, T, N))
     assert bits(jax.tree.map(lambda x: x[0], traj.policy_state)) == bits(ps0)
     np.testing.assert_array_equal(traj.policy_state.start[1:], traj.done[:-1])  # start[t+1] = done[t]
     assert traj.done.any() and traj.truncated.any()
@@ -476,7 +482,7 @@ def test_host_loop_carries_the_policy_state():
     state = tr.init(jax.random.PRNGKey(0))
     traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
     T, N = cfg.num_steps, cfg.num_envs
-    chex.assert_shape(jax.tree.leaves(traj.policy_state.carry), (T, N, cfg.rnn_hidden))
+    chex.assert_shape(jax.tree.leaves(traj.policy_state.carry), carry_shape(cfg, T, N))
     assert traj.policy_state.start[0].all()  # the env was just reset
     np.testing.assert_array_equal(traj.policy_state.start[1:], traj.done[:-1])
     net, p = tr.agent.network, state.train_state.params

@@ -42,7 +42,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
@@ -50,7 +49,7 @@ from jaxrl_pref.annotation.backends import BACKENDS, BackendError, Prompt, make_
 from jaxrl_pref.annotation.store import LabelStore, check_usable, owner_id
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import ConfigError, require
-from jaxrl_pref.httpjson import JSONHandler
+from jaxrl_pref.httpjson import JSONHandler, write_port_file
 
 MAX_BODY = 32 * 1024 * 1024
 
@@ -376,9 +375,7 @@ def serve(cfg: ServerConfig, ready: Optional[threading.Event] = None) -> None:
     httpd = make_http_server(ann, cfg.host, cfg.port)
     port = httpd.server_address[1]
     if cfg.port_file:
-        tmp = Path(cfg.port_file + ".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(cfg.port_file)
+        write_port_file(cfg.port_file, port)
     log(f"{backend.describe()} on http://{cfg.host}:{port} (pid {os.getpid()}), store {cfg.store}: "
         f"{store.counts()['pending']} pending" + (f", {freed} taken back from dead services" if freed else ""))
     stop = lambda *a: threading.Thread(target=httpd.shutdown, daemon=True).start()

@@ -27,11 +27,10 @@ import threading
 import time
 import uuid
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Optional
 
 from jaxrl_pref.config import require
-from jaxrl_pref.httpjson import JSONHandler
+from jaxrl_pref.httpjson import JSONHandler, write_port_file
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -248,9 +247,7 @@ def main(argv=None) -> int:
     httpd = make_http_server(app, cfg.host, cfg.port)
     port = httpd.server_address[1]
     if cfg.port_file:
-        tmp = Path(cfg.port_file + ".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(cfg.port_file)
+        write_port_file(cfg.port_file, port)
     print(f"serving {llm.describe()} as {app.name!r} at http://{cfg.host}:{port}/v1 (loaded in {loaded:.1f} s)",
           flush=True)
     try:
