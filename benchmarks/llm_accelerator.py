@@ -11,11 +11,10 @@ peak RSS, generation tokens/s). Not run on this project's CPU machine; sized to 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from benchmarks.llm_throughput import load, measure, messages
+from benchmarks.llm_throughput import arguments, load, measure, messages
 
 
 def generation(llm, batch: int, tokens: int) -> dict:
@@ -34,12 +33,7 @@ def generation(llm, batch: int, tokens: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a Hugging Face model directory (or a .gguf file)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--platform", default=None, help="gpu or tpu (default: JAX's default devices)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap = arguments(__doc__, model=None, dtype="bfloat16", rounds=8)
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--gen-tokens", type=int, default=64)
     a = ap.parse_args(argv)

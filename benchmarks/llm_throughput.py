@@ -123,14 +123,20 @@ def measure(llm: LLM, batch: int = 32, rounds: int = 4) -> dict:
     return res
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="default", help="'default' (SmolLM2), a .gguf file or a HF directory")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+def arguments(doc: str, model: str = "default", dtype: str = "float32", rounds: int = 4) -> argparse.ArgumentParser:
+    """The options both LLM benchmarks take (this one and ``llm_accelerator``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", default=model, required=model is None,
+                    help="'default' (SmolLM2), a .gguf file or a Hugging Face model directory")
+    ap.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
     ap.add_argument("--platform", default=None, help="cpu, gpu or tpu (default: JAX's default devices)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=4)
-    a = ap.parse_args(argv)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def main(argv=None) -> dict:
+    a = arguments(__doc__).parse_args(argv)
     llm, load_s = load(a.model, a.dtype, a.platform)
     res = {**measure(llm, a.batch, a.rounds), "load_s": round(load_s, 1)}
     print(f"{res['model']}: {res['labels_per_s_cached']} labels/s with the prefix cache, "
