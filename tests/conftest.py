@@ -138,6 +138,19 @@ def pytest_collection_modifyitems(config, items):
                                     + ", ".join(stale))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (setup.cfg): one worker per core this process may use, at most one per 3 GiB of memory (a
+    worker's JAX programs plus the CLI subprocesses it starts peak near 2 GiB) and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        by_memory = max(1, avail_kib // (3 * 1024 * 1024))
+    except (OSError, StopIteration, ValueError):
+        by_memory = cores
+    return max(1, min(cores, by_memory, 8))
+
+
 def pytest_report_header(config):
     log = os.environ.get("PYTEST_PROGRESS_LOG")
     return f"per-test durations are appended to {log}" if log else None
