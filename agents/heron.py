@@ -41,7 +41,7 @@ class Config(ppo.Config, PreferenceConfig):
     def validate(self) -> None:
         fs = factor_set_for(self.env_name)
         require(fs is not None, "env_name", f"{self.env_name!r} reports no reward factors",
-                "use a factor env: " + ", ".join(_factor_envs()))
+                "use a factor env (" + ", ".join(_factor_envs()) + ") or a NetHack/MiniHack task")
         ppo.Config.validate(self)
         self.validate_rm()
         self.resolve(fs)  # unknown factor names, margins length
@@ -59,8 +59,8 @@ class Config(ppo.Config, PreferenceConfig):
 
 
 def _factor_envs():
-    from envs.factors import FACTOR_ENVS
-    return sorted(FACTOR_ENVS)
+    from envs.factors import factor_envs
+    return factor_envs()
 
 
 def reward_model(cfg: Config, factor_set: Optional[FactorSet] = None) -> PreferenceReward:
@@ -95,3 +95,29 @@ def baseline_reward(cfg: Config, kind: str) -> FactorReward:
 
 def baseline_trainer(cfg: Config, kind: str, log_fn=None, log_every: int = 1) -> ppo.Trainer:
     return ppo.make_trainer(cfg.ppo_config(), reward=baseline_reward(cfg, kind), log_fn=log_fn, log_every=log_every)
+
+
+# -- the study's tasks (experiments.heron_compare; the tests and benchmarks.learning_spread measure pendulum) ------
+
+# Per task: env, PPO settings shared by all methods, HERON ranking and margins.
+_PPO = dict(clip_value=False)  # value clipping (+-0.2) stalls the critic on unit-scale rewards; off for every method
+TASKS = {
+    # PPO settings of the README's Pendulum example (which learns with them); HERON compares 4-step segments,
+    # angle first with margin 0 (a margin on the angle lets "hang still" win on speed)
+    "pendulum": dict(env_name="PendulumFactors-v1", num_envs=4, num_steps=1024, update_epochs=10,
+                     num_minibatches=64, learning_rate=3e-4, gamma=0.9, ent_coef=0.0, normalize_obs=True, **_PPO,
+                     factors=("angle", "speed", "energy"), margins=(0.0, 1.0, 1.0), segment_len=4, rm_updates=32),
+    "mountaincar": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128, update_epochs=4,
+                        num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0, normalize_obs=True, **_PPO,
+                        factors=("goal", "energy"), margins=(0.0, 1.0), segment_len=8, rm_updates=16),
+    # the same task, with the user also ranking a shaping factor (the car's mechanical energy) above action cost
+    "mountaincar_swing": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128,
+                              update_epochs=4, num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
+                              normalize_obs=True, **_PPO, factors=("goal", "swing", "energy"),
+                              margins=(0.0, 0.5, 1.0), segment_len=8, rm_updates=16),
+}
+
+
+def task_config(task: str, total_timesteps: int) -> Config:
+    """The :class:`Config` of one of :data:`TASKS` for ``total_timesteps`` env steps."""
+    return Config(total_timesteps=total_timesteps, **TASKS[task])

@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from envs.messages import decode_messages
+from jaxrl_pref import run_config
 from jaxrl_pref.config import ConfigError, require
 from jaxrl_pref.rewards import motif as rm
 from jaxrl_pref.rewards.retrieval import message_hash_np
@@ -259,7 +260,7 @@ def collect_host(env, steps: int, seed: int = 0, policy: Optional[Callable] = No
 
 
 def collect_jax(name: str, steps: int, num_envs: int = 64, seed: int = 0) -> tuple[list, np.ndarray, int]:
-    """:func:`collect_host` for a captioned JAX task (:func:`envs.captions.is_captioned`): a uniformly random
+    """:func:`collect_host` for a captioned JAX task (``envs.entry(name).captions``): a uniformly random
     rollout of ``num_envs`` envs in one jitted scan, the steps' ``info["message_id"]`` counted there, ids turned
     into texts by the task's caption table."""
     import jax
@@ -290,8 +291,9 @@ def collect_dataset(env_name: str, steps: int, num_envs: int = 16, seed: int = 0
                     policy: Optional[Callable] = None) -> Dataset:
     """The random-policy message dataset of ``env_name``: a NetHack/MiniHack pool (``pool_cfg``: an
     :class:`~envs.nethack.PoolConfig`, whose ``obs_keys`` must include ``message``) or a captioned JAX task."""
-    from envs import captions, nethack
-    if nethack.is_host_env(env_name):
+    from envs import registry
+    entry = registry.find(env_name)  # None: an unknown id, which has no messages either
+    if entry is not None and entry.host:
         if pool_cfg is not None:
             pool = pool_cfg.make_pool(env_name, num_envs, seed)
         else:
@@ -302,7 +304,7 @@ def collect_dataset(env_name: str, steps: int, num_envs: int = 16, seed: int = 0
             texts, counts, done = collect_host(pool, steps, seed, policy)
         finally:
             pool.close()
-    elif captions.is_captioned(env_name):
+    elif entry is not None and entry.captions is not None:
         require(policy is None, "policy", "a captioned JAX task's dataset is collected by a random policy",
                 "leave policy out")
         texts, counts, done = collect_jax(env_name, steps, num_envs, seed)
@@ -570,51 +572,11 @@ def make_hook(oni_cfg, reward, seed: int = 0, state_key: Optional[str] = None):
                        state_key=state_key)
 
 
-def motif_dir(opts, run_dir) -> Path:
-    return Path(opts.motif.motif_dir) if opts.motif.motif_dir else Path(run_dir) / "motif"
-
-
-def _check_resume(opts, run_dir, sha: str, directory: Path) -> None:
-    """A run resumed with another reward model than it started with would mix two rewards: refuse."""
-    cfg = Path(run_dir) / "config.json"
-    if opts.run.no_resume or not cfg.is_file():
-        return
-    try:
-        before = json.loads(cfg.read_text())["run"].get("motif_model_sha256")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return
+def check_resume(run_dir, sha: str, directory: Path) -> None:
+    """A run resumed with another reward model than it started with would mix two rewards: refuse (the CLI skips
+    this check with ``--no-resume``, which starts the run over)."""
+    before = run_config.run_settings(run_dir).get("motif_model_sha256")
     if before and before != sha:
         raise ConfigError("motif_dir", f"the run in {run_dir} started with another Motif reward model than the one in "
                           f"{directory} now (model sha256 {before[:12]} then, {sha[:12]} now)",
                           "pass the --motif-dir it started with (with its model.msgpack unchanged), or --no-resume")
-
-
-def train(opts, run_dir):
-    """``experiments.oni --method motif``: phases 1-3 (reused from ``--motif-dir`` when there), then PPO."""
-    from agents import launch
-    from jaxrl_pref.annotation.config import preflight
-    from jaxrl_pref.logging import plot_oni_curves
-    directory = motif_dir(opts, run_dir)
-    env_name, m = opts.env_name, opts.motif
-    if check_dir(directory, env_name):  # before anything is built or written: the files, then the annotator's needs
-        preflight(opts.annotator, directory)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    prepared = prepare(
-        m, env_name, directory, seed=opts.run.seed, batch_size=opts.oni.rm_batch_size,
-        learning_rate=opts.oni.rm_learning_rate, annotator=opts.annotator.annotator,
-        collect=lambda: collect_dataset(env_name, m.motif_steps, opts.ppo.num_envs, opts.run.seed, opts.pool),
-        connect=lambda: service_client(opts.annotator, env_name, directory))
-    _check_resume(opts, run_dir, prepared.sha, directory)
-    info = {"motif_dir": str(directory), "motif_model_sha256": prepared.sha}
-    _say(f"PPO with the frozen reward model of {directory}")
-    if opts.host:
-        reward = make_reward(opts.oni, prepared)
-        hook = make_hook(opts.oni, reward, opts.run.seed, state_key=None if opts.bonus.bonus == "none" else "base")
-        result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook, run_info=info)
-    else:  # a captioned JAX task: the frozen scores and the per-caption counts inside the jitted loop, no hook
-        from envs import captions
-        reward = make_reward(opts.oni, prepared, captions.caption_table(env_name))
-        result = launch.train_ppo(opts, run_dir, reward=reward, run_info=info)
-    if result.metrics:
-        plot_oni_curves(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
-    return result

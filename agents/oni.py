@@ -1,6 +1,6 @@
 """ONI: PPO with an intrinsic reward learned online from LLM (or embedded) feedback on the agent's messages.
 
-Not a copy of PPO: it is PPO's host-loop trainer (:class:`agents.ppo.HostTrainer`) with
+Not a copy of PPO: it is PPO's host-loop trainer (:class:`agents.ppo_host.HostTrainer`) with
 
 * a reward transform (the seam of :mod:`jaxrl_pref.rewards.transform`)::
 
@@ -28,7 +28,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from agents import ppo
+from agents import ppo_host
 from envs.messages import decode_messages, encode_messages
 from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import require
@@ -329,17 +329,24 @@ def _say(msg: str) -> None:
     print(f"oni: {msg}", file=sys.stderr, flush=True)
 
 
+def build(cfg: ONIOptions, client, seed: int = 0, state_key: Optional[str] = None) -> tuple[ScaledSum, "ONILoop"]:
+    """ONI on a host env, as both :func:`make_trainer` and ``python -m experiments.oni`` wire it: the reward
+    transform (:func:`make_reward`) and the host hook that asks ``client`` and trains the reward model
+    (:class:`ONILoop`; ``state_key`` as there). PPO's host trainer takes them as ``reward`` and ``host_hook``."""
+    reward = make_reward(cfg)
+    return reward, ONILoop(cfg, reward, client, seed, state_key=state_key)
+
+
 def make_trainer(cfg, env, client, log_fn=None, log_every: int = 1, network=None, overlap: bool = False,
                  seed: int = 0):
-    """PPO's host trainer (:func:`agents.ppo.make_trainer` with ``env``) running ONI on host env ``env`` (whose
+    """PPO's host trainer (:func:`agents.ppo_host.make_trainer`) running ONI on host env ``env`` (whose
     observations include ``message``). ``cfg`` has PPO's and :class:`ONIOptions`' fields. Usable as
     ``run_experiment``'s make_trainer."""
     if "message" not in env.observation_spec():
         raise ValueError("ONI needs message observations: the env's observation_spec() has no 'message' key "
                          "(for NetHack pools include 'message' in obs_keys)")
-    reward = make_reward(cfg)
-    loop = ONILoop(cfg, reward, client, seed)
-    trainer = ppo.make_trainer(cfg, reward, log_fn, log_every, env=env, network=network, overlap=overlap,
-                               host_hook=loop)
+    reward, loop = build(cfg, client, seed)
+    trainer = ppo_host.make_trainer(cfg, env, reward, log_fn, log_every, network=network, overlap=overlap,
+                                    host_hook=loop)
     trainer.oni_loop = loop
     return trainer

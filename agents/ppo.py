@@ -24,24 +24,21 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from flax import struct
 
 import envs
-from envs.host import host_spec
 from jaxrl_pref import distributed, prng
 from jaxrl_pref.config import build_hparams, hparams_class, in_range, positive, require, vmappable, vmappable_fields
 from jaxrl_pref.networks import (ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, RecurrentActorCritic,
                                  distribution)
 from jaxrl_pref.recurrent import RecurrentState
-from jaxrl_pref.loop import HostLoop, LogFn, ScanLoop, env_groups, host_rollout
+from jaxrl_pref.loop import LogFn, ScanLoop
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
 from jaxrl_pref.rewards.transform import SINGLE, Stream, reward_streams, update_and_reward
 from jaxrl_pref.rollout import Transition, collect, episode_metrics, next_values
-from jaxrl_pref.transfer import ObsPacker, pack_outputs, unpack_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +112,7 @@ class Config:
         require(self.num_envs % self.num_devices == 0, "num_envs",
                 f"{self.num_envs} envs cannot be split evenly over {self.num_devices} devices",
                 f"use a multiple of num_devices, e.g. --num-envs {self.num_devices * max(1, self.num_envs // self.num_devices)}")
-        batch = self.num_steps * self.num_envs // self.num_devices
+        batch = self.device_batch
         require(batch % self.num_minibatches == 0, "num_minibatches",
                 f"per-device batch num_steps*num_envs/num_devices = {batch} is not divisible into "
                 f"{self.num_minibatches} minibatches",
@@ -125,24 +122,45 @@ class Config:
                     f"num_steps={self.num_steps} is not a multiple of bptt_len={self.bptt_len}",
                     f"pick a bptt_len dividing {self.num_steps}, e.g. {_divisor_near(self.num_steps, self.bptt_len)}, "
                     "or 0 (whole rollouts)")
-            seqs = self.num_envs // self.num_devices * (self.num_steps // self.seq_len)
+            seqs = self.envs_per_device * (self.num_steps // self.seq_len)
             require(seqs % self.num_minibatches == 0, "num_minibatches",
                     f"the recurrent update splits whole sequences: {seqs} per device (num_envs/num_devices x "
                     f"num_steps/bptt_len) do not divide into {self.num_minibatches} minibatches",
                     f"pick num_minibatches dividing {seqs}, e.g. {_divisor_near(seqs, self.num_minibatches)}, or "
                     "more envs, or a shorter --bptt-len")
-        require(self.total_timesteps >= self.num_steps * self.num_envs, "total_timesteps",
-                f"{self.total_timesteps} is less than one update's batch ({self.num_steps * self.num_envs} steps)",
-                f"use at least {self.num_steps * self.num_envs}")
+        require(self.total_timesteps >= self.steps_per_update, "total_timesteps",
+                f"{self.total_timesteps} is less than one update's batch ({self.steps_per_update} steps)",
+                f"use at least {self.steps_per_update}")
         envs.check_name(self.env_name)  # a registry lookup: builds no env
+
+    # the run's shape, computed here once and handed on (the runner, the loops, the bonus, the logs)
+    @property
+    def envs_per_device(self) -> int:
+        """Envs each data-parallel device steps: ``num_envs / num_devices``."""
+        return self.num_envs // self.num_devices
+
+    @property
+    def steps_per_update(self) -> int:
+        """Env steps of one update (per seed, over all devices): ``num_steps * num_envs``."""
+        return self.num_steps * self.num_envs
+
+    @property
+    def device_batch(self) -> int:
+        """Transitions each device learns from per update: ``num_steps * num_envs / num_devices``."""
+        return self.num_steps * self.envs_per_device
 
     @property
     def num_updates(self) -> int:
-        return self.total_timesteps // (self.num_steps * self.num_envs)
+        return self.total_timesteps // self.steps_per_update
 
     @property
     def minibatch_size(self) -> int:
-        return self.num_steps * self.num_envs // self.num_devices // self.num_minibatches
+        return self.device_batch // self.num_minibatches
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        """Gradient steps of one update: ``update_epochs * num_minibatches`` (the learning-rate schedule's unit)."""
+        return self.update_epochs * self.num_minibatches
 
     @property
     def critic_kind(self) -> str:
@@ -269,10 +287,8 @@ class PPO:
     def optimizer(self, hp: HParams) -> optax.GradientTransformation:
         cfg = self.cfg
         if cfg.anneal_lr:
-            steps_per_update = cfg.update_epochs * cfg.num_minibatches
-
             def lr(count):
-                frac = 1.0 - (count // steps_per_update) / cfg.num_updates
+                frac = 1.0 - (count // cfg.optimizer_steps_per_update) / cfg.num_updates
                 return hp.learning_rate * frac
         else:
             lr = hp.learning_rate
@@ -474,7 +490,7 @@ def shuffle_indices(key, n: int):
 
 def make_env(cfg: Config, num_envs: int | None = None):
     """The env stack for ``cfg``; ``num_envs`` defaults to the per-device share of ``cfg.num_envs``."""
-    n = cfg.num_envs // cfg.num_devices if num_envs is None else num_envs
+    n = cfg.envs_per_device if num_envs is None else num_envs
     axis = distributed.DATA_AXIS if cfg.num_devices > 1 else None  # normalisers share statistics across devices
     return envs.make(cfg.env_name, num_envs=n, normalize_obs=cfg.normalize_obs,
                      normalize_reward=cfg.normalize_reward, gamma=cfg.gamma, axis_name=axis)
@@ -510,7 +526,7 @@ class Trainer(ScanLoop):
         train_state = self.agent.init(k_params, hp)
         obs, env_state = self.env.reset(k_env, self.env_params)
         return RunnerState(train_state, env_state, obs, self.reward.init(k_reward, self.spec), k_run,
-                           jnp.int32(0), self.agent.initial_policy_state(self.cfg.num_envs // self.cfg.num_devices))
+                           jnp.int32(0), self.agent.initial_policy_state(self.cfg.envs_per_device))
 
     def step(self, rs: RunnerState, hp: HParams, axis_name: Optional[str] = None):
         """One update: an in-jit rollout of ``num_steps`` steps, then :meth:`PPO.learn`."""
@@ -526,169 +542,15 @@ class Trainer(ScanLoop):
         return RunnerState(train_state, env_state, obs, reward_state, key, rs.update_step + 1, ps), metrics
 
 
-@struct.dataclass
-class HostState:
-    """What the host loop carries between updates (device side); a checkpoint is this pytree."""
-    train_state: TrainState
-    reward_state: Any
-    key: jax.Array
-    update_step: jax.Array
-
-
-_TAIL_BYTES = 17  # packed with each step's observations: the rbg key (4 uint32) and the recurrent reset flag
-
-
-class HostTrainer(HostLoop):
-    """PPO on a host env (the interface in :mod:`envs.host`): a :class:`~jaxrl_pref.loop.HostLoop` over
-    :meth:`collect` (the jitted ``act`` on the host, :func:`~jaxrl_pref.loop.host_rollout`) and the same
-    :meth:`PPO.learn` as the Anakin step, jitted. ``init(key, hp) -> HostState``; ``run(state, hp, num_updates)
-    -> (state, metrics)`` with ``[num_updates]`` numpy metrics (the Anakin trainer's keys plus ``env_steps_per_s``
-    and the host hook's); ``hp`` is ignored there: the hyperparameters come from ``cfg``.
-
-    ``host_hook(state, traj) -> (state, host_metrics)`` runs on the host after each rollout, before its update (e.g.
-    ONI: send new messages to the annotator, load new labels into ``state.reward_state``); its metrics (plain
-    floats) are logged with the update's. ``overlap=True`` collects the next rollout with the previous parameters
-    while the update runs (one update of policy lag, corrected by PPO's importance ratio since the behaviour
-    log-probs are stored). An env with ``num_groups > 1`` (``NLEPool(num_groups=2)``) is stepped pipelined: the
-    policy acts on one group's observations while the workers step the other; the batch is the same
-    ``[num_steps, num_envs]``."""
-
-    def __init__(self, cfg: Config, env, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1,
-                 overlap: bool = False, network=None, host_hook: Optional[Callable] = None, actor_device: int = -1):
-        self.cfg, self.env = cfg, env
-        # acting on another device than the learner's: parameters go there once per rollout, the rollout comes
-        # back to the learner in one transfer per update
-        self._actor = jax.devices()[actor_device] if actor_device >= 0 else None
-        self._learner = jax.devices()[0]
-        self.spec = host_spec(env)
-        self.reward = reward if reward is not None else IdentityReward()
-        self.agent = PPO(cfg, self.spec, network, reward_streams(self.reward))
-        self.hp = hparams(cfg)
-        # the policy's random draws use XLA's RngBitGenerator (an "rbg" key, 4 uint32 words, made from the rollout
-        # key on the host): threefry's bits are a while loop of small ops, which on CPU cost more than the whole
-        # forward pass (8 envs: 240 us per act with threefry, 145 us with rbg; 66 us vs 217 us with glyph_dim 8)
-        # one transfer each way per step: the observations, the step's key and a recurrent policy's reset flags go
-        # up packed in one uint8 buffer, the action, log-prob and value come back in one float32 array
-        # (jaxrl_pref.transfer); the carry stays on the device
-        self._packer = ObsPacker(env.observation_spec(), tail_bytes=_TAIL_BYTES)
-        self._act = jax.jit(self._act_packed)
-        self._unpack = jax.jit(self._packer.unpack)
-        # the parameters and optimiser state are donated (updated in place) unless overlap still reads them while
-        # the update runs; the reward state is not (a host hook such as ONI's keeps references into it)
-        self._learn_train = jax.jit(self._learn_step, donate_argnums=() if overlap else 0)
-        self._obs = None  # the env's current observations: reset before the first rollout, then carried on
-        self._policy_state = ()  # a recurrent policy's state after the last step (reset with the env)
-        hook = None if host_hook is None else (lambda state, batch: host_hook(state, batch[0]))
-        super().__init__(self._collect_batch, lambda state, batch: self._learn(state, batch),
-                         lambda state: int(state.update_step), self._rate, log_fn=log_fn, log_every=log_every,
-                         overlap=overlap, host_hook=hook)
-
-    def init(self, key, hp: Optional[HParams] = None) -> HostState:
-        k_params, k_reward, k_run = jax.random.split(key, 3)
-        return HostState(self.agent.init(k_params, self.hp if hp is None else hp),
-                         self.reward.init(k_reward, self.spec), k_run, jnp.int32(0))
-
-    def _act_packed(self, params, buf, carry=None):
-        tail = self._packer.tail(buf[0])
-        key = jax.random.wrap_key_data(jax.lax.bitcast_convert_type(tail[:16].reshape(4, 4), jnp.uint32),
-                                       impl="rbg")
-        obs = self._packer.unpack(buf)
-        if carry is None:
-            return pack_outputs(*self.agent.act(params, obs, key))
-        start = self._packer.tail(buf)[:, 16] != 0
-        action, log_prob, value, carry = self.agent.act(params, obs, key, RecurrentState(carry, start))
-        return pack_outputs(action, log_prob, value), carry
-
-    def _upload(self, keys):
-        """``upload`` for :func:`host_rollout`: packs step ``t``'s observations, key and reset flags, one
-        ``device_put``."""
-        T = keys.shape[0]
-
-        def upload(obs, t, g, start):
-            b = next(iter(obs.values())).shape[0]
-            tail = np.zeros((b, _TAIL_BYTES), np.uint8)
-            if t < T:
-                tail[:, :16] = keys[t, g].view(np.uint8)
-            if start is not None:
-                tail[:, 16] = start
-            return jax.device_put(self._packer.pack(obs, tail), self._actor)
-        return upload
-
-    def collect(self, params, key):
-        """One rollout of ``num_steps`` host steps with the jitted policy. Returns (traj, last_obs); a recurrent
-        policy's state after the rollout is then in ``self.policy_state`` (carried per env across rollouts)."""
-        env, T, G = self.env, self.cfg.num_steps, env_groups(self.env)
-        if self._obs is None:
-            self._obs = env.reset()
-            self._policy_state = self.agent.initial_policy_state(env.num_envs)
-        # per-step keys as host arrays: indexing a device array costs a dispatch per step (~0.4 ms on CPU); each
-        # is the data of an rbg key (two threefry keys' words, see __init__)
-        keys = np.asarray(jax.random.key_data(jax.random.split(key, 2 * T * G))).reshape(T, G, 4)
-        upload = self._upload(keys)
-        if self._actor is not None:
-            params = jax.device_put(params, self._actor)
-            self._policy_state = jax.device_put(self._policy_state, self._actor)
-        if self.agent.recurrent:
-            def policy(buf, t, g, ps):
-                out, carry = self._act(params, buf, ps.carry)
-                action, log_prob, value = unpack_outputs(out)
-                return action, carry, log_prob, value
-            s, self._obs, self._policy_state = host_rollout(env, policy, self._obs, T, G, upload=upload,
-                                                            policy_state=self._policy_state)
-        else:
-            policy = lambda buf, t, g: unpack_outputs(self._act(params, buf))  # noqa: E731
-            s, self._obs = host_rollout(env, policy, self._obs, T, G, upload=upload)
-        log_prob, value = s.extras
-        traj = Transition(self._unpack(s.obs), s.action, log_prob, value, s.reward.astype(np.float32),
-                          s.terminated.astype(bool), s.truncated.astype(bool), self._unpack(s.final_obs), s.info,
-                          s.policy_state)
-        return traj, self._unpack(s.last_obs)
-
-    @property
-    def policy_state(self):
-        """A recurrent policy's state after the last collected step (``()`` for a feed-forward policy)."""
-        return self._policy_state
-
-    def _collect_batch(self, state: HostState, ahead: bool):
-        key = jax.random.fold_in(state.key, 7)
-        traj, last_obs = self.collect(state.train_state.params, jax.random.fold_in(key, 1) if ahead else key)
-        batch = (traj, last_obs, self._policy_state)
-        return batch if self._actor is None else jax.device_put(batch, self._learner)
-
-    def _learn(self, state: HostState, batch):
-        train_state, rest, metrics = self._learn_train(state.train_state, state.replace(train_state=None), *batch)
-        return rest.replace(train_state=train_state), metrics
-
-    def _learn_step(self, train_state, state: HostState, traj: Transition, last_obs, last_policy_state=()):
-        key, k_reward, k_upd = jax.random.split(state.key, 3)
-        train_state, reward_state, metrics = self.agent.learn(train_state, self.reward, state.reward_state,
-                                                              self.hp, traj, last_obs, k_reward, k_upd,
-                                                              last_policy_state=last_policy_state)
-        return train_state, HostState(None, reward_state, key, state.update_step + 1), metrics
-
-    def _rate(self, seconds: float) -> dict:
-        return {"env_steps_per_s": np.float32(self.cfg.num_steps * self.env.num_envs / max(seconds, 1e-9))}
-
-
-def make_trainer(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1, *, env=None,
-                 network=None, overlap: bool = False, host_hook: Optional[Callable] = None, actor_device: int = -1,
-                 chunk_hook: Optional[Callable] = None):
-    """PPO's trainer for :func:`jaxrl_pref.runner.run_experiment`: with ``env=None`` the Anakin loop on
-    ``cfg.env_name`` (:class:`Trainer`); with a host env (``NLEPool``, ``JaxHostEnv``) the host loop
-    (:class:`HostTrainer`; ``overlap``, ``host_hook`` and ``actor_device`` (an index in ``jax.devices()``) apply to
-    it only). ``chunk_hook`` (the Anakin loop only): host work the runner runs between compiled chunks (see
-    :mod:`jaxrl_pref.runner`; ONI on captioned JAX envs). ``network``: the policy network
-    (default: from the env's observations, see :class:`PPO`)."""
-    if env is None:
-        if overlap or host_hook is not None or actor_device >= 0:
-            raise ValueError("make_trainer: overlap, host_hook and actor_device apply to the host loop only (pass "
-                             "env=...)")
-        trainer = Trainer(cfg, reward, log_fn, log_every, network)
-        trainer.chunk_hook = chunk_hook
-        return trainer
-    if chunk_hook is not None:
-        raise ValueError("make_trainer: chunk_hook applies to the jitted loop only (host loops take host_hook)")
-    return HostTrainer(cfg, env, reward, log_fn, log_every, overlap, network, host_hook, actor_device)
+def make_trainer(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1, *, network=None,
+                 chunk_hook: Optional[Callable] = None) -> Trainer:
+    """PPO's chunked Anakin trainer on ``cfg.env_name`` for :func:`jaxrl_pref.runner.run_experiment`.
+    ``chunk_hook``: host work the runner runs between compiled chunks (see :mod:`jaxrl_pref.runner`; ONI on
+    captioned JAX envs). ``network``: the policy network (default: from the env's observations, see :class:`PPO`).
+    On a host env (a NetHack/MiniHack pool, ``JaxHostEnv``): :func:`agents.ppo_host.make_trainer`."""
+    trainer = Trainer(cfg, reward, log_fn, log_every, network)
+    trainer.chunk_hook = chunk_hook
+    return trainer
 
 
 def make_train(cfg: Config, reward=None, log_fn: Optional[LogFn] = None, log_every: int = 1):

@@ -86,15 +86,6 @@ from jaxrl_pref.networks import ACTIVATIONS, MLP, NetHackEncoder, orthogonal
 from jaxrl_pref.rollout import episode_metrics
 
 
-def is_host_env(name: str) -> bool:
-    """Whether ``name`` is a host-side (NetHack/MiniHack pool) env rather than a JAX env."""
-    try:
-        from envs import nethack
-    except ImportError:
-        return False
-    return nethack.is_host_env(name)
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """SQIRL configuration (see the module docstring for the algorithm and its differences from the paper)."""
@@ -147,13 +138,13 @@ class Config:
                 "pass e.g. --hidden 64 64")
         require(self.total_timesteps is None or self.total_timesteps >= 1, "total_timesteps",
                 f"must be positive (or unset), got {self.total_timesteps}", "pass e.g. --total-timesteps 100000")
-        require(not is_host_env(self.env_name) or self.horizon is not None, "horizon",
+        require(not envs.entry(self.env_name).host or self.horizon is not None, "horizon",
                 f"{self.env_name} is a host env with no time limit to read", "pass --horizon H (e.g. 50)")
 
     def check_env(self) -> None:
         """Checks the env (known, discrete actions, a horizon to use); raises ConfigError naming the field. Called
         when a trainer is built (constructing a Config builds no env)."""
-        if is_host_env(self.env_name):  # NetHack/MiniHack pool: checked when the pool starts
+        if envs.entry(self.env_name).host:  # NetHack/MiniHack pool: checked when the pool starts
             return
         discrete, limit = _env_facts(self.env_name)
         require(discrete, "env_name", f"{self.env_name} has continuous actions; SQIRL acts uniformly at random "
@@ -163,7 +154,7 @@ class Config:
                 f"{self.env_name} has no max_steps_in_episode to take the horizon from", "pass --horizon H")
 
     def resolved_horizon(self) -> int:
-        if self.horizon is not None or is_host_env(self.env_name):
+        if self.horizon is not None or envs.entry(self.env_name).host:
             return int(self.horizon)
         return int(_env_facts(self.env_name)[1])
 
@@ -596,3 +587,12 @@ def make_train(cfg: Config, log_fn: Optional[LogFn] = None, log_every: int = 1):
         return TrainOutput(state, metrics)
 
     return train
+
+
+def host_env(cfg: Config, seed: int) -> Any:
+    """The env :class:`HostTrainer` steps for ``cfg``: a NetHack/MiniHack pool of ``episodes_per_timestep`` envs, or
+    the JAX env behind the host-env interface (:class:`envs.host.JaxHostEnv`)."""
+    if envs.entry(cfg.env_name).host:
+        return envs.make(cfg.env_name, num_envs=cfg.episodes_per_timestep, seed=seed)[0]
+    from envs.host import JaxHostEnv
+    return JaxHostEnv(cfg.env_name, cfg.episodes_per_timestep, seed=seed)

@@ -35,7 +35,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from agents import ppo  # noqa: E402
+from jaxrl_pref import run_config  # noqa: E402
 from jaxrl_pref.runner import run_experiment  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -64,7 +66,7 @@ def check_ppo(name: str, cfg, tmp: Path, seeds: int, log_every: int) -> dict:
     ret = np.asarray(r.metrics["episode_return"], np.float64)
     return {"check": name, "seeds": seeds, "env_steps_per_s": r.env_steps_per_sec, "compile_s": r.compile_s,
             "callbacks_per_update": calls / max(r.updates_done, 1),
-            "final_return": float(np.nanmean(ret[:, -max(1, ret.shape[1] // 10):])), "peak_mb": peak_memory_mb(),
+            "final_return": final_score(ret, frac=0.1, pooled=True), "peak_mb": peak_memory_mb(),
             "ok": bool(np.isfinite(np.asarray(r.metrics["loss/value"])).all())
             and (calls == 0 if seeds > 1 else calls <= r.updates_done // log_every)}
 
@@ -86,7 +88,7 @@ def check_oni(budget: int, tmp: Path) -> dict:
                         str(budget), "--num-envs", "8", "--num-steps", "32", "--run-dir", str(tmp / "oni"),
                         "--progress", "False", "--reward-model", "retrieval"], cwd=Path(__file__).resolve().parents[1])
     rc = p.returncode
-    updates = json.loads((tmp / "oni" / "config.json").read_text())["run"]["num_updates"] if rc == 0 else 0
+    updates = run_config.run_settings(tmp / "oni").get("num_updates", 0) if rc == 0 else 0
     # the run's own process: its peak resident memory (on an accelerator the device's peak is in its log)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"check": "oni", "exit_status": rc, "wall_s": time.perf_counter() - t, "ok": rc == 0,

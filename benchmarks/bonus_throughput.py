@@ -26,6 +26,7 @@ from benchmarks.ppo_throughput import Bench, alternate, seed_keys  # also sets s
 
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 METHODS = ("ppo", "rnd", "rnd-head", "e3b", "rnd-unfused", "e3b-unfused")
 DEFAULT_METHODS = ("ppo", "rnd", "rnd-head", "e3b")
@@ -64,7 +65,7 @@ def bench(cfg: ppo.Config, method: str, num_seeds: int) -> Bench:
         return m["episode_return"], m["episode_success"] if "episode_success" in m else m["episode_return"]
 
     fn = jax.vmap(fn) if num_seeds > 1 else fn
-    return Bench(method, fn, seed_keys(num_seeds), lambda out, _: np.nanmean(np.asarray(out[1])[..., -10:], -1))
+    return Bench(method, fn, seed_keys(num_seeds), lambda out, _: final_score(out[1], last=10))
 
 
 def measure(cfg: ppo.Config, methods, num_seeds: int, reps: int) -> dict:

@@ -41,6 +41,7 @@ use_sync_cpu_dispatch()  # as the experiment CLIs do (jax#25861)
 import envs  # noqa: E402
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 METHODS = ("ppo", "ppo_rnn", "rnd", "e3b", "random")
 SCOREBOARD_1B = {"ppo": 11.9, "ppo_rnn": 15.3, "rnd": 12.0, "e3b": 11.0}  # ICM 11.9 (not run here)
@@ -50,14 +51,6 @@ SCOREBOARD_1M = "~2.2-2.3"
 def bonus_reward(method: str, coef: float, num_envs: int):
     """The RND/E3B reward transform (the shared helper of the PPO-family CLIs' ``--bonus``)."""
     return with_bonus(None, BonusConfig(bonus=method, bonus_coef=coef), num_envs)
-
-
-def final_score(scores: np.ndarray) -> float:
-    """Mean episode_score over the last 10% of updates that finished episodes, then over seeds (NaN if none)."""
-    scores = np.atleast_2d(np.asarray(scores, np.float64))  # [seeds, updates]
-    k = max(1, scores.shape[-1] // 10)
-    tail = scores[:, -k:]
-    return float(np.nanmean(tail)) if np.isfinite(tail).any() else float("nan")
 
 
 def train_fn(method: str, args, num_devices: int):
@@ -124,7 +117,9 @@ def run_method(method: str, args) -> dict:
     train_s = time.perf_counter() - t
     total = steps * args.seeds
     return {"method": method, "env_steps": total, "compile_s": compile_s, "train_s": train_s,
-            "steps_per_s": total / train_s, "score": final_score(scores), "devices": ndev}
+            "steps_per_s": total / train_s,
+            # episode_score over the last 10% of updates that finished episodes, pooled over seeds (NaN if none)
+            "score": final_score(np.asarray(scores, np.float64), frac=0.1, pooled=True), "devices": ndev}
 
 
 def main(argv=None):

@@ -45,7 +45,7 @@ def _child(case: str, donate: bool) -> dict:
     use_sync_cpu_dispatch()
     import numpy as np
 
-    from agents import ppo, sqirl
+    from agents import ppo, ppo_host, sqirl
     from envs.host import JaxHostEnv
 
     def nbytes(tree):
@@ -71,8 +71,8 @@ def _child(case: str, donate: bool) -> dict:
             def __call__(self, obs):
                 return MLP(big["hidden"], "tanh")(obs["obs"])
         cfg = ppo.Config(**big)
-        tr = ppo.make_trainer(cfg, env=JaxHostEnv("CartPole-v1", cfg.num_envs, seed=0),
-                              network=EncoderActorCritic(2, DictMLP()))
+        tr = ppo_host.make_trainer(cfg, JaxHostEnv("CartPole-v1", cfg.num_envs, seed=0),
+                                   network=EncoderActorCritic(2, DictMLP()))
         state = tr.init(jax.random.PRNGKey(0))
         size = nbytes(state)
         state, _ = tr.run(state, None, 3)

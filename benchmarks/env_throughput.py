@@ -60,7 +60,7 @@ use_sync_cpu_dispatch()
 import jax  # noqa: E402
 
 from envs import nle_worker  # noqa: E402
-from agents import launch, ppo  # noqa: E402
+from agents import ppo, ppo_host  # noqa: E402
 from envs.nethack import PoolConfig  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def pool_rate(pool, seconds: float, seed: int = 0) -> tuple[float, float, float]
 
 class PPORun:
     def __init__(self, cfg, pool, pool_cfg):
-        self.cfg, self.trainer = cfg, launch.host_trainer(cfg, pool, pool_cfg)
+        self.cfg, self.trainer = cfg, ppo_host.pool_trainer(cfg, pool, pool_cfg)
         self.state = self.trainer.init(jax.random.PRNGKey(0))
         self.state, _ = self.trainer.run(self.state, None, 1)  # compiles act and learn
         jax.block_until_ready(self.state)

@@ -19,13 +19,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxrl_pref.runner import use_sync_cpu_dispatch
 
 use_sync_cpu_dispatch()
 
 from agents import heron, ppo  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 
 def _compiled(train, num_seeds: int):
@@ -52,7 +52,7 @@ def measure(cfg: heron.Config, num_seeds: int, reps: int) -> dict:
             t = time.perf_counter()
             ret = jax.block_until_ready(c(keys))
             times[k].append(time.perf_counter() - t)
-            finals[k] = float(np.nanmean(np.asarray(ret)[..., -10:]))
+            finals[k] = final_score(ret, last=10, pooled=True)
     steps = cfg.total_timesteps * num_seeds
     out = {"num_seeds": num_seeds, "env_steps": steps}
     for k in progs:

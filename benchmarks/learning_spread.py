@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from jaxrl_pref.runner import use_sync_cpu_dispatch
@@ -43,6 +41,8 @@ use_sync_cpu_dispatch()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jaxrl_pref.stats import best_window_mean, final_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).with_suffix(".jsonl")
@@ -65,27 +65,6 @@ def _keys(s: int, n: int):
     return jax.random.split(jax.random.PRNGKey(s), n)
 
 
-def _tail(x, last: int):
-    return np.nanmean(np.asarray(x)[:, -last:], axis=1)
-
-
-def best_window_mean(x, window: int):
-    """Per seed (rows of ``x``), the best mean over ``window`` consecutive updates (updates with no ended episode,
-    NaN, skipped; windows of none ignored)."""
-    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(x, np.float64), window, axis=1)
-    with warnings.catch_warnings():  # early windows without any ended episode: NaN, by design
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmax(np.nanmean(windows, -1), -1)
-
-
-def _test_module(name: str):
-    """A module of tests/ (the ONI tests' message env and stand-in client), loaded by path."""
-    spec = importlib.util.spec_from_file_location(f"_spread_{name}", ROOT / "tests" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # -- tasks: each returns {statistic: per-seed values} for one seed set ------------------------------------------------
 
 def cartpole(s: int, n: int) -> dict:
@@ -93,7 +72,7 @@ def cartpole(s: int, n: int) -> dict:
     updates per seed."""
     from agents import ppo
     out = jax.jit(jax.vmap(ppo.make_train(ppo.Config())))(_keys(s, n))
-    return {"final": _tail(out.metrics["episode_return"], 10)}
+    return {"final": final_score(out.metrics["episode_return"], last=10)}
 
 
 def pendulum(s: int, n: int) -> dict:
@@ -104,7 +83,7 @@ def pendulum(s: int, n: int) -> dict:
                      normalize_obs=True, normalize_reward=True)
     out = jax.jit(jax.vmap(ppo.make_train(cfg)))(_keys(s, n))
     ret = np.asarray(out.metrics["episode_return"])
-    final = _tail(ret, 3)
+    final = final_score(ret, last=3)
     return {"final": final, "gain": final - ret[:, 0]}
 
 
@@ -114,7 +93,8 @@ def xminigrid_door_key(s: int, n: int) -> dict:
     cfg = ppo.Config(env_name="MiniGrid-DoorKey-5x5", num_envs=32, num_steps=64, total_timesteps=32 * 64 * 60,
                      learning_rate=3e-4, update_epochs=8, num_minibatches=8)
     out = jax.jit(jax.vmap(ppo.make_train(cfg)))(_keys(s, n))
-    return {"return": _tail(out.metrics["episode_return"], 5), "success": _tail(out.metrics["episode_success"], 5)}
+    return {"return": final_score(out.metrics["episode_return"], last=5),
+            "success": final_score(out.metrics["episode_success"], last=5)}
 
 
 MEMORY = dict(env_name="MemoryChain-10", num_envs=16, num_steps=64, total_timesteps=16 * 64 * 100, hidden=(64,),
@@ -128,7 +108,7 @@ def _memory_chain(s: int, n: int, network: str) -> dict:
     last 10 updates per seed."""
     from agents import ppo
     out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**MEMORY, network=network))))(_keys(s, n))
-    return {"success": _tail(out.metrics["episode_success"], 10)}
+    return {"success": final_score(out.metrics["episode_success"], last=10)}
 
 
 def memory_chain_mlp(s: int, n: int) -> dict:
@@ -154,7 +134,7 @@ def _keydoor9(s: int, n: int, bonus: str) -> dict:
     cfg = ppo.Config(**KEYDOOR)
     reward = with_bonus(None, BonusConfig(bonus=bonus, bonus_coef=0.01), cfg.num_envs)
     out = jax.jit(jax.vmap(ppo.make_train(cfg, reward=reward)))(_keys(s, n))
-    return {"success": _tail(out.metrics["episode_success"], 15)}
+    return {"success": final_score(out.metrics["episode_success"], last=15)}
 
 
 def keydoor9_ppo(s: int, n: int) -> dict:
@@ -174,7 +154,7 @@ def _deepsea10(s: int, n: int, bonus: str) -> dict:
     cfg = ppo.Config(env_name="DeepSea-10", num_envs=32, num_steps=64, total_timesteps=300_000)
     reward = with_bonus(None, BonusConfig(bonus=bonus, bonus_coef=0.01), cfg.num_envs)
     out = jax.jit(jax.vmap(ppo.make_train(cfg, reward=reward)))(_keys(s, n))
-    return {"success": _tail(out.metrics["episode_success"], 15)}
+    return {"success": final_score(out.metrics["episode_success"], last=15)}
 
 
 def deepsea10_ppo(s: int, n: int) -> dict:
@@ -189,10 +169,10 @@ def cartpole_gru(s: int, n: int) -> dict:
     """tests/test_recurrent.py::test_gru_cartpole_reaches_475 (slow): the anchor bench's GRU config, 500k steps;
     mean return of the last 10 updates per seed."""
     from agents import ppo
-    from benchmarks.ppo_rnn_throughput import BENCH
-    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**BENCH, network="gru"))))(_keys(s, n))
+    from jaxrl_pref.testing import RNN_BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**RNN_BENCH, network="gru"))))(_keys(s, n))
     ret = out.metrics["episode_return"]
-    return {"final": _tail(ret, 10), "peak": best_window_mean(ret, 10)}
+    return {"final": final_score(ret, last=10), "peak": best_window_mean(ret, 10)}
 
 
 def acrobot_gru(s: int, n: int) -> dict:
@@ -200,19 +180,19 @@ def acrobot_gru(s: int, n: int) -> dict:
     GRU config on Acrobot-v1 with the defaults (truncation bootstrapped, detached critic), 500k steps; mean return of
     the last 10 updates per seed."""
     from agents import ppo
-    from benchmarks.ppo_rnn_throughput import BENCH
-    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
+    from jaxrl_pref.testing import RNN_BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**RNN_BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
         _keys(s, n))
-    return {"final": _tail(out.metrics["episode_return"], 10)}
+    return {"final": final_score(out.metrics["episode_return"], last=10)}
 
 
 def heron_pendulum(s: int, n: int) -> dict:
     """tests/test_heron.py::test_heron_learns_pendulum: first-10-updates mean and final score per seed."""
     from agents import heron
-    from experiments.heron_compare import score, task_config
+    from agents.heron import task_config
     out = jax.jit(jax.vmap(heron.make_train(task_config("pendulum", 300_000))))(_keys(s, n))
     ret = np.asarray(out.metrics["episode_return"])
-    return {"first": np.nanmean(ret[:, :10], axis=1), "final": score(ret, 0.1)}
+    return {"first": np.nanmean(ret[:, :10], axis=1), "final": final_score(ret, frac=0.1, rounding="round")}
 
 
 def rnd_novelty(s: int, n: int) -> dict:
@@ -220,19 +200,19 @@ def rnd_novelty(s: int, n: int) -> dict:
     one key), the seen observations' bonus after 61 updates over the first one's (``after/first``) and the novel
     observations' bonus over the seen ones' (``new/after``)."""
     from jaxrl_pref.rewards.rnd import RND
-    t = _test_module("test_rnd")
+    from jaxrl_pref.testing import obs_batch, obs_spec
     rnd = RND(hidden=(32, 32), features=16, learning_rate=1e-3, steps=4)
 
     def run(key):
         k_init, k_seen, k_novel, k_upd = jax.random.split(key, 4)
-        state = rnd.init(k_init, t.spec((6,)))
+        state = rnd.init(k_init, obs_spec((6,)))
         seen = jax.random.normal(k_seen, (16, 8, 6)) * 0.3 + 1.0
         novel = jax.random.normal(k_novel, (16, 8, 6)) * 0.3 - 1.0
-        state, _ = rnd.update(state, t.batch(seen), k_upd)
-        first = rnd(state, t.batch(seen))[0].mean()
-        state = jax.lax.scan(lambda st, i: rnd.update(st, t.batch(seen), jax.random.fold_in(k_upd, i)), state,
+        state, _ = rnd.update(state, obs_batch(seen), k_upd)
+        first = rnd(state, obs_batch(seen))[0].mean()
+        state = jax.lax.scan(lambda st, i: rnd.update(st, obs_batch(seen), jax.random.fold_in(k_upd, i)), state,
                              jnp.arange(60))[0]
-        after, new = rnd(state, t.batch(seen))[0].mean(), rnd(state, t.batch(novel))[0].mean()
+        after, new = rnd(state, obs_batch(seen))[0].mean(), rnd(state, obs_batch(novel))[0].mean()
         return after / first, new / after
     fall, novelty = jax.jit(jax.vmap(run))(_keys(s, n))
     return {"after/first": np.asarray(fall), "new/after": np.asarray(novelty)}
@@ -241,7 +221,8 @@ def rnd_novelty(s: int, n: int) -> dict:
 def e3b_inverse(s: int, n: int) -> dict:
     """tests/test_e3b.py::test_inverse_dynamics_embedding_learns_the_action: the inverse model's accuracy at the
     first and the 40th update per seed."""
-    accs = _test_module("test_e3b").inverse_accuracies(_keys(s, n))
+    from jaxrl_pref.testing import e3b_inverse_accuracies
+    accs = e3b_inverse_accuracies(_keys(s, n))
     return {"first": accs[:, 0], "last": accs[:, -1]}
 
 
@@ -250,9 +231,9 @@ def oni_classifier(s: int, n: int) -> dict:
     (24 messages of 5 monsters and 3 items never trained on) per seed (init and update keys from one key)."""
     from jaxrl_pref.rewards.classification import Classification
     from envs.messages import encode_messages
-    t = _test_module("test_oni")
-    train_x, train_y = t._cls_data(t.MONSTERS[:11], t.ITEMS[:7])
-    test_x, test_y = t._cls_data(t.MONSTERS[11:], t.ITEMS[7:])
+    from jaxrl_pref.testing import ITEMS, MONSTERS, classification_messages
+    train_x, train_y = classification_messages(MONSTERS[:11], ITEMS[:7])
+    test_x, test_y = classification_messages(MONSTERS[11:], ITEMS[7:])
     model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
     data, test_msgs = model.buffer_from(encode_messages(train_x), train_y), jnp.asarray(encode_messages(test_x))
 
@@ -294,11 +275,12 @@ def oni_captioned_key(s: int, n: int) -> dict:
     every caption labelled 0 (the test's former control: bimodal, not asserted), seeds n*s .. n*s+n-1 vmapped
     (run_experiment: PRNGKey(seed + i)). The test's control is ``oni_captioned_locked``."""
     import tempfile
-    t = _test_module("test_oni_captioned")
-    texts = [x for x in t.KD.texts if x]
+    from agents.testing import KEY, caption_key_rate
+    from envs import captions
+    texts = [x for x in captions.caption_table("KeyDoor-5").texts if x]
     with tempfile.TemporaryDirectory() as d:
-        helpful = t.key_rate(Path(d) / "helpful", {**{x: 0.0 for x in texts}, t.KEY: 1.0}, seeds=n, seed=n * s)
-        none = t.key_rate(Path(d) / "none", {x: 0.0 for x in texts}, seeds=n, seed=n * s)
+        helpful = caption_key_rate(Path(d) / "helpful", {**{x: 0.0 for x in texts}, KEY: 1.0}, seeds=n, seed=n * s)
+        none = caption_key_rate(Path(d) / "none", {x: 0.0 for x in texts}, seeds=n, seed=n * s)
     return {"helpful": np.asarray(helpful), "none": np.asarray(none), "diff": np.asarray(helpful) - np.asarray(none)}
 
 
@@ -309,10 +291,11 @@ def oni_captioned_locked(s: int, n: int) -> dict:
     """The same with "This door is locked." labelled helpful instead (every other caption 0): "You pick up the key."
     per ended episode (holding the key opens the door, which then no longer answers "locked")."""
     import tempfile
-    t = _test_module("test_oni_captioned")
-    texts = [x for x in t.KD.texts if x]
+    from agents.testing import caption_key_rate
+    from envs import captions
+    texts = [x for x in captions.caption_table("KeyDoor-5").texts if x]
     with tempfile.TemporaryDirectory() as d:
-        locked = t.key_rate(Path(d) / "locked", {**{x: 0.0 for x in texts}, LOCKED: 1.0}, seeds=n, seed=n * s)
+        locked = caption_key_rate(Path(d) / "locked", {**{x: 0.0 for x in texts}, LOCKED: 1.0}, seeds=n, seed=n * s)
     return {"locked": np.asarray(locked)}
 
 
@@ -344,7 +327,8 @@ def sqirl_deep_sea4_128(s: int, n: int) -> dict:
 def sqirl_chain(s: int, n: int) -> dict:
     """tests/test_sqirl.py::test_planning_depth_on_chain...: final greedy return per (k, gamma) setting."""
     from agents import sqirl
-    _test_module("test_sqirl")  # registers TestChain-v0
+    from jaxrl_pref.testing import register_chain
+    register_chain()  # TestChain-v0
     big = sqirl.Config(env_name="TestChain-v0", planning_depth=3, gamma=0.9, episodes_per_timestep=64,
                        eval_episodes=4, hidden=(16,), n_epochs=256, learning_rate=1e-2)
     hp = sqirl.hparams(big, planning_depth=jnp.array([1, 3, 1]), gamma=jnp.array([0.9, 0.9, 0.0]))
@@ -378,7 +362,7 @@ def _sebulba_cartpole(s: int, n: int, overlap: bool) -> dict:
     JaxHostEnv, 100 updates of 8 envs x 64 steps; mean return of the last 10 updates. Seed i: env seed i,
     PRNGKey(i) (the test: env seed 1, key 0)."""
     import flax.linen as nn
-    from agents import ppo
+    from agents import ppo, ppo_host
     from envs.host import JaxHostEnv
     from jaxrl_pref.networks import MLP, EncoderActorCritic
 
@@ -390,10 +374,10 @@ def _sebulba_cartpole(s: int, n: int, overlap: bool) -> dict:
     for seed in range(n * s, n * s + n):
         cfg = ppo.Config(env_name="CartPole-v1", num_envs=8, num_steps=64, learning_rate=1e-3,
                          total_timesteps=8 * 64 * 100)
-        tr = ppo.HostTrainer(cfg, JaxHostEnv("CartPole-v1", 8, seed=seed), network=EncoderActorCritic(2, DictMLP()),
-                             overlap=overlap)
+        tr = ppo_host.HostTrainer(cfg, JaxHostEnv("CartPole-v1", 8, seed=seed),
+                                  network=EncoderActorCritic(2, DictMLP()), overlap=overlap)
         _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), None, cfg.num_updates)
-        final.append(float(np.nanmean(m["episode_return"][-10:])))
+        final.append(float(final_score(m["episode_return"], last=10)))
     return {"final": np.array(final)}
 
 
@@ -412,11 +396,11 @@ def _keyroom(s: int, n: int, bonus: str) -> dict:
     """tests/test_bonus.py::test_e3b_solves_minihack_keyroom_where_ppo_does_not (slow): MiniHack-KeyRoom-Fixed-S5
     through the pool, ``python -m experiments.ppo`` with the pool's PPO defaults (as experiments.sparse_study's
     minihack_keyroom) for KEYROOM_STEPS env steps, with or without the bonus (coefficient 0.01), seeds
-    n*s .. n*s+n-1; success of the episodes that ended in the last tenth of the updates."""
+    n*s .. n*s+n-1; success of the episodes that ended in the last tenth of the updates. Each run is the command
+    (a child process, as in the test), read back from its metrics.csv."""
+    import subprocess
     import tempfile
-    from agents import launch
-    from experiments import ppo as ppo_exp
-    from experiments.sparse_study import windowed
+    from jaxrl_pref.logging import read_metrics
     out = []
     for seed in range(n * s, n * s + n):
         with tempfile.TemporaryDirectory() as d:
@@ -424,9 +408,12 @@ def _keyroom(s: int, n: int, bonus: str) -> dict:
                     str(seed), "--progress", "False", "--run-dir", d]
             if bonus != "none":
                 argv += ["--bonus", bonus, "--bonus-coef", "0.01"]
-            m = launch.train_ppo(ppo_exp.parse(argv), d).metrics
-        k = max(1, m["episode_success"].shape[1] // 10)
-        out.append(float(windowed(m["episode_success"][0], m["episodes"][0], k)[-1]))
+            p = subprocess.run([sys.executable, "-m", "experiments.ppo", *argv], cwd=ROOT, capture_output=True,
+                               text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"keyroom seed {seed} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+            m = read_metrics(Path(d) / "metrics.csv")
+        out.append(float(final_score(m["episode_success"][0], frac=0.1, episodes=m["episodes"][0])))
     return {"success": np.array(out)}
 
 
@@ -445,7 +432,7 @@ def keyroom_rnd(s: int, n: int) -> dict:
 def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
     """tests/test_nethack.py::test_ppo_learns_minihack_room_beats_random (and with network="lstm"
     tests/test_recurrent.py::test_lstm_policy_learns_minihack_room): final return minus random return."""
-    from agents import launch, ppo
+    from agents import ppo, ppo_host
     from envs.nethack import PoolConfig, random_policy_return
     room = "MiniHack-Room-5x5-v0"
     out = {"final": [], "random": []}
@@ -456,11 +443,11 @@ def _minihack(s: int, n: int, env_groups: int, network: str = "mlp") -> dict:
         pool_cfg = PoolConfig(env_groups=env_groups)
         pool = pool_cfg.make_pool(room, 16, seed=seed)
         try:
-            tr = launch.host_trainer(cfg, pool, pool_cfg)
+            tr = ppo_host.pool_trainer(cfg, pool, pool_cfg)
             _, m = tr.run(tr.init(jax.random.PRNGKey(seed)), None, cfg.num_updates)
         finally:
             pool.close()
-        out["final"].append(float(np.nanmean(m["episode_return"][-5:])))
+        out["final"].append(float(final_score(m["episode_return"], last=5)))
     out = {k: np.array(v) for k, v in out.items()}
     out["margin"] = out["final"] - out["random"]
     return out
@@ -481,12 +468,12 @@ def minihack_room_lstm(s: int, n: int) -> dict:
 def _oni(s: int, n: int, reward_model: str, updates: int, client_fn) -> dict:
     """tests/test_oni.py::_run at seeds n*s .. n*s+n-1: fraction of the greedy... sampled actions that produce the
     helpful message after training."""
-    t = _test_module("test_oni")
+    from agents.testing import oni_bandit_run
     out = {"frac": [], "active_frac": [], "pairs": []}
     for seed in range(n * s, n * s + n):
-        client, close = client_fn(t)
+        client, close = client_fn()
         try:
-            frac, m, _ = t._run(reward_model, client, updates=updates, seed=seed)
+            frac, m, _ = oni_bandit_run(reward_model, client, updates=updates, seed=seed)
         finally:
             close()
         out["frac"].append(float(frac))
@@ -496,8 +483,9 @@ def _oni(s: int, n: int, reward_model: str, updates: int, client_fn) -> dict:
 
 
 def _instant(labels=None, scores=None):
-    def make(t):
-        return t.InstantClient(labels=labels, scores=scores), (lambda: None)
+    def make():
+        from jaxrl_pref.testing import InstantClient
+        return InstantClient(labels=labels, scores=scores), (lambda: None)
     return make
 
 
@@ -530,10 +518,12 @@ def oni_service(s: int, n: int) -> dict:
     import tempfile
     from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
 
-    def make(t):
+    from jaxrl_pref.testing import TOY_PROMPT
+
+    def make():
         d = Path(tempfile.mkdtemp())
         (d / "prompts").mkdir()
-        (d / "prompts" / "toy.v1.txt").write_text(t.TOY_PROMPT)
+        (d / "prompts" / "toy.v1.txt").write_text(TOY_PROMPT)
         proc, url = start_server(str(d / "labels.db"), "embedded", extra_args=["--prompt-dir", str(d / "prompts")])
         client = AnnotatorClient(url, "toy", poll_interval=0.05, wait=300.0)
 

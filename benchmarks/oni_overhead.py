@@ -23,7 +23,7 @@ use_sync_cpu_dispatch()
 
 import jax  # noqa: E402
 
-from agents import launch, oni, ppo  # noqa: E402
+from agents import oni, ppo, ppo_host  # noqa: E402
 from envs.nethack import PoolConfig  # noqa: E402
 from jaxrl_pref.annotation.backends import Prompt, make_backend, task_for_env  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server  # noqa: E402
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
                              timeout=300.0)
     client = AnnotatorClient(url, task_for_env(cfg.env_name))
     try:
-        ppo_tr = launch.host_trainer(ppo_cfg, pool)
+        ppo_tr = ppo_host.pool_trainer(ppo_cfg, pool)
         reward = oni.make_reward(cfg)
-        oni_tr = launch.host_trainer(ppo_cfg, pool, reward=reward, host_hook=oni.ONILoop(cfg, reward, client))
+        oni_tr = ppo_host.pool_trainer(ppo_cfg, pool, reward=reward, host_hook=oni.ONILoop(cfg, reward, client))
         s_ppo, s_oni = ppo_tr.init(jax.random.PRNGKey(0)), oni_tr.init(jax.random.PRNGKey(0))
         s_ppo, _, _ = _time(ppo_tr, s_ppo, 2)  # warm-up: compile
         s_oni, _, _ = _time(oni_tr, s_oni, 2)

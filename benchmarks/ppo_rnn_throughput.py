@@ -23,10 +23,7 @@ import numpy as np
 from benchmarks.ppo_throughput import alternate, ours  # also sets synchronous CPU dispatch, as the experiment CLIs do
 
 from agents import ppo  # noqa: E402
-
-BENCH = dict(env_name="CartPole-v1", num_envs=4, num_steps=128, total_timesteps=500_000, learning_rate=2.5e-4,
-             update_epochs=4, num_minibatches=4, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, ent_coef=0.01,
-             vf_coef=0.5, max_grad_norm=0.5, anneal_lr=True, hidden=(128,), activation="relu", rnn_hidden=128)
+from jaxrl_pref.testing import RNN_BENCH as BENCH  # noqa: E402  (the anchor bench's config)
 
 
 def measure(cfgs: dict, num_seeds: int, reps: int) -> dict:

@@ -34,6 +34,7 @@ from jaxrl_pref.runner import use_sync_cpu_dispatch
 use_sync_cpu_dispatch()  # as the experiment CLIs do (jax#25861); applies to both implementations alike
 
 from agents import ppo  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 
 class Bench:
@@ -81,7 +82,7 @@ def ours(cfg: ppo.Config, num_seeds: int) -> Bench:
 
     fn = jax.vmap(fn) if num_seeds > 1 else fn
     return Bench("jaxrl_pref", fn, seed_keys(num_seeds),
-                 lambda ret, _: np.nanmean(np.asarray(ret)[..., -10:], axis=-1))
+                 lambda ret, _: final_score(ret, last=10))
 
 
 class FiveValueStep:

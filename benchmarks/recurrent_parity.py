@@ -38,12 +38,11 @@ import jax
 import numpy as np
 
 from agents import ppo
-from jaxrl_pref.stats import bootstrap_mean_interval
+from jaxrl_pref.stats import bootstrap_mean_interval, episode_mean
+from jaxrl_pref.testing import RNN_BENCH
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = dict(num_envs=4, num_steps=128, total_timesteps=500_000, learning_rate=2.5e-4, update_epochs=4,
-             num_minibatches=4, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, ent_coef=0.01, vf_coef=0.5,
-             max_grad_norm=0.5, anneal_lr=True, hidden=(128,), activation="relu", rnn_hidden=128)
+BENCH = {k: v for k, v in RNN_BENCH.items() if k != "env_name"}  # the anchor bench's config, on any env
 ENVS = ("CartPole-v1", "Acrobot-v1", "FourRooms-misc")
 
 # Run in a subprocess with the anchor's directory on sys.path: argv = [anchor_dir, env, seeds, last, total_timesteps].
@@ -71,8 +70,7 @@ print(json.dumps({"sums": (rets * done).sum((1, 2)).tolist(), "counts": done.sum
 
 def final_returns(sums, counts) -> list[float]:
     """Per seed: the mean return of the episodes counted (NaN for a seed that finished none)."""
-    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
+    return episode_mean(sums, counts).tolist()
 
 
 def project(env: str, network: str, seeds: int, last: int, total: int) -> dict:

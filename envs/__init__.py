@@ -3,47 +3,62 @@
 Every gymnax environment is available by its gymnax id (``CartPole-v1``, ``Pendulum-v1``, ``DeepSea-bsuite``...).
 Returned envs follow the 6-value gymnax 1.0 step (see :mod:`envs.wrappers`), auto-reset, report episode statistics
 in ``info`` and have flat float32 observations. Other modules add envs with :func:`register`.
+
+What an env is and can do (host pool or JAX, captions, reward factors, the annotator's prompt, which defaults apply)
+is its :class:`~envs.registry.EnvEntry`: ``envs.entry(name).host``, ``.captions``, ``.factors``, ``.task``...
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from typing import Any, Callable
 
 import gymnax
 from gymnax.environments import spaces
 
-from envs import wrappers
+from envs import registry, wrappers
 from envs import captions  # per-step info["message_id"] of captioned tasks
+from envs.errors import ConfigError
+from envs.registry import EnvEntry
 from envs.wrappers import (AutoReset, ClipAction, EpisodeStats, FlattenObservation, NormalizeObservation,
                            NormalizeReward)
 
-__all__ = ["make", "register", "registered", "check_name", "spec", "EnvSpec", "wrappers"]
+__all__ = ["make", "register", "registered", "check_name", "entry", "EnvEntry", "registry", "spec", "EnvSpec",
+           "wrappers"]
 
-_REGISTRY: dict[str, Callable] = {}
+
+def register(name: str, factory: Callable | None = None, **fields) -> EnvEntry:
+    """Registers the env ``name``: ``factory(**kwargs) -> (base_env, env_params)`` (the base env provides
+    ``step_env``/``reset_env``) and what it is and can do, the :class:`~envs.registry.EnvEntry` ``fields``
+    (``family``, ``host``, ``captions``, ``factors``, ``factor_env``, ``task``, ``defaults``, ``requires``,
+    ``prefix``). A captioned env: ``register(name, factory, captions=Captions(...), task="<prompt>")``."""
+    return registry.add(EnvEntry(name, factory=factory, **fields))
 
 
-def register(name: str, factory: Callable) -> None:
-    """Registers ``factory(**kwargs) -> (base_env, env_params)``; the base env provides ``step_env``/``reset_env``."""
-    _REGISTRY[name] = factory
+def entry(name: str) -> EnvEntry:
+    """What the env ``name`` is and can do; an unknown id raises :class:`~envs.errors.ConfigError` (field
+    ``env_name``) naming the close ones. A lookup: builds and imports nothing."""
+    found = registry.find(name)
+    if found is None:
+        close = difflib.get_close_matches(name, registered(), n=3)
+        hint = f"Did you mean {' or '.join(close)}? Otherwise pick" if close else "Pick"
+        raise ConfigError("env_name", f"unknown environment {name!r}", f"{hint} a registered env ({LIST_ENVS})")
+    return found
 
 
 def registered() -> list[str]:
-    return sorted(set(gymnax.registered_envs) | set(_REGISTRY) | set(_nethack.registered()))
+    return sorted(set(registry.names()) | set(_nethack.registered()))
 
 
 def check_name(name: str) -> None:
     """Raises :class:`~envs.errors.ConfigError` (field ``env_name``) unless ``name`` is a known env. Cheap:
     builds nothing (xminigrid and Craftax ids need their package installed, and say so)."""
-    from envs.errors import ConfigError
+    found = entry(name)
     try:
-        if name in _craftax.NAMES:  # registered without craftax installed: say so here, importing nothing
-            _craftax.check_installed(name)
-            return
-        if name in _REGISTRY or name in gymnax.registered_envs or _nethack.is_host_env(name):
-            return
-        _base(name, {})
-    except (ValueError, ImportError) as e:
+        if found.requires is not None:  # registered without its package installed: say so here, importing nothing
+            found.requires(name)
+    except ImportError as e:
         problem, _, fix = str(e).split(": ", 1)[-1].partition(" Fix: ")
         raise ConfigError("env_name", problem.rstrip("."), fix or f"pick a registered env ({LIST_ENVS})") from None
 
@@ -52,14 +67,14 @@ LIST_ENVS = "python -c 'import envs; print(envs.registered())' lists them; docs/
 
 
 def _base(name: str, kwargs: dict):
-    if name in _REGISTRY:
-        return _REGISTRY[name](**kwargs)
-    if name not in gymnax.registered_envs:
-        if name.startswith(_sparse.XMINIGRID_PREFIX):  # xminigrid's ids register only when it is installed
-            _sparse._require_xminigrid(name)
-        close = difflib.get_close_matches(name, registered(), n=3)
-        hint = f"Did you mean {' or '.join(close)}? Otherwise pick" if close else "Pick"
-        raise ValueError(f"env_name: unknown environment {name!r}. Fix: {hint} a registered env ({LIST_ENVS})")
+    found = entry(name)
+    if found.requires is not None:
+        found.requires(name)
+    return found.factory(**kwargs)
+
+
+def _gymnax(name: str, **kwargs):
+    """The factory of gymnax's own envs: ``kwargs`` override fields of its params."""
     env, params = gymnax.make(name)
     fields = {f.name for f in dataclasses.fields(params)}
     unknown = set(kwargs) - fields
@@ -78,16 +93,17 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
     ``num_envs=None`` gives one env (``vmap`` it yourself); ``num_envs=N`` gives a batch of N envs whose
     ``reset(key, params)``/``step(key, state, actions, params)`` take one key and carry a leading ``[N]`` axis.
 
-    Host envs (``NetHack*-v0``, ``MiniHack-*``; extra ``nle``) return ``(pool, None)``: an
+    Host envs (``entry(name).host``: ``NetHack*-v0``, ``MiniHack-*``; extra ``nle``) return ``(pool, None)``: an
     :class:`envs.nethack.NLEPool` of ``num_envs`` envs (default 1) stepped by worker processes, with the numpy
     host-env interface of :mod:`envs.host` (not jittable); ``kwargs`` are the pool's (``seed``,
     ``num_workers``, ``obs_keys``, ``env_kwargs``...). Close it with ``pool.close()``.
     """
-    if _nethack.is_host_env(name):
+    found = entry(name)
+    if found.host:
         if normalize_obs or normalize_reward:
             raise ValueError(f"normalize_obs/normalize_reward: not supported for the host env {name}. "
                              "Fix: leave them False")
-        return _nethack.make(name, num_envs=num_envs, **kwargs), None
+        return found.factory(name, num_envs=num_envs, **kwargs), None
     env, params = _base(name, kwargs)
     env = captions.wrap(name, env)  # KeyDoor-*, MiniGrid-*, Craftax-*: info["message_id"] (envs/captions.py)
     # a base env may bring its own auto-reset (Craftax: a few fresh worlds per step instead of one per env)
@@ -107,7 +123,8 @@ def make(name: str, *, num_envs: int | None = None, normalize_obs: bool = False,
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
-    """Static description of an env's interface, enough to build networks.
+    """Static description of an env's interface, enough to build networks (what the env can do, by name:
+    :func:`entry`).
 
     ``obs_shape`` is a shape tuple for array observations or a dict ``{key: shape}`` for dict observations
     (host envs such as NetHack), with ``obs_dtype`` matching (a dtype name or a dict of them).
@@ -141,7 +158,14 @@ def spec(env, params) -> EnvSpec:
     raise TypeError(f"unsupported action space {type(space).__name__}")
 
 
-# The sparse-reward suite (envs/sparse.py): DeepSea-N, Sparse* classic control, KeyDoor-N, SparseFourRooms-v0.
+# Every family registers its envs with what they can do (envs/registry.py), gymnax's own first: a later family may
+# replace an id (the sparse suite) or extend its entry (the factor envs mark their gymnax base env).
+for _id in gymnax.registered_envs:
+    register(_id, functools.partial(_gymnax, _id), family="gymnax")
+del _id
+
+# The sparse-reward suite (envs/sparse.py): DeepSea-N, Sparse* classic control, KeyDoor-N, SparseFourRooms-v0,
+# xminigrid's MiniGrid-* ids.
 from envs import sparse as _sparse  # noqa: E402
 
 _sparse.register_all(register)
@@ -154,14 +178,9 @@ _craftax.register_all(register)
 # NetHack/MiniHack host envs (envs/nethack.py): importing it does not import nle.
 from envs import nethack as _nethack  # noqa: E402
 
+_nethack.register_all(register)
 
-def _register_factor_envs() -> None:
-    """JAX envs that report HERON reward factors in ``info`` (see :mod:`envs.factors`)."""
-    from functools import partial
+# JAX envs that report HERON reward factors in ``info`` (envs/factors.py).
+from envs import factors as _factors  # noqa: E402
 
-    from envs.factors import FACTOR_ENVS, make_factor_env
-    for name, (base, factor_set) in FACTOR_ENVS.items():
-        register(name, partial(make_factor_env, base, factor_set))
-
-
-_register_factor_envs()
+_factors.register_all(register)

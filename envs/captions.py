@@ -7,9 +7,12 @@ executed, state after), never of the reward, and is computed before the auto-res
 carries its message too. It flows through :class:`~envs.wrappers.AutoReset` / ``EpisodeStats`` (per env, not
 averaged) into :attr:`jaxrl_pref.rollout.Transition.info`.
 
-The texts are a static table per task family (:func:`caption_table`): ``table.texts[0] == ""``,
-``table.bytes`` is ``encode_messages(table.texts)`` (``uint8[K, 256]``, the NetHack message form that ONI's reward
-models read), and in ``jit`` ``table.device()[message_id]`` gives a step's message bytes.
+A task is captioned when its registry entry has a :class:`Captions` (its caption function and texts), so a new
+captioned task is one registration plus its caption function (and the annotator's prompt file ``task``):
+``envs.register(name, factory, captions=Captions("family", lambda: TEXTS, caption_fn), task="family")``.
+The texts are a static table per task family (:func:`caption_table`): ``table.texts[0] == ""``, ``table.bytes``
+is ``encode_messages(table.texts)`` (``uint8[K, 256]``, the NetHack message form that ONI's reward models read), and
+in ``jit`` ``table.device()[message_id]`` gives a step's message bytes.
 
 ==========================  =================================================================================
 task family                 captions
@@ -49,15 +52,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from envs import registry
 from envs.messages import MESSAGE_LEN, encode_messages
 
-__all__ = ["Captioned", "CaptionTable", "caption_table", "is_captioned", "wrap", "message_bytes"]
+__all__ = ["Captioned", "Captions", "CaptionTable", "caption_table", "captions_of", "is_captioned", "wrap",
+           "message_bytes", "KEYDOOR", "MINIGRID", "CRAFTAX_CLASSIC", "CRAFTAX"]
 
 
 
@@ -290,8 +295,10 @@ class _CraftaxCaptions:
 
 @functools.lru_cache(maxsize=None)
 def _craftax_captions(classic: bool) -> _CraftaxCaptions:
-    from envs.craftax import require_craftax
-    require_craftax("Craftax-Classic-Symbolic-v1" if classic else "Craftax-Symbolic-v1")
+    name = "Craftax-Classic-Symbolic-v1" if classic else "Craftax-Symbolic-v1"
+    entry = registry.find(name)
+    if entry is not None and entry.requires is not None:  # the missing-package error, naming the extra
+        entry.requires(name)
     if classic:
         from craftax.craftax_classic.constants import Achievement
         from craftax.craftax_classic.envs.craftax_state import Inventory
@@ -348,57 +355,67 @@ class Captioned:
         return obs, new_state, reward, terminated, {**info, "message_id": jnp.asarray(msg, jnp.int32)}
 
 
-@functools.lru_cache(maxsize=None)
-def _family(name: str) -> str | None:
-    from envs import craftax, sparse
-    if name in craftax.NAMES:
-        return "craftax_classic" if craftax.NAMES[name][0] else "craftax"
-    if name in {f"KeyDoor-{n}" for n in sparse.SIZES_KD}:
-        return "keydoor"
-    if name.startswith(sparse.XMINIGRID_PREFIX):
-        tasks = sparse.xminigrid_tasks()
-        return "minigrid" if not tasks or name in tasks else None  # not installed: all MiniGrid-* ids
-    return None
+@dataclasses.dataclass(frozen=True, eq=False)
+class Captions:
+    """How a task's steps are captioned, as its registry entry holds it (``envs.register(name, factory,
+    captions=...)``): ``caption(env, key, state, action, new_state, params) -> int32`` message id (``env``: the base
+    env, ``key``: the key its ``step_env`` got) into the table of ``texts()`` (``texts()[0] == ""``; called once,
+    when the table is first needed). The envs registered with one ``Captions`` share its table."""
+    name: str
+    texts: Callable[[], Sequence[str]]
+    caption: CaptionFn
+
+    @functools.cached_property
+    def table(self) -> CaptionTable:
+        return CaptionTable(tuple(self.texts()))
+
+
+def _xminigrid_caption(env, key, timestep, action, new_timestep, params) -> jax.Array:
+    """:func:`_minigrid_caption`; ``MiniGrid-Memory*`` plays action 3 as toggle."""
+    from xminigrid.envs.minigrid.memory import Memory
+    if isinstance(getattr(env, "_xenv", None), Memory):
+        a = jnp.asarray(action, jnp.int32)
+        action = jnp.where(a == 3, 5, a)
+    return _minigrid_caption(env, key, timestep, action, new_timestep, params)
+
+
+def _craftax_classic_caption(env, key, state, action, new_state, params) -> jax.Array:
+    return _craftax_caption(_craftax_captions(True), env, key, state, action, new_state, params)
+
+
+def _craftax_full_caption(env, key, state, action, new_state, params) -> jax.Array:
+    return _craftax_caption(_craftax_captions(False), env, key, state, action, new_state, params)
+
+
+# the families of the module docstring (registered by envs/sparse.py and envs/craftax.py)
+KEYDOOR = Captions("keydoor", lambda: KEYDOOR_TEXTS, _keydoor_caption)
+MINIGRID = Captions("minigrid", lambda: MINIGRID_TEXTS, _xminigrid_caption)
+CRAFTAX_CLASSIC = Captions("craftax_classic", lambda: _craftax_captions(True).texts, _craftax_classic_caption)
+CRAFTAX = Captions("craftax", lambda: _craftax_captions(False).texts, _craftax_full_caption)
+
+
+def captions_of(name: str) -> Captions | None:
+    """The :class:`Captions` of the env ``name`` (its registry entry's), None if it has none or is unknown."""
+    entry = registry.find(name)
+    return None if entry is None else entry.captions
 
 
 def is_captioned(name: str) -> bool:
     """Whether ``envs.make(name)`` steps carry ``info["message_id"]``."""
-    return _family(name) is not None
-
-
-@functools.lru_cache(maxsize=None)
-def _table(family: str) -> CaptionTable:
-    if family.startswith("craftax"):
-        return CaptionTable(_craftax_captions(family == "craftax_classic").texts)
-    return CaptionTable(KEYDOOR_TEXTS if family == "keydoor" else MINIGRID_TEXTS)
+    return captions_of(name) is not None
 
 
 def caption_table(name: str) -> CaptionTable:
     """The caption table of a captioned task (``ValueError`` otherwise); every ``MiniGrid-*`` task shares one, the
     two Classic Craftax tasks one, the two full Craftax tasks another (Craftax ids need craftax installed)."""
-    family = _family(name)
-    if family is None:
-        raise ValueError(f"env_name: {name} has no captions (captioned: KeyDoor-*, MiniGrid-*, Craftax-*)")
-    return _table(family)
+    found = captions_of(name)
+    if found is None:
+        families = sorted({e.captions.name for e in registry.entries() if e.captions is not None})
+        raise ValueError(f"env_name: {name} has no captions (captioned task families: {', '.join(families)})")
+    return found.table
 
 
 def wrap(name: str, env):
     """``env`` (a base env from the registry) wrapped in :class:`Captioned` if ``name`` is captioned, else as is."""
-    family = _family(name)
-    if family is None:
-        return env
-    if family == "minigrid":
-        from xminigrid.envs.minigrid.memory import Memory
-        caption = _minigrid_caption
-        if isinstance(getattr(env, "_xenv", None), Memory):  # Memory plays action 3 as toggle
-            caption = _memory_caption
-    elif family.startswith("craftax"):
-        caption = functools.partial(_craftax_caption, _craftax_captions(family == "craftax_classic"))
-    else:
-        caption = _keydoor_caption
-    return Captioned(env, caption, _table(family))
-
-
-def _memory_caption(env, key, timestep, action, new_timestep, params):
-    a = jnp.asarray(action, jnp.int32)
-    return _minigrid_caption(env, key, timestep, jnp.where(a == 3, 5, a), new_timestep, params)
+    found = captions_of(name)
+    return env if found is None else Captioned(env, found.caption, found.table)

@@ -216,5 +216,9 @@ def _factory(name: str):
 
 
 def register_all(register) -> None:
-    for name in NAMES:
-        register(name, _factory(name))
+    """Registers the four ids, captioned (one table per game, :mod:`envs.captions`), with the Craftax prompt; without
+    craftax installed, checking an id says so (imports nothing) and building one names the extra."""
+    from envs import captions
+    for name, (classic, _) in NAMES.items():
+        register(name, _factory(name), family="craftax", requires=check_installed, task="craftax",
+                 captions=captions.CRAFTAX_CLASSIC if classic else captions.CRAFTAX)

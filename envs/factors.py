@@ -14,7 +14,8 @@ Getting factors out of an env:
 * :class:`FactorEnv` wraps a gymnax-style base env (``step_env``/``reset_env``) so that every step reports
   ``info["factors"]`` (``[..., K]``, in the set's order) and, on the step an episode ends (terminated or
   truncated), ``info["episode_factor_<name>"]`` with the episode's aggregate (0 on other steps) -- logged by the
-  agents like ``episode_return``. Registered factor envs: :data:`FACTOR_ENVS` (``envs.make("PendulumFactors-v1")``).
+  agents like ``episode_return``. Registered factor envs: :data:`FACTOR_ENVS` (``envs.make("PendulumFactors-v1")``);
+  an env's factor set is its registry entry's (``envs.entry(name).factors``, :func:`factor_set_for`).
 * :meth:`FactorSet.from_transition` computes factors after the fact from a rollout's
   :class:`~jaxrl_pref.rollout.Transition` (obs, action, true next obs, info) -- how host envs such as the NetHack
   pool get them (see :data:`MINIHACK`).
@@ -25,11 +26,14 @@ model) live in ``jaxrl_pref.rewards``, which imports this module (``envs`` impor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from envs import registry
 
 AGGREGATIONS = ("sum", "max")
 
@@ -287,21 +291,28 @@ def make_factor_env(base_name: str, factor_set: FactorSet, **param_overrides):
     return FactorEnv(env, factor_set), params.replace(**param_overrides)
 
 
+def register_all(register) -> None:
+    """Registers :data:`FACTOR_ENVS` with :func:`envs.register` and marks each one's gymnax base env with its factor
+    set and factor env (``Pendulum-v1`` -> ``PendulumFactors-v1``)."""
+    for name, (base, factor_set) in FACTOR_ENVS.items():
+        register(name, functools.partial(make_factor_env, base, factor_set), family="factors", factors=factor_set,
+                 factor_env=name)
+        registry.update(base, factors=factor_set, factor_env=name)
+
+
 def factor_set_for(env_name: str) -> Optional[FactorSet]:
-    """The factor set of a registered factor env (or of its base env id), else ``None``."""
-    if env_name in FACTOR_ENVS:
-        return FACTOR_ENVS[env_name][1]
-    for name, (base, fs) in FACTOR_ENVS.items():
-        if base == env_name:
-            return fs
-    if "minihack" in env_name.lower() or "nethack" in env_name.lower():
-        return MINIHACK
-    return None
+    """The factor set of an env (its registry entry's: a factor env, its base env, a NetHack/MiniHack task), else
+    ``None`` (also for an unknown id)."""
+    entry = registry.find(env_name)
+    return None if entry is None else entry.factors
 
 
 def factor_env_name(env_name: str) -> str:
     """The registered factor env for ``env_name`` (itself if it already is one or has no JAX factor variant)."""
-    for name, (base, _) in FACTOR_ENVS.items():
-        if base == env_name:
-            return name
-    return env_name
+    entry = registry.find(env_name)
+    return entry.factor_env if entry is not None and entry.factor_env else env_name
+
+
+def factor_envs() -> list[str]:
+    """The registered JAX envs that report their factors in ``info``."""
+    return [e.name for e in registry.entries() if e.factor_env == e.name]

@@ -64,7 +64,7 @@ NETHACK_TASKS = ("NetHackScore-v0", "NetHackStaircase-v0", "NetHackStaircasePet-
                  "NetHackGold-v0", "NetHackEat-v0", "NetHackScout-v0", "NetHackChallenge-v0", "NetHack-v0")
 INSTALL_HINT = 'install the NetHack extra: pip install -e ".[nle]"  (pip packages nle and minihack)'
 
-__all__ = ["NLEPool", "PoolConfig", "make", "is_host_env", "registered", "require_nle", "NETHACK_TASKS"]
+__all__ = ["NLEPool", "PoolConfig", "make", "register_all", "registered", "require_nle", "NETHACK_TASKS"]
 
 
 def require_nle(task: str = "NetHack-v0"):
@@ -96,9 +96,20 @@ def minihack_tasks() -> tuple:
     return _MINIHACK_IDS
 
 
-def is_host_env(name: str) -> bool:
-    """Whether ``envs.make(name)`` builds this module's pool (by name only; nothing is imported)."""
-    return name in NETHACK_TASKS or W.is_minihack(name)
+# the annotator's prompt of the NetHack tasks that have their own; the others use the generic one
+PROMPT_TASKS = {"NetHackScore-v0": "nethack_score", "NetHackStaircase-v0": "nethack_staircase",
+                "NetHackStaircasePet-v0": "nethack_staircase", "NetHackOracle-v0": "nethack_oracle"}
+
+
+def register_all(register) -> None:
+    """Registers the NetHack tasks and (as one prefix entry: listing them imports minihack) every ``MiniHack-*`` id
+    with :func:`envs.register`: host envs built by :func:`make`, with the host defaults and the bottom-line reward
+    factors (:data:`envs.factors.MINIHACK`); registering imports neither nle nor minihack."""
+    from envs.factors import MINIHACK
+    host = dict(factory=make, host=True, defaults="host", factors=MINIHACK)
+    for name in NETHACK_TASKS:
+        register(name, family="nethack", task=PROMPT_TASKS.get(name), **host)
+    register("MiniHack-", family="minihack", prefix=True, task="minihack", **host)
 
 
 def registered() -> list[str]:

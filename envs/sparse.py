@@ -345,6 +345,25 @@ def tasks() -> dict[str, Callable]:
     return out
 
 
-def register_all(register: Callable[[str, Callable], Any]) -> None:
+def register_all(register: Callable[..., Any]) -> None:
+    """Registers the suite with :func:`envs.register`: ``KeyDoor-N`` and xminigrid's ``MiniGrid-*`` ids are
+    captioned (:mod:`envs.captions`). Without xminigrid, its ids are known by their prefix, and checking or building
+    one names the extra."""
+    from envs import captions
+    grid, keydoor = set(xminigrid_tasks()), {f"KeyDoor-{n}" for n in SIZES_KD}
     for name, factory in tasks().items():
-        register(name, factory)
+        if name in grid:
+            register(name, factory, family="xminigrid", captions=captions.MINIGRID, task=_minigrid_task(name))
+        elif name in keydoor:
+            register(name, factory, family="sparse", captions=captions.KEYDOOR, task="keydoor")
+        else:
+            register(name, factory, family="sparse")
+    if not grid:
+        for prefix in ("MiniGrid-DoorKey-", XMINIGRID_PREFIX):
+            register(prefix, family="xminigrid", captions=captions.MINIGRID, task=_minigrid_task(prefix),
+                     requires=_require_xminigrid, prefix=True)
+
+
+def _minigrid_task(name: str) -> str:
+    """The annotator's prompt: DoorKey's own, the generic MiniGrid one for the other tasks."""
+    return "minigrid_doorkey" if name.startswith("MiniGrid-DoorKey") else "minigrid"

@@ -21,40 +21,38 @@ from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts
 
-from agents import heron, launch, ppo  # noqa: E402
-from envs.factors import MINIHACK, factor_env_name, factor_set_for  # noqa: E402
-from jaxrl_pref.rewards.preference import PreferenceConfig, PreferenceReward  # noqa: E402
-from jaxrl_pref.config import require  # noqa: E402
+from agents import heron, ppo  # noqa: E402
+from experiments import launch  # noqa: E402
+from envs.factors import factor_env_name  # noqa: E402
+from jaxrl_pref.rewards.preference import PreferenceConfig  # noqa: E402
 
 # HERON's reward-model sizes on a NetHack/MiniHack pool (2 CPU cores)
 HOST_DEFAULTS = dict(factors=("depth", "damage", "steps"), margins=(0.0, 0.0, 1.0), buffer_segments=256,
                      min_segments=32, rm_batch_size=16)
 
 
+def resolve(opts) -> dict:
+    """A gymnax id with a factor variant trains on it (``Pendulum-v1`` -> ``PendulumFactors-v1``)."""
+    return {"ppo": dataclasses.replace(opts.ppo, env_name=factor_env_name(opts.env_name))}
+
+
 def check(opts) -> None:
-    opts.sections["ppo"] = dataclasses.replace(opts.ppo, env_name=factor_env_name(opts.env_name))
-    fs = MINIHACK if opts.host else factor_set_for(opts.env_name)
-    require(fs is not None, "env_name", f"{opts.env_name!r} reports no reward factors",
-            "use a factor env, e.g. PendulumFactors-v1, MountainCarContinuousFactors-v0, or a MiniHack task")
-    opts.heron.resolve(fs)  # unknown factor names, margins length
-    opts.heron.validate_rollout(opts.ppo.num_steps, opts.ppo.num_envs)
+    agent_config(opts)  # HERON's own checks (heron.Config.validate): the env's factors, the ranking, the rollout
     launch.check_ppo(opts)
 
 
-def reward(opts):
-    return PreferenceReward(opts.heron, MINIHACK) if opts.host else heron.reward_model(agent_config(opts))
-
-
 def agent_config(opts) -> heron.Config:
-    """The :class:`agents.heron.Config` (PPO's fields + the reward model's) of JAX-env options."""
+    """The :class:`agents.heron.Config` (PPO's fields + the reward model's) of these options: what a library user
+    declares in one go, so the CLI and the library build HERON's reward model the same way
+    (:func:`agents.heron.reward_model`); on a NetHack/MiniHack env its factors are :data:`envs.factors.MINIHACK`."""
     return heron.Config(**vars(opts.ppo), **vars(opts.heron))
 
 
 SPEC = cli.Experiment(
     name="heron", module="experiments.heron", doc=__doc__,
     sections=(*launch.PPO_SECTIONS, cli.Section("heron", PreferenceConfig), launch.RUN),
-    train=lambda opts, run_dir: launch.train_ppo(opts, run_dir, reward=reward(opts)),
-    default_env="PendulumFactors-v1", check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError,),
+    train=lambda opts, run_dir: launch.train_ppo(opts, run_dir, reward=heron.reward_model(agent_config(opts))),
+    default_env="PendulumFactors-v1", resolve=resolve, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError,),
     defaults=lambda env, host: {**launch.ppo_defaults(env, host), **(HOST_DEFAULTS if host else {})})
 
 

@@ -12,21 +12,23 @@ PPO settings; only the reward PPO learns from differs:
 
 Baseline rewards are divided by their running std (HERON's model output is normalised too).
 
-All are scored by the task's own episode return (the ground-truth weighted sum). Outputs in ``--out-dir``:
-``results.json`` (per-seed curves), ``results.md`` (the table), ``<task>.png`` (mean +- std curves).
+All are scored by the task's own episode return (the ground-truth weighted sum). Each (task, method) trains
+through the runner (:func:`jaxrl_pref.study.train`) in ``OUT_DIR/<task>/<method>/`` with a command-line run's
+outputs (``config.json``, ``metrics.csv``, ``learning_curve.png``, ``tb/``, ``checkpoints/``, a chunk of
+``--checkpoint-every`` updates per checkpoint): an interrupted comparison continues where it stopped when run again
+(finished runs are restored, not trained again), and the report reads the runs' ``metrics.csv``. Outputs in
+``--out-dir``: ``results.json`` (per-seed curves), ``results.md`` (the table), ``<task>.png`` (mean +- std curves).
 The score of a run is the mean episode return over its last ``--final-frac`` of updates.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_pref.runner import use_sync_cpu_dispatch
@@ -34,28 +36,14 @@ from jaxrl_pref.runner import use_sync_cpu_dispatch
 use_sync_cpu_dispatch()
 
 from agents import heron, ppo  # noqa: E402
+from agents.heron import TASKS, task_config  # noqa: E402
+from jaxrl_pref import study  # noqa: E402
 from jaxrl_pref.config import ConfigError, cli, require  # noqa: E402
+from jaxrl_pref.logging import read_metrics  # noqa: E402
 from jaxrl_pref.rewards import ScaledSum  # noqa: E402
+from jaxrl_pref.stats import final_score  # noqa: E402
 
 METHODS = ("heron", "ppo_weighted", "ppo_top")
-
-# Per task: env, PPO settings shared by all methods, HERON ranking and margins.
-_PPO = dict(clip_value=False)  # value clipping (+-0.2) stalls the critic on unit-scale rewards; off for every method
-TASKS = {
-    # PPO settings of the README's Pendulum example (which learns with them); HERON compares 4-step segments,
-    # angle first with margin 0 (a margin on the angle lets "hang still" win on speed)
-    "pendulum": dict(env_name="PendulumFactors-v1", num_envs=4, num_steps=1024, update_epochs=10,
-                     num_minibatches=64, learning_rate=3e-4, gamma=0.9, ent_coef=0.0, normalize_obs=True, **_PPO,
-                     factors=("angle", "speed", "energy"), margins=(0.0, 1.0, 1.0), segment_len=4, rm_updates=32),
-    "mountaincar": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128, update_epochs=4,
-                        num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0, normalize_obs=True, **_PPO,
-                        factors=("goal", "energy"), margins=(0.0, 1.0), segment_len=8, rm_updates=16),
-    # the same task, with the user also ranking a shaping factor (the car's mechanical energy) above action cost
-    "mountaincar_swing": dict(env_name="MountainCarContinuousFactors-v0", num_envs=16, num_steps=128,
-                              update_epochs=4, num_minibatches=8, learning_rate=3e-4, gamma=0.99, ent_coef=0.0,
-                              normalize_obs=True, **_PPO, factors=("goal", "swing", "energy"),
-                              margins=(0.0, 0.5, 1.0), segment_len=8, rm_updates=16),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +56,8 @@ class Options:
     out_dir: str = "runs/heron_compare"
     final_frac: float = 0.1
     """Fraction of the last updates averaged into a run's score."""
+    checkpoint_every: int = 100
+    """Updates per compiled chunk; each run saves a checkpoint after each (a resumed run needs the same value)."""
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
@@ -77,43 +67,39 @@ class Options:
         require(self.num_seeds >= 1, "num_seeds", f"must be >= 1, got {self.num_seeds}", "pass e.g. --num-seeds 3")
         require(0 < self.final_frac <= 1, "final_frac", f"must lie in (0, 1], got {self.final_frac}",
                 "pass e.g. --final-frac 0.1")
+        require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}",
+                "pass e.g. --checkpoint-every 100")
 
 
-def task_config(task: str, total_timesteps: int) -> heron.Config:
-    return heron.Config(total_timesteps=total_timesteps, **TASKS[task])
-
-
-def make_program(cfg: heron.Config, method: str):
+def reward(cfg: heron.Config, method: str):
+    """The reward PPO learns from under ``method``: every method learns from a normalised reward (HERON's model
+    normalises its output; the baselines' rewards are divided by their running std (ScaledSum), as NormalizeReward
+    would do for an env reward)."""
     if method == "heron":
-        return heron.make_train(cfg)
+        return heron.reward_model(cfg)
     kind = {"ppo_weighted": "weighted", "ppo_top": "top"}[method]
-    # every method learns from a normalised reward: HERON's model normalises its output; the baselines' rewards
-    # are divided by their running std (ScaledSum), as NormalizeReward would do for an env reward
-    reward = ScaledSum(heron.baseline_reward(cfg, kind), ext_coef=0.0, int_coef=1.0, normalize=True)
-    return ppo.make_train(cfg.ppo_config(), reward=reward)
+    return ScaledSum(heron.baseline_reward(cfg, kind), ext_coef=0.0, int_coef=1.0, normalize=True)
 
 
-def run_method(cfg: heron.Config, method: str, num_seeds: int) -> dict:
-    train = make_program(cfg, method)
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(num_seeds))
-
-    def fn(key):
-        m = train(key).metrics
-        return {k: v for k, v in m.items() if k.startswith("episode_") or k.startswith("reward/heron_accuracy")}
-
-    t = time.perf_counter()
-    compiled = jax.jit(jax.vmap(fn)).lower(keys).compile()
-    t_compile = time.perf_counter() - t
-    t = time.perf_counter()
-    out = jax.device_get(jax.block_until_ready(compiled(keys)))
-    t_run = time.perf_counter() - t
-    return {"metrics": {k: np.asarray(v) for k, v in out.items()}, "compile_s": t_compile, "run_s": t_run}
+def run_method(cfg: heron.Config, task: str, method: str, opts: Options) -> dict:
+    """Trains (or continues, or restores) ``method``'s seeds on ``task`` in ``OUT_DIR/<task>/<method>``, seed i
+    from ``PRNGKey(i)``; returns its metrics as its ``metrics.csv`` holds them (``[seeds, updates]``) and this
+    session's compile and training seconds (None: trained before)."""
+    r = reward(cfg, method)
+    make = lambda c, log_fn=None, log_every=1: ppo.make_trainer(  # noqa: E731
+        c.ppo_config(), reward=r, log_fn=log_fn, log_every=log_every)
+    result = study.train(f"{task}/{method}", make, cfg, Path(opts.out_dir) / task / method,
+                         num_seeds=opts.num_seeds, checkpoint_every=opts.checkpoint_every, agent=method,
+                         module="experiments.heron_compare", run_info={"study": "heron_compare", "task": task})
+    trained = result.updates_done > (result.resumed_from or 0)
+    return {"metrics": read_metrics(result.paths["metrics_csv"]), "compile_s": result.compile_s if trained else None,
+            "run_s": result.train_s if trained else None}
 
 
 def score(returns: np.ndarray, frac: float) -> np.ndarray:
-    """Per-seed mean episode return over the last ``frac`` of updates (updates with no finished episode skipped)."""
-    n = max(1, int(round(returns.shape[-1] * frac)))
-    return np.nanmean(returns[..., -n:], axis=-1)
+    """Per-seed mean episode return over the last ``frac`` of updates, rounded to the nearest (updates with no
+    finished episode skipped; :func:`jaxrl_pref.stats.final_score`)."""
+    return final_score(returns, frac=frac, rounding="round")
 
 
 def _fill_nan(x: np.ndarray) -> np.ndarray:
@@ -166,7 +152,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results[task] = {"config": dataclasses.asdict(cfg), "methods": {}}
         curves = {}
         for method in opts.methods:
-            r = run_method(cfg, method, opts.num_seeds)
+            try:
+                r = run_method(cfg, task, method, opts)
+            except ConfigError as e:  # its run dir holds a run of other settings
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except study.Stopped as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(e.exit_status) from None
             ret = r["metrics"]["episode_return"]
             s = score(ret, opts.final_frac)
             curves[method] = ret
@@ -175,13 +168,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                 "episode_factors": {k: score(v, opts.final_frac).tolist()
                                                                     for k, v in r["metrics"].items()
                                                                     if k.startswith("episode_factor_")}}
+            secs = " | ".join("-" if r[k] is None else f"{r[k]:.1f}" for k in ("run_s", "compile_s"))
             line = (f"| {task} | {method} | {np.mean(s):.1f} +- {np.std(s):.1f} | "
-                    f"{', '.join(f'{v:.1f}' for v in s)} | {r['run_s']:.1f} | {r['compile_s']:.1f} |")
+                    f"{', '.join(f'{v:.1f}' for v in s)} | {secs} |")
             table.append(line)
             print(line, flush=True)
         plot(task, cfg, curves, out_dir / f"{task}.png")
     header = (f"{opts.num_seeds} seeds x {opts.total_timesteps:,} env steps per run; score = mean episode return "
-              f"(task reward) over the last {opts.final_frac:.0%} of updates.\n\n")
+              f"(task reward) over the last {opts.final_frac:.0%} of updates; seconds of this session (-: trained "
+              "before).\n\n")
     (out_dir / "results.md").write_text(header + "\n".join(table) + "\n")
     (out_dir / "results.json").write_text(json.dumps({"options": dataclasses.asdict(opts), "results": results}))
     print(f"wrote {out_dir}/results.md, results.json, " + ", ".join(f"{t}.png" for t in opts.tasks))

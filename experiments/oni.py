@@ -33,7 +33,8 @@ from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts
 
-from agents import launch, motif, oni, oni_captioned, ppo  # noqa: E402
+from agents import motif, oni, oni_captioned, ppo  # noqa: E402
+from experiments import launch  # noqa: E402
 from envs import captions  # noqa: E402
 from jaxrl_pref.annotation.client import AnnotatorClient, stop_server  # noqa: E402
 from jaxrl_pref.annotation.config import AnnotatorConfig, preflight, start_annotator  # noqa: E402
@@ -41,18 +42,24 @@ from jaxrl_pref.config import require  # noqa: E402
 from jaxrl_pref.logging import plot_oni_curves  # noqa: E402
 
 
-def check(opts) -> None:
-    opts.annotator.check()
+def resolve(opts) -> dict:
+    """What ``--method`` implies: ELLM-BoW labels with the bow annotator and a retrieval model, Motif trains a
+    ranking model offline (:mod:`agents.motif`)."""
     if opts.oni.method == "ellm":  # ELLM-BoW: similarity labels, looked up by message
         require(opts.annotator.annotator in ("embedded", "bow") and not opts.annotator.annotator_url, "method",
                 f"--method ellm labels messages itself (the bow annotator), not with --annotator "
                 f"{opts.annotator.annotator}{' / --annotator-url' if opts.annotator.annotator_url else ''}",
                 "drop --annotator / --annotator-url, or use --method oni")
-        opts.sections["annotator"] = dataclasses.replace(opts.annotator, annotator="bow")
-        opts.sections["oni"] = dataclasses.replace(opts.oni, reward_model="retrieval")
-    if opts.oni.method == "motif":  # Motif: a ranking model trained offline, frozen (agents/motif.py)
-        opts.sections["oni"] = dataclasses.replace(opts.oni, reward_model="ranking")
-    else:
+        return {"annotator": dataclasses.replace(opts.annotator, annotator="bow"),
+                "oni": dataclasses.replace(opts.oni, reward_model="retrieval")}
+    if opts.oni.method == "motif":
+        return {"oni": dataclasses.replace(opts.oni, reward_model="ranking")}
+    return {}
+
+
+def check(opts) -> None:
+    opts.annotator.check()
+    if opts.oni.method != "motif":
         require(opts.motif == motif.MotifOptions(), "method", "the --motif-* options apply to --method motif only",
                 "pass --method motif, or drop them")
     if opts.host:
@@ -66,9 +73,43 @@ def check(opts) -> None:
     launch.check_ppo(opts)
 
 
+def motif_dir(opts, run_dir) -> Path:
+    return Path(opts.motif.motif_dir) if opts.motif.motif_dir else Path(run_dir) / "motif"
+
+
+def train_motif(opts, run_dir):
+    """``--method motif``: Motif's phases 1-3 (:func:`agents.motif.prepare`: dataset, annotated pairs, frozen reward
+    model; reused from ``--motif-dir`` when there), then PPO on the frozen model."""
+    directory = motif_dir(opts, run_dir)
+    env_name, m = opts.env_name, opts.motif
+    if motif.check_dir(directory, env_name):  # before anything is built or written: the files, then the annotator
+        preflight(opts.annotator, directory)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    prepared = motif.prepare(
+        m, env_name, directory, seed=opts.run.seed, batch_size=opts.oni.rm_batch_size,
+        learning_rate=opts.oni.rm_learning_rate, annotator=opts.annotator.annotator,
+        collect=lambda: motif.collect_dataset(env_name, m.motif_steps, opts.ppo.num_envs, opts.run.seed, opts.pool),
+        connect=lambda: motif.service_client(opts.annotator, env_name, directory))
+    if not opts.run.no_resume:
+        motif.check_resume(run_dir, prepared.sha, directory)
+    info = {"motif_dir": str(directory), "motif_model_sha256": prepared.sha}
+    print(f"motif: PPO with the frozen reward model of {directory}", file=sys.stderr, flush=True)
+    if opts.host:
+        reward = motif.make_reward(opts.oni, prepared)
+        hook = motif.make_hook(opts.oni, reward, opts.run.seed,
+                               state_key=None if opts.bonus.bonus == "none" else "base")
+        result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook, run_info=info)
+    else:  # a captioned JAX task: the frozen scores and the per-caption counts inside the jitted loop, no hook
+        reward = motif.make_reward(opts.oni, prepared, captions.caption_table(env_name))
+        result = launch.train_ppo(opts, run_dir, reward=reward, run_info=info)
+    if result.metrics:
+        plot_oni_curves(result.metrics, Path(run_dir) / "oni_curves.png", result.steps_per_update)
+    return result
+
+
 def train(opts, run_dir):
     if opts.oni.method == "motif":  # dataset, pairs, frozen reward model (reused from --motif-dir), then PPO
-        return motif.train(opts, run_dir)
+        return train_motif(opts, run_dir)
     preflight(opts.annotator, run_dir)  # the service, the label store, the LLM: before anything is built or written
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     proc, url = start_annotator(opts.annotator, run_dir, checked=True)
@@ -77,8 +118,7 @@ def train(opts, run_dir):
     info = {"annotator_url": url, "prompt_task": client.task}
     try:
         if opts.host:
-            reward = oni.make_reward(opts.oni)
-            hook = oni.ONILoop(opts.oni, reward, client, opts.run.seed, state_key=state_key)
+            reward, hook = oni.build(opts.oni, client, opts.run.seed, state_key=state_key)
             result = launch.train_ppo(opts, run_dir, reward=reward, host_hook=hook, run_info=info)
         else:  # captioned JAX env: the reward model and labels in the jitted loop, the annotator between chunks
             table = captions.caption_table(opts.env_name)
@@ -101,7 +141,7 @@ SPEC = cli.Experiment(
               cli.Section("motif", motif.MotifOptions, saved_if_set=True),
               cli.Section("captioned", oni_captioned.CaptionedOptions, saved_if_set=True),
               cli.Section("annotator", AnnotatorConfig), launch.RUN),
-    defaults=launch.ppo_defaults, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError, RuntimeError))
+    defaults=launch.ppo_defaults, resolve=resolve, check=check, hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError, RuntimeError))
 
 
 parse, main = cli.entry_points(SPEC)

@@ -3,9 +3,11 @@
     python -m experiments.oni_compare --envs MiniHack-KeyRoom-Fixed-S5-v0 NetHackStaircase-v0 \\
         --seeds 0 1 2 --total-timesteps 300000 --out runs/oni_compare
 
-Each (env, method, seed) is one ``python -m experiments.ppo`` / ``python -m experiments.oni`` process
-(sequential; an interrupted comparison resumes: finished runs are kept, unfinished ones continue from their
-checkpoint). Method ``ppo`` is the extrinsic-only baseline; ``oni-<model>`` uses the embedded annotator unless
+Each (env, method, seed) is one ``python -m experiments.ppo`` / ``python -m experiments.oni`` process in
+``out/<env>/<method>/seed<seed>/`` (its output also in ``run.log`` there), one after another
+(:func:`jaxrl_pref.study.run_grid`): an interrupted comparison resumes (finished runs are kept by their ``done``
+marker, unfinished ones continue from their checkpoint), and a run that fails stops it (exit 1) naming the run, its
+command and its log. Method ``ppo`` is the extrinsic-only baseline; ``oni-<model>`` uses the embedded annotator unless
 ``--oni-args`` says otherwise (e.g. ``--oni-args "--annotator openai --llm-base-url ... --llm-model ..."``).
 Writes ``out/results.md`` (final return and success rate: mean +- std over seeds of the last 20% of updates),
 ``out/results.json`` and ``out/curves.png``.
@@ -15,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from jaxrl_pref import study
+from jaxrl_pref.stats import final_score
+from jaxrl_pref.study import Run
 
 METHODS = ("ppo", "oni-retrieval", "oni-classification", "oni-ranking")
 
@@ -48,24 +53,16 @@ class CompareConfig:
                 "less than one update", f"pass at least {self.num_envs * self.num_steps}")
 
 
-def run_one(cfg: CompareConfig, env: str, method: str, seed: int) -> Path:
-    run_dir = Path(cfg.out) / env / method / f"seed{seed}"
-    if (run_dir / "metrics.csv").exists() and (run_dir / "done").exists():
-        return run_dir
+def run_of(cfg: CompareConfig, env: str, method: str, seed: int) -> Run:
+    """The run of one (env, method, seed), in ``OUT/<env>/<method>/seed<seed>``."""
     common = ["--env", env, "--seed", str(seed), "--total-timesteps", str(cfg.total_timesteps),
-              "--num-envs", str(cfg.num_envs), "--num-steps", str(cfg.num_steps), "--run-dir", str(run_dir),
-              "--resume", "--progress", "False", "--log-every", "5", *shlex.split(cfg.common_args)]
+              "--num-envs", str(cfg.num_envs), "--num-steps", str(cfg.num_steps), "--log-every", "5",
+              *shlex.split(cfg.common_args)]
+    run_dir = Path(cfg.out) / env / method / f"seed{seed}"
     if method == "ppo":
-        cmd = [sys.executable, "-m", "experiments.ppo", *common]
-    else:
-        cmd = [sys.executable, "-m", "experiments.oni", *common, "--reward-model", method.split("-", 1)[1],
-               *shlex.split(cfg.oni_args)]
-    print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        raise SystemExit(f"run failed with status {rc}: {' '.join(cmd)}")
-    (run_dir / "done").touch()
-    return run_dir
+        return Run(f"{env}/{method}/seed{seed}", "experiments.ppo", common, run_dir)
+    return Run(f"{env}/{method}/seed{seed}", "experiments.oni",
+               [*common, "--reward-model", method.split("-", 1)[1], *shlex.split(cfg.oni_args)], run_dir)
 
 
 def summarise(cfg: CompareConfig, runs: dict) -> dict:
@@ -76,11 +73,10 @@ def summarise(cfg: CompareConfig, runs: dict) -> dict:
         for d in dirs:
             m = read_metrics(d / "metrics.csv")
             r = np.asarray(m["episode_return"], np.float64).ravel()
-            k = max(1, len(r) // 5)
-            finals.append(np.nanmean(r[-k:]))
+            finals.append(final_score(r, frac=0.2))  # the last 20% of updates
             if "episode_success" in m:
                 s = np.asarray(m["episode_success"], np.float64).ravel()
-                succ.append(np.nanmean(s[-k:]))
+                succ.append(final_score(s, frac=0.2))
             curves.append((np.asarray(m["env_steps"]).ravel(), r))
         out[(env, method)] = {"return_mean": float(np.nanmean(finals)), "return_std": float(np.nanstd(finals)),
                               "success_mean": float(np.nanmean(succ)) if succ else None,
@@ -128,11 +124,14 @@ def main(argv=None) -> int:
     from jaxrl_pref.config import cli
     cfg = cli(CompareConfig, argv, description=__doc__.split("\n\n")[0])
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for env in cfg.envs:
-        for method in cfg.methods:
-            runs[(env, method)] = [run_one(cfg, env, method, s) for s in cfg.seeds]
-    write_report(cfg, summarise(cfg, runs))
+    grid = {(env, method): [run_of(cfg, env, method, s) for s in cfg.seeds]
+            for env in cfg.envs for method in cfg.methods}
+    try:
+        study.run_grid([r for rs in grid.values() for r in rs])
+    except (study.RunFailed, study.Stopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status if isinstance(e, study.Stopped) else 1
+    write_report(cfg, summarise(cfg, {k: [r.run_dir for r in rs] for k, rs in grid.items()}))
     return 0
 
 

@@ -26,7 +26,8 @@ from jaxrl_pref import cli
 
 cli.setup()  # before JAX starts: synchronous CPU dispatch, --distributed
 
-from agents import launch, ppo  # noqa: E402
+from agents import ppo  # noqa: E402
+from experiments import launch  # noqa: E402
 
 SPEC = cli.Experiment(
     name="ppo", module="experiments.ppo", doc=__doc__, sections=(*launch.PPO_SECTIONS, launch.RUN),

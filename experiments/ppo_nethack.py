@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from experiments import ppo as _ppo  # first: sets up JAX before anything imports it
-from agents import launch
+from experiments import launch
 from jaxrl_pref import cli
 from jaxrl_pref.config import require
 

@@ -5,9 +5,11 @@
     python -m experiments.sparse_study --scale 0.1                      # a smoke run: a tenth of each budget
 
 Each (task, method) is one ``python -m experiments.<agent>`` run through the common CLI (seeds vmapped in one
-process on JAX tasks; one process per seed on the NetHack/MiniHack pool), in ``OUT/<task>/<method>/``. An
-interrupted study resumes: a finished run is kept (its ``done`` marker), an unfinished one continues from its
-checkpoint. Methods share every PPO setting of their task; only the reward differs:
+process on JAX tasks; one process per seed on the NetHack/MiniHack pool), in ``OUT/<task>/<method>/`` (its output
+also in ``run.log`` there), one after another (:func:`jaxrl_pref.study.run_grid`). An interrupted study resumes: a
+finished run is kept (its ``done`` marker), an unfinished one continues from its checkpoint; Ctrl-C or SIGTERM lets
+the running run save first. A run that fails stops the study (exit 1) naming it, its command and its log. Methods
+share every PPO setting of their task; only the reward differs:
 
 * ``ppo``  -- the env reward;
 * ``rnd``  -- + Random Network Distillation (``--bonus rnd``), learned by PPO's one critic with the env reward;
@@ -35,12 +37,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from jaxrl_pref import stats, study
+from jaxrl_pref.stats import final_score, forward_fill as _ffill, windowed_mean as windowed
+from jaxrl_pref.study import Run
 
 METHODS = ("ppo", "rnd", "rnd-head", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif",
            "ellm")
@@ -84,31 +89,26 @@ class StudyConfig:
         require(self.scale > 0, "scale", f"must be > 0, got {self.scale}", "pass e.g. --scale 1")
 
 
-def _host(env: str) -> bool:
-    from envs import nethack
-    return nethack.is_host_env(env)
-
-
 def not_applicable(task: str, method: str) -> Optional[str]:
     """Why ``method`` cannot run on ``task`` (None if it can): LLM feedback needs messages (a NetHack/MiniHack task
     or a captioned JAX task)."""
-    from envs import captions
+    import envs
     env = TASKS[task]["env"]
     if method in _BONUS_METHODS:
         return None
-    if not (_host(env) or captions.is_captioned(env)):
+    entry = envs.entry(env)
+    if not (entry.host or entry.captions is not None):
         return f"{env} has no messages (not captioned)"
     return None
 
 
-def commands(cfg: StudyConfig, task: str, method: str) -> list[tuple[Path, list[str]]]:
-    """The runs of one (task, method): ``(run_dir, argv)``; one for a JAX task (seeds vmapped), one per seed on
-    the pool."""
+def runs(cfg: StudyConfig, task: str, method: str) -> list[Run]:
+    """The runs of one (task, method): one for a JAX task (seeds vmapped), one per seed on the pool."""
     t = TASKS[task]
     steps = max(int(t["steps"] * cfg.scale), 1)
-    agent = "ppo" if method in _BONUS_METHODS else "oni"
-    base = [sys.executable, "-m", f"experiments.{agent}", "--env", t["env"], "--total-timesteps", str(steps),
-            *t["args"], "--resume", "--progress", "False", "--log-every", "1", *shlex.split(cfg.extra_args)]
+    module = "experiments." + ("ppo" if method in _BONUS_METHODS else "oni")
+    base = ["--env", t["env"], "--total-timesteps", str(steps), *t["args"], "--log-every", "1",
+            *shlex.split(cfg.extra_args)]
     root = Path(cfg.out) / task / method
     if method in ("rnd", "e3b"):
         base += ["--bonus", method, "--bonus-coef", str(t["coef"][method])]
@@ -120,10 +120,11 @@ def commands(cfg: StudyConfig, task: str, method: str) -> list[tuple[Path, list[
         base += ["--method", "motif", "--motif-dir", str(Path(cfg.out) / task / "motif-data")]
     elif method == "ellm":
         base += ["--method", "ellm"]
-    if _host(t["env"]):
-        return [(root / f"seed{s}", [*base, "--seed", str(s), "--run-dir", str(root / f"seed{s}")])
+    import envs
+    if envs.entry(t["env"]).host:
+        return [Run(f"{task}/{method}/seed{s}", module, [*base, "--seed", str(s)], root / f"seed{s}")
                 for s in range(cfg.num_seeds)]
-    return [(root, [*base, "--num-seeds", str(cfg.num_seeds), "--run-dir", str(root)])]
+    return [Run(f"{task}/{method}", module, [*base, "--num-seeds", str(cfg.num_seeds)], root)]
 
 
 def attach_extra_args(argv: list[str]) -> list[str]:
@@ -150,27 +151,15 @@ def check_commands(cfg: StudyConfig) -> list[str]:
         for method in cfg.methods:
             if not_applicable(task, method):
                 continue
-            for run_dir, argv in commands(cfg, task, method):
-                module = argv[2]
-                if module not in specs:
-                    specs[module] = validate.load_spec(module)
-                msg = validate.check_argv(specs[module], argv[3:])
+            for run in runs(cfg, task, method):
+                if run.module not in specs:
+                    specs[run.module] = validate.load_spec(run.module)
+                msg = validate.check_argv(specs[run.module], run.command()[3:])
                 if msg is not None and not validate.machine_dependent(msg):
-                    where = f"{task}/{method}" + (f"/{run_dir.name}" if run_dir.name.startswith("seed") else "")
-                    problems.setdefault((module, msg), []).append(where)
+                    problems.setdefault((run.module, msg), []).append(run.name)
     extra = f" with --extra-args {shlex.quote(cfg.extra_args)}" if cfg.extra_args else ""
     return [f"run{'s' if len(w) > 1 else ''} {', '.join(w) if len(w) <= 4 else f'{w[0]} and {len(w) - 1} more'}"
             f" (python -m {module}{extra}): {msg}" for (module, msg), w in problems.items()]
-
-
-def run(run_dir: Path, argv: list[str]) -> None:
-    if (run_dir / "done").exists():
-        return
-    print("+", " ".join(shlex.quote(a) for a in argv), flush=True)
-    rc = subprocess.call(argv)
-    if rc != 0:
-        raise SystemExit(f"run failed with status {rc}: {' '.join(argv)}")
-    (run_dir / "done").touch()
 
 
 def curves(run_dirs: list[Path]) -> dict:
@@ -189,25 +178,6 @@ def curves(run_dirs: list[Path]) -> dict:
     return {key: np.stack([x[:k] for x in v]) for key, v in out.items()}
 
 
-def windowed(x: np.ndarray, episodes: Optional[np.ndarray] = None, window: int = 5) -> np.ndarray:
-    """Per update: the mean of ``x`` over the episodes that ended in the last ``window`` updates (each update's value
-    weighted by its number of finished episodes; NaN until one ended). ``episodes`` None: 1 where ``x`` is set."""
-    e = (~np.isnan(x)).astype(np.float64) if episodes is None else np.nan_to_num(episodes)
-    num = np.convolve(np.nan_to_num(x) * e, np.ones(window))[:len(x)]
-    den = np.convolve(e, np.ones(window))[:len(x)]
-    with np.errstate(all="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _ffill(x: np.ndarray) -> np.ndarray:
-    """NaN (no episode ended in that update) replaced by the last value seen (0 before any)."""
-    out, last = np.empty_like(x), 0.0
-    for i, v in enumerate(x):
-        last = last if np.isnan(v) else v
-        out[i] = last
-    return out
-
-
 def steps_to(success: np.ndarray, env_steps: np.ndarray, episodes: Optional[np.ndarray] = None, level: float = 0.5,
              window: int = 5, min_episodes: int = 10) -> float:
     """Env steps at the first update where the success rate of the episodes that ended in the last ``window``
@@ -221,19 +191,17 @@ def steps_to(success: np.ndarray, env_steps: np.ndarray, episodes: Optional[np.n
 
 
 def mean_ci(x) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval (:func:`slurm.report.mean_ci`)."""
-    from slurm.report import mean_ci as _mean_ci
-    m, half, _ = _mean_ci(np.asarray(x, np.float64))
-    return m, half
+    """Mean and the half-width of its 95% Student-t confidence interval (:func:`jaxrl_pref.stats.mean_ci`)."""
+    return stats.mean_ci(x)[:2]
 
 
 def summarise(c: dict) -> dict:
-    k = max(1, c["success"].shape[1] // 10)
+    # over the episodes that ended in the last tenth of the updates (long episodes: most updates end none; then the
+    # last window that ended one)
+    final_s = final_score(c["success"], frac=0.1, episodes=c.get("episodes"), carry=True)
+    final_r = final_score(c["return"], frac=0.1, episodes=c.get("episodes"), carry=True)
     eps = c.get("episodes")
     eps = [None] * len(c["success"]) if eps is None else list(eps)
-    # over the episodes that ended in the last tenth of the updates (long episodes: most updates end none)
-    final_s = np.array([_ffill(windowed(x, e, k))[-1] for x, e in zip(c["success"], eps)])
-    final_r = np.array([_ffill(windowed(x, e, k))[-1] for x, e in zip(c["return"], eps)])
     budget = float(c["env_steps"][0, -1])
     t50 = np.array([steps_to(s, st, e) for s, st, e in zip(c["success"], c["env_steps"], eps)])
     return {"seeds": len(final_s), "budget": budget, "success": mean_ci(final_s), "return": mean_ci(final_r),
@@ -298,18 +266,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    results, all_curves = {}, {}
+    grid = {}
     for task in cfg.tasks:
         for method in cfg.methods:
             why = not_applicable(task, method)
             if why:
                 print(f"skipping {method} on {task}: {why}", flush=True)
                 continue
-            runs = commands(cfg, task, method)
-            for run_dir, argv_ in runs:
-                run(run_dir, argv_)
-            all_curves[(task, method)] = c = curves([d for d, _ in runs])
-            results[(task, method)] = summarise(c)
+            grid[(task, method)] = runs(cfg, task, method)
+    try:
+        study.run_grid([r for rs in grid.values() for r in rs])
+    except (study.RunFailed, study.Stopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status if isinstance(e, study.Stopped) else 1
+    results, all_curves = {}, {}
+    for key, rs in grid.items():
+        all_curves[key] = c = curves([r.run_dir for r in rs])
+        results[key] = summarise(c)
     print(report(cfg, results, all_curves))
     return 0
 

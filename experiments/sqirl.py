@@ -23,7 +23,8 @@ cli.setup()  # before JAX starts
 
 import numpy as np  # noqa: E402
 
-from agents import launch, sqirl  # noqa: E402
+from agents import sqirl  # noqa: E402
+from experiments import launch  # noqa: E402
 
 
 def train(opts, run_dir):
@@ -38,7 +39,7 @@ def train(opts, run_dir):
 
 SPEC = cli.Experiment(
     name="sqirl", module="experiments.sqirl", doc=__doc__, sections=(*launch.SQIRL_SECTIONS, launch.RUN),
-    train=train, default_env="DeepSea-8", check=launch.check_sqirl, hparam_fields=sqirl.HPARAM_FIELDS,
+    train=train, default_env="DeepSea-8", resolve=launch.resolve_sqirl, check=launch.check_sqirl, hparam_fields=sqirl.HPARAM_FIELDS,
     defaults=lambda env, host: {"log_every": 1, "checkpoint_every": 50}, unit="timestep", errors=(ImportError,))
 
 

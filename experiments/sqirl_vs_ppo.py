@@ -6,19 +6,25 @@
 For each task SQIRL runs ``horizon`` timesteps of ``episodes_per_timestep`` episodes, i.e. ``episodes * H * H`` env
 steps computed per seed (episodes that end early use fewer; both numbers are reported). PPO gets exactly that many
 env steps (``total_timesteps``, rounded down to whole updates of ``--ppo-num-envs x --ppo-num-steps``). Seeds are
-vmapped in one compiled program per (agent, task).
+vmapped in one compiled program per (agent, task), seed i from ``PRNGKey(seed + i)`` as in ``python -m
+experiments.sqirl --seed S``. Each (task, agent) trains through the runner (:func:`jaxrl_pref.study.train`) in
+``OUT/<task>/sqirl/`` and ``OUT/<task>/ppo/`` with a command-line run's outputs (``config.json``, ``metrics.csv``,
+``checkpoints/``, ...): an interrupted comparison continues where it stopped when run again (finished runs are
+restored, not trained again), and the report reads the runs' ``metrics.csv`` (PPO's greedy evaluation: the restored
+final policy).
 
 Reported per task and agent (mean +- std over seeds): final success rate and return of the **greedy** policy
 (SQIRL: its time-indexed greedy policy, as evaluated by the agent; PPO: argmax of the final policy's logits on
 ``--eval-episodes`` fresh episodes, plus the success of its stochastic training episodes in the last update).
 Outputs in ``--out`` (default ``runs/sqirl_vs_ppo``): ``results.csv``, ``results.md`` (table), ``curves.png``
-(success vs env steps; SQIRL's points are its greedy policy after each timestep, PPO's its training episodes).
+(success vs env steps; SQIRL's points are its greedy policy after each timestep, PPO's its training episodes), and
+the runs' directories.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +38,9 @@ import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
 from agents import ppo, sqirl  # noqa: E402
-from jaxrl_pref.config import cli, positive, require  # noqa: E402
+from jaxrl_pref import study  # noqa: E402
+from jaxrl_pref.config import ConfigError, cli, positive, require  # noqa: E402
+from jaxrl_pref.logging import read_metrics  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,27 +92,30 @@ def ppo_greedy_eval(cfg: ppo.Config, params, key, n: int, horizon: int):
     return (succ * done).sum() / cnt, (ret * done).sum() / cnt
 
 
+def _train(task: str, agent: str, make_trainer, cfg, o: Options, **options):
+    """``agent``'s seeds on ``task`` through the runner in ``OUT/<task>/<agent>``: (its result, its metrics as its
+    ``metrics.csv`` holds them, this session's seconds)."""
+    result = study.train(f"{task}/{agent}", make_trainer, cfg, Path(o.out) / task / agent, num_seeds=o.num_seeds,
+                         seed=o.seed, agent=agent, module="experiments.sqirl_vs_ppo",
+                         run_info={"study": "sqirl_vs_ppo"}, **options)
+    return result, read_metrics(result.paths["metrics_csv"]), result.compile_s + result.train_s
+
+
 def run_task(task: str, episodes: int, o: Options) -> dict:
-    keys = jax.random.split(jax.random.PRNGKey(o.seed), o.num_seeds)
     s_cfg = sqirl.Config(env_name=task, episodes_per_timestep=episodes, planning_depth=o.planning_depth,
                          eval_episodes=o.eval_episodes)
     H = s_cfg.resolved_horizon()
     budget = episodes * H * H
-    t0 = time.perf_counter()
-    s_out = jax.block_until_ready(jax.jit(jax.vmap(sqirl.make_train(s_cfg)))(keys))
-    s_time = time.perf_counter() - t0
-    sm = jax.tree.map(np.asarray, s_out.metrics)
+    _, sm, s_time = _train(task, "sqirl", sqirl.make_trainer, s_cfg, o, num_updates=s_cfg.num_updates,
+                           steps_per_update=s_cfg.steps_per_update, log_every=1)
 
     batch = o.ppo_num_envs * o.ppo_num_steps
     p_cfg = ppo.Config(env_name=task, num_envs=o.ppo_num_envs, num_steps=o.ppo_num_steps,
                        total_timesteps=max(budget // batch, 1) * batch, learning_rate=o.ppo_learning_rate)
-    t0 = time.perf_counter()
-    p_out = jax.block_until_ready(jax.jit(jax.vmap(ppo.make_train(p_cfg)))(keys))
-    p_time = time.perf_counter() - t0
-    pm = jax.tree.map(np.asarray, p_out.metrics)
+    p_res, pm, p_time = _train(task, "ppo", ppo.make_trainer, p_cfg, o)
     eval_keys = jax.random.split(jax.random.PRNGKey(o.seed + 1000), o.num_seeds)
     p_succ, p_ret = jax.jit(jax.vmap(lambda prm, k: ppo_greedy_eval(p_cfg, prm, k, o.eval_episodes, 4 * H)))(
-        p_out.train_state.params, eval_keys)
+        p_res.state.train_state.params, eval_keys)
 
     def last_valid(x):  # last non-NaN value per seed (updates without a finished episode are NaN)
         out = []
@@ -145,7 +156,8 @@ def write(results: list, o: Options) -> Path:
                             r["sqirl_experience_steps"], o.seed + s] + [float(r[c][s]) for c in cols]
                            + [r["sqirl_s"], r["ppo_s"]])
     lines = [f"SQIRL (k={o.planning_depth}) vs PPO at matched env steps, {o.num_seeds} seeds (mean ± std); "
-             "success = greedy policy unless noted; wall times include compilation.", "",
+             "success = greedy policy unless noted; seconds of this session, compilation included (about 0: trained "
+             "before, restored).", "",
              "| task | H | env steps / seed | SQIRL success | SQIRL return | PPO greedy success | PPO greedy return "
              "| PPO train success | SQIRL s | PPO s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -186,7 +198,14 @@ def main(argv: Optional[list] = None) -> int:
     results = []
     for i, task in enumerate(o.tasks):
         eps = o.episodes[i if len(o.episodes) > 1 else 0]
-        r = run_task(task, eps, o)
+        try:
+            r = run_task(task, eps, o)
+        except ConfigError as e:  # a run dir of other settings
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except study.Stopped as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_status
         results.append(r)
         print(f"{task}: {r['env_steps']:,} env steps/seed | SQIRL success {_ms(r['sqirl_success'])} "
               f"({r['sqirl_s']:.0f}s) | PPO greedy success {_ms(r['ppo_greedy_success'])}, "

@@ -8,8 +8,9 @@ pool's, the reward model's, the run options), its per-env defaults and a ``train
   ``--help`` lists them section by section; a bare boolean flag means True;
 * defaults come from the dataclasses, then the experiment's per-env defaults (e.g. PPO's sizes for the NetHack
   pool), then, with ``--resume RUN_DIR``, the options saved in ``RUN_DIR/config.json``; flags given override all;
-* validation happens before anything is built: each section checks itself when constructed, the experiment checks
-  the combination (``error: <field>: <problem>. Fix: <fix>``, exit 2);
+* validation happens before anything is built: each section checks itself when constructed, the experiment
+  derives the sections other options imply (``resolve``, e.g. ``--method motif`` -> the ranking model; returned, not
+  written into the options) and then checks the combination (``error: <field>: <problem>. Fix: <fix>``, exit 2);
 * the run dir is checked before anything is built (creatable, writable, not a file, 50 MB free: exit 2 naming the
   fix); ``--resume`` of another agent's run names the command that resumes it (exit 2);
 * ``--distributed`` joins the other processes before JAX starts; SIGTERM/SIGINT finish the chunk, save and exit
@@ -26,12 +27,11 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from jaxrl_pref.config import ConfigError, RunOptions, require
 
-__all__ = ["Section", "Experiment", "Options", "parse", "main", "setup", "is_host_env"]
+__all__ = ["Section", "Experiment", "Options", "parse", "main", "setup"]
 
 ENV_FLAGS = ("--env", "--env-name", "--env_name")
 _RESUME_HERE = ""  # the value of a bare --resume: the run in --run-dir
@@ -68,10 +68,9 @@ def _deterministic_requested(argv: Sequence[str]) -> bool:
     from jaxrl_pref.distributed import flag_on
     if flag_on(argv, "--deterministic"):
         return True
-    try:
-        return bool(json.loads((Path(_resume_path(argv)) / "config.json").read_text())["run"].get("deterministic"))
-    except (TypeError, OSError, ValueError, KeyError, AttributeError):
-        return False
+    from jaxrl_pref import run_config
+    resume = _resume_path(argv)
+    return resume is not None and bool(run_config.run_settings(resume).get("deterministic"))
 
 
 def _resume_path(argv: Sequence[str]) -> Optional[str]:
@@ -94,12 +93,6 @@ def apply_run_options(run: RunOptions) -> None:
     if run.deterministic and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", ""):
         print("warning: --deterministic was not set before JAX started (set it on the command line of a fresh "
               f"process, or XLA_FLAGS={DETERMINISTIC_FLAG}); GPU kernels may not be deterministic", file=sys.stderr)
-
-
-def is_host_env(name: str) -> bool:
-    """Whether ``name`` is a NetHack/MiniHack pool env (host loop) rather than a JAX env (jitted loop)."""
-    from envs import nethack
-    return nethack.is_host_env(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +118,7 @@ class Experiment:
     train: Callable[["Options", str], Any]          # (options, run_dir) -> RunResult
     default_env: str
     defaults: Callable[[str, bool], dict] = lambda env, host: {}  # (env, host) -> {field: default}
+    resolve: Optional[Callable[["Options"], dict]] = None        # sections other options imply: {name: section}
     check: Optional[Callable[["Options"], None]] = None          # checks across sections (raise ConfigError)
     hparam_fields: tuple[str, ...] = ()             # fields --hp-values may vmap
     unit: str = "update"
@@ -222,15 +216,16 @@ def _normalise(spec: Experiment, argv: Sequence[str]) -> tuple[list[str], Option
 def _saved_options(resume_path: str, agent: Optional[str] = None) -> dict:
     """The options of the run in ``resume_path``: its config, its run settings and any section it saved apart.
     ``agent``: the agent resuming it; another agent's run is refused, naming the command that resumes it."""
-    cfg_file = Path(resume_path) / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
-                          "pass the --run-dir of an earlier run, or leave out --resume to start a new one")
+    from jaxrl_pref import run_config
     try:
-        saved = json.loads(cfg_file.read_text())
+        saved = run_config.read(resume_path)
+        if saved is None:
+            raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
+                              "pass the --run-dir of an earlier run, or leave out --resume to start a new one")
         config, run = dict(saved["config"]), dict(saved["run"])
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ConfigError("resume", f"{cfg_file} is unreadable ({e})", "start a new run, or restore that file") from None
+    except (run_config.UnreadableRunConfig, KeyError, TypeError, ValueError) as e:
+        why = e if isinstance(e, run_config.UnreadableRunConfig) else f"{run_config.path(resume_path)} is unreadable ({e})"
+        raise ConfigError("resume", str(why), "start a new run, or restore that file") from None
     from jaxrl_pref.runner import check_same_agent
     check_same_agent(saved, agent, resume_path)
     for v in run.values():  # sections an older version saved under run (e.g. run["heron"])
@@ -274,12 +269,14 @@ def _section_type(spec: Experiment, host: bool, defaults: dict):
 def parse(spec: Experiment, argv: Optional[Sequence[str]] = None) -> Options:
     """Parses and validates the command line; a bad value prints ``error: ...`` and exits with status 2."""
     import tyro
+    from envs import registry
     argv, resume, env = _normalise(spec, list(sys.argv[1:] if argv is None else argv))
     helping = any(a in ("-h", "--help") for a in argv)
     try:
         saved = _saved_options(resume, spec.name) if resume is not None and not helping else {}
         env = env or saved.get("env_name") or spec.default_env
-        host = is_host_env(env)
+        entry = registry.find(env)  # an unknown id: check_name's error, once the flags are parsed
+        host = entry is not None and entry.host  # the NetHack/MiniHack pool (host loop), not a JAX env
         flat_names = [f.name for s in spec.sections for f in dataclasses.fields(s.cls)]
         dup = {n for n in flat_names if flat_names.count(n) > 1}
         assert not dup, f"option names appear in two sections: {dup}"
@@ -360,6 +357,8 @@ def _check(opts: Options, defaults: dict) -> None:
                 "pass --num-seeds 1 and start one process per seed (--seed 0, --seed 1, ...)")
         require(opts.run.hp_values is None, "hp_values", "host-env runs cannot vmap hyperparameters",
                 "start one process per value")
+    if spec.resolve is not None:  # e.g. --method motif implies the ranking model: what is saved and trained
+        opts.sections.update(spec.resolve(opts))
     if spec.check is not None:
         spec.check(opts)
 

@@ -1,4 +1,5 @@
-"""Advantage estimation and policy-gradient losses (time-major arrays ``[T, ...]``)."""
+"""Advantage estimation and policy-gradient losses (time-major arrays ``[T, ...]``), fitted-Q targets, and the
+Bradley-Terry loss of the preference reward models."""
 from __future__ import annotations
 
 import jax
@@ -107,3 +108,17 @@ def huber(x, delta: float = 1.0):
     """Huber (smooth-L1) loss of the error ``x``: ``x^2/2`` for ``|x| <= delta``, linear beyond."""
     a = jnp.abs(x)
     return jnp.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
+
+
+# -- preferences (HERON, ONI-Ranking, Motif) ---------------------------------------------------------------------
+
+def bradley_terry_nll(d, pref):
+    """Bradley-Terry negative log-likelihood per pair, of score differences ``d = s(a) - s(b)`` under soft labels
+    ``pref`` = P(a preferred over b) (1, 0, or 1/2 for a tie): ``-[p log sigmoid(d) + (1 - p) log sigmoid(-d)]``."""
+    return -(pref * jax.nn.log_sigmoid(d) + (1 - pref) * jax.nn.log_sigmoid(-d))
+
+
+def bradley_terry_loss(d, pref, weights):
+    """:func:`bradley_terry_nll`'s ``weights``-weighted mean over pairs, ``sum w nll / max(sum w, 1)`` (weight 0
+    leaves a pair out)."""
+    return (bradley_terry_nll(d, pref) * weights).sum() / jnp.maximum(weights.sum(), 1.0)

@@ -75,6 +75,7 @@ import numpy as np
 
 from jaxrl_pref.checkpoint import (Checkpointer, CheckpointError, CheckpointWriteError, finished_steps,
                                    has_checkpoints, move_aside_all)
+from jaxrl_pref import run_config
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.logging import Logger, debug_mode, plot_learning_curve, write_metrics
 
@@ -187,7 +188,7 @@ METRICS_BYTES_PER_UPDATE = 1024
 """Disk per seed and update for the metrics: a row of ~25 values in metrics.csv and metrics.jsonl, and the history
 kept in each checkpoint (PPO writes ~0.5 KB)."""
 
-RUN_OUTPUTS = ("checkpoints", "tb", "config.json", "metrics.csv", "metrics.jsonl", "learning_curve.png",
+RUN_OUTPUTS = ("checkpoints", "tb", run_config.FILE, "metrics.csv", "metrics.jsonl", "learning_curve.png",
                "oni_curves.png")
 """What a run writes into its run dir (``--no-resume`` moves these aside, with one ``.old-<timestamp>`` suffix)."""
 
@@ -343,6 +344,11 @@ def check_same_agent(saved: Mapping, agent: Optional[str], run_dir) -> None:
     module = saved.get("module") or _agent_module(theirs)
     if module is None:
         return
+    run = saved.get("run")
+    if isinstance(run, Mapping) and run.get("study"):  # trained in a study's own process (jaxrl_pref.study.train)
+        raise ConfigError("resume", f"{run_dir} is a {theirs} run of the study {module}, not a {agent} run",
+                          f"rerun python -m {module} with the output directory it wrote: it resumes its unfinished "
+                          "runs")
     raise ConfigError("resume", f"{run_dir} is a {theirs} run ({module}), not a {agent} run",
                       f"resume it with python -m {module} --resume {run_dir}")
 
@@ -580,7 +586,7 @@ class RunSpec:
     (a run is resumed by the same agent, and a refusal names ``python -m <module>``). ``hp``: hyperparameters passed
     to ``init``/``run`` (``None``: the trainer's defaults); with ``hp_batched`` every leaf has a leading
     ``[num_seeds]`` axis (a sweep: seed ``i`` uses ``hp[i]``). ``num_updates`` / ``steps_per_update`` default to
-    ``cfg.num_updates`` / ``cfg.num_envs * cfg.num_steps``. ``stop_after``: stop (saved, resumable) once at least
+    ``cfg.num_updates`` / ``cfg.steps_per_update``. ``stop_after``: stop (saved, resumable) once at least
     this many updates are done -- to fit a time slot. ``nan_check``: metric-name prefixes whose NaN stops the run
     (:class:`DivergenceError`). ``stream``: where progress and the summary are printed (default stdout).
     ``trainer_kwargs``: passed on to ``make_trainer``.
@@ -649,8 +655,11 @@ def _plan(cfg, spec: RunSpec) -> _Plan:
                               f"pass e.g. --{name.replace('_', '-')} {example}")
     num_updates = int(cfg.num_updates if spec.num_updates is None else spec.num_updates)
     steps_per_update = spec.steps_per_update
-    if steps_per_update is None:
-        steps_per_update = int(getattr(cfg, "num_envs", 1) * getattr(cfg, "num_steps", 1))
+    if steps_per_update is None:  # the config's own (PPO's num_steps * num_envs, SQIRL's episodes x horizon)
+        if not hasattr(cfg, "steps_per_update"):
+            raise TypeError(f"run_experiment: {type(cfg).__name__} has no steps_per_update (env steps per update, "
+                            "per seed); pass steps_per_update=...")
+        steps_per_update = int(cfg.steps_per_update)
     sequential = int(getattr(cfg, "num_devices", 1)) > 1 and spec.num_seeds > 1
     if spec.hp_batched and spec.hp is not None:
         bad = [x.shape for x in jax.tree.leaves(spec.hp) if np.ndim(x) == 0 or np.shape(x)[0] != spec.num_seeds]
@@ -673,15 +682,13 @@ def _resume_policy(plan: _Plan) -> tuple[bool, list]:
         raise ConfigError("resume", f"{run_dir} already holds checkpoints of a run",
                           "pass --resume to continue it, --no-resume to start it over, or choose another --run-dir")
     if existing and resume:
-        cfg_file = run_dir / "config.json"
-        if cfg_file.exists():
-            try:
-                saved_cfg = json.loads(cfg_file.read_text())
-            except ValueError:
-                saved_cfg = None
-            if isinstance(saved_cfg, dict):
-                check_same_agent(saved_cfg, plan.spec.agent, run_dir)
-                _check_same_run(saved_cfg, plan.identity, run_dir)
+        try:
+            saved_cfg = run_config.read(run_dir)
+        except run_config.UnreadableRunConfig:
+            saved_cfg = None  # rewritten below from this run's options
+        if saved_cfg is not None:
+            check_same_agent(saved_cfg, plan.spec.agent, run_dir)
+            _check_same_run(saved_cfg, plan.identity, run_dir)
     moved = []
     if resume is False and jax.process_index() == 0:  # start over: the old run's outputs kept aside, one suffix
         with _writing("move the previous run's files aside", run_dir):
@@ -742,7 +749,7 @@ def run(make_trainer: Callable, cfg, spec: RunSpec) -> RunResult:
                 session.restore()
             config_json = {"agent": spec.agent, **({"module": spec.module} if spec.module else {}), **plan.identity}
             with _writing("write config.json", plan.run_dir):
-                (plan.run_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+                run_config.write(plan.run_dir, config_json)
             with _writing("create the tensorboard event file", plan.run_dir / "tb"):
                 session.logger = Logger(plan.run_dir, num_seeds=spec.num_seeds, steps_per_update=plan.steps_per_update,
                                         log_every=spec.log_every, total_updates=plan.num_updates,

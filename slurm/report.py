@@ -25,8 +25,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jaxrl_pref import run_config
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.logging import read_metrics
+from jaxrl_pref.stats import final_score, mean_ci, t_quantile
 from slurm import sweep as sw
 
 
@@ -34,8 +36,7 @@ def task_state(sweep_dir: Path, task: dict) -> dict:
     """``{"state": done|incomplete|failed|running|missing, "updates", "num_updates", "metrics", "status"}``."""
     run_dir = sweep_dir / task["run_dir"]
     status = _json(run_dir / "status.json")
-    cfg = _json(run_dir / "config.json")
-    num_updates = (cfg or {}).get("run", {}).get("num_updates")
+    num_updates = run_config.run_settings(run_dir).get("num_updates")
     metrics_path = run_dir / "metrics.csv"
     metrics = read_metrics(metrics_path) if metrics_path.exists() else {}
     updates = int(len(metrics["update"])) if metrics.get("update") is not None else 0
@@ -60,21 +61,8 @@ def _json(path: Path):
 
 
 def final_return(curve: np.ndarray, last_frac: float) -> float:
-    """Mean of the finite values among the last ``last_frac`` of updates (at least one update)."""
-    k = max(1, int(math.ceil(len(curve) * last_frac)))
-    tail = curve[-k:]
-    tail = tail[np.isfinite(tail)]
-    return float(tail.mean()) if tail.size else math.nan
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the ``level`` CI, n) over the finite values; half-width NaN for n < 2."""
-    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
-    if v.size == 0:
-        return math.nan, math.nan, 0
-    if v.size == 1:
-        return float(v[0]), math.nan, 1
-    return float(v.mean()), float(sw.t_quantile(v.size, level) * v.std(ddof=1) / math.sqrt(v.size)), int(v.size)
+    """Mean of the finite values among the last ``last_frac`` of updates, rounded up (at least one update)."""
+    return float(final_score(curve, frac=last_frac, rounding="ceil", finite=True))
 
 
 def collect(sweep_dir, last_frac: float = 0.1, key: str = "episode_return", include_partial: bool = False) -> dict:
@@ -161,7 +149,7 @@ def plot_curves(data: dict, path: Path) -> Optional[Path]:
             mean = np.nanmean(c, axis=0)
             cnt = np.sum(np.isfinite(c), axis=0)
             sd = np.nanstd(c, axis=0, ddof=1) if c.shape[0] > 1 else np.zeros_like(mean)
-        half = np.array([sw.t_quantile(int(k)) * s / math.sqrt(k) if k > 1 else 0.0 for k, s in zip(cnt, sd)])
+        half = np.array([t_quantile(int(k)) * s / math.sqrt(k) if k > 1 else 0.0 for k, s in zip(cnt, sd)])
         ok = np.isfinite(mean)
         line, = ax.plot(x[ok], mean[ok], label=r["name"])
         ax.fill_between(x[ok], (mean - half)[ok], (mean + half)[ok], alpha=0.2, color=line.get_color())

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -365,27 +364,3 @@ def task_record(sweep_dir, index: int) -> dict:
         n = len(list((Path(sweep_dir) / "tasks").glob("*.json")))
         raise ConfigError("task", f"no task {index} in {sweep_dir} ({n} tasks)", f"pass an index in 0..{n - 1}")
     return json.loads(path.read_text())
-
-
-# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t_quantile(n: int, level: float = 0.95) -> float:
-    """Two-sided Student-t quantile for ``n`` samples (n-1 degrees of freedom). Without scipy: for 95%, a table to
-    10 degrees of freedom, then the Cornish-Fisher expansion around the normal's 1.96 (within 0.002); other levels
-    fall back to the normal quantile."""
-    if n < 2:
-        return math.nan
-    try:
-        from scipy.stats import t
-        return float(t.ppf(0.5 + level / 2, n - 1))
-    except ImportError:
-        pass
-    z = 1.959963984540054
-    if level != 0.95:
-        return z
-    df = n - 1
-    if df <= len(_T975):
-        return _T975[df - 1]
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)

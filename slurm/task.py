@@ -1,8 +1,10 @@
 """Runs one array task of a sweep: ``python -m slurm.task SWEEP_DIR [INDEX]`` (INDEX defaults to
 ``$SLURM_ARRAY_TASK_ID``).
 
-It starts ``python -m experiments.<name> <task args> --run-dir <task run dir> --resume`` as a child process, so a
-requeued or preempted task continues from its newest checkpoint (a fresh task simply starts). Signals:
+It starts ``python -m experiments.<name> <task args> --resume --progress False --run-dir <task run dir>`` as a child
+process (:func:`jaxrl_pref.study.execute`), so a requeued or preempted task continues from its newest checkpoint (a
+fresh task simply starts); a task that finished gets the ``done`` marker in its run directory, and a task run again
+once done (a requeue after the end, ``--rerun``) says so and runs nothing. Signals:
 
 * SIGTERM (preemption, ``scontrol requeue``, ``scancel``) is passed on to the run, which finishes its current
   chunk, saves a checkpoint and exits; Slurm requeues the job itself when it was preempted/requeued.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from jaxrl_pref import study
+from jaxrl_pref.study import Run
 from slurm.sweep import read_manifest, task_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +51,16 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def task_run(sweep_dir: Path, task: dict, index: Optional[int] = None) -> Run:
+    """The task (array index ``index``, default the record's) as a study's run (:mod:`jaxrl_pref.study`): its
+    experiment, arguments and run directory."""
+    index = task.get("index") if index is None else index
+    return Run(f"slurm.task {index}", task["module"], task["args"], Path(sweep_dir) / task["run_dir"])
+
+
 def command(sweep_dir: Path, task: dict, python: Optional[str] = None) -> list[str]:
-    run_dir = Path(sweep_dir) / task["run_dir"]
-    return [python or sys.executable, "-m", task["module"], *task["args"], "--run-dir", str(run_dir), "--resume",
-            "--progress", "False"]
+    """``python -m <experiment> <task args> --resume --progress False --run-dir <task run dir>``."""
+    return task_run(sweep_dir, task).command(python)
 
 
 def requeue_self() -> bool:
@@ -71,6 +82,10 @@ def run_task(sweep_dir, index: int, python: Optional[str] = None) -> int:
     run_dir = sweep_dir / task["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     status_path = run_dir / "status.json"
+    run = task_run(sweep_dir, task, index)
+    if study.is_done(run_dir, run):
+        print(f"slurm.task {index}: done already ({run_dir}); nothing to run", flush=True)
+        return 0
     old = json.loads(status_path.read_text()) if status_path.exists() else {}
     _write_json(run_dir / "task.json", task)
     git = git_info()
@@ -81,38 +96,19 @@ def run_task(sweep_dir, index: int, python: Optional[str] = None) -> int:
               "host": socket.gethostname(), "started": time.time(), "exit_code": None, "signal": None}
     _write_json(status_path, status)
 
-    cmd = command(sweep_dir, task, python or manifest.get("python"))
-    print(f"slurm.task {index}: {' '.join(cmd)}", flush=True)
-    got = {"signum": None}
-    child = None
-
-    def forward(signum, frame):
-        if got["signum"] is None:
-            got["signum"] = signum
-            print(f"slurm.task {index}: got {signal.Signals(signum).name}, asking the run to save and stop",
-                  flush=True)
-        try:
-            if child is not None:
-                child.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    # the handlers are in place before the run starts: a signal that comes early is not lost (nor kills this
-    # process, SIGUSR1's default), and the run gets it as soon as it exists
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(s, forward)
-    child = subprocess.Popen(cmd, cwd=REPO)
-    if got["signum"] is not None:
-        child.send_signal(signal.SIGTERM)
-    rc = child.wait()
-    finished = rc == 0
+    python = python or manifest.get("python")
+    print(f"slurm.task {index}: {shlex.join(run.command(python))}", flush=True)
+    # stop signals are passed on to the run as SIGTERM: it finishes its chunk, saves a checkpoint and exits
+    outcome = study.execute(run, python, cwd=REPO)
+    rc, signum = outcome.returncode, outcome.signal
+    finished = outcome.ok
     requeued = False
-    if got["signum"] == signal.SIGUSR1 and not finished and manifest.get("slurm", {}).get("requeue_on_timeout", True):
+    if signum == signal.SIGUSR1 and not finished and manifest.get("slurm", {}).get("requeue_on_timeout", True):
         requeued = requeue_self()
     state = "done" if finished else ("requeued" if requeued else
-                                     "interrupted" if got["signum"] is not None or rc in (128 + 15, -15) else "failed")
+                                     "interrupted" if signum is not None or rc in (128 + 15, -15) else "failed")
     _write_json(status_path, {**status, "state": state, "exit_code": rc, "ended": time.time(),
-                              "signal": signal.Signals(got["signum"]).name if got["signum"] else None})
+                              "signal": signal.Signals(signum).name if signum else None})
     print(f"slurm.task {index}: {state} (exit {rc})", flush=True)
     return 0 if finished else (rc if rc > 0 else 1)
 

@@ -74,6 +74,9 @@ NIGHTLY: dict[str, str] = {
     "tests/test_captions.py::test_craftax_rollout_ids_survive_auto_reset": "Craftax-Classic batched (~40 s)",
     "tests/test_captions.py::test_full_craftax_scripted_transitions": "full Craftax world generation (~30 s)",
     # second and later instances of a behaviour CI covers
+    "tests/test_study.py::test_a_study_trained_in_its_process_resumes_and_reads_its_runs":
+        "a study trained in its process end to end (~25 s); study.train's resume and restore: "
+        "test_train_in_this_process_resumes_restores_and_refuses_other_settings (default suite)",
     "tests/test_recurrent.py::test_update_over_sequences_equals_a_step_by_step_reference":
         "[gru-4-detached] in the default suite (31 s for [gru-0-detached])",
     "tests/test_recurrent.py::test_oni_and_heron_run_with_an_lstm_on_minihack":

@@ -235,7 +235,7 @@ def test_heron_with_e3b_trains_in_the_jitted_loop():
 def test_oni_loop_finds_its_state_under_the_bonus():
     """With a bonus, ONI's reward state sits under WithBonus's "base": the host hook reads and writes it there and
     leaves the bonus's state alone."""
-    from agents.ppo import HostState
+    from agents.ppo_host import HostState
     from envs.messages import encode_messages
 
     class Client:
@@ -308,8 +308,8 @@ def _keyroom_success(run_dir, bonus: str, seed: int) -> float:
     import subprocess
     import sys
     from pathlib import Path
-    from experiments.sparse_study import windowed
     from jaxrl_pref.logging import read_metrics
+    from jaxrl_pref.stats import final_score
     args = ["--env", "MiniHack-KeyRoom-Fixed-S5-v0", "--total-timesteps", "100000", "--seed", str(seed),
             "--run-dir", str(run_dir), "--progress", "False"]
     if bonus != "none":
@@ -318,8 +318,7 @@ def _keyroom_success(run_dir, bonus: str, seed: int) -> float:
                        capture_output=True, text=True, timeout=1200, env={**os.environ, "CI": "true"})
     assert p.returncode == 0, p.stderr[-3000:]
     m = read_metrics(Path(run_dir) / "metrics.csv")
-    k = max(1, m["episode_success"].shape[1] // 10)
-    return float(windowed(np.asarray(m["episode_success"])[0], np.asarray(m["episodes"])[0], k)[-1])
+    return float(final_score(np.asarray(m["episode_success"])[0], frac=0.1, episodes=np.asarray(m["episodes"])[0]))
 
 
 @pytest.mark.slow

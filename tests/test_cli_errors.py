@@ -46,7 +46,7 @@ def ppo_here(monkeypatch, capsys, *args, build: bool = False):
     of :func:`env`; unless ``build``, PPO's trainer is replaced by a :class:`_Built` failure. Returns ``(status,
     stdout, stderr, JAX's tracing/compiling events while it ran)``."""
     import jax
-    from agents import launch
+    from experiments import launch
     from experiments import ppo as ppo_exp
     if not build:
         def built(*a, **kw):

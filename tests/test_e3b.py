@@ -14,14 +14,7 @@ import envs
 from agents import ppo
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.e3b import E3B
-
-
-def rollout(key, T, N, dim, num_actions, done):
-    k1, k2, k3 = jax.random.split(key, 3)
-    obs = jax.random.normal(k1, (T, N, dim))
-    action = jax.random.randint(k2, (T, N), 0, num_actions)
-    final = obs + jax.nn.one_hot(action, dim) * 3.0  # the next state shows the action taken
-    return SimpleNamespace(obs=obs, final_obs=final, action=action, done=jnp.asarray(done), reward=jnp.zeros((T, N)))
+from jaxrl_pref.testing import as_transition, e3b_inverse_accuracies, e3b_rollout
 
 
 def reference_bonus(phi, done_prev, dones, ridge):
@@ -49,7 +42,8 @@ def test_bonus_equals_explicit_inverses_with_resets_across_rollouts():
     done1[2, 0] = done1[4, 1] = done1[T - 1, 2] = True   # env 2's episode ends at the rollout's last step
     done2 = np.zeros((T, N), bool)
     done2[1, 1] = True
-    r1, r2 = rollout(jax.random.PRNGKey(1), T, N, dim, 4, done1), rollout(jax.random.PRNGKey(2), T, N, dim, 4, done2)
+    r1 = e3b_rollout(jax.random.PRNGKey(1), T, N, dim, 4, done1)
+    r2 = e3b_rollout(jax.random.PRNGKey(2), T, N, dim, 4, done2)
     phi = lambda o: np.asarray(e3b._phi(state["params"], o, state))  # noqa: E731
     ref = reference_bonus(np.concatenate([phi(r1.final_obs), phi(r2.final_obs)]), np.ones(N, bool),
                           np.concatenate([done1, done2]), 0.5)
@@ -80,24 +74,6 @@ def test_repeating_a_state_pays_less_and_a_new_episode_pays_again():
     assert b[7, 0] < 0.2 * b[0, 0]
 
 
-def inverse_accuracies(keys, updates: int = 40):
-    """The inverse model's accuracy after each of ``updates`` updates on random rollouts, per key (one vmapped
-    program): ``[len(keys), updates]``. Shared with ``benchmarks/learning_spread.py --task e3b_inverse``."""
-    N = 16
-    e3b = E3B(num_envs=N, hidden=(32,), features=16, learning_rate=3e-3, steps=4)
-
-    def run(key):
-        k_init, k_data, k_upd = jax.random.split(key, 3)
-        state = e3b.init(k_init, envs.EnvSpec((6,), True, 4))
-
-        def step(state, i):
-            tr = rollout(jax.random.fold_in(k_data, i), 8, N, 6, 4, np.zeros((8, N), bool))
-            state, m = e3b.update(state, _as_pytree(tr), jax.random.fold_in(k_upd, i))
-            return state, m["e3b/inverse_accuracy"]
-        return jax.lax.scan(step, state, jnp.arange(updates))[1]
-    return np.asarray(jax.jit(jax.vmap(run))(keys))
-
-
 def test_inverse_dynamics_embedding_learns_the_action():
     """The next state shows the action taken: the inverse model's accuracy climbs well above chance (1/4). 8 seeds
     in one vmapped program (init, data and update keys from ``split(PRNGKey(0), 8)``), checked on their medians.
@@ -107,14 +83,8 @@ def test_inverse_dynamics_embedding_learns_the_action():
     ~11% of seeds; median of 8: 0.35 ... 0.53), after the 40th 1.0 on all 136. Bounds: median first < 0.7 (1 seed of
     136 above), median last > 0.9; another machine (other seeds standing in) fails them w.p. < 3e-6 and 2e-7
     (``--summary --task e3b_inverse``: binomial at the per-seed miss rates (misses + 1) / 138)."""
-    accs = inverse_accuracies(jax.random.split(jax.random.PRNGKey(0), 8))  # [seed, update]
+    accs = e3b_inverse_accuracies(jax.random.split(jax.random.PRNGKey(0), 8))  # [seed, update]
     assert np.median(accs[:, -1]) > 0.9 and np.median(accs[:, 0]) < 0.7, accs[:, [0, -1]]
-
-
-def _as_pytree(tr):
-    from jaxrl_pref.rollout import Transition
-    z = jnp.zeros(tr.action.shape)
-    return Transition(tr.obs, tr.action, z, z, z, tr.done, jnp.zeros_like(tr.done), tr.final_obs, {})
 
 
 @pytest.mark.slow
@@ -145,7 +115,7 @@ def test_observation_scale_does_not_matter():
     in the thousands) is that of the unscaled ones: finite and of the same size."""
     T, N, dim = 8, 4, 5
     spec = envs.EnvSpec((dim,), True, 4)
-    tr = _as_pytree(rollout(jax.random.PRNGKey(1), T, N, dim, 4, np.zeros((T, N), bool)))
+    tr = as_transition(e3b_rollout(jax.random.PRNGKey(1), T, N, dim, 4, np.zeros((T, N), bool)))
     big = tr.replace(obs=tr.obs * 1000.0 + 3000.0, final_obs=tr.final_obs * 1000.0 + 3000.0)
     out = []
     for t in (tr, big):

@@ -1,4 +1,9 @@
-"""Env layer: gymnax 1.0 six-value step, terminated vs truncated, auto-reset, episode stats, flattening."""
+"""Env layer: gymnax 1.0 six-value step, terminated vs truncated, auto-reset, episode stats, flattening; the env
+registry (what an env is and can do)."""
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -166,3 +171,137 @@ def test_unknown_env_and_bad_kwargs():
         envs.make("CartPol-v1")
     with pytest.raises(ValueError, match="not parameters of CartPole-v1"):
         envs.make("CartPole-v1", gravity_typo=3.0)
+
+
+# -- the registry: what an env is and can do -------------------------------------------------------------------------
+def test_every_registered_env_answers_consistently():
+    """Each entry answers the questions the agents ask, and the old lookups give its answers: a host env is the
+    NetHack/MiniHack pool with host defaults; a captioned env has a table, a prompt and is wrapped by envs.make; a
+    factor env (or one that maps to it) has a FactorSet."""
+    from envs import captions, factors, nethack
+    from jaxrl_pref.annotation.backends import DEFAULT_TASK, Prompt, task_for_env
+    all_entries = envs.registry.entries()
+    assert {e.name for e in all_entries if not e.prefix} == set(envs.registry.names())
+    assert set(envs.registry.names()) <= set(envs.registered())
+    for e in all_entries:
+        name = e.name + "Anything-v0" if e.prefix else e.name
+        assert envs.entry(name) is e and (e.prefix or name in envs.registered()), name
+        assert callable(e.factory), name
+        if e.host:
+            assert e.factory is nethack.make and e.defaults == "host" and e.captions is None, name
+            assert isinstance(e.factors, factors.FactorSet) and e.factor_env is None, name
+        else:
+            assert e.defaults == "jax", name
+        assert captions.is_captioned(name) == (e.captions is not None), name
+        if e.captions is not None:
+            assert isinstance(e.captions, captions.Captions) and e.task is not None, name
+            if e.requires is None or (not e.prefix and _installed(e, name)):
+                tab = captions.caption_table(name)
+                assert tab is e.captions.table and tab.texts[0] == "" and len(set(tab.texts)) == len(tab), name
+        else:
+            with pytest.raises(ValueError, match="no captions"):
+                captions.caption_table(name)
+        assert task_for_env(name) == (e.task or DEFAULT_TASK), name
+        if e.task is not None:
+            assert Prompt.load(e.task).version, name
+        assert factors.factor_set_for(name) is e.factors, name
+        assert factors.factor_env_name(name) == (e.factor_env or name), name
+        if e.factor_env is not None:  # the JAX env that reports them in info
+            mapped = envs.entry(e.factor_env)
+            assert mapped.factors is e.factors and mapped.factor_env == e.factor_env and not mapped.host, name
+    # the families the agents rely on
+    answers = {n: (envs.entry(n).host, captions.is_captioned(n), getattr(factors.factor_set_for(n), "name", None),
+                   task_for_env(n))
+               for n in ("CartPole-v1", "DeepSea-5", "Pendulum-v1", "PendulumFactors-v1", "KeyDoor-5",
+                         "NetHackScore-v0", "NetHackGold-v0", "MiniHack-Room-5x5-v0", "Craftax-Classic-Pixels-v1")}
+    assert answers == {
+        "CartPole-v1": (False, False, None, DEFAULT_TASK), "DeepSea-5": (False, False, None, DEFAULT_TASK),
+        "Pendulum-v1": (False, False, "Pendulum", DEFAULT_TASK),
+        "PendulumFactors-v1": (False, False, "Pendulum", DEFAULT_TASK), "KeyDoor-5": (False, True, None, "keydoor"),
+        "NetHackScore-v0": (True, False, "MiniHack", "nethack_score"),
+        "NetHackGold-v0": (True, False, "MiniHack", "minihack"),
+        "MiniHack-Room-5x5-v0": (True, False, "MiniHack", "minihack"),
+        "Craftax-Classic-Pixels-v1": (False, True, None, "craftax")}
+    assert factors.factor_envs() == ["MountainCarContinuousFactors-v0", "PendulumFactors-v1"]
+
+
+def _installed(e, name) -> bool:
+    try:
+        e.requires(name)
+    except ImportError:
+        return False
+    return True
+
+
+def test_registry_lookups_import_no_optional_package():
+    """Asking a NetHack, MiniHack or Craftax id what it is imports none of nle, minihack, craftax."""
+    code = ("import sys, envs; from envs import captions, factors; "
+            "assert [envs.entry(n).host for n in ('NetHackScore-v0', 'MiniHack-Room-5x5-v0', 'Craftax-Symbolic-v1')]"
+            " == [True, True, False]; assert captions.is_captioned('Craftax-Symbolic-v1'); "
+            "assert factors.factor_set_for('MiniHack-Room-5x5-v0') is factors.MINIHACK; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('nle', 'minihack', 'craftax')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_unknown_env_names_the_did_you_mean_fix():
+    from envs import captions, factors
+    from envs.errors import ConfigError
+    from jaxrl_pref.annotation.backends import DEFAULT_TASK, task_for_env
+    with pytest.raises(ConfigError) as e:
+        envs.entry("CartPol-v1")
+    assert e.value.field == "env_name" and str(e.value).startswith("env_name: unknown environment 'CartPol-v1'. Fix: ")
+    assert "Did you mean CartPole-v1" in str(e.value) and "envs.registered()" in str(e.value)
+    with pytest.raises(ConfigError, match="Did you mean CartPole-v1"):
+        envs.check_name("CartPol-v1")
+    # the lenient lookups: an unknown id has no captions, no factors and the generic prompt
+    assert not captions.is_captioned("CartPol-v1") and factors.factor_set_for("CartPol-v1") is None
+    assert factors.factor_env_name("CartPol-v1") == "CartPol-v1" and task_for_env("CartPol-v1") == DEFAULT_TASK
+
+
+def test_a_captioned_env_is_one_registration(monkeypatch, tmp_path):
+    """Registering a new captioned env with its caption function is all it takes: envs.make captions its steps,
+    captions/annotator/ONI lookups find its table and prompt (nothing else is edited)."""
+    from envs import captions
+    from jaxrl_pref.annotation.backends import Prompt, task_for_env
+    monkeypatch.setattr(envs.registry, "_ENTRIES", dict(envs.registry._ENTRIES))  # the registration is undone after
+
+    def moved(env, key, state, action, new_state, params):
+        return jnp.where(new_state.pos > state.pos, 1, 2).astype(jnp.int32)
+
+    texts = ("", "You step forward.", "You stay put.")
+    envs.register("Counter-captioned-test", lambda **kw: (Counter(), CountParams(**kw)),
+                  captions=captions.Captions("counter", lambda: texts, moved), task="counter")
+    name = "Counter-captioned-test"
+    assert captions.is_captioned(name) and captions.caption_table(name).texts == texts
+    env, params = envs.make(name)
+    steps = run(env, params, [1, 0, 1])
+    assert [int(s[-1]["message_id"]) for s in steps] == [1, 2, 1]
+    assert task_for_env(name) == "counter"
+    (tmp_path / "counter.v1.txt").write_text("## description\nCount to three.\n## system\nJudge.\n"
+                                             "## label\n{message}\n## compare\n{message_1} {message_2}\n")
+    assert Prompt.load(task_for_env(name), directory=tmp_path).sections["description"] == "Count to three."
+    from experiments import oni  # ONI in the jitted loop accepts it and asks the annotator with its prompt
+    opts = oni.parse(["--env", name])
+    assert not opts.host and opts.annotator.task(name) == "counter"
+
+
+def test_xminigrid_ids_without_xminigrid_are_a_prefix_entry(monkeypatch):
+    """Without xminigrid, every MiniGrid-* id is known by its prefix: captioned, with its prompt, and checking or
+    building one names the extra (as before the registry)."""
+    from envs import captions, sparse
+    from envs.errors import ConfigError
+    from jaxrl_pref.annotation.backends import task_for_env
+    monkeypatch.setattr(envs.registry, "_ENTRIES",
+                        {k: v for k, v in envs.registry._ENTRIES.items() if not k.startswith("MiniGrid-")})
+    monkeypatch.setattr(envs.registry, "_PREFIXES", dict(envs.registry._PREFIXES))
+    monkeypatch.setattr(sparse, "xminigrid_tasks", lambda: [])
+    monkeypatch.setitem(sys.modules, "xminigrid", None)  # `import xminigrid` now fails
+    sparse.register_all(envs.register)
+    for name, task in (("MiniGrid-DoorKey-8x8", "minigrid_doorkey"), ("MiniGrid-Empty-8x8", "minigrid")):
+        e = envs.entry(name)
+        assert e.prefix and e.captions is captions.MINIGRID and not e.host and task_for_env(name) == task
+        with pytest.raises(ConfigError, match=r"xminigrid, which is not installed. Fix: pip install -e '\.\[grid\]'"):
+            envs.check_name(name)
+        with pytest.raises(ModuleNotFoundError, match="xminigrid"):
+            envs.make(name)
+    assert not captions.is_captioned("XLand-MiniGrid-R1-9x9")

@@ -288,11 +288,12 @@ def test_heron_learns_pendulum():
     (48 std below the mean). Another machine (other seeds standing in) fails them w.p. ~1e-12 and ~0 under a normal
     tail (``--summary --task heron_pendulum``); distribution-free, 0 misses in 12 seeds bound the per-seed miss rate
     only to < 7% (Laplace), which more seeds (~75 s per 4, vmapped) would tighten. Runs ~15 s."""
-    from experiments.heron_compare import score, task_config
+    from agents.heron import task_config
+    from jaxrl_pref.stats import final_score
     cfg = task_config("pendulum", 300_000)
     out = jax.jit(heron.make_train(cfg))(jax.random.PRNGKey(1))
     ret = np.asarray(out.metrics["episode_return"])
-    first, final = np.nanmean(ret[:10]), float(score(ret[None], 0.1)[0])
+    first, final = np.nanmean(ret[:10]), float(final_score(ret, frac=0.1, rounding="round"))
     assert first < -1000 and final > -700, (first, final)
 
 
@@ -323,7 +324,7 @@ def test_heron_data_parallel_over_two_devices():
 def test_heron_reward_model_in_the_nethack_host_loop():
     """On a MiniHack pool (Sebulba loop) the factors come from blstats via FactorSet.from_transition."""
     pytest.importorskip("nle")
-    from agents import launch, ppo
+    from agents import ppo, ppo_host
     from envs.nethack import PoolConfig
     from envs.factors import MINIHACK
     cfg = ppo.host_config(env_name="MiniHack-Room-5x5-v0", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3,
@@ -332,7 +333,7 @@ def test_heron_reward_model_in_the_nethack_host_loop():
                                            buffer_segments=64, min_segments=8, rm_batch_size=8), MINIHACK)
     pool = PoolConfig(num_workers=1).make_pool(cfg.env_name, 4)
     try:
-        tr = launch.host_trainer(cfg, pool, reward=rm)
+        tr = ppo_host.pool_trainer(cfg, pool, reward=rm)
         state, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, 3)
     finally:
         pool.close()

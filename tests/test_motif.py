@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import motif, oni, ppo
+from agents import motif, oni, ppo_host
 from jaxrl_pref.annotation.backends import Prompt, ScriptedBackend
 from jaxrl_pref.networks import EncoderActorCritic
 from jaxrl_pref.rewards import motif as rm
 from envs.messages import encode_messages
 from jaxrl_pref.rewards.retrieval import lookup
-from tests.test_oni import Cfg, DictMLP
+from agents.testing import ONIConfig
+from jaxrl_pref.testing import DictMLP
 
 
 # -- phase 1: the dataset --------------------------------------------------------------------------------------------
@@ -246,14 +247,14 @@ def test_frozen_reward_does_not_change_during_ppo(prepared):
     """PPO updates leave the frozen model's parameters and statistics bitwise as loaded (its update reports them,
     finite); the hook counts the messages into the table (the count decay) and asks nothing."""
     p = prepared[0]
-    cfg = Cfg(env_name="CartPole-v1", num_envs=8, num_steps=16, total_timesteps=8 * 16 * 4, update_epochs=1,
+    cfg = ONIConfig(env_name="CartPole-v1", num_envs=8, num_steps=16, total_timesteps=8 * 16 * 4, update_epochs=1,
               num_minibatches=2, ext_coef=0.0, int_coef=1.0, table_capacity=1024, method="motif",
               reward_model="ranking")
     env = MessageBandit(cfg.num_envs)
     reward = motif.make_reward(cfg, p)
     hook = motif.make_hook(cfg, reward)
-    tr = ppo.make_trainer(cfg, reward, env=env, network=EncoderActorCritic(env.num_actions, DictMLP()),
-                          host_hook=hook)
+    tr = ppo_host.make_trainer(cfg, env, reward, network=EncoderActorCritic(env.num_actions, DictMLP()),
+                               host_hook=hook)
     state = tr.init(jax.random.PRNGKey(0))
     before = jax.device_get(state.reward_state["model"]["model"])
     msgs = jnp.asarray(encode_messages(MESSAGES))
@@ -290,10 +291,10 @@ def test_cli_method_motif_options_and_resume_of_older_runs(tmp_path):
     # a run resumed with another reward model than it started with is refused (--no-resume starts it over)
     from jaxrl_pref.config import ConfigError
     (tmp_path / "config.json").write_text(json.dumps({"config": cfg, "run": {"motif_model_sha256": "a" * 64}}))
-    motif._check_resume(again, tmp_path, "a" * 64, tmp_path / "m")
+    motif.check_resume(tmp_path, "a" * 64, tmp_path / "m")
     with pytest.raises(ConfigError, match="another Motif reward model"):
-        motif._check_resume(again, tmp_path, "b" * 64, tmp_path / "m")
-    motif._check_resume(oni_exp.parse(["--method", "motif", "--no-resume"]), tmp_path, "b" * 64, tmp_path / "m")
+        motif.check_resume(tmp_path, "b" * 64, tmp_path / "m")
+    assert oni_exp.motif_dir(again, tmp_path) == tmp_path / "m"
 
 
 @pytest.mark.slow

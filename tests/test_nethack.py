@@ -437,14 +437,14 @@ def test_pipelined_rollout_replays_exactly(env_groups):
     """A rollout collected with pipelined groups is the [T, N] batch the same envs give when its actions are
     replayed one by one: the groups' steps land in the right rows and columns."""
     import jax
-    from agents import launch, ppo
+    from agents import ppo, ppo_host
     from envs.nethack import PoolConfig
     cfg = ppo.host_config(env_name=ROOM, num_envs=4, num_steps=110, total_timesteps=4 * 110 * 10)
     pool_cfg = PoolConfig(num_workers=2, env_groups=env_groups)
     pool = pool_cfg.make_pool(ROOM, 4, seed=9)
     try:
         assert pool.num_groups == env_groups
-        tr = launch.host_trainer(cfg, pool, pool_cfg)
+        tr = ppo_host.pool_trainer(cfg, pool, pool_cfg)
         state = tr.init(jax.random.PRNGKey(0))
         traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
         ref = _Reference(ROOM, 4, 9, pool.env_kwargs)
@@ -644,7 +644,7 @@ def test_cli_trains_and_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_stopped_run_resumes_from_cli(tmp_path):
     import jax
-    from agents import launch
+    from agents import ppo_host
     from experiments import ppo_nethack
     from jaxrl_pref.runner import run_experiment
     run = tmp_path / "run"
@@ -652,7 +652,7 @@ def test_stopped_run_resumes_from_cli(tmp_path):
                               "--total-timesteps", "256"])
     pool = opts.pool.make_pool(ROOM, 4, seed=0)
     try:  # stops (saved, resumable) after 2 of its 4 updates
-        make = lambda _, log_fn=None, log_every=1: launch.host_trainer(  # noqa: E731
+        make = lambda _, log_fn=None, log_every=1: ppo_host.pool_trainer(  # noqa: E731
             opts.ppo, pool, opts.pool, opts.net, log_fn=log_fn, log_every=log_every)
         spec = dict(run_dir=run, num_updates=4, steps_per_update=64, checkpoint_every=2, log_every=1,
                     progress=False, agent="ppo_nethack")
@@ -687,7 +687,7 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     minihack_room_g1`` / ``_g2``, 2026-12-02) it ends at 0.991-1.000 on each of 8 seeds with one env group and
     0.993-0.998 with two (std 0.003), so the bound (0.345 + 0.4 = 0.745 here) is 0.25 below the worst seed."""
     import jax
-    from agents import launch, ppo
+    from agents import ppo, ppo_host
     from envs.nethack import PoolConfig
     from envs.nethack import random_policy_return
     random_return = random_policy_return(ROOM)
@@ -696,7 +696,7 @@ def test_ppo_learns_minihack_room_beats_random(env_groups):
     pool_cfg = PoolConfig(env_groups=env_groups)
     pool = pool_cfg.make_pool(ROOM, 16, seed=0)
     try:
-        tr = launch.host_trainer(cfg, pool, pool_cfg)
+        tr = ppo_host.pool_trainer(cfg, pool, pool_cfg)
         state, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, cfg.num_updates)
     finally:
         pool.close()

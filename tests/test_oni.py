@@ -1,20 +1,22 @@
 """ONI reward models (retrieval, classification, ranking), shaping, and the agent end to end on a message env."""
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import oni, ppo
-from jaxrl_pref.networks import MLP, EncoderActorCritic
+from agents import oni
+from agents.testing import ONIConfig, oni_bandit_run
+from jaxrl_pref.networks import EncoderActorCritic
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ranking import Ranking
 from envs.messages import decode_messages, encode_messages
 from jaxrl_pref.rewards.retrieval import MessageTable, lookup
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 from jaxrl_pref.rollout import Transition
+from jaxrl_pref.testing import (ITEMS, MESSAGES, MONSTERS, TOY_PROMPT, DictMLP, InstantClient, MessageBandit,
+                               classification_messages)
 
 
 # -- retrieval ------------------------------------------------------------------------------------------------------
@@ -100,20 +102,6 @@ def test_shaping_threshold_decay_and_terms():
 
 
 # -- classification ----------------------------------------------------------------------------------------------------
-MONSTERS = ["newt", "jackal", "grid bug", "kobold", "lichen", "fox", "sewer rat", "gnome lord", "hill orc",
-            "giant bat", "acid blob", "coyote", "floating eye", "gecko", "yellow mold", "homunculus"]
-ITEMS = ["a dagger", "3 gold pieces", "a scroll labeled FOOBIE BLETCH", "an amulet", "a wand", "2 food rations",
-         "a ring", "a potion", "a lamp", "a key"]
-
-
-def _cls_data(monsters, items):
-    pos = [f"You kill the {m}!" for m in monsters] + [f"You see here {i}." for i in items] + \
-          [f"You pick up {i}." for i in items]
-    neg = [f"You miss the {m}." for m in monsters] + [f"The {m} bites!" for m in monsters] + \
-          [f"You hear {i} fall." for i in items]
-    return pos + neg, np.array([1.0] * len(pos) + [0.0] * len(neg), np.float32)
-
-
 def test_classifier_generalises_to_held_out_messages():
     """Trained on messages of 11 monsters and 7 items, the classifier labels the 24 messages of 5 other monsters and
     3 other items. 8 seeds in one vmapped program (init and update keys from ``split(PRNGKey(0), 8)``), checked on
@@ -122,8 +110,8 @@ def test_classifier_generalises_to_held_out_messages():
     (min 0.978), held-out accuracy 1.0 on all 136. Bounds: medians > 0.95 and >= 0.9 (at most 2 of 24 wrong);
     another machine (other seeds standing in) fails each w.p. < 2e-7 (``--summary --task oni_classifier``:
     binomial at the per-seed miss rate 1 / 138; a median fails only once 4 of 8 seeds miss)."""
-    train_x, train_y = _cls_data(MONSTERS[:11], ITEMS[:7])
-    test_x, test_y = _cls_data(MONSTERS[11:], ITEMS[7:])
+    train_x, train_y = classification_messages(MONSTERS[:11], ITEMS[:7])
+    test_x, test_y = classification_messages(MONSTERS[11:], ITEMS[7:])
     model = Classification(capacity=256, steps=150, batch_size=64, learning_rate=2e-2)
     data, test_msgs = model.buffer_from(encode_messages(train_x), train_y), jnp.asarray(encode_messages(test_x))
 
@@ -156,94 +144,6 @@ def test_bradley_terry_recovers_known_order():
 
 
 # -- agent end to end ---------------------------------------------------------------------------------------------------
-MESSAGES = ["It's a wall.", "You hear some noises.", "You find a hidden passage.", "Nothing happens."]
-
-
-class MessageBandit:
-    """Host env: action a prints MESSAGES[a]; no extrinsic reward; episodes of 8 steps (truncated)."""
-    num_actions = len(MESSAGES)
-
-    def __init__(self, num_envs, horizon=8):
-        self.num_envs, self.horizon = num_envs, horizon
-        self.t = np.zeros(num_envs, np.int32)
-        self.ret = np.zeros(num_envs, np.float32)
-        self.bytes = encode_messages(MESSAGES)
-
-    def observation_spec(self):
-        return {"obs": ((2,), np.float32), "message": ((256,), np.uint8)}
-
-    def _obs(self, msg_ids=None):
-        m = np.zeros((self.num_envs, 256), np.uint8) if msg_ids is None else self.bytes[msg_ids]
-        return {"obs": np.ones((self.num_envs, 2), np.float32), "message": m}
-
-    def reset(self):
-        self.t[:] = 0
-        return self._obs()
-
-    def step(self, actions):
-        actions = np.asarray(actions)
-        obs = self._obs(actions)
-        self.t += 1
-        done = self.t >= self.horizon
-        info = {"final_obs": {k: v.copy() for k, v in obs.items()}, "episode_done": done,
-                "episode_return": np.zeros(self.num_envs, np.float32),
-                "episode_length": self.t.astype(np.float32)}
-        self.t[done] = 0
-        obs["message"][done] = 0
-        return obs, np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool), done, info
-
-    def close(self):
-        pass
-
-
-class InstantClient:
-    """In-process stand-in for the annotator client: answers from a dict / a score table at once."""
-
-    def __init__(self, labels=None, scores=None):
-        self.labels, self.scores = labels or {}, scores or {}
-        self.out_l, self.out_p, self.asked = {}, [], []
-
-    def submit(self, messages=(), pairs=()):
-        self.asked += list(messages)
-        for m in messages:
-            self.out_l[m] = self.labels.get(m, 0.0)
-        for a, b in pairs:
-            sa, sb = self.scores.get(a, 0.0), self.scores.get(b, 0.0)
-            self.out_p.append((a, b, 0.5 if sa == sb else float(sa > sb)))
-
-    def poll(self):
-        l, p = self.out_l, self.out_p
-        self.out_l, self.out_p = {}, []
-        return l, p
-
-    def metrics(self):
-        return {"annotator/connected": 1.0}
-
-
-class DictMLP(nn.Module):
-    @nn.compact
-    def __call__(self, obs):
-        return MLP((32,))(obs["obs"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Cfg(ppo.Config, oni.ONIOptions):
-    pass
-
-
-def _run(reward_model, client, updates=24, seed=0, **kw):
-    cfg = Cfg(env_name="CartPole-v1", num_envs=8, num_steps=16, total_timesteps=8 * 16 * updates,
-              learning_rate=3e-3, update_epochs=2, num_minibatches=2, ent_coef=0.003,
-              reward_model=reward_model, ext_coef=0.0, int_coef=1.0, count_beta=0.0, rm_capacity=64,
-              pairs_per_update=8, table_capacity=1024, **kw)
-    env = MessageBandit(cfg.num_envs)
-    tr = oni.make_trainer(cfg, env, client, network=EncoderActorCritic(env.num_actions, DictMLP()))
-    state = tr.init(jax.random.PRNGKey(seed))
-    state, metrics = tr.run(state, None, cfg.num_updates)
-    traj, _ = tr.collect(state.train_state.params, jax.random.PRNGKey(5 + 1000 * seed))
-    return (np.asarray(traj.action) == 2).mean(), metrics, tr
-
-
 @pytest.mark.parametrize("reward_model", ["retrieval", pytest.param("classification", marks=pytest.mark.slow)])
 def test_agent_learns_to_produce_the_helpful_message(reward_model):
     """Only "You find a hidden passage." (action 2) is labelled helpful and there is no extrinsic reward: ONI's
@@ -257,7 +157,7 @@ def test_agent_learns_to_produce_the_helpful_message(reward_model):
     seed seen; a non-learning agent stays near 0.25. ``intrinsic/active_frac``: retrieval mean 0.852, std 0.043,
     min 0.781 (16 seeds), classification min 0.938; bound 0.5. (Re-measured on 1948812: the same values.)"""
     client = InstantClient(labels={"You find a hidden passage.": 1.0})
-    frac, metrics, tr = _run(reward_model, client, updates=24 if reward_model == "retrieval" else 60)
+    frac, metrics, tr = oni_bandit_run(reward_model, client, updates=24 if reward_model == "retrieval" else 60)
     assert frac > 0.7, frac
     assert sorted(client.asked) == sorted(MESSAGES)  # each distinct message asked once
     assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
@@ -270,26 +170,9 @@ def test_agent_learns_from_pairwise_preferences():
     of helpful actions after 40 updates is, per seed, mean 0.962, std 0.017, min 0.938 over 8 seeds, and every
     seed holds 10 answered pairs. Bound 0.8: 9 std below the mean, 0.14 below the worst seed seen (random: 0.25)."""
     client = InstantClient(scores={"You find a hidden passage.": 1.0})
-    frac, metrics, tr = _run("ranking", client, updates=40)
+    frac, metrics, tr = oni_bandit_run("ranking", client, updates=40)
     assert frac > 0.8, frac
     assert metrics["labels/pairs"][-1] >= 5
-
-
-TOY_PROMPT = """## description
-Find hidden things.
-## system
-Judge.
-## label
-{description} "{message}" helpful? \\boxed{{1}} or \\boxed{{0}}.
-## compare
-{description} "{message_1}" vs "{message_2}"? \\boxed{{1}}, \\boxed{{2}} or \\boxed{{0}}.
-## progress
-You find a hidden passage.
-## neutral
-It's a wall.
-You hear some noises.
-Nothing happens.
-"""
 
 
 @pytest.mark.slow
@@ -308,7 +191,7 @@ def test_agent_with_real_annotator_service(tmp_path):
                              extra_args=["--prompt-dir", str(tmp_path / "prompts")])
     client = AnnotatorClient(url, "toy", poll_interval=0.05, wait=300.0)
     try:
-        frac, metrics, tr = _run("retrieval", client, updates=60)
+        frac, metrics, tr = oni_bandit_run("retrieval", client, updates=60)
         assert frac > 0.8, frac
         assert metrics["labels/labeled"][-1] == 4 and metrics["labels/positive"][-1] == 1
         assert metrics["annotator/connected"][-1] == 1.0 and metrics["annotator/queue_depth"][-1] == 0
@@ -504,7 +387,7 @@ def test_cli_openai_annotator_label_store_and_annotator_url(tmp_path):
 def test_host_loop_restores_counts_after_resume_and_refreshes_labels():
     """ONILoop: counts and labels go into the reward state; a new loop (a resumed run) takes the checkpointed
     table back instead of starting from zero counts."""
-    from agents.ppo import HostState
+    from agents.ppo_host import HostState
     cfg = oni.ONIOptions(reward_model="classification", table_capacity=1024, rm_capacity=16)
     reward = oni.make_reward(cfg)
     client = InstantClient(labels={"You find a hidden passage.": 1.0})
@@ -562,7 +445,7 @@ class GoldEnv(MessageBandit):
 def test_checkpoint_restores_a_grown_table_and_the_hook_takes_it_back(tmp_path):
     """A reward state whose table grew is saved; restoring it into a fresh state (1024 slots) needs the transform's
     ``resizable`` (else the shapes differ); a new hook (a resumed run) takes the table back at its grown size."""
-    from agents.ppo import HostState
+    from agents.ppo_host import HostState
     from jaxrl_pref.checkpoint import Checkpointer, IncompatibleCheckpointError
     cfg = oni.ONIOptions(reward_model="classification", table_capacity=1024, rm_capacity=16)
     reward = oni.make_reward(cfg)
@@ -596,7 +479,7 @@ def test_table_grows_inside_a_run_and_resumes_at_its_grown_size(tmp_path, capsys
     label kept; every message seen is found with its label in jit at the end."""
     import io
     from jaxrl_pref.runner import run_experiment
-    cfg = Cfg(env_name="CartPole-v1", num_envs=4, num_steps=64, total_timesteps=4 * 64 * 4, update_epochs=1,
+    cfg = ONIConfig(env_name="CartPole-v1", num_envs=4, num_steps=64, total_timesteps=4 * 64 * 4, update_epochs=1,
               num_minibatches=1, reward_model="retrieval", table_capacity=1024)
     kw = dict(checkpoint_every=3, log_every=1, progress=False, tensorboard=False, plot=False, handle_signals=False,
               stream=io.StringIO())
@@ -653,7 +536,7 @@ def test_experiment_cli_grows_the_table_and_resumes_after_growth(tmp_path, capsy
 def test_max_messages_evicts_unlabelled_keeps_labels_and_warns(capsys):
     """Past --max-messages the hook evicts the rarest unlabelled messages and says so; labelled messages stay (the
     table grows past the bound, with a warning) and a label arriving for an evicted message is kept."""
-    from agents.ppo import HostState
+    from agents.ppo_host import HostState
     cfg = oni.ONIOptions(reward_model="retrieval", table_capacity=1024, max_messages=600)
     reward = oni.make_reward(cfg)
 

@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import oni, oni_captioned, ppo
+from agents import oni, oni_captioned, ppo, ppo_host
+from agents.testing import KEY, caption_key_rate
 from envs import captions
-from envs.messages import encode_messages
 from jaxrl_pref.rollout import Transition
 from jaxrl_pref.runner import run_experiment, segment_bounds
-from tests.test_oni import InstantClient
+from jaxrl_pref.testing import InstantClient
 
 KD = captions.caption_table("KeyDoor-5")
-KEY = "You pick up the key."
 LABELS = {KEY: 1.0, "The door opens.": 1.0, "You reach the goal.": 1.0, "It's a wall.": 0.0, "It's solid stone.": 0.0,
           "This door is locked.": 0.0}
 SCORES = {KEY: 2.0, "The door opens.": 3.0, "You reach the goal.": 4.0, "It's a wall.": -1.0}
@@ -42,8 +41,8 @@ def test_in_jit_reward_equals_the_host_pipeline(model):
     host_loop = oni.ONILoop(cfg, host_reward, host_client, seed=0)
     jit_loop = oni_captioned.CaptionLoop(cfg, KD, jit_client, seed=0, every=1)
     key = jax.random.PRNGKey(0)
-    hs = ppo.HostState(None, host_reward.init(key, None), key, jnp.int32(0))
-    js = ppo.HostState(None, jit_reward.init(key, None), key, jnp.int32(0))
+    hs = ppo_host.HostState(None, host_reward.init(key, None), key, jnp.int32(0))
+    js = ppo_host.HostState(None, jit_reward.init(key, None), key, jnp.int32(0))
     if model != "retrieval":  # the same parameters (the two buffers differ in order, so training would too)
         params = js.reward_state["model"]["model"]["params"]
         rs = hs.reward_state
@@ -285,30 +284,6 @@ def test_cli_end_to_end_with_the_annotator_service(tmp_path, env, model):
         assert db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == n
 
 
-def key_rate(tmp, labels: dict, seeds=2, updates=120, seed=0):
-    """Trains PPO + ONI-retrieval on KeyDoor-5 with no extrinsic reward (ext_coef 0, no count decay) and the
-    annotator answering ``labels`` (InstantClient); returns "You pick up the key." per ended episode over the last
-    quarter of the run, per seed."""
-    cfg = oni.ONIOptions(reward_model="retrieval", ext_coef=0.0, int_coef=1.0, count_beta=0.0)
-    loop = oni_captioned.CaptionLoop(cfg, KD, InstantClient(labels), seed=seed, every=5)
-    snaps = {}
-
-    def hook(state, update, seed_axis=False):
-        state = loop(state, update, seed_axis=seed_axis)
-        snaps[update] = np.asarray(state.reward_state["model"]["counts"])[:, KD.id(KEY)]
-        return state
-    hook.every = loop.every
-    pcfg = ppo.Config(env_name="KeyDoor-5", num_envs=16, num_steps=32, total_timesteps=16 * 32 * updates,
-                      learning_rate=1e-3, ent_coef=0.01)
-    reward = oni_captioned.make_reward(cfg, KD)
-    make = lambda c, log_fn=None, log_every=1: ppo.make_trainer(c, reward, log_fn, log_every, chunk_hook=hook)  # noqa
-    res = run_experiment(make, pcfg, run_dir=tmp, num_seeds=seeds, seed=seed, log_every=10, checkpoint_every=updates,
-                         progress=False, tensorboard=False, plot=False)
-    start = updates - updates // 4
-    episodes = res.metrics["episodes"][:, start:].sum(1)
-    return (snaps[updates] - snaps[start]) / episodes
-
-
 @pytest.mark.slow
 def test_labelling_a_caption_helpful_makes_the_agent_produce_it_more(tmp_path):
     """KeyDoor-5, ext_coef 0 (the env's reward is not learnt from), 8 seeds vmapped (PRNGKey(0) ... PRNGKey(7)),
@@ -325,7 +300,7 @@ def test_labelling_a_caption_helpful_makes_the_agent_produce_it_more(tmp_path):
     its way set by the float order: seed 0 gave 0.45 vmapped with 1 other seed, 0.99 with 7), so it bounds nothing.
     Runs ~2 x 25 s."""
     others = {t: 0.0 for t in KD.texts if t}
-    helpful = key_rate(tmp_path / "helpful", {**others, KEY: 1.0}, seeds=8)
-    locked = key_rate(tmp_path / "locked", {**others, "This door is locked.": 1.0}, seeds=8)
+    helpful = caption_key_rate(tmp_path / "helpful", {**others, KEY: 1.0}, seeds=8)
+    locked = caption_key_rate(tmp_path / "locked", {**others, "This door is locked.": 1.0}, seeds=8)
     print("key per episode, key labelled:", helpful, "locked door labelled:", locked)
     assert np.median(helpful) >= 0.9 and np.median(locked) <= 0.1, (helpful, locked)

@@ -16,12 +16,13 @@ from agents import ppo
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.rewards import IdentityReward
 from jaxrl_pref.rollout import collect
+from jaxrl_pref.stats import final_score
 
 TINY = dict(env_name="CartPole-v1", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 6)
 
 
 def final_return(metrics, last=10):
-    return np.nanmean(np.asarray(metrics["episode_return"])[..., -last:], axis=-1)
+    return final_score(metrics["episode_return"], last=last)
 
 
 @pytest.mark.slow

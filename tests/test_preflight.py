@@ -71,7 +71,8 @@ def _fails_at_once_here(tmp_path, monkeypatch, capsys, *args):
     """:func:`_fails_at_once` in this process: ``experiments.oni.main`` (what ``python -m experiments.oni`` calls),
     with the annotator service, Motif's dataset / reward model and PPO's trainer replaced by a :class:`_Built`
     failure; also checks that JAX traced or compiled nothing. Returns the last ``error:`` line."""
-    from agents import launch, motif
+    from agents import motif
+    from experiments import launch
     from experiments import oni
 
     def refuse(what):

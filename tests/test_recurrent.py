@@ -18,14 +18,14 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import envs
-from agents import ppo
+from agents import ppo, ppo_host
 from envs.host import JaxHostEnv
 from jaxrl_pref import recurrent
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.networks import MLP, EncoderActorCritic, RecurrentActorCritic, RecurrentCore, distribution
-from jaxrl_pref.recurrent import RecurrentState
 from jaxrl_pref.rollout import collect
+from jaxrl_pref.stats import best_window_mean, final_score
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("gru", "lstm")
@@ -477,7 +477,7 @@ class DictMLP(nn.Module):
 def test_host_loop_carries_the_policy_state():
     cfg = ppo.Config(**{**TINY, "network": "lstm", "num_envs": 4})
     env = JaxHostEnv("CartPole-v1", cfg.num_envs, seed=1, max_steps_in_episode=6)
-    tr = ppo.make_trainer(cfg, env=env, network=EncoderActorCritic(2, DictMLP()))
+    tr = ppo_host.make_trainer(cfg, env, network=EncoderActorCritic(2, DictMLP()))
     assert isinstance(tr.agent.network, RecurrentActorCritic) and tr.agent.network.cell == "lstm"
     state = tr.init(jax.random.PRNGKey(0))
     traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
@@ -567,7 +567,7 @@ def _cli_success(tmp_path, network: str) -> np.ndarray:
                         str(run)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "CI": "true"})
     assert p.returncode == 0, p.stderr[-3000:]
-    return np.nanmean(read_metrics(run / "metrics.csv")["episode_success"][:, -10:], axis=1)
+    return final_score(read_metrics(run / "metrics.csv")["episode_success"], last=10)
 
 
 @pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
@@ -597,12 +597,11 @@ def test_gru_cartpole_reaches_475():
     451.4 and 427.9 on three (PPO-GRU on CartPole oscillates): a bound on the end of the run fails on some seeds, and
     fixed seeds do not fix which across machines (float order); the earlier form of this test (3 of 4 seeds >= 475
     at the end) would fail w.p. about 13% at that rate. 3 seeds, not 4: the test took 128-163 s of a CI run."""
-    from benchmarks.learning_spread import best_window_mean  # (what the spread above was measured with)
-    from benchmarks.ppo_rnn_throughput import BENCH
-    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**BENCH, network="gru"))))(
+    from jaxrl_pref.testing import RNN_BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**RNN_BENCH, network="gru"))))(
         jax.random.split(jax.random.PRNGKey(0), 3))
     ret = np.asarray(out.metrics["episode_return"])
-    peak, final = best_window_mean(ret, 10), np.nanmean(ret[:, -10:], axis=1)
+    peak, final = best_window_mean(ret, 10), final_score(ret, last=10)
     print("CartPole GRU best / final 10-update mean returns", np.round(peak, 1), np.round(final, 1))
     assert (peak >= 475).sum() >= 2, (peak, final)
 
@@ -616,10 +615,10 @@ def test_gru_acrobot_learns_with_the_truncation_bootstrap():
     --first-set 0``: these seeds and 4 more; 2026-12-07): -83.2, -83.1, -88.9, -83.5 | -82.6, -81.5, -85.4, -159.5;
     0 of 8 below -250, so at a per-seed miss rate of 1/10 the check fails w.p. 0.37% (3 of 4 at -150 would fail
     w.p. ~18%: one seed in 8 ended at -159)."""
-    from benchmarks.ppo_rnn_throughput import BENCH
-    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
+    from jaxrl_pref.testing import RNN_BENCH
+    out = jax.jit(jax.vmap(ppo.make_train(ppo.Config(**{**RNN_BENCH, "env_name": "Acrobot-v1"}, network="gru"))))(
         jax.random.split(jax.random.PRNGKey(0), 4))
-    final = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -10:], axis=1)
+    final = final_score(out.metrics["episode_return"], last=10)
     print("Acrobot GRU final 10-update mean returns", np.round(final, 1))
     assert (final >= -250).sum() >= 2, final
 
@@ -630,7 +629,7 @@ def test_lstm_policy_learns_minihack_room():
     16 envs x 32 steps (two env groups), as the MLP test in test_nethack.py; final return > random + 0.4
     (``python -m benchmarks.learning_spread --task minihack_room_lstm --set-size 1 --sets 8 --first-set 0``,
     2026-12-03: final 0.988-0.996 over 8 seeds, margin over random 0.54-0.65; the bound is 0.14 below the worst)."""
-    from agents import launch
+    from agents import ppo_host
     from envs.nethack import PoolConfig
     room = "MiniHack-Room-5x5-v0"
     from envs.nethack import random_policy_return
@@ -640,12 +639,12 @@ def test_lstm_policy_learns_minihack_room():
     pool_cfg = PoolConfig(env_groups=2)
     pool = pool_cfg.make_pool(room, 16, seed=0)
     try:
-        tr = launch.host_trainer(cfg, pool, pool_cfg)
+        tr = ppo_host.pool_trainer(cfg, pool, pool_cfg)
         assert isinstance(tr.agent.network, RecurrentActorCritic) and tr.agent.network.cell == "lstm"
         _, m = tr.run(tr.init(jax.random.PRNGKey(0)), None, cfg.num_updates)
     finally:
         pool.close()
-    final = float(np.nanmean(m["episode_return"][-5:]))
+    final = float(final_score(m["episode_return"], last=5))
     print(f"MiniHack-Room-5x5 LSTM: random {random_return:.3f}, PPO-LSTM (last 5 of 20 updates) {final:.3f}")
     assert final > random_return + 0.4, (final, random_return)
 

@@ -1,27 +1,16 @@
 """RND as a reward transform (issue 20): novelty, observation statistics, dict observations, the seam in PPO."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs
 from agents import ppo
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.rnd import RND
-
-
-def spec(shape):
-    return envs.EnvSpec(shape, True, 2)
-
-
-def batch(x):
-    return SimpleNamespace(final_obs=x, reward=jnp.zeros(x.shape[:2] if not isinstance(x, dict) else
-                                                         next(iter(x.values())).shape[:2]))
+from jaxrl_pref.testing import obs_batch, obs_spec
 
 
 def test_seen_observations_pay_less_than_new_ones():
@@ -39,15 +28,15 @@ def test_seen_observations_pay_less_than_new_ones():
 
     def run(key):
         k_init, k_seen, k_novel, k_upd = jax.random.split(key, 4)
-        state = rnd.init(k_init, spec((6,)))
+        state = rnd.init(k_init, obs_spec((6,)))
         seen = jax.random.normal(k_seen, (16, 8, 6)) * 0.3 + 1.0     # [T, N, 6] around +1
         novel = jax.random.normal(k_novel, (16, 8, 6)) * 0.3 - 1.0   # around -1
-        state, _ = rnd.update(state, batch(seen), k_upd)
-        first = rnd(state, batch(seen))[0].mean()
-        state, metrics = jax.lax.scan(lambda st, i: rnd.update(st, batch(seen), jax.random.fold_in(k_upd, i)), state,
-                                      jnp.arange(60))
-        after, m = rnd(state, batch(seen))
-        return first, after, rnd(state, batch(novel))[0].mean(), metrics["rnd/loss"], m
+        state, _ = rnd.update(state, obs_batch(seen), k_upd)
+        first = rnd(state, obs_batch(seen))[0].mean()
+        state, metrics = jax.lax.scan(lambda st, i: rnd.update(st, obs_batch(seen), jax.random.fold_in(k_upd, i)),
+                                      state, jnp.arange(60))
+        after, m = rnd(state, obs_batch(seen))
+        return first, after, rnd(state, obs_batch(novel))[0].mean(), metrics["rnd/loss"], m
     first, after, new, loss, m = jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 8))
     chex.assert_shape(after, (8, 16, 8))
     chex.assert_type(after, jnp.float32)
@@ -58,10 +47,10 @@ def test_seen_observations_pay_less_than_new_ones():
 
 def test_observation_statistics_are_those_of_every_observation_seen():
     rnd = RND(hidden=(8,), features=4)
-    state = rnd.init(jax.random.PRNGKey(0), spec((3,)))
+    state = rnd.init(jax.random.PRNGKey(0), obs_spec((3,)))
     xs = [jax.random.normal(jax.random.PRNGKey(i), (5, 4, 3)) * (i + 1) + i for i in range(3)]
     for i, x in enumerate(xs):
-        state, _ = rnd.update(state, batch(x), jax.random.PRNGKey(10 + i))
+        state, _ = rnd.update(state, obs_batch(x), jax.random.PRNGKey(10 + i))
     allx = np.concatenate([np.asarray(x).reshape(-1, 3) for x in xs])
     np.testing.assert_allclose(state["obs_mean"], allx.mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(state["obs_var"], allx.var(0), rtol=1e-3, atol=1e-3)
@@ -69,16 +58,16 @@ def test_observation_statistics_are_those_of_every_observation_seen():
 
 def test_dict_and_image_observations_are_flattened_per_step():
     rnd = RND(hidden=(8,), features=4)
-    state = rnd.init(jax.random.PRNGKey(0), spec({"glyphs": (3, 3), "blstats": (5,)}))
+    state = rnd.init(jax.random.PRNGKey(0), obs_spec({"glyphs": (3, 3), "blstats": (5,)}))
     obs = {"glyphs": jnp.ones((4, 2, 3, 3), jnp.int16), "blstats": jnp.arange(40, dtype=jnp.int32).reshape(4, 2, 5)}
-    state, _ = rnd.update(state, batch(obs), jax.random.PRNGKey(1))
-    r, _ = rnd(state, batch(obs))
+    state, _ = rnd.update(state, obs_batch(obs), jax.random.PRNGKey(1))
+    r, _ = rnd(state, obs_batch(obs))
     chex.assert_shape(r, (4, 2))
     chex.assert_shape(state["obs_mean"], (14,))
     img = RND(hidden=(8,), features=4)
-    s2 = img.init(jax.random.PRNGKey(0), spec((5, 5, 2)))
-    s2, _ = img.update(s2, batch(jnp.ones((3, 2, 5, 5, 2))), jax.random.PRNGKey(1))
-    chex.assert_shape(img(s2, batch(jnp.ones((3, 2, 5, 5, 2))))[0], (3, 2))
+    s2 = img.init(jax.random.PRNGKey(0), obs_spec((5, 5, 2)))
+    s2, _ = img.update(s2, obs_batch(jnp.ones((3, 2, 5, 5, 2))), jax.random.PRNGKey(1))
+    chex.assert_shape(img(s2, obs_batch(jnp.ones((3, 2, 5, 5, 2))))[0], (3, 2))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import envs
 from envs import sparse
 from jaxrl_pref.rollout import collect, episode_metrics
+from jaxrl_pref.stats import final_score
 
 
 def _random_rollout(name, n=8, steps=64, seed=0, **kw):
@@ -304,8 +305,8 @@ def test_ppo_learns_xminigrid_door_key_5x5():
     cfg = ppo.Config(env_name="MiniGrid-DoorKey-5x5", num_envs=32, num_steps=64, total_timesteps=32 * 64 * 60,
                      learning_rate=3e-4, update_epochs=8, num_minibatches=8)
     out = jax.jit(jax.vmap(ppo.make_train(cfg)))(jax.random.split(jax.random.PRNGKey(0), 8))
-    ret = np.nanmean(np.asarray(out.metrics["episode_return"])[:, -5:], axis=1)
-    success = np.nanmean(np.asarray(out.metrics["episode_success"])[:, -5:], axis=1)
+    ret = final_score(out.metrics["episode_return"], last=5)
+    success = final_score(out.metrics["episode_success"], last=5)
     tr = _random_rollout("MiniGrid-DoorKey-5x5", n=32, steps=500)
     random_return = float(episode_metrics(tr.info)["episode_return"])
     assert random_return < 0.2, random_return

@@ -7,7 +7,7 @@ from experiments import sparse_study as ss
 
 def test_t_quantiles_and_confidence_interval(monkeypatch):
     import builtins
-    from slurm.sweep import t_quantile
+    from jaxrl_pref.stats import t_quantile
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("scipy") else real_import(name, *a, **k))  # the fallback without scipy
@@ -49,13 +49,16 @@ def test_summary_counts_never_reached_at_the_budget():
 
 def test_commands_vmap_seeds_on_jax_tasks_and_split_them_on_the_pool(tmp_path):
     cfg = ss.StudyConfig(tasks=("deepsea10", "minihack_keyroom"), num_seeds=3, out=str(tmp_path), scale=0.5)
-    (jax_dir, argv), = ss.commands(cfg, "deepsea10", "rnd")
-    assert jax_dir == tmp_path / "deepsea10" / "rnd"
+    run, = ss.runs(cfg, "deepsea10", "rnd")
+    argv = run.command()
+    assert run.run_dir == tmp_path / "deepsea10" / "rnd" and run.name == "deepsea10/rnd"
+    assert argv[2] == "experiments.ppo" and argv[-2:] == ["--run-dir", str(run.run_dir)] and "--resume" in argv
     assert argv[argv.index("--num-seeds") + 1] == "3" and argv[argv.index("--bonus") + 1] == "rnd"
     assert argv[argv.index("--total-timesteps") + 1] == str(ss.TASKS["deepsea10"]["steps"] // 2)
-    runs = ss.commands(cfg, "minihack_keyroom", "ppo")
-    assert [d.name for d, _ in runs] == ["seed0", "seed1", "seed2"] and "--bonus" not in runs[0][1]
-    assert all(a[a.index("--seed") + 1] == str(i) for i, (_, a) in enumerate(runs))
+    runs = ss.runs(cfg, "minihack_keyroom", "ppo")
+    assert [r.run_dir.name for r in runs] == ["seed0", "seed1", "seed2"] and "--bonus" not in runs[0].argv
+    assert [r.name for r in runs] == [f"minihack_keyroom/ppo/seed{i}" for i in range(3)]
+    assert all(r.argv[r.argv.index("--seed") + 1] == str(i) for i, r in enumerate(runs))
     from jaxrl_pref.config import ConfigError
     for kw in (dict(tasks=("nosuch",)), dict(methods=("icm",)), dict(num_seeds=1)):
         with pytest.raises(ConfigError):
@@ -94,13 +97,15 @@ def test_curves_read_the_runs_metrics(tmp_path):
 
 def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
     cfg = ss.StudyConfig(tasks=("keydoor9", "minihack_keyroom"), methods=ss.METHODS, num_seeds=2, out=str(tmp_path))
-    (_, argv), = ss.commands(cfg, "keydoor9", "oni-ranking")
-    assert argv[2] == "experiments.oni" and argv[argv.index("--reward-model") + 1] == "ranking"
+    run, = ss.runs(cfg, "keydoor9", "oni-ranking")
+    argv = run.argv
+    assert run.module == "experiments.oni" and argv[argv.index("--reward-model") + 1] == "ranking"
     assert "--num-seeds" in argv  # captioned JAX task: seeds vmapped in the jitted loop
-    runs = ss.commands(cfg, "minihack_keyroom", "motif")
-    assert len(runs) == 2 and all(a[a.index("--motif-dir") + 1] == str(tmp_path / "minihack_keyroom" / "motif-data")
-                                  for _, a in runs)  # one dataset and model for every seed
-    (_, argv), = ss.commands(cfg, "keydoor9", "ellm")
+    runs = ss.runs(cfg, "minihack_keyroom", "motif")
+    assert len(runs) == 2 and all(r.argv[r.argv.index("--motif-dir") + 1] ==
+                                  str(tmp_path / "minihack_keyroom" / "motif-data")
+                                  for r in runs)  # one dataset and model for every seed
+    argv = ss.runs(cfg, "keydoor9", "ellm")[0].argv
     assert argv[argv.index("--method") + 1] == "ellm"
     assert ss.not_applicable("deepsea10", "ellm") and ss.not_applicable("deepsea10", "motif")
     assert ss.not_applicable("keydoor9", "motif") is None
@@ -114,7 +119,7 @@ def test_extra_args_value_may_start_with_dashes(tmp_path):
     for argv in (["--extra-args", "--bonus-coef 0.5"], ["--extra-args=--bonus-coef 0.5"]):
         cfg = cli(ss.StudyConfig, ss.attach_extra_args(["--tasks", "keydoor9", *argv, "--out", str(tmp_path)]))
         assert cfg.extra_args == "--bonus-coef 0.5" and cfg.out == str(tmp_path)
-        (_, run_argv), = ss.commands(cfg, "keydoor9", "ppo")
+        run_argv = ss.runs(cfg, "keydoor9", "ppo")[0].argv
         assert run_argv[run_argv.index("--bonus-coef") + 1] == "0.5"
     cfg = ss.StudyConfig(tasks=("keydoor9",), methods=("ppo",), num_seeds=2, out=str(tmp_path),
                          extra_args="--bonus-coef 0.5")

@@ -3,24 +3,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gymnax.environments import environment, spaces
-from flax import struct
 
 import envs
 from agents import sqirl
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.losses import discounted_returns, fitted_q_targets
+from jaxrl_pref.testing import CHAIN_NEXT, CHAIN_REWARD, CHAIN_TERMINAL, register_chain
 
-# -- a tiny deterministic MDP with a known solution ----------------------------------------------------------------
-# states 0 (start), 1, 2, 3 (terminal sink); actions 0/1; rows = (next state, reward, terminal) per (s, a)
-#   s0: a0 -> r 0.5, end            a1 -> r 0, s1
-#   s1: a0 -> r 0,   end            a1 -> r 0, s2
-#   s2: a0 -> r 0,   end            a1 -> r 1, end
-# With gamma = 0.9: Q^rand(s0) = (0.5, 0.2025) so k = 1 takes the immediate 0.5; one backup gives (0.5, 0.405),
-# still a0; two backups give (0.5, 0.81) = Q*(s0): k = 3 is needed (the effective horizon of this MDP is 3).
-NEXT = np.array([[3, 1], [3, 2], [3, 3]])
-REW = np.array([[0.5, 0.0], [0.0, 0.0], [0.0, 1.0]], np.float32)
-TERM = NEXT == 3
+# the chain MDP of jaxrl_pref.testing (its effective horizon is 3), registered as TestChain-v0
+NEXT, REW, TERM = CHAIN_NEXT, CHAIN_REWARD, CHAIN_TERMINAL
+register_chain()
 
 
 def exact_heads(gamma, k):
@@ -34,36 +26,6 @@ def exact_heads(gamma, k):
         v = np.append(heads[-1].max(axis=1), 0.0)
         heads.append(REW + gamma * v[NEXT] * ~TERM)
     return np.stack(heads)
-
-
-@struct.dataclass
-class ChainState(environment.EnvState):
-    s: jax.Array
-    time: int
-
-
-class Chain(environment.Environment):
-    @property
-    def default_params(self):
-        return environment.EnvParams(max_steps_in_episode=3)
-
-    def action_space(self, params=None):
-        return spaces.Discrete(2)
-
-    def observation_space(self, params):
-        return spaces.Box(0.0, 1.0, (4,), jnp.float32)
-
-    def reset_env(self, key, params):
-        st = ChainState(jnp.int32(0), 0)
-        return jax.nn.one_hot(st.s, 4), st
-
-    def step_env(self, key, state, action, params):
-        nxt, r, term = (jnp.asarray(x)[state.s, action] for x in (NEXT, REW, TERM))
-        st = ChainState(nxt.astype(jnp.int32), state.time + 1)
-        return jax.nn.one_hot(st.s, 4), st, r, term, {}
-
-
-envs.register("TestChain-v0", lambda **kw: (Chain(), Chain().default_params))
 
 
 def test_discounted_returns_and_fqi_targets():
@@ -300,7 +262,7 @@ def test_hparams_sweep_bounds():
 def test_effective_horizon_exact_on_chain():
     """The exact analysis finds k* = 3 on the chain (k = 1, 2 prefer the immediate 0.5) and its Q_k match the
     hand-computed heads."""
-    from jaxrl_pref import effective_horizon as eh
+    from experiments import effective_horizon as eh
     r = eh.analyse("TestChain-v0", gamma=0.9)
     assert (r.horizon, r.num_actions, r.k_star) == (3, 2, 3)
     assert r.gaps[0] < 0 and r.gaps[1] < 0 and r.gaps[2] == pytest.approx(0.81 - 0.5)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import ppo
+from agents import ppo, ppo_host
 from envs.host import JaxHostEnv
 from jaxrl_pref import transfer
 from jaxrl_pref.networks import MLP, EncoderActorCritic
@@ -81,12 +81,12 @@ def test_host_loop_moves_each_step_once_and_keeps_the_trajectory_on_device(netwo
     cfg = ppo.Config(env_name="CartPole-v1", num_envs=4, num_steps=16, total_timesteps=4 * 16 * 2, hidden=(16,),
                      rnn_hidden=16, network=network)
     env = JaxHostEnv("CartPole-v1", cfg.num_envs, seed=1, max_steps_in_episode=6)  # episodes end inside the rollout
-    tr = ppo.make_trainer(cfg, env=env, network=EncoderActorCritic(2, DictMLP()))
+    tr = ppo_host.make_trainer(cfg, env, network=EncoderActorCritic(2, DictMLP()))
     state = tr.init(jax.random.PRNGKey(0))
     ps0 = tr.agent.initial_policy_state(cfg.num_envs)
     downloads = []
     real_unpack = transfer.unpack_outputs
-    monkeypatch.setattr("agents.ppo.unpack_outputs", lambda x: downloads.append(type(x)) or real_unpack(x))
+    monkeypatch.setattr("agents.ppo_host.unpack_outputs", lambda x: downloads.append(type(x)) or real_unpack(x))
     count = Counting(monkeypatch)
     key = jax.random.PRNGKey(1)
     traj, last = tr.collect(state.train_state.params, key)
@@ -124,7 +124,7 @@ def test_host_loop_moves_each_step_once_and_keeps_the_trajectory_on_device(netwo
 
 ACTOR_DEVICE_SCRIPT = r'''
 import jax, numpy as np, flax.linen as nn
-from agents import ppo
+from agents import ppo, ppo_host
 from envs.host import JaxHostEnv
 from jaxrl_pref.networks import MLP, EncoderActorCritic
 
@@ -141,7 +141,7 @@ for network in ("mlp", "gru"):
     params = {}
     for dev in (-1, 1):
         env = JaxHostEnv("CartPole-v1", cfg.num_envs, seed=1, max_steps_in_episode=6)
-        tr = ppo.make_trainer(cfg, env=env, network=EncoderActorCritic(2, DictMLP()), actor_device=dev)
+        tr = ppo_host.make_trainer(cfg, env, network=EncoderActorCritic(2, DictMLP()), actor_device=dev)
         state = tr.init(jax.random.PRNGKey(0))
         traj, last = tr.collect(state.train_state.params, jax.random.PRNGKey(1))
         where = {d.id for d in traj.obs["obs"].devices()}

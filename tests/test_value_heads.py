@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import envs
-from agents import ppo
+from agents import ppo, ppo_host
 from envs.host import JaxHostEnv
 from jaxrl_pref.config import ConfigError
 from jaxrl_pref.losses import gae, ppo_loss
@@ -152,8 +152,8 @@ def test_ppo_with_the_rnd_value_head_trains_in_both_loops(network):
 
     env = JaxHostEnv("DeepSea-8", cfg.num_envs, seed=1)
     try:
-        host = ppo.make_trainer(cfg, reward=with_bonus(None, bonus, cfg.num_envs), env=env,
-                                network=EncoderActorCritic(env.num_actions, DictMLP()))
+        host = ppo_host.make_trainer(cfg, env, reward=with_bonus(None, bonus, cfg.num_envs),
+                                     network=EncoderActorCritic(env.num_actions, DictMLP()))
         assert host.agent.network.value_heads == 2
         state = host.init(jax.random.PRNGKey(1))
         traj, _ = host.collect(state.train_state.params, jax.random.PRNGKey(2))

@@ -125,22 +125,17 @@ class Prompt:
         return cls.parse(task, v, found[v].read_text())
 
 
+DEFAULT_TASK = "minihack"  # the generic NetHack-message prompt: envs whose entry names none (test envs too)
+
+
 def task_for_env(env_name: str) -> str:
-    """Prompt task for an env id: NetHackScore -> nethack_score, NetHackStaircase* -> nethack_staircase,
-    NetHackOracle -> nethack_oracle; the captioned JAX tasks: KeyDoor-* -> keydoor, MiniGrid-DoorKey-* ->
-    minigrid_doorkey, other MiniGrid-* -> minigrid, Craftax-* (Classic and full) -> craftax; anything else
-    (MiniHack-*, test envs) -> minihack."""
-    n = env_name.lower()
-    for key, task in (("score", "nethack_score"), ("staircase", "nethack_staircase"), ("oracle", "nethack_oracle")):
-        if n.startswith("nethack") and key in n:
-            return task
-    if n.startswith("keydoor-"):
-        return "keydoor"
-    if n.startswith("minigrid-"):
-        return "minigrid_doorkey" if n.startswith("minigrid-doorkey") else "minigrid"
-    if n.startswith("craftax-"):
-        return "craftax"
-    return "minihack"
+    """The prompt task of an env: its registry entry's ``task`` (``envs.entry(name).task``: NetHackScore ->
+    nethack_score, NetHackStaircase* -> nethack_staircase, NetHackOracle -> nethack_oracle, MiniHack-* -> minihack;
+    the captioned JAX tasks: KeyDoor-* -> keydoor, MiniGrid-DoorKey-* -> minigrid_doorkey, other MiniGrid-* ->
+    minigrid, Craftax-* -> craftax); :data:`DEFAULT_TASK` for an env without one (other NetHack tasks, test envs)."""
+    from envs import registry  # here: the annotation server imports this module, and never JAX
+    entry = registry.find(env_name)
+    return entry.task if entry is not None and entry.task else DEFAULT_TASK
 
 
 _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")

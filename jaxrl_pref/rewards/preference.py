@@ -45,6 +45,7 @@ import optax
 from flax import struct
 
 from jaxrl_pref.config import ConfigError, in_range, positive, require
+from jaxrl_pref.losses import bradley_terry_nll
 from jaxrl_pref.networks import ACTIVATIONS, MLP
 from envs.factors import FactorSet
 from jaxrl_pref.rewards.factors import traj_factors
@@ -188,21 +189,17 @@ class PreferenceState:
 def bt_loss(returns: jax.Array, labels: jax.Array, ties: str = "skip"):
     """Bradley-Terry loss over all pairs ``i < j`` of segment returns ``[B]`` with labels ``[B, B]`` (+1: i
     preferred, -1: j preferred, 0: tie). Returns ``(loss, metrics)``: the mean over counted pairs of
-    ``-log sigmoid(y (R_i - R_j))``, with ties either skipped or given target 1/2."""
+    ``-log sigmoid(y (R_i - R_j))``, with ties either skipped or given target 1/2
+    (:func:`~jaxrl_pref.losses.bradley_terry_nll` with P(i preferred) = (y + 1) / 2)."""
     b = returns.shape[0]
     d = returns[:, None] - returns[None, :]
     upper = jnp.triu(jnp.ones((b, b), bool), k=1)
     y = labels.astype(jnp.float32)
     decided = upper & (labels != 0)
-    tied = upper & (labels == 0)
-    pair_loss = jnp.where(decided, jax.nn.softplus(-y * d), 0.0)
-    if ties == "half":
-        pair_loss = pair_loss + jnp.where(tied, 0.5 * (jax.nn.softplus(-d) + jax.nn.softplus(d)), 0.0)
-        counted = decided | tied
-    else:
-        counted = decided
+    counted = decided | (upper & (labels == 0)) if ties == "half" else decided
     n = counted.sum()
-    loss = pair_loss.sum() / jnp.maximum(n, 1)
+    # P(i preferred over j): 1, 0, or 1/2 for a tie (left out unless ties="half")
+    loss = jnp.where(counted, bradley_terry_nll(d, (y + 1) / 2), 0.0).sum() / jnp.maximum(n, 1)
     n_dec = decided.sum()
     acc = jnp.where(decided, (y * d) > 0, False).sum() / jnp.maximum(n_dec, 1)
     return loss, {"accuracy": acc, "decided": n_dec / upper.sum(), "pairs": n}

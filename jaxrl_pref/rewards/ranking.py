@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrl_pref.losses import bradley_terry_loss
 from jaxrl_pref.rewards.classification import MessageNet, score_unique
 
 
 def bt_loss(ra, rb, pref, weights):
-    """Bradley-Terry negative log-likelihood of soft preferences ``pref`` = P(a preferred over b)."""
-    d = ra - rb
-    nll = -(pref * jax.nn.log_sigmoid(d) + (1 - pref) * jax.nn.log_sigmoid(-d))
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    """Bradley-Terry negative log-likelihood of soft preferences ``pref`` = P(a preferred over b), ``weights``-weighted
+    (:func:`~jaxrl_pref.losses.bradley_terry_loss` of ``r(a) - r(b)``)."""
+    return bradley_terry_loss(ra - rb, pref, weights)
 
 
 class Ranking:

@@ -1,5 +1,7 @@
-"""Train any agent on any env from parsed command-line options (:mod:`jaxrl_pref.cli`): the entry points in
-``experiments/`` declare their options and call these.
+"""The entry points' shared wiring: train any agent on any env from parsed command-line options
+(:mod:`jaxrl_pref.cli`); the entry points in ``experiments/`` declare their options and call these. The agents'
+builders (:func:`agents.ppo.make_trainer`, :func:`agents.ppo_host.pool_trainer`, :func:`agents.sqirl.make_trainer`,
+the reward models of HERON/ONI/Motif) take config sections, never these options.
 
 * :func:`train_ppo`: PPO, or PPO + a reward transform (HERON, ONI). A JAX env runs in the jitted loop (seeds and
   ``--hp-values`` vmapped); a NetHack/MiniHack env gets a worker pool (:class:`envs.nethack.PoolConfig`), the
@@ -10,9 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
-from agents import ppo, sqirl
+from agents import ppo, ppo_host, sqirl
 from envs.nethack import PoolConfig
 from jaxrl_pref.cli import Section
 from jaxrl_pref.config import RunOptions, require
@@ -55,8 +57,8 @@ def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dic
     ``chunk_hook``, e.g. ONI's) with the runner, adding the exploration bonus of ``opts.bonus`` (``--bonus``) to
     ``reward``; returns its :class:`~jaxrl_pref.runner.RunResult`."""
     cfg = opts.ppo
-    reward = with_bonus(reward, opts.bonus, cfg.num_envs // cfg.num_devices)
-    kw = dict(opts.runner_kwargs(run_dir), num_updates=cfg.num_updates, steps_per_update=cfg.num_envs * cfg.num_steps)
+    reward = with_bonus(reward, opts.bonus, cfg.envs_per_device)
+    kw = dict(opts.runner_kwargs(run_dir), num_updates=cfg.num_updates, steps_per_update=cfg.steps_per_update)
     if not opts.host:
         overrides = opts.run.hp_overrides(ppo.HPARAM_FIELDS)
         hp = ppo.hparams(cfg, **overrides) if overrides else None
@@ -66,20 +68,12 @@ def train_ppo(opts, run_dir, reward=None, host_hook=None, run_info: Optional[dic
                               run_info={**opts.run_info(), **(run_info or {})}, **kw)
     pool = opts.pool.make_pool(cfg.env_name, cfg.num_envs, opts.run.seed)
     try:
-        make = lambda _, log_fn=None, log_every=1: host_trainer(  # noqa: E731
+        make = lambda _, log_fn=None, log_every=1: ppo_host.pool_trainer(  # noqa: E731
             cfg, pool, opts.pool, opts.net, reward=reward, host_hook=host_hook, log_fn=log_fn, log_every=log_every)
         info = {"num_workers": pool.num_workers, "host_envs": pool.host_envs, **opts.run_info(), **(run_info or {})}
         return run_experiment(make, opts.config, run_info=info, **kw)
     finally:
         pool.close()
-
-
-def host_trainer(cfg: ppo.Config, pool, pool_cfg: PoolConfig = PoolConfig(), net: NetHackNetConfig = NetHackNetConfig(),
-                 reward=None, host_hook=None, log_fn=None, log_every: int = 1):
-    """PPO's host-loop trainer on ``pool`` (from ``pool_cfg.make_pool``) with the NetHack network ``net``."""
-    return ppo.make_trainer(cfg, reward=reward, log_fn=log_fn, log_every=log_every, env=pool,
-                            network=net.network(pool.num_actions), overlap=pool_cfg.overlap, host_hook=host_hook,
-                            actor_device=pool_cfg.actor_device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +86,17 @@ class HostLoopOption:
 SQIRL_SECTIONS = (Section("sqirl", sqirl.Config), Section("loop", HostLoopOption, saved=False))
 
 
+def resolve_sqirl(opts) -> dict:
+    """``--total-timesteps`` given: the episodes per timestep that spend it (:meth:`agents.sqirl.Config.with_budget`)."""
+    opts.sqirl.check_env()  # the horizon the budget is split over comes from the env
+    return {"sqirl": opts.sqirl.with_budget()}
+
+
 def check_sqirl(opts) -> None:
-    opts.sqirl.check_env()
     if opts.loop.host:
         require(opts.run.num_seeds == 1, "num_seeds", f"host envs train one seed per process, got "
                 f"{opts.run.num_seeds}", "pass --num-seeds 1 and start one process per --seed")
-    cfg = opts.sqirl.with_budget()
-    opts.sections["sqirl"] = cfg
+    cfg = opts.sqirl
     require(cfg.episodes_per_timestep <= 1 << 16, "total_timesteps",
             f"gives {cfg.episodes_per_timestep} episodes per timestep (horizon {cfg.resolved_horizon()})",
             "pass a smaller --total-timesteps, or --horizon")
@@ -116,19 +114,10 @@ def train_sqirl(opts, run_dir):
         overrides = opts.run.hp_overrides(sqirl.HPARAM_FIELDS)
         hp = sqirl.hparams(cfg, **overrides) if overrides else None
         return run_experiment(sqirl.make_trainer, cfg, hp=hp, hp_batched=hp is not None, **kw)
-    env = _sqirl_host_env(cfg, opts.run.seed)
+    env = sqirl.host_env(cfg, opts.run.seed)
     try:
         make = lambda c, log_fn=None, log_every=1: sqirl.make_trainer(  # noqa: E731
             c, log_fn=log_fn, log_every=log_every, env=env, horizon=c.resolved_horizon())
         return run_experiment(make, cfg, **kw)
     finally:
         env.close()
-
-
-def _sqirl_host_env(cfg, seed: int) -> Any:
-    """A NetHack/MiniHack pool of ``episodes_per_timestep`` envs, or the JAX env behind the host-env interface."""
-    import envs
-    if sqirl.is_host_env(cfg.env_name):
-        return envs.make(cfg.env_name, num_envs=cfg.episodes_per_timestep, seed=seed)[0]
-    from envs.host import JaxHostEnv
-    return JaxHostEnv(cfg.env_name, cfg.episodes_per_timestep, seed=seed)
