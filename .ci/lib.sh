@@ -30,6 +30,12 @@ install_slurm() {
 # pass is interrupted (SIGINT, so pytest still prints its summary; SIGKILL 60 s later), the slowest finished tests
 # and the ones still running are printed from the progress log, and the script fails with 124: creep shows up as
 # a report, not as CI's hard kill.
+# the pass's per-test timings, kept for planning the tiers: ${TMPDIR:-/tmp}/jaxrl_pref_ci_NAME.last.tsv (the newest
+# run's; seconds, phase, outcome, test: `awk -F'\t' '$2 != "start" {t[$4] += $1} END {for (n in t) print t[n], n}'`)
+_keep_log() {
+  mv -f "$2" "${TMPDIR:-/tmp}/jaxrl_pref_ci_$1.last.tsv" 2>/dev/null || rm -f "$2"
+}
+
 run_pass() {
   local name="$1" limit="$2" cmd="$3" log rc start
   log="$(mktemp -t "jaxrl_pref_ci_${name}.XXXXXX")"
@@ -47,10 +53,10 @@ run_pass() {
     echo "still running when it was stopped:" >&2
     awk -F'\t' -v now="$(date +%s)" '$2 == "start" { s[$4] = $1 } $2 == "teardown" { delete s[$4] }
       END { for (n in s) printf "  %s (started %d s before the stop)\n", n, now - s[n] }' "$log" >&2
-    rm -f "$log"
+    _keep_log "$name" "$log"
     return 124
   fi
-  rm -f "$log"
+  _keep_log "$name" "$log"
   # pytest's 5 is "no tests collected": a tier that selects nothing is a broken tier, not a pass
   return "$rc"
 }

@@ -405,7 +405,7 @@ def service_client(annotator_cfg, env_name: str, directory):
     ``--label-store`` / ``--annotator-url`` say otherwise) and a client for it; stopped on exit."""
     from jaxrl_pref.annotation.client import AnnotatorClient, stop_server
     from jaxrl_pref.annotation.config import start_annotator
-    proc, url = start_annotator(annotator_cfg, directory)
+    proc, url = start_annotator(annotator_cfg, directory, env_name=env_name)
     client = AnnotatorClient(url, annotator_cfg.task(env_name), poll_interval=0.2)
     try:
         yield client

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents import oni
-from agents.ppo import HostState
+from agents.ppo_host import HostState
 from jaxrl_pref.annotation.client import AnnotatorClient, start_server, stop_server
 from jaxrl_pref.annotation.store import LabelStore
 from jaxrl_pref.config import cli

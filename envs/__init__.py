@@ -40,6 +40,12 @@ def entry(name: str) -> EnvEntry:
     """What the env ``name`` is and can do; an unknown id raises :class:`~envs.errors.ConfigError` (field
     ``env_name``) naming the close ones. A lookup: builds and imports nothing."""
     found = registry.find(name)
+    if found is not None and found.prefix and found.requires is not None:
+        try:
+            found.requires(name)
+        except ImportError:
+            return found  # its package is missing: checking or building it says so, naming the extra
+        found = None  # the package is there and registered its ids one by one: this one is not among them
     if found is None:
         close = difflib.get_close_matches(name, registered(), n=3)
         hint = f"Did you mean {' or '.join(close)}? Otherwise pick" if close else "Pick"

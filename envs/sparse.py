@@ -347,8 +347,8 @@ def tasks() -> dict[str, Callable]:
 
 def register_all(register: Callable[..., Any]) -> None:
     """Registers the suite with :func:`envs.register`: ``KeyDoor-N`` and xminigrid's ``MiniGrid-*`` ids are
-    captioned (:mod:`envs.captions`). Without xminigrid, its ids are known by their prefix, and checking or building
-    one names the extra."""
+    captioned (:mod:`envs.captions`). Its ids are also known by their prefix: without xminigrid (or with its import
+    failing), checking or building any ``MiniGrid-*`` id names the extra."""
     from envs import captions
     grid, keydoor = set(xminigrid_tasks()), {f"KeyDoor-{n}" for n in SIZES_KD}
     for name, factory in tasks().items():
@@ -358,10 +358,9 @@ def register_all(register: Callable[..., Any]) -> None:
             register(name, factory, family="sparse", captions=captions.KEYDOOR, task="keydoor")
         else:
             register(name, factory, family="sparse")
-    if not grid:
-        for prefix in ("MiniGrid-DoorKey-", XMINIGRID_PREFIX):
-            register(prefix, family="xminigrid", captions=captions.MINIGRID, task=_minigrid_task(prefix),
-                     requires=_require_xminigrid, prefix=True)
+    for prefix in ("MiniGrid-DoorKey-", XMINIGRID_PREFIX):
+        register(prefix, family="xminigrid", captions=captions.MINIGRID, task=_minigrid_task(prefix),
+                 requires=_require_xminigrid, prefix=True)
 
 
 def _minigrid_task(name: str) -> str:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -292,12 +291,8 @@ def main(argv: Optional[list] = None) -> int:
         if o.empirical:
             try:
                 row.update(empirical(task, o))
-            except ConfigError as e:  # a run dir of other settings
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            except study.Stopped as e:
-                print(f"error: {e}", file=sys.stderr)
-                return e.exit_status
+            except (ConfigError, study.Stopped) as e:  # a run dir of other settings; a signal
+                return study.failure_status(e)
         rows.append(row)
         print(task, {k: v for k, v in row.items() if k not in ("all_gaps",)}, flush=True)
     out = Path(o.out)

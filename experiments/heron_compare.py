@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -154,12 +153,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for method in opts.methods:
             try:
                 r = run_method(cfg, task, method, opts)
-            except ConfigError as e:  # its run dir holds a run of other settings
-                print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(2) from None
-            except study.Stopped as e:
-                print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(e.exit_status) from None
+            except (ConfigError, study.Stopped) as e:  # its run dir holds a run of other settings; a signal
+                raise SystemExit(study.failure_status(e)) from None
             ret = r["metrics"]["episode_return"]
             s = score(ret, opts.final_frac)
             curves[method] = ret

@@ -112,7 +112,7 @@ def train(opts, run_dir):
         return train_motif(opts, run_dir)
     preflight(opts.annotator, run_dir)  # the service, the label store, the LLM: before anything is built or written
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    proc, url = start_annotator(opts.annotator, run_dir, checked=True)
+    proc, url = start_annotator(opts.annotator, run_dir, checked=True, env_name=opts.env_name)
     client = AnnotatorClient(url, opts.annotator.task(opts.env_name), wait=opts.annotator.label_wait)
     state_key = None if opts.bonus.bonus == "none" else "base"  # under launch's WithBonus
     info = {"annotator_url": url, "prompt_task": client.task}

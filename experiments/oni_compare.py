@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +128,7 @@ def main(argv=None) -> int:
     try:
         study.run_grid([r for rs in grid.values() for r in rs])
     except (study.RunFailed, study.Stopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status if isinstance(e, study.Stopped) else 1
+        return study.failure_status(e)
     write_report(cfg, summarise(cfg, {k: [r.run_dir for r in rs] for k, rs in grid.items()}))
     return 0
 

@@ -15,6 +15,10 @@ Outputs (``--run-dir``, default ``runs/ppo-<env>-<timestamp>``): ``config.json``
 (every update of every seed), ``learning_curve.png``, ``tb/`` (tensorboard) and ``checkpoints/``. A resumed host-loop
 run restores the learner exactly but starts fresh episodes (the games are not checkpointed).
 
+``--shaping-captions`` (captioned JAX tasks) adds hand-written shaping on the captions named, e.g. ``--env KeyDoor-9
+--shaping-captions "You pick up the key." "The door opens."``: +``--shaping-reward`` at each one's first occurrence
+in an episode (:mod:`jaxrl_pref.rewards.caption_shaping`; the sparse study's ``shaping`` arm).
+
 Exit status: 0 done; 2 bad option, unusable run dir, annotator or checkpoint (one line naming the option and the
 fix; ``--debug`` adds the traceback); 1 training diverged (NaN loss; the last good checkpoint is kept); 3 a write
 failed mid-run (disk full; the last good checkpoint is kept); 128+signal when stopped by SIGTERM/SIGINT after saving
@@ -28,12 +32,25 @@ cli.setup()  # before JAX starts: synchronous CPU dispatch, --distributed
 
 from agents import ppo  # noqa: E402
 from experiments import launch  # noqa: E402
+from jaxrl_pref.rewards.caption_shaping import CaptionShapingConfig, make_caption_shaping  # noqa: E402
+
+
+def check(opts) -> None:
+    launch.check_ppo(opts)
+    opts.shaping.check(opts.env_name, opts.host)
+
+
+def train(opts, run_dir):
+    """PPO on the env reward, plus the hand-written caption shaping of ``--shaping-captions`` when given."""
+    reward = make_caption_shaping(opts.shaping, opts.env_name, opts.ppo.envs_per_device)
+    return launch.train_ppo(opts, run_dir, reward=reward)
+
 
 SPEC = cli.Experiment(
-    name="ppo", module="experiments.ppo", doc=__doc__, sections=(*launch.PPO_SECTIONS, launch.RUN),
-    train=lambda opts, run_dir: launch.train_ppo(opts, run_dir), default_env="CartPole-v1",
-    defaults=launch.ppo_defaults, check=launch.check_ppo, hparam_fields=ppo.HPARAM_FIELDS,
-    errors=(ImportError,))
+    name="ppo", module="experiments.ppo", doc=__doc__,
+    sections=(*launch.PPO_SECTIONS, cli.Section("shaping", CaptionShapingConfig, saved_if_set=True), launch.RUN),
+    train=train, default_env="CartPole-v1", defaults=launch.ppo_defaults, check=check,
+    hparam_fields=ppo.HPARAM_FIELDS, errors=(ImportError,))
 
 
 parse, main = cli.entry_points(SPEC)

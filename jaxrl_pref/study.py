@@ -161,6 +161,14 @@ class Stopped(RuntimeError):
         return 128 + self.signum
 
 
+def failure_status(e: BaseException) -> int:
+    """Says ``error: <e>`` on stderr and returns a study's exit status for it: 128 + the signal for :class:`Stopped`
+    (run the command again to continue), 1 for :class:`RunFailed`, 2 otherwise (a ``ConfigError``: e.g. a run dir
+    holding a run of other settings)."""
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_status if isinstance(e, Stopped) else 1 if isinstance(e, RunFailed) else 2
+
+
 class _Tee:
     """Copies a child's output pipes, each to its stream (stdout, stderr) as it comes, and all to one log file,
     which it closes once every pipe is at its end (every writer closed it)."""

@@ -534,6 +534,90 @@ def test_embedded_backend_labels(encoder):
     assert prefs == [1.0, 0.0, 0.5]
 
 
+def test_constant_backend_labels_every_message_helpful_and_every_pair_a_tie():
+    """``--annotator constant`` (the sparse study's count-only arm): label 1 for every message, the empty one and
+    any prompt's included; 0.5 for every pair, in either order."""
+    from jaxrl_pref.annotation.backends import BACKENDS, ConstantBackend, make_backend
+    b = make_backend("constant")
+    assert isinstance(b, ConstantBackend) and "constant" in BACKENDS and b.name == "constant"
+    msgs = ["You pick up the key.", "It's solid stone.", "", "You kill the newt!"]
+    for task in ("keydoor", "minihack"):
+        p = Prompt.load(task)
+        assert [r.label for r in b.label(p, msgs)] == [1.0] * 4
+        pairs = [(a, c) for a in msgs for c in msgs if a != c]
+        assert [r.label for r in b.compare(p, pairs)] == [0.5] * len(pairs)
+    assert b.label(p, []) == [] and b.compare(p, []) == []
+    assert AnnotatorConfig(annotator="constant").annotator == "constant"
+
+
+def test_goal_option_replaces_the_prompts_goal_statement(tmp_path):
+    """``--goal`` (the sparse study's motif-endgoal arm): the run's service gets the task's prompt with only the goal
+    section replaced, as a task of its own (labels never mix with the original's in a store), written where the
+    service reads its prompts; a goal-judging backend then judges by the new goal."""
+    from jaxrl_pref.annotation.backends import ScriptedBackend
+    from jaxrl_pref.annotation.server import Annotator
+    full = Prompt.load("keydoor")
+    assert full.goal == ["Get the key.", "Go through the door in the wall.", "Reach the goal."]
+    assert Prompt.parse(full.task, full.version, full.text()).sections == full.sections  # text() round-trips
+    cfg = AnnotatorConfig(goal=("Reach the goal.",))
+    task = cfg.task("KeyDoor-9")
+    assert task.startswith("keydoor-goal-") and len(task) == len("keydoor-goal-") + 8 and task != "keydoor"
+    assert AnnotatorConfig().task("KeyDoor-9") == "keydoor" and AnnotatorConfig().goal_prompt_dir("KeyDoor-9",
+                                                                                                tmp_path) is None
+    assert AnnotatorConfig(goal=("Get the key.",)).task("KeyDoor-9") != task  # one task per goal
+    d = cfg.goal_prompt_dir("KeyDoor-9", tmp_path / "run")
+    assert d == tmp_path / "run" / "prompts" and (d / f"{task}.v1.txt").is_file()
+    store = LabelStore(tmp_path / "labels.db")
+    try:
+        ann = Annotator(store, ScriptedBackend(), prompt_dir=str(d))
+        cut = ann.prompt(task)  # what the service started with --prompt-dir d loads for the run's task
+        assert cut.goal == ["Reach the goal."]
+        assert {k: v for k, v in cut.sections.items() if k != "goal"} == \
+            {k: v for k, v in full.sections.items() if k != "goal"}  # description, questions, examples unchanged
+        msgs = ["You pick up the key.", "The door opens.", "You reach the goal."]
+        b = ScriptedBackend()
+        assert [r.label for r in b.label(full, msgs)] == [1.0, 1.0, 1.0]
+        assert [r.label for r in b.label(cut, msgs)] == [0.0, 0.0, 1.0]
+        with pytest.raises(ValueError, match="known tasks"):
+            ann.prompt("keydoor")  # that service knows the changed prompt only
+    finally:
+        store.close()
+    for kw in (dict(goal=("",)), dict(goal=("Reach the goal.",), annotator_url="http://127.0.0.1:8765")):
+        with pytest.raises(ConfigError, match="goal"):
+            AnnotatorConfig(**kw)
+
+
+class _TemplateLLM:
+    """A stand-in for :class:`jaxrl_pref.llm.LLM` that renders chats as text (what ``_split`` needs)."""
+    name = "template"
+
+    def chat(self, msgs, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in msgs) + "<assistant>"
+
+
+def test_llm_few_shot_examples_for_pairs_and_for_goal_only_prompts():
+    """``--llm-shots`` works for Motif's pairs too: worked examples of a progress message against a neutral one,
+    first and second in turn, from the prompt's shot lists (KeyDoor's ``shot_progress`` / ``shot_neutral``, which
+    the embedded backend does not read: it still judges KeyDoor by the goal); zero shots: none."""
+    from jaxrl_pref.annotation.backends import LLMBackend
+    p = Prompt.load("keydoor")
+    pos, neg = p.shots
+    assert len(pos) == 3 and len(neg) == 3 and not p.progress and not p.neutral
+    from envs.captions import KEYDOOR_TEXTS
+    assert not set(pos + neg) & set(KEYDOOR_TEXTS)  # none of them a caption
+    zero, four = LLMBackend(llm=_TemplateLLM()), LLMBackend(llm=_TemplateLLM(), shots=4)
+    (p0, mid0), (p4, mid4) = zero._split(p, "compare"), four._split(p, "compare")
+    assert mid0 == mid4 and "boxed{1}</assistant>" not in p0
+    assert p4.count("<assistant>\\boxed{1}</assistant>") == 2 and p4.count("<assistant>\\boxed{2}</assistant>") == 2
+    assert p4.index(f"Message 1:\n{pos[0]}\n\nMessage 2:\n{neg[0]}") < p4.index(
+        f"Message 1:\n{neg[1]}\n\nMessage 2:\n{pos[1]}")
+    (l4, _) = four._split(p, "label")
+    assert l4.count("\\boxed{1}</assistant>") == 2 and l4.count("\\boxed{0}</assistant>") == 2
+    assert f"Message:\n{pos[0]}" in l4 and f"Message:\n{neg[0]}" in l4
+    mh = Prompt.load("minihack")  # no shot lists: its progress / neutral examples, as before
+    assert mh.shots == (mh.progress, mh.neutral)
+
+
 # -- fault scenarios (issue 18) --------------------------------------------------------------------------------------
 def test_submit_is_durable_before_it_returns(tmp_path, fake_llm):
     """Write-ahead: a learner killed right after submit() returned (no service running) loses nothing: the messages

@@ -170,14 +170,18 @@ ONI_TINY = ["--env", "KeyDoor-5", "--num-envs", "4", "--num-steps", "16", "--tot
             "--log-every", "1"]
 
 
-def test_unreachable_llm_stops_the_run_at_start_unless_allowed(tmp_path):
-    """An --llm-base-url that does not answer stops the run before anything is built (exit 2, the URL and the fix
-    named, no annotator started, no training); --allow-unreachable-llm True starts anyway with a warning and trains
-    to the end, the messages left pending (no label arrives)."""
-    sock = socket.socket()  # bound, not listening: connections are refused while it is held
+def _refusing_llm():
+    """A bound, not listening socket (connections are refused while it is held), its URL and the LLM flags."""
+    sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    llm = ["--annotator", "openai", "--llm-base-url", url, "--llm-model", "fake-llm"]
+    return sock, url, ["--annotator", "openai", "--llm-base-url", url, "--llm-model", "fake-llm"]
+
+
+def test_unreachable_llm_stops_the_run_at_start(tmp_path):
+    """An --llm-base-url that does not answer stops the run before anything is built (exit 2, the URL and the fix
+    named, no annotator started, no training)."""
+    sock, url, llm = _refusing_llm()
     try:
         refused = tmp_path / "refused"
         p = run_module("experiments.oni", *ONI_TINY, *llm, "--run-dir", str(refused))
@@ -187,7 +191,16 @@ def test_unreachable_llm_stops_the_run_at_start_unless_allowed(tmp_path):
         assert "Traceback" not in p.stderr
         assert not (refused / "annotator.log").exists() and not (refused / "checkpoints").exists()
         assert not (refused / "metrics.csv").exists()
+    finally:
+        sock.close()
 
+
+@pytest.mark.slow  # nightly (tests/conftest.py): CI has the service's side in test_annotation.py
+def test_unreachable_llm_allowed_starts_anyway_and_trains_to_the_end(tmp_path):
+    """--allow-unreachable-llm True starts anyway with a warning and trains to the end, the messages left pending
+    (no label arrives)."""
+    sock, url, llm = _refusing_llm()
+    try:
         allowed = tmp_path / "allowed"
         p = run_module("experiments.oni", *ONI_TINY, *llm, "--allow-unreachable-llm", "True", "--run-dir", str(allowed))
         assert p.returncode == 0, p.stderr[-3000:]

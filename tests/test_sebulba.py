@@ -6,7 +6,7 @@ import pytest
 
 from agents import ppo
 from jaxrl_pref.networks import MLP, EncoderActorCritic
-from agents.ppo import HostTrainer
+from agents.ppo_host import HostTrainer
 from envs.host import JaxHostEnv, host_spec
 
 

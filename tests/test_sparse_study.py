@@ -48,21 +48,121 @@ def test_summary_counts_never_reached_at_the_budget():
 
 
 def test_commands_vmap_seeds_on_jax_tasks_and_split_them_on_the_pool(tmp_path):
-    cfg = ss.StudyConfig(tasks=("deepsea10", "minihack_keyroom"), num_seeds=3, out=str(tmp_path), scale=0.5)
+    cfg = ss.StudyConfig(tasks=("deepsea10", "minihack_keyroom"), num_seeds=4, pool_seeds=3, out=str(tmp_path),
+                         scale=0.5)
     run, = ss.runs(cfg, "deepsea10", "rnd")
     argv = run.command()
     assert run.run_dir == tmp_path / "deepsea10" / "rnd" and run.name == "deepsea10/rnd"
     assert argv[2] == "experiments.ppo" and argv[-2:] == ["--run-dir", str(run.run_dir)] and "--resume" in argv
-    assert argv[argv.index("--num-seeds") + 1] == "3" and argv[argv.index("--bonus") + 1] == "rnd"
+    assert argv[argv.index("--num-seeds") + 1] == "4" and argv[argv.index("--seed") + 1] == "1000"
+    assert argv[argv.index("--bonus") + 1] == "rnd"
     assert argv[argv.index("--total-timesteps") + 1] == str(ss.TASKS["deepsea10"]["steps"] // 2)
-    runs = ss.runs(cfg, "minihack_keyroom", "ppo")
-    assert [r.run_dir.name for r in runs] == ["seed0", "seed1", "seed2"] and "--bonus" not in runs[0].argv
-    assert [r.name for r in runs] == [f"minihack_keyroom/ppo/seed{i}" for i in range(3)]
-    assert all(r.argv[r.argv.index("--seed") + 1] == str(i) for i, r in enumerate(runs))
+    runs = ss.runs(cfg, "minihack_keyroom", "ppo")  # --pool-seeds of them, one per seed key
+    assert [r.run_dir.name for r in runs] == ["seed1000", "seed1001", "seed1002"] and "--bonus" not in runs[0].argv
+    assert [r.name for r in runs] == [f"minihack_keyroom/ppo/seed{1000 + i}" for i in range(3)]
+    assert all(r.argv[r.argv.index("--seed") + 1] == str(1000 + i) for i, r in enumerate(runs))
+    assert all("--num-seeds" not in r.argv for r in runs)
     from jaxrl_pref.config import ConfigError
-    for kw in (dict(tasks=("nosuch",)), dict(methods=("icm",)), dict(num_seeds=1)):
+    for kw in (dict(tasks=("nosuch",)), dict(methods=("icm",)), dict(num_seeds=1), dict(pool_seeds=1),
+               dict(first_seed=-1)):
         with pytest.raises(ConfigError):
             ss.StudyConfig(**kw)
+    assert ss.StudyConfig().num_seeds == 10 and ss.StudyConfig().first_seed == 1000  # the issue's >= 10 per cell
+
+
+README_KEYS = set(range(8))  # the README main job's keys 0-7 (`--num-seeds 8 --first-seed 0`)
+ONE_OFF_KEYS = {s + i for s in (0, 10, 20, 30) for i in range(8)}  # the 32-seed KeyDoor-9 checks (docs): 0-37
+
+
+def _keys(run) -> set:
+    a = run.argv
+    n = int(a[a.index("--num-seeds") + 1]) if "--num-seeds" in a else 1
+    return set(range(int(a[a.index("--seed") + 1]), int(a[a.index("--seed") + 1]) + n))
+
+
+def test_seed_keys_are_paired_across_methods_and_disjoint_from_the_readme_and_one_off_checks(tmp_path):
+    """Every method of a task runs the same seed keys (paired), first_seed on: --num-seeds of them on a JAX task,
+    --pool-seeds on the pool; the default keys (1000 on) share none with the README main job (0-7) or the
+    KeyDoor-9 checks of --seed 0/10/20/30 x 8, at any seed count up to a block of 1000; another study's block
+    (--first-seed 2000) shares none with this one's."""
+    for n in (2, 10, 32, 1000):
+        cfg = ss.StudyConfig(methods=ss.ALL_METHODS, num_seeds=n, pool_seeds=min(n, 5), out=str(tmp_path))
+        for task in cfg.tasks:
+            arms = [m for m in cfg.methods if not ss.not_applicable(task, m)]
+            keys = {m: set().union(*map(_keys, ss.runs(cfg, task, m))) for m in arms}
+            want = set(ss.seed_keys(cfg, task))
+            assert all(k == want for k in keys.values()), (task, keys)  # paired
+            assert len(want) == (min(n, 5) if task == "minihack_keyroom" else n) and min(want) == 1000
+            assert not want & (README_KEYS | ONE_OFF_KEYS) and max(want) < 2000
+    other = ss.StudyConfig(num_seeds=32, first_seed=2000, out=str(tmp_path))
+    assert set(ss.seed_keys(other, "keydoor9")) == set(range(2000, 2032))
+    readme = ss.StudyConfig(tasks=("keydoor9",), methods=("ppo", "motif"), num_seeds=8, first_seed=0,
+                            out=str(tmp_path))
+    assert set().union(*(_keys(r) for m in readme.methods for r in ss.runs(readme, "keydoor9", m))) == README_KEYS
+
+
+def test_every_arm_of_a_task_learns_at_the_tasks_reward_scale(tmp_path):
+    """Each run's command read back by its experiment's own parser (nothing trained): on every task, every arm's
+    extrinsic coefficient is the task's (experiments.ppo learns from 1 * r_ext, so the task's must be 1), every
+    LLM-feedback arm has the task's one intrinsic coefficient, and the control arm is the same pipeline (Motif) at
+    int_coef 0; the table's caption and results.json say the same."""
+    cfg = ss.StudyConfig(methods=ss.ALL_METHODS, num_seeds=2, pool_seeds=2, out=str(tmp_path))
+    seen = set()
+    for task, t in ss.TASKS.items():
+        assert t["ext_coef"] == 1.0, task  # what experiments.ppo's arms learn from, having no coefficient
+        ints = {}
+        for method in cfg.methods:
+            if ss.not_applicable(task, method):
+                continue
+            opts = ss.parse_run(ss.runs(cfg, task, method)[0])
+            ext, int_coef = ss.reward_scale(opts)
+            assert ext == t["ext_coef"], (task, method, ext)
+            scale = ss.arm_scale(cfg, task, method)
+            assert scale["ext_coef"] == ext
+            if method in ss._PPO_METHODS:
+                assert "oni" not in opts.sections and scale["int_coef"] is None, (task, method)
+            else:
+                assert scale["int_coef"] == int_coef
+                ints[method] = int_coef
+            seen.add(method)
+        if ints:
+            control = ints.pop("control")
+            assert control == 0.0 and set(ints.values()) == {t["int_coef"]}, (task, ints)
+            opts = ss.parse_run(ss.runs(cfg, task, "control")[0])
+            assert opts.oni.method == "motif" and opts.motif.motif_dir.endswith(f"{task}/motif-data")
+        assert f"{task}: 1 × r_ext for every arm; + {t['int_coef']:g} × normalised r_int" in ss.scale_caption(task)
+    assert seen == set(ss.ALL_METHODS)
+    assert ss.TASKS["keydoor9"]["int_coef"] == pytest.approx(0.4 / 10)  # ONI's intrinsic:extrinsic ratio
+
+
+def test_ablation_arms_run_what_they_say(tmp_path):
+    """The ablations on KeyDoor-9 as their experiments read them: the goal cut to the end goal (recorded in the run's
+    config), the constant annotator with ONI's retrieval model, the LLM annotator zero- and 4-shot, hand shaping
+    of the key and door captions once per episode; each Motif variant with a dataset dir of its own. Not run on
+    tasks they are not defined for, saying why."""
+    cfg = ss.StudyConfig(tasks=("keydoor9",), methods=ss.ABLATIONS, num_seeds=2, out=str(tmp_path))
+    o = {m: ss.parse_run(ss.runs(cfg, "keydoor9", m)[0]) for m in ss.ABLATIONS}
+    end = o["motif-endgoal"]
+    assert end.oni.method == "motif" and end.annotator.goal == ("Reach the goal.",) and end.annotator.annotator == \
+        "embedded" and end.config.goal == ("Reach the goal.",)
+    assert end.annotator.task("KeyDoor-9").startswith("keydoor-goal-")
+    count = o["motif-count"]
+    assert (count.oni.method, count.oni.reward_model, count.annotator.annotator) == ("oni", "retrieval", "constant")
+    assert count.annotator.label_wait > 0 and count.captioned.label_sync_every == 1 and count.oni.count_beta == 0.5
+    for m, shots in (("motif-llm", 0), ("motif-llm-fewshot", 4)):
+        assert (o[m].oni.method, o[m].annotator.annotator, o[m].annotator.llm_shots) == ("motif", "llm", shots)
+    sh = o["shaping"]
+    assert sh.shaping.shaping_captions == ("You pick up the key.", "The door opens.") and sh.shaping.shaping_once
+    assert sh.shaping.shaping_reward == 1.0 and sh.bonus.bonus == "none"
+    dirs = [o[m].motif.motif_dir for m in ("motif-endgoal", "motif-llm", "motif-llm-fewshot")]
+    assert len(set(dirs)) == 3 and str(tmp_path / "keydoor9" / "motif-data") not in dirs
+    assert "--methods" in ss.__doc__ and all(m in ss.__doc__ for m in ss.ABLATIONS)
+    assert ss.StudyConfig().methods == ss.METHODS and not set(ss.ABLATIONS) & set(ss.METHODS)  # named to run
+    for m in ss.ABLATIONS:
+        assert ss.not_applicable("doorkey16", m) is None
+        assert "no messages" in ss.not_applicable("deepsea10", m)
+        assert "captioned JAX tasks" in ss.not_applicable("minihack_keyroom", m)
+    assert ss.not_applicable("minihack_keyroom", "control") is None and ss.not_applicable("deepsea10", "control")
 
 
 @pytest.mark.slow
@@ -96,7 +196,8 @@ def test_curves_read_the_runs_metrics(tmp_path):
 
 
 def test_llm_feedback_methods_run_through_experiments_oni(tmp_path):
-    cfg = ss.StudyConfig(tasks=("keydoor9", "minihack_keyroom"), methods=ss.METHODS, num_seeds=2, out=str(tmp_path))
+    cfg = ss.StudyConfig(tasks=("keydoor9", "minihack_keyroom"), methods=ss.METHODS, num_seeds=2, pool_seeds=2,
+                         out=str(tmp_path))
     run, = ss.runs(cfg, "keydoor9", "oni-ranking")
     argv = run.argv
     assert run.module == "experiments.oni" and argv[argv.index("--reward-model") + 1] == "ranking"

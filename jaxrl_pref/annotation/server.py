@@ -288,7 +288,8 @@ class ServerConfig:
     backend: str = "embedded"
     """'embedded' (offline MiniLM similarity), 'llm' (an LLM in JAX in this process, --model a GGUF file, a Hugging
     Face directory or default), 'openai' (any OpenAI-compatible chat-completions server), 'scripted' (instant keyword
-    labels, for tests and benchmarks) or 'bow' (ELLM-BoW cosine similarity to the goal)."""
+    labels, for tests and benchmarks), 'bow' (ELLM-BoW cosine similarity to the goal) or 'constant' (every message
+    helpful, every pair a tie: a count-only control)."""
     base_url: str = ""
     """openai backend: server base URL, e.g. http://127.0.0.1:8000/v1."""
     model: str = ""
