@@ -61,7 +61,8 @@ said so (:func:`not_applicable`).
 Scores per seed: the success rate of the episodes that ended in the last tenth of the updates, their return likewise,
 and the env steps to 50% success (the first update where the success rate of the episodes that ended in the last 5
 updates reaches 0.5; runs that never do count at the budget and are reported as "k/n reached"). The table gives mean and 95%
-confidence interval over seeds (Student t). Writes ``OUT/results.md``, ``OUT/results.json`` and
+confidence interval over seeds (Student t); then :func:`statistics`: solved counts with Clopper-Pearson intervals,
+IQM with a stratified-bootstrap interval, P(better than ppo), Fisher's exact test Holm-adjusted. Writes ``OUT/results.md``, ``OUT/results.json`` and
 ``OUT/<task>.png`` (success rate vs env steps, mean and 95% CI band per method).
 """
 from __future__ import annotations
@@ -362,6 +363,34 @@ def _fmt(mc, digits=2) -> str:
     return f"{m:.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else f"{m:.{digits}f}"
 
 
+def statistics(results: dict, baseline: str = "ppo", seed: int = 0) -> list[str]:
+    """The study's tests, per cell (task, method): solved seeds (reached 50% success) with their Clopper-Pearson 95%
+    interval, the IQM of the per-seed final success with its stratified-bootstrap 95% interval, and against
+    ``baseline`` on the same task the probability of improvement and Fisher's exact test on the solved counts,
+    Holm-adjusted over every comparison in the table (:mod:`jaxrl_pref.stats`). Markdown lines."""
+    lines = ["| task | method | solved | solved, 95% CI | IQM success [95% CI] | P(better than " + baseline + ") | "
+             "Fisher p | Holm p |", "|---|---|---|---|---|---|---|---|"]
+    rows, tests = [], []
+    for (task, method), r in results.items():
+        succ = np.asarray(r["per_seed"]["success"], np.float64)
+        k, n = r["reached_50"], r["seeds"]
+        lo, hi = stats.clopper_pearson(k, n)
+        ilo, ihi = stats.iqm_interval(succ, seed=seed)
+        base = results.get((task, baseline))
+        row = [task, method, f"{k}/{n}", f"[{lo:.2f}, {hi:.2f}]", f"{stats.iqm(succ):.2f} [{ilo:.2f}, {ihi:.2f}]"]
+        if base is None or method == baseline:
+            row += ["", "", ""]
+        else:
+            row += [f"{stats.probability_of_improvement(succ, base['per_seed']['success']):.2f}",
+                    stats.fisher_exact(k, n, base["reached_50"], base["seeds"])]
+            tests.append(len(rows))
+        rows.append(row)
+    adjusted = stats.holm([rows[i][6] for i in tests]) if tests else []
+    for i, p_holm in zip(tests, adjusted):
+        rows[i][6:] = [f"{rows[i][6]:.3g}", f"{p_holm:.3g}"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -384,7 +413,11 @@ def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
         lines.append(f"| {task} | {TASKS[task]['env']} | {method} | {r['budget'] / 1e3:.0f}k | {_fmt(r['success'])} | "
                      f"{_fmt(r['return'], 3)} | {t50 if r['reached_50'] else 'never'} | "
                      f"{r['reached_50']}/{r['seeds']} |")
-    text = "\n".join(lines) + "\n\nRuns that never reach 50% count at the budget in the steps column.\n"
+    lines += ["", "Runs that never reach 50% count at the budget in the steps column.", "",
+              "Solved = the seed reached 50% success. Fisher's exact test on the solved counts against ppo on the same "
+              "task (two-sided), Holm-adjusted over the table's comparisons; IQM and P(better) over the seeds' final "
+              "success (rliable's estimators, stratified bootstrap).", "", *statistics(results)]
+    text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({f"{t}/{m}": r for (t, m), r in results.items()}, indent=1))
     for task in cfg.tasks:

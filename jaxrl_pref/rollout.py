@@ -92,8 +92,16 @@ def next_values(traj: Transition, last_value, value_fn: Callable | None):
     return jnp.where(truncated, final_v, nxt)
 
 
+STEP_FRACTIONS = {"hack": "hack_frac"}
+"""Per-step 0/1 info keys logged as their mean over every step of the rollout (all envs; all devices on
+``axis_name``), not over finished episodes: ``info["hack"]`` (a captioned task's farmable caption fired on the step,
+:class:`envs.captions.Captioned`) -> ``hack_frac``, the fraction of env steps spent on the farmable event."""
+
+
 def episode_metrics(info: dict, axis_name: str | None = None) -> dict:
-    """Mean return/length of the episodes that finished in ``info`` (NaN when none did)."""
+    """Mean return/length of the episodes that finished in ``info`` (NaN when none did), the mean of every other
+    ``episode_*`` key over them (``episode_success``...), and for the keys of :data:`STEP_FRACTIONS` present in
+    ``info`` their mean over all steps (``hack_frac``)."""
     done = info["episode_done"].astype(jnp.float32)
     sums = {"n": done.sum(), "r": (info["episode_return"] * done).sum(),
             "l": (info["episode_length"] * done).sum()}
@@ -111,4 +119,11 @@ def episode_metrics(info: dict, axis_name: str | None = None) -> dict:
             if axis_name is not None:
                 v = jax.lax.psum(v, axis_name)
             out[k] = jnp.where(n > 0, v / safe, nan)
+    for k, name in STEP_FRACTIONS.items():
+        if k in info:
+            flags = jnp.asarray(info[k], jnp.float32)
+            hits, steps = flags.sum(), jnp.float32(flags.size)
+            if axis_name is not None:
+                hits, steps = jax.lax.psum((hits, steps), axis_name)
+            out[name] = hits / steps
     return out

@@ -3,8 +3,8 @@
 
 It starts ``python -m experiments.<name> <task args> --resume --progress False --run-dir <task run dir>`` as a child
 process (:func:`jaxrl_pref.study.execute`), so a requeued or preempted task continues from its newest checkpoint (a
-fresh task simply starts); a task that finished gets the ``done`` marker in its run directory, and a task run again
-once done (a requeue after the end, ``--rerun``) says so and runs nothing. Signals:
+fresh task simply starts); a task that finished gets the ``done`` marker in its run directory; a task run again once
+done (``--rerun``) resumes its finished run (nothing is trained twice) and records the attempt. Signals:
 
 * SIGTERM (preemption, ``scontrol requeue``, ``scancel``) is passed on to the run, which finishes its current
   chunk, saves a checkpoint and exits; Slurm requeues the job itself when it was preempted/requeued.
@@ -82,10 +82,7 @@ def run_task(sweep_dir, index: int, python: Optional[str] = None) -> int:
     run_dir = sweep_dir / task["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     status_path = run_dir / "status.json"
-    run = task_run(sweep_dir, task, index)
-    if study.is_done(run_dir, run):
-        print(f"slurm.task {index}: done already ({run_dir}); nothing to run", flush=True)
-        return 0
+    run = task_run(sweep_dir, task, index)  # run again once done (--rerun): it resumes its finished run, trains nothing
     old = json.loads(status_path.read_text()) if status_path.exists() else {}
     _write_json(run_dir / "task.json", task)
     git = git_info()

@@ -100,6 +100,22 @@ NIGHTLY: dict[str, str] = {
         "refusal at start test_cli_documented.py::test_unreachable_llm_stops_the_run_at_start",
     "tests/test_sqirl.py::test_vmap_over_episodes_per_timestep_equals_separate_runs":
         "SQIRL's vmap equality (47 s): CI keeps test_planning_depth_on_chain_and_vmap_over_k_equals_separate_runs",
+    "tests/test_cli_errors.py::test_second_sigint_aborts_a_long_chunk_at_once[host]":
+        "the second SIGINT on the host loop (19 s): CI runs [scanned], the same handler and worker thread",
+    "tests/test_cli.py::test_sigterm_saves_and_exits_cleanly":
+        "SIGTERM from the CLI (16 s): CI has the CLI's SIGINT test (same save-and-exit path) and test_runner.py's "
+        "SIGTERM + crash resume test",
+    "tests/test_slurm.py::test_rerun_bad_task_syntax_or_dir_is_one_line":
+        "slurm.submit --rerun's one-line errors, 6 subprocesses (26 s): CI has test_malformed_sweep_file_is_one_line "
+        "(the same error printer) and the --rerun test itself",
+    "tests/test_recurrent.py::test_vmap_over_seeds_equals_separate_runs":
+        "vmap equality, recurrent (30 s): CI has test_ppo.py::test_vmap_over_hyperparameters_equals_separate_runs and "
+        "the GRU memory task (seeds vmapped, recurrent)",
+    "tests/test_rnd.py::test_ppo_with_rnd_through_the_seam_vmaps_over_seeds":
+        "a bonus through the seam, seeds vmapped (22 s): CI runs test_e3b.py's (the same seam and WithBonus)",
+    "tests/test_oni.py::test_experiment_cli_on_minihack":
+        "ONI's CLI on MiniHack (29 s): CI runs test_llm_annotator.py::test_oni_on_minihack_learns_from_labels_the_llm_"
+        "produced (the same CLI, service and pool, labels from the LLM) and the captioned CLI test",
     "tests/test_sparse_study.py::test_a_small_study_runs_reports_and_resumes":
         "the study's CLI end to end: test_cli_documented.py's README main-job test in CI; this one adds its resume",
     # default-suite duplicates: the same check at another device count or env

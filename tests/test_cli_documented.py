@@ -258,7 +258,7 @@ def test_readme_main_job_prints_the_table_and_writes_the_plot(tmp_path):
     table = (out / "results.md").read_text()
     assert table.strip() in p.stdout  # printed at the end
     assert "| task | env | method | budget | success | return | env steps to 50% success | reached |" in table
-    rows = [line for line in table.splitlines() if line.startswith("| keydoor9 |")]
+    rows = [line for line in table.splitlines() if line.startswith("| keydoor9 | KeyDoor-9 |")]  # the main table
     assert [r.split("|")[3].strip() for r in rows] == ["ppo", "motif"], table
     assert all(re.search(r"\| [0-2]/2 \|$", r) for r in rows), table
     results = json.loads((out / "results.json").read_text())

@@ -50,6 +50,8 @@ def test_every_task_registered():
 # one).
 RANDOM_P = {f"DeepSea-{k}": 2.0 ** -k for k in sparse.SIZES}
 RANDOM_MEASURED = {"KeyDoor-5": (396, 32769), "KeyDoor-7": (44, 16388), "KeyDoor-9": (7, 16384)}
+# KeyDoorLever-N moves as KeyDoor-N does (its lever is a wall cell that only adds a caption): the same rate
+RANDOM_MEASURED.update({f"KeyDoorLever-{n}": RANDOM_MEASURED[f"KeyDoor-{n}"] for n in sparse.SIZES_KDL})
 
 
 def random_success_bounds(name: str, episodes: int, tail: float = 1e-6) -> tuple[int, int]:

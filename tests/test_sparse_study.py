@@ -244,3 +244,25 @@ def test_extra_args_typo_fails_before_the_study_starts(tmp_path):
                                "'--bonus-coeff 0.5'): unrecognized options --bonus-coeff"), lines[0]
     assert "Fix: did you mean --bonus-coef?" in lines[0]
     assert "+ " not in r.stdout and not out.exists()
+
+
+def test_statistics_table_counts_intervals_and_holm():
+    """The study's statistics: solved counts with Clopper-Pearson intervals, IQM, P(better), Fisher's exact test
+    against ppo on the same task, Holm-adjusted over the table's comparisons (hand-checked numbers)."""
+    def cell(success, reached):
+        return {"seeds": len(success), "reached_50": reached, "per_seed": {"success": list(success)}}
+    results = {("keydoor9", "ppo"): cell([0.0] * 24 + [1.0] * 8, 8),
+               ("keydoor9", "motif"): cell([0.0] * 15 + [1.0] * 17, 17),
+               ("keydoor9", "control"): cell([0.0] * 24 + [1.0] * 8, 8),
+               ("deepsea10", "e3b"): cell([1.0] * 4, 4)}  # no ppo on that task: nothing to compare with
+    lines = ss.statistics(results)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in lines[2:]}
+    assert rows[("keydoor9", "ppo")][:2] == ["8/32", "[0.11, 0.43]"] and rows[("keydoor9", "ppo")][3:] == ["", "", ""]
+    solved, ci, iqm, better, p, p_holm = rows[("keydoor9", "motif")]
+    assert (solved, ci) == ("17/32", "[0.35, 0.71]") and iqm.startswith("0.56 [")  # IQM: the middle 16 runs
+    assert float(better) == pytest.approx(0.5 + (17 - 8) / 32 / 2, abs=5e-3)  # P(X > Y) + P(X = Y) / 2, 0/1 scores
+    assert float(p) == pytest.approx(0.0394, abs=5e-4)  # Fisher's exact, 17/32 vs 8/32
+    # two comparisons on keydoor9 (motif, control): Holm doubles the smaller p, keeps the larger (1) at 1
+    assert float(p_holm) == pytest.approx(2 * float(p), rel=1e-3) and rows[("keydoor9", "control")][4:] == ["1", "1"]
+    assert rows[("deepsea10", "e3b")][:2] == ["4/4", "[0.40, 1.00]"] and rows[("deepsea10", "e3b")][3] == ""
