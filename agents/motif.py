@@ -86,7 +86,7 @@ class MotifOptions:
                 "pass e.g. --motif-quantile 0.5")
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"motif: {msg}", file=sys.stderr, flush=True)
 
 
@@ -225,7 +225,7 @@ def _sorted(counts: dict) -> tuple[list, np.ndarray]:
 
 
 def collect_host(env, steps: int, seed: int = 0, policy: Optional[Callable] = None, every: float = 10.0,
-                 say=_say) -> tuple[list, np.ndarray, int]:
+                 say=say) -> tuple[list, np.ndarray, int]:
     """``steps`` (rounded up to whole batches) steps of a host env (``reset()``, ``step(actions)``: an
     :class:`~envs.nethack.NLEPool` or any env with that interface and ``num_envs`` / ``num_actions``): actions
     from ``policy(obs) -> int[num_envs]`` or uniformly random. Returns ``(texts, counts, steps done)``; a step's
@@ -370,7 +370,7 @@ class Answers:
 
 
 def annotate(client, pairs: Sequence[tuple], timeout: float, every: float = 5.0, poll: float = 0.1,
-             say=_say) -> Answers:
+             say=say) -> Answers:
     """Submits ``pairs`` through ``client`` (``submit((), pairs)``, ``poll()``: an
     :class:`~jaxrl_pref.annotation.client.AnnotatorClient` or a stand-in) and waits for their answers, saying how
     many arrived every ``every`` s, for at most ``timeout`` s. Answers to other pairs (a shared store) are
@@ -432,7 +432,7 @@ class Prepared:
 
 def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[], Dataset],
             connect: Callable[[], contextlib.AbstractContextManager], seed: int = 0, batch_size: int = 128,
-            learning_rate: float = 3e-3, annotator: str = "", say=_say) -> Prepared:
+            learning_rate: float = 3e-3, annotator: str = "", say=say) -> Prepared:
     """Phases 1-3 in ``directory``, each reused when its output is there (and made from the output before it):
     ``collect()`` gives the dataset; ``connect()`` a context manager yielding an annotator client (entered only
     when pairs must be asked)."""

@@ -93,7 +93,7 @@ def train_motif(opts, run_dir):
     if not opts.run.no_resume:
         motif.check_resume(run_dir, prepared.sha, directory)
     info = {"motif_dir": str(directory), "motif_model_sha256": prepared.sha}
-    print(f"motif: PPO with the frozen reward model of {directory}", file=sys.stderr, flush=True)
+    motif.say(f"PPO with the frozen reward model of {directory}")
     if opts.host:
         reward = motif.make_reward(opts.oni, prepared)
         hook = motif.make_hook(opts.oni, reward, opts.run.seed,

@@ -217,15 +217,18 @@ def _saved_options(resume_path: str, agent: Optional[str] = None) -> dict:
     """The options of the run in ``resume_path``: its config, its run settings and any section it saved apart.
     ``agent``: the agent resuming it; another agent's run is refused, naming the command that resumes it."""
     from jaxrl_pref import run_config
+    fix = "start a new run, or restore that file"
     try:
         saved = run_config.read(resume_path)
-        if saved is None:
-            raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
-                              "pass the --run-dir of an earlier run, or leave out --resume to start a new one")
+    except run_config.UnreadableRunConfig as e:
+        raise ConfigError("resume", str(e), fix) from None
+    if saved is None:
+        raise ConfigError("resume", f"{resume_path} is not a run directory (no config.json there)",
+                          "pass the --run-dir of an earlier run, or leave out --resume to start a new one")
+    try:
         config, run = dict(saved["config"]), dict(saved["run"])
-    except (run_config.UnreadableRunConfig, KeyError, TypeError, ValueError) as e:
-        why = e if isinstance(e, run_config.UnreadableRunConfig) else f"{run_config.path(resume_path)} is unreadable ({e})"
-        raise ConfigError("resume", str(why), "start a new run, or restore that file") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError("resume", f"{run_config.path(resume_path)} is unreadable ({e})", fix) from None
     from jaxrl_pref.runner import check_same_agent
     check_same_agent(saved, agent, resume_path)
     for v in run.values():  # sections an older version saved under run (e.g. run["heron"])
