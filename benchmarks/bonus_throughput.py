@@ -15,14 +15,11 @@ instead of once, RND's prediction error twice (``--methods ppo e3b e3b-unfused``
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 
 import jax
 import numpy as np
 
-from benchmarks.ppo_throughput import Bench, alternate, seed_keys  # also sets synchronous CPU dispatch
+from benchmarks.ppo_throughput import Bench, alternate, config_of, jitted_loop_parser, measure_each, seed_keys  # also sets synchronous CPU dispatch
 
 from agents import ppo  # noqa: E402
 from jaxrl_pref.rewards.bonus import BonusConfig, with_bonus  # noqa: E402
@@ -73,9 +70,7 @@ def measure(cfg: ppo.Config, methods, num_seeds: int, reps: int) -> dict:
     alternate(benches.values(), reps)
     out = {"num_seeds": num_seeds}
     for m, b in benches.items():
-        med = statistics.median(b.times)
-        out[m] = {"compile_s": b.compile_s, "run_s_median": med, "run_s_all": b.times,
-                  "env_steps_per_s": cfg.total_timesteps * num_seeds / med, "final": b.final_returns().tolist()}
+        out[m] = b.summary(cfg.total_timesteps * num_seeds)
     return out
 
 
@@ -95,29 +90,13 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--env", default="MiniGrid-DoorKey-8x8")
-    p.add_argument("--num-envs", type=int, default=32)
-    p.add_argument("--num-steps", type=int, default=128)
-    p.add_argument("--total-timesteps", type=int, default=262_144)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to measure")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--json", help="also write the results here")
+    p = jitted_loop_parser(__doc__.split("\n\n")[0], "MiniGrid-DoorKey-8x8", 32, 128, 262_144, METHODS,
+                           DEFAULT_METHODS, [1, 4])
     args = p.parse_args(argv)
-    cfg = ppo.Config(env_name=args.env, num_envs=args.num_envs, num_steps=args.num_steps,
-                     total_timesteps=args.total_timesteps)
+    cfg = config_of(args)
     print(f"config: {cfg}\nbonus: {BonusConfig()}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"jax {jax.__version__}", flush=True)
-    results = []
-    for n in args.seeds:
-        r = measure(cfg, args.methods, n, args.reps)
-        print(report(r), flush=True)
-        results.append(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return measure_each(args, cfg, measure, report)
 
 
 if __name__ == "__main__":

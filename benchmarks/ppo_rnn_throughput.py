@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import jax
 import numpy as np
@@ -31,10 +30,7 @@ def measure(cfgs: dict, num_seeds: int, reps: int) -> dict:
     alternate(benches.values(), reps)
     out = {"num_seeds": num_seeds}
     for name, b in benches.items():
-        steps = cfgs[name].total_timesteps * num_seeds
-        med = statistics.median(b.times)
-        out[name] = {"compile_s": b.compile_s, "run_s_median": med, "run_s_all": b.times,
-                     "env_steps_per_s": steps / med, "final_return": b.final_returns().tolist()}
+        out[name] = b.summary(cfgs[name].total_timesteps * num_seeds, "final_return")
     return out
 
 

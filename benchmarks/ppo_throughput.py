@@ -56,6 +56,13 @@ class Bench:
     def final_returns(self) -> np.ndarray:
         return np.atleast_1d(np.asarray(self._final(self.out, self.keys)))
 
+    def summary(self, steps: int, final_key: str = "final") -> dict:
+        """Its timings after :func:`alternate`: compile seconds, median and all run seconds, env-steps/s for a run
+        of ``steps`` env steps, and the final score per seed (under ``final_key``)."""
+        med = statistics.median(self.times)
+        return {"compile_s": self.compile_s, "run_s_median": med, "run_s_all": self.times,
+                "env_steps_per_s": steps / med, final_key: self.final_returns().tolist()}
+
 
 def alternate(benches, reps: int) -> None:
     """One untimed warm-up run of each bench, then ``reps`` rounds running each in turn (machine drift hits all
@@ -66,6 +73,42 @@ def alternate(benches, reps: int) -> None:
     for _ in range(reps):
         for b in benches:
             b.run()
+
+
+def jitted_loop_parser(description: str, env: str, num_envs: int, num_steps: int, total_timesteps: int,
+                       methods, default_methods, seeds) -> argparse.ArgumentParser:
+    """The options every method-vs-PPO benchmark of the jitted loop takes (``--env --num-envs --num-steps
+    --total-timesteps --methods --seeds --reps --json``), with these defaults; a benchmark adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--env", default=env)
+    p.add_argument("--num-envs", type=int, default=num_envs)
+    p.add_argument("--num-steps", type=int, default=num_steps)
+    p.add_argument("--total-timesteps", type=int, default=total_timesteps)
+    p.add_argument("--methods", nargs="+", default=list(default_methods), choices=methods)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="vmapped seed counts to measure")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", help="also write the results here")
+    return p
+
+
+def config_of(args) -> "ppo.Config":
+    """PPO's config from :func:`jitted_loop_parser`'s options."""
+    from agents import ppo
+    return ppo.Config(env_name=args.env, num_envs=args.num_envs, num_steps=args.num_steps,
+                      total_timesteps=args.total_timesteps)
+
+
+def measure_each(args, cfg, measure, report, more=()) -> list[dict]:
+    """``measure(cfg, args.methods, n, args.reps)`` for each seed count of ``--seeds``, then each of ``more`` (no
+    argument), each result printed by ``report`` as it comes; all written to ``--json`` when given."""
+    results = []
+    for r in (*(lambda n=n: measure(cfg, args.methods, n, args.reps) for n in args.seeds), *more):
+        results.append(r())
+        print(report(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 def seed_keys(num_seeds: int):
@@ -155,11 +198,8 @@ def measure(cfg: ppo.Config, num_seeds: int, reps: int, with_rejax: bool) -> dic
     steps = cfg.total_timesteps * num_seeds
     result = {"num_seeds": num_seeds, "total_env_steps": steps, "rejax_note": rejax_note}
     for b in benches:
-        med = statistics.median(b.times)
-        finals = b.final_returns()
-        result[b.name] = {"compile_s": b.compile_s, "run_s_median": med, "run_s_all": b.times,
-                          "env_steps_per_s": steps / med, "final_return": finals.tolist(),
-                          "seeds_at_475": int((finals >= 475).sum())}
+        result[b.name] = b.summary(steps, "final_return")
+        result[b.name]["seeds_at_475"] = int((b.final_returns() >= 475).sum())
     if "rejax" in result:
         result["ratio_vs_rejax"] = result["jaxrl_pref"]["env_steps_per_s"] / result["rejax"]["env_steps_per_s"]
     return result

@@ -55,8 +55,13 @@ NIGHTLY: dict[str, str] = {
     "tests/test_oni.py::test_experiment_cli_grows_the_table_and_resumes_after_growth":
         "resume after table growth from the CLI; CI runs the in-run growth test",
     "tests/test_multihost.py::test_distributed_cli_stops_together_and_resumes": "multi-process resume (24 s)",
+    "tests/test_guards.py::test_captioned_oni_with_an_ensemble_and_rpo_resumes_bitwise_exactly":
+        "resume with a reward-model ensemble and RPO (57 s); the ensemble's state is checkpointed as any reward "
+        "state: CI's captioned-ONI resume test [ranking-5] and test_guards' ensemble tests (default suite)",
+    "tests/test_language.py::test_language_run_resumes_exactly":
+        "resume with --language (37 s; the option adds no state): CI's scanned-loop resume tests",
     # heavy multi-process runs (the default suite keeps the cluster detection and flag checks, and data parallel
-    # over several devices of one process: test_ppo.py::test_data_parallel_devices[2])
+    # over several devices of one process: test_ppo.py::test_normalisation_statistics_are_shared_across_devices[2])
     "tests/test_multihost.py::test_processes_see_the_global_mesh_and_end_identical": "two processes, jax.distributed",
     "tests/test_multihost.py::test_two_processes_match_one_process_four_devices": "two processes, jax.distributed",
     "tests/test_slurm.py::test_vmapped_hparams_sweep_runs_locally_and_reports_each_point":
@@ -78,7 +83,8 @@ NIGHTLY: dict[str, str] = {
         "a study trained in its process end to end (~25 s); study.train's resume and restore: "
         "test_train_in_this_process_resumes_restores_and_refuses_other_settings (default suite)",
     "tests/test_recurrent.py::test_update_over_sequences_equals_a_step_by_step_reference":
-        "[gru-4-detached] in the default suite (31 s for [gru-0-detached])",
+        "the sequence update against its step-by-step reference, every parameter set (31 s for [gru-0-detached], "
+        "as long for [gru-4-detached]); not in CI: the GRU memory task (slow pass) trains through the same update",
     "tests/test_recurrent.py::test_oni_and_heron_run_with_an_lstm_on_minihack":
         "the host loop's recurrent carry: test_recurrent.py::test_host_loop_carries_the_policy_state",
     "tests/test_value_heads.py::test_ppo_with_the_rnd_value_head_trains_in_both_loops[gru]": "[mlp] in the default suite",
@@ -118,9 +124,17 @@ NIGHTLY: dict[str, str] = {
         "produced (the same CLI, service and pool, labels from the LLM) and the captioned CLI test",
     "tests/test_sparse_study.py::test_a_small_study_runs_reports_and_resumes":
         "the study's CLI end to end: test_cli_documented.py's README main-job test in CI; this one adds its resume",
-    # default-suite duplicates: the same check at another device count or env
+    # default-suite duplicates: the same check at another device count, env or cell
+    "tests/test_recurrent.py::test_rollout_stores_the_state_entering_each_step[lstm]":
+        "the stored carry, LSTM (5 s): CI runs [gru] and test_host_loop_carries_the_policy_state (an LSTM, the same "
+        "checks of the carry stored and carried across rollouts)",
+    "tests/test_recurrent.py::test_targets_bootstrap_truncation_from_the_carry_after_the_step[lstm-detached]":
+        "CI runs [gru-detached] (the detached critic) and [lstm-separate] (the LSTM's default) (5 s)",
     "tests/test_ppo.py::test_normalisation_statistics_are_shared_across_devices[4]": "CI runs [2] (11 s)",
-    "tests/test_ppo.py::test_data_parallel_devices[4]": "CI runs [2] (8 s)",
+    "tests/test_ppo.py::test_data_parallel_devices":
+        "PPO over 2 and 4 devices, a process of its own (14 s for [2]): CI's "
+        "test_normalisation_statistics_are_shared_across_devices[2] makes the same checks (replicated parameters, "
+        "sharded envs) on the same PPO with the normalisers",
     "tests/test_prng.py::test_trainer_numbers_unchanged[MiniGrid-DoorKey-5x5]": "CI runs [CartPole-v1] (15 s)",
     # the sparse suite: CI steps one task per family (the default suite DeepSea-5 and KeyDoor-5, KEEP_IN_CI the rest)
     "tests/test_sparse.py::test_tasks_jittable_with_success": "one task per family in CI",

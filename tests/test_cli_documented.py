@@ -1,6 +1,8 @@
-"""Documented command-line behaviours, each run the way a user runs it (``python -m experiments.<name> ...``, or the
-entry point's ``main([...])`` in-process where a test needs to look inside the run) at the smallest scale that still
-shows the behaviour:
+"""Documented command-line behaviours at the smallest scale that still shows them. What only a process of its own
+shows runs the way a user runs it (``python -m experiments.<name> ...``: the exit status a shell sees for a NaN loss,
+what ``--matmul-precision``/``--deterministic`` leave in effect in the run's process, the README's command); the rest
+calls the entry point's ``main([...])`` in this process (what ``python -m`` calls, sparing each run ~5-10 s of JAX
+start-up; also where a test needs to look inside the run):
 
 * docs/running.md: a NaN loss exits 1 and keeps the last good checkpoint; ``--no-resume`` moves the old
   ``checkpoints/`` and ``tb/`` aside and starts over from update 1;
@@ -27,6 +29,7 @@ import numpy as np
 import pytest
 
 from jaxrl_pref.logging import read_metrics
+from tests.cli_run import main_here as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # PPO on CartPole at the smallest size: 4 envs x 16 steps, 6 updates
@@ -61,6 +64,13 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
+def main_here(monkeypatch, capsys, module: str, *args) -> tuple[int, str, str]:
+    """``python -m <module> args`` as ``<module>.main(args)`` in this process (:func:`tests.cli_run.main_here`):
+    ``(status, stdout, stderr)``."""
+    r = run_main(monkeypatch, capsys, module, *args)
+    return r.status, r.out, r.err
+
+
 def probed(p: subprocess.CompletedProcess) -> dict:
     lines = [line for line in p.stderr.splitlines() if line.startswith("PROBE ")]
     assert len(lines) == 1, p.stderr[-3000:]
@@ -79,7 +89,7 @@ def updates(run_dir: Path) -> list[tuple[int, int]]:
 
 # -- docs/running.md: exit codes, --no-resume ------------------------------------------------------------------------
 
-def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_over(tmp_path):
+def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_over(tmp_path, monkeypatch, capsys):
     """Exit 1 for "training diverged (NaN loss); the last good checkpoint is kept", then what a user does next:
     rerun with a sane learning rate and --no-resume ("start over; the old checkpoints/ and tb/ are moved aside, not
     deleted").
@@ -89,7 +99,8 @@ def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_
     metrics up to it and keep the checkpoints of the updates before it (none of the diverged state). With
     --no-resume the old checkpoints and event files are all kept under new names and the new run trains from
     update 1 (not resumed at the old run's last checkpoint). (That a --run-dir with checkpoints needs --resume or
-    --no-resume is test_cli.py's test_tiny_run_then_resume.)"""
+    --no-resume is test_cli.py's test_tiny_run_then_resume.) The diverging run is a process of its own (the exit
+    status a shell sees); the rerun is the entry point's main in this process."""
     d = tmp_path / "run"
     p = run_module("experiments.ppo", *TINY, "--learning-rate", "1e38", "--checkpoint-every", "1", "--run-dir", str(d))
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
@@ -111,10 +122,10 @@ def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_
     assert old_events and old_ckpt_files
 
     sane = [*TINY, "--learning-rate", "3e-4", "--checkpoint-every", "3", "--run-dir", str(d)]
-    p = run_module("experiments.ppo", *sane, "--no-resume")
-    assert p.returncode == 0, p.stderr[-3000:]
-    moved = re.search(r"moved the previous run's files aside: (\S+), (\S+?),", p.stdout)
-    assert moved, p.stdout[-2000:]
+    status, stdout, stderr = main_here(monkeypatch, capsys, "experiments.ppo", *sane, "--no-resume")
+    assert status == 0, stderr[-3000:]
+    moved = re.search(r"moved the previous run's files aside: (\S+), (\S+?),", stdout)
+    assert moved, stdout[-2000:]
     ck_old, tb_old = Path(moved.group(1)), Path(moved.group(2))
     assert ck_old.parent == d and ck_old.name.startswith("checkpoints.old-") and ck_old.is_dir()
     assert tb_old.parent == d and tb_old.name.startswith("tb.old-") and tb_old.is_dir()
@@ -122,7 +133,7 @@ def test_nan_loss_exits_1_keeping_the_last_good_checkpoint_and_no_resume_starts_
     assert sorted(str(f.relative_to(ck_old)) for f in ck_old.rglob("*")) == old_ckpt_files
     assert sorted(x.name for x in tb_old.iterdir()) == old_events
     # a new run from update 1, not the old one resumed
-    assert "resumed" not in p.stdout and "finished 6 updates" in p.stdout, p.stdout[-2000:]
+    assert "resumed" not in stdout and "finished 6 updates" in stdout, stdout[-2000:]
     assert checkpoints(d / "checkpoints") == [3, 6]
     assert list((d / "tb").glob("events.out.tfevents.*")) and sorted(x.name for x in (d / "tb").iterdir()) != old_events
     assert updates(d) == [(0, u) for u in range(1, 7)]
@@ -178,17 +189,18 @@ def _refusing_llm():
     return sock, url, ["--annotator", "openai", "--llm-base-url", url, "--llm-model", "fake-llm"]
 
 
-def test_unreachable_llm_stops_the_run_at_start(tmp_path):
+def test_unreachable_llm_stops_the_run_at_start(tmp_path, monkeypatch, capsys):
     """An --llm-base-url that does not answer stops the run before anything is built (exit 2, the URL and the fix
-    named, no annotator started, no training)."""
+    named, no annotator started, no training). In-process (experiments.oni's main)."""
     sock, url, llm = _refusing_llm()
     try:
         refused = tmp_path / "refused"
-        p = run_module("experiments.oni", *ONI_TINY, *llm, "--run-dir", str(refused))
-        assert p.returncode == 2, p.stderr[-3000:]
-        err = " ".join(p.stderr.split())
+        status, _, stderr = main_here(monkeypatch, capsys, "experiments.oni", *ONI_TINY, *llm, "--run-dir",
+                                      str(refused))
+        assert status == 2, stderr[-3000:]
+        err = " ".join(stderr.split())
         assert f"error: the LLM server at {url} does not answer" in err and "--allow-unreachable-llm True" in err, err
-        assert "Traceback" not in p.stderr
+        assert "Traceback" not in stderr
         assert not (refused / "annotator.log").exists() and not (refused / "checkpoints").exists()
         assert not (refused / "metrics.csv").exists()
     finally:
@@ -215,19 +227,21 @@ def test_unreachable_llm_allowed_starts_anyway_and_trains_to_the_end(tmp_path):
         sock.close()
 
 
-def test_motif_holdout_holds_out_that_fraction_of_the_pairs(tmp_path):
+def test_motif_holdout_holds_out_that_fraction_of_the_pairs(tmp_path, monkeypatch, capsys):
     """--motif-holdout 0.5: the reward model is trained on half of the answered pairs and measured on the other
-    half (the console and model.json say so); the option is recorded in config.json."""
+    half (the console and model.json say so); the option is recorded in config.json. In-process (experiments.oni's
+    main)."""
     mdir, run = tmp_path / "motif", tmp_path / "run"
-    p = run_module("experiments.oni", *ONI_TINY, "--method", "motif", "--annotator", "scripted", "--motif-dir",
-                   str(mdir), "--motif-steps", "1000", "--motif-pairs", "40", "--motif-epochs", "5",
-                   "--motif-holdout", "0.5", "--run-dir", str(run))
-    assert p.returncode == 0, p.stderr[-3000:]
+    status, _, stderr = main_here(monkeypatch, capsys, "experiments.oni", *ONI_TINY, "--method", "motif",
+                                  "--annotator", "scripted", "--motif-dir", str(mdir), "--motif-steps", "1000",
+                                  "--motif-pairs", "40", "--motif-epochs", "5", "--motif-holdout", "0.5",
+                                  "--run-dir", str(run))
+    assert status == 0, stderr[-3000:]
     n = len(json.loads((mdir / "pairs.json").read_text())["pairs"])
     info = json.loads((mdir / "model.json").read_text())
     assert n >= 10 and info["n_heldout"] == round(0.5 * n) and info["n_train"] == n - info["n_heldout"], (n, info)
-    assert f"training the reward model on {n} pairs (50% held out)" in p.stderr, p.stderr[-3000:]
-    assert f"({info['n_heldout']} pairs) -> {mdir / 'model.msgpack'}" in p.stderr
+    assert f"training the reward model on {n} pairs (50% held out)" in stderr, stderr[-3000:]
+    assert f"({info['n_heldout']} pairs) -> {mdir / 'model.msgpack'}" in stderr
     assert json.loads((run / "config.json").read_text())["config"]["motif_holdout"] == 0.5
 
 

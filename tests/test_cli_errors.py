@@ -21,6 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.cli_run import main_here as run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 # 6 updates of 64 env steps, a checkpoint after updates 2, 4 and 6
 TINY = ["--num-envs", "4", "--num-steps", "16", "--total-timesteps", "384", "--hidden", "16", "--update-epochs", "1",
@@ -45,31 +47,13 @@ def ppo_here(monkeypatch, capsys, *args, build: bool = False):
     """``experiments.ppo.main(args)`` in this process, as ``python -m experiments.ppo`` calls it, in the environment
     of :func:`env`; unless ``build``, PPO's trainer is replaced by a :class:`_Built` failure. Returns ``(status,
     stdout, stderr, JAX's tracing/compiling events while it ran)``."""
-    import jax
     from experiments import launch
-    from experiments import ppo as ppo_exp
     if not build:
         def built(*a, **kw):
             raise _Built("PPO's trainer was built before the check failed")
         monkeypatch.setattr(launch, "train_ppo", built)
-    monkeypatch.setenv("CI", "true")
-    monkeypatch.setenv("JAXRL_DEBUG", "")  # records its value: restored after the test, though --debug sets it
-    monkeypatch.delenv("JAXRL_DEBUG")
-    compiled = []
-
-    def listen(event, duration, **kw):
-        if event.startswith("/jax/core/compile/"):
-            compiled.append(event)
-    capsys.readouterr()
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        status = ppo_exp.main(list(args))
-    except SystemExit as e:
-        status = e.code
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    out, err = capsys.readouterr()
-    return status, out, err, compiled
+    r = run_main(monkeypatch, capsys, "experiments.ppo", *args)
+    return r.status, r.out, r.err, r.events
 
 
 def lines(text: str) -> list[str]:

@@ -140,8 +140,9 @@ SMALL = ppo.Config(env_name="KeyDoor-5", num_envs=4, num_steps=16, total_timeste
                    update_epochs=1, num_minibatches=2)
 
 
-def _run(tmp, model, store, num_updates=8, rm_capacity=4096, **kw):
-    cfg = oni.ONIOptions(reward_model=model, ext_coef=1.0, pairs_per_update=4, rm_capacity=rm_capacity)
+def _run(tmp, model, store, num_updates=8, rm_capacity=4096, oni_kw=None, **kw):
+    cfg = oni.ONIOptions(reward_model=model, ext_coef=1.0, pairs_per_update=4, rm_capacity=rm_capacity,
+                         **(oni_kw or {}))
     client = StoreClient(store)
     loop = oni_captioned.CaptionLoop(cfg, KD, client, seed=0, every=2)
     reward = oni_captioned.make_reward(cfg, KD)

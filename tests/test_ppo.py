@@ -267,6 +267,14 @@ NORM_MULTI = textwrap.dedent("""
     trainer = ppo.make_trainer(cfg)
     rs = jax.jit(trainer.init)(jax.random.PRNGKey(0))
     rs, m = jax.jit(trainer.run, static_argnums=2)(rs, None, cfg.num_updates)
+    # data parallel (test_data_parallel_devices, nightly, checks it without the normalisers): the parameters are
+    # replicated and stay identical on every device, the envs are split over the devices
+    leaf = jax.tree.leaves(rs.train_state.params)[0]
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == ndev, len(shards)
+    for s in shards[1:]:
+        np.testing.assert_array_equal(shards[0], s)
+    assert rs.obs.shape == (8, 4) and len(rs.obs.sharding.device_set) == ndev
     moments = [rs.env_state.moments, rs.env_state.env_state.moments]  # reward's, observations'
     for mo in moments:
         for leaf in jax.tree.leaves(mo):
@@ -283,7 +291,8 @@ NORM_MULTI = textwrap.dedent("""
 @pytest.mark.parametrize("ndev", [2, 4])
 def test_normalisation_statistics_are_shared_across_devices(ndev):
     """--normalize-obs/--normalize-reward on several devices: the running moments are replicated and updated from
-    all devices' samples (pmean of the batch moments), equal to one update on the whole batch."""
+    all devices' samples (pmean of the batch moments), equal to one update on the whole batch; and what
+    test_data_parallel_devices checks of PPO over several devices (replicated parameters, the envs sharded)."""
     r = subprocess.run([sys.executable, "-c", NORM_MULTI, str(ndev)], capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -436,8 +436,12 @@ def test_vmap_over_seeds_equals_separate_runs():
 
 
 def test_mlp_runner_state_has_no_policy_state():
-    out = jax.jit(ppo.make_train(ppo.Config(**{**TINY, "network": "mlp"})))(jax.random.PRNGKey(0))
-    assert out.runner_state.policy_state == ()
+    """The runner state's structure, traced, not compiled (the trained one has the same: it is the chunk's scan
+    carry); a recurrent network's has a policy state."""
+    def runner_state(network):
+        return jax.eval_shape(ppo.make_trainer(ppo.Config(**{**TINY, "network": network})).init, jax.random.PRNGKey(0))
+    assert runner_state("mlp").policy_state == ()
+    assert jax.tree.leaves(runner_state("gru").policy_state)
 
 
 @pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
