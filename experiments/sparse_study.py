@@ -5,6 +5,10 @@
     python -m experiments.sparse_study --tasks keydoor9 --num-seeds 32 --out runs/ablations \\
         --methods ppo motif control motif-endgoal motif-count motif-llm motif-llm-fewshot shaping
     python -m experiments.sparse_study --scale 0.1                      # a smoke run: a tenth of each budget
+    python -m experiments.sparse_study --tasks minihack_keyroom --pool-seeds 3 --first-seed 3000 \
+        --out runs/nethack_split --methods ppo motif-reference oni-retrieval-reference motif oni-retrieval \
+        motif-llm oni-retrieval-llm                                     # the method x annotator split
+    python -m experiments.accelerator_study --dry-run True              # the accelerator-scale grid, checked only
 
 Each (task, method) is one ``python -m experiments.<agent>`` run through the common CLI (seeds vmapped in one
 process on JAX tasks; one process per seed on the NetHack/MiniHack pool), in ``OUT/<task>/<method>/`` (its output
@@ -42,6 +46,20 @@ Ablations of Motif's gain (captioned JAX tasks; not run unless named in ``--meth
   progress captions (KeyDoor: ``You pick up the key.``, ``The door opens.``; ``experiments.ppo
   --shaping-captions``), the upper bound. Once per episode, not per occurrence: ``The door opens.`` fires each time
   the agent steps into the open door, and a reward paid each time could be farmed by walking to and fro.
+
+The method x annotator split (issue 36 item 4; NetHack/MiniHack pool and captioned JAX tasks; not run unless named):
+
+* ``motif`` / ``oni-retrieval`` are the embedded annotator's arms; ``motif-llm`` (above) and ``oni-retrieval-llm``
+  the LLM annotator's (SmolLM2-135M, zero-shot); ``motif-reference`` and ``oni-retrieval-reference`` the reference
+  annotator's (``--annotator reference``: the hand labels of ``benchmarks/data/label_reference.jsonl``, an oracle
+  at the reference set's quality; only on tasks whose prompt it has labels for: MiniHack, NetHackStaircase,
+  NetHackScore). ``motif-llm`` and ``motif-llm-fewshot`` run on the pool too (the other ablations do not).
+
+Tasks: :data:`STUDY_TASKS` by default; named in ``--tasks`` also ``minihack_lockeddoor`` (MiniHack-LockedDoor-Fixed:
+kick the locked door open, then the stairs; the split's second MiniHack task) and ``craftax_classic``
+(Craftax-Classic with captions at 1e7 steps, scored by its episode_score / 100: the accelerator-scale study,
+``python -m experiments.accelerator_study``). ``--steps TASK=N`` replaces a task's budget (before ``--scale``);
+``--dry-run True`` checks and prints every run's command and runs nothing.
 
 **Reward scale**: one per task (``TASKS[task]["ext_coef"]``, 1: the env's own reward, as PPO, RND and E3B learn
 it; ``experiments.ppo`` has no coefficient of its own), passed to every LLM-feedback arm as ``--ext-coef``, with one
@@ -85,10 +103,19 @@ METHODS = ("ppo", "rnd", "rnd-head", "e3b", "oni-retrieval", "oni-classification
 """The study's methods, run by default."""
 ABLATIONS = ("motif-endgoal", "motif-count", "motif-llm", "motif-llm-fewshot", "shaping")
 """Ablations of Motif's gain, run when named in ``--methods`` (captioned JAX tasks)."""
-ALL_METHODS = METHODS + ABLATIONS
+ANNOTATOR_ARMS = ("motif-reference", "oni-retrieval-llm", "oni-retrieval-reference")
+"""The method x annotator split (issue 36 item 4), run when named: Motif and ONI-retrieval with the LLM annotator
+and with the reference (oracle) annotator; ``motif`` / ``oni-retrieval`` are the embedded annotator's arms and
+``motif-llm`` / ``motif-llm-fewshot`` the LLM's Motif arms."""
+ALL_METHODS = METHODS + ABLATIONS + ANNOTATOR_ARMS
+ANNOTATOR = {"motif-llm": "llm", "motif-llm-fewshot": "llm", "oni-retrieval-llm": "llm",
+             "motif-reference": "reference", "oni-retrieval-reference": "reference"}
+"""The arms whose annotator is not the embedded one (``--annotator``), beside motif-count's constant annotator."""
+POOL_ARMS = ("motif-llm", "motif-llm-fewshot") + ANNOTATOR_ARMS
+"""Named arms that also run on the NetHack/MiniHack pool (the other ablations are captioned-JAX-task only)."""
 _PPO_METHODS = ("ppo", "rnd", "rnd-head", "e3b", "shaping")  # experiments.ppo runs them
 _NO_MESSAGES = ("ppo", "rnd", "rnd-head", "e3b")  # need no messages: every task
-LLM_SHOTS = {"motif-llm": 0, "motif-llm-fewshot": 4}
+LLM_SHOTS = {"motif-llm": 0, "motif-llm-fewshot": 4, "oni-retrieval-llm": 0}
 FIRST_SEED = 1000
 """The study's first seed key: keys below it are the README main job's (0-7) and one-off checks' (docs)."""
 
@@ -110,16 +137,38 @@ TASKS = {
                       coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE),
     "minihack_keyroom": dict(env="MiniHack-KeyRoom-Fixed-S5-v0", steps=200_000, args=[],
                              coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE),
+    # the second MiniHack task of the method x annotator split (run when named in --tasks): a locked door to kick
+    # open (MiniHack's full keyboard), then the stairs down; its messages (doors kicked, opened, broken) are in the
+    # reference set's keyroom labels
+    "minihack_lockeddoor": dict(env="MiniHack-LockedDoor-Fixed-v0", steps=200_000, args=[],
+                                coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE),
+    # an accelerator-scale task (run when named; docs/accelerators.md): Craftax-Classic with its captions (the
+    # LLM-feedback arms in the jitted loop), Craftax's own PPO settings (1024 envs x 64 steps, 4 epochs, 8
+    # minibatches, lr 2e-4, GAE 0.8); no episode_success there: the score is Craftax's episode_score (% of the
+    # maximum return) / 100, "solved" = reaching half the maximum return
+    "craftax_classic": dict(env="Craftax-Classic-Symbolic-v1", steps=10_000_000,
+                            args=["--num-envs", "1024", "--num-steps", "64", "--update-epochs", "4",
+                                  "--num-minibatches", "8", "--learning-rate", "2e-4", "--gae-lambda", "0.8"],
+                            coef={"rnd": 0.1, "e3b": 0.01}, **_SCALE, metric=("episode_score", 0.01)),
 }
+STUDY_TASKS = ("keydoor9", "doorkey16", "deepsea10", "minihack_keyroom")
+"""The tasks run by default (the others of :data:`TASKS` when named in ``--tasks``)."""
+ACCELERATOR_ARGS = ("--tasks", "doorkey16", "craftax_classic", "--num-seeds", "10", "--steps", "doorkey16=3000000",
+                    "--first-seed", "5000", "--out", "runs/accelerator_study")
+"""The accelerator-scale study (issue 36 item 6; ``python -m experiments.accelerator_study``, docs/accelerators.md):
+DoorKey-16x16 at 3M env steps and Craftax-Classic with captions at 1e7, 10 seeds each (vmapped), every method of
+:data:`METHODS`, seed keys 5000-5009 (block 5000; 4000 is the guards study's, experiments.hack_study)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """What to run: tasks x methods x seeds, and where."""
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = STUDY_TASKS
+    """Tasks to run: the study's four (default); minihack_lockeddoor when named."""
     methods: tuple[str, ...] = METHODS
-    """Methods to run: those of the study (default) and the ablations (motif-endgoal, motif-count, motif-llm,
-    motif-llm-fewshot, shaping), named."""
+    """Methods to run: those of the study (default) and, named, the ablations (motif-endgoal, motif-count, motif-llm,
+    motif-llm-fewshot, shaping) and the annotator arms (motif-reference, oni-retrieval-llm,
+    oni-retrieval-reference)."""
     num_seeds: int = 10
     """Seeds per (task, method) on the JAX tasks (vmapped in one run)."""
     pool_seeds: int = 3
@@ -130,6 +179,11 @@ class StudyConfig:
     out: str = "runs/sparse_study"
     scale: float = 1.0
     """Multiplies every task's env-step budget (0.1: a smoke run)."""
+    steps: tuple[str, ...] = ()
+    """Env-step budgets of named tasks in place of their own, TASK=STEPS each (e.g. --steps doorkey16=3000000),
+    before --scale."""
+    dry_run: bool = False
+    """Check every run's command and print them, run nothing."""
     extra_args: str = ""
     """Flags added to every run, after the study's own (so they win), one quoted string (e.g. --extra-args
     '--bonus-learning-rate 3e-4'); checked by the runs' own parser before the study starts."""
@@ -147,6 +201,15 @@ class StudyConfig:
         require(self.first_seed >= 0, "first_seed", f"must be >= 0, got {self.first_seed}",
                 f"pass --first-seed {FIRST_SEED}")
         require(self.scale > 0, "scale", f"must be > 0, got {self.scale}", "pass e.g. --scale 1")
+        for item in self.steps:
+            task, _, n = item.partition("=")
+            require(task in TASKS and n.isdigit() and int(n) > 0, "steps", f"{item!r} is not TASK=STEPS with a "
+                    f"task of {' '.join(TASKS)} and a positive step count", "pass e.g. --steps doorkey16=3000000")
+
+    def budget(self, task: str) -> int:
+        """``task``'s env-step budget: ``--steps`` or its own, times ``--scale``."""
+        own = dict(item.partition("=")[::2] for item in self.steps)
+        return max(int(int(own.get(task, TASKS[task]["steps"])) * self.scale), 1)
 
 
 def seed_keys(cfg: StudyConfig, task: str) -> range:
@@ -160,7 +223,10 @@ def seed_keys(cfg: StudyConfig, task: str) -> range:
 def not_applicable(task: str, method: str) -> Optional[str]:
     """Why ``method`` cannot run on ``task`` (None if it can): LLM feedback needs messages (a NetHack/MiniHack task
     or a captioned JAX task); the ablations are defined on captioned JAX tasks, ``motif-endgoal`` and ``shaping``
-    where the task declares its end goal / the captions to pay."""
+    where the task declares its end goal / the captions to pay; the annotator arms (:data:`POOL_ARMS`: the LLM's and
+    the reference annotator's) run on the pool too, the reference annotator's only where the reference set labels
+    the task's prompt (:data:`jaxrl_pref.annotation.backends.REFERENCE_GOALS`: MiniHack, NetHackStaircase,
+    NetHackScore)."""
     import envs
     t = TASKS[task]
     env = t["env"]
@@ -169,7 +235,12 @@ def not_applicable(task: str, method: str) -> Optional[str]:
     entry = envs.entry(env)
     if not (entry.host or entry.captions is not None):
         return f"{env} has no messages (not captioned)"
-    if method in ABLATIONS:
+    if ANNOTATOR.get(method) == "reference":
+        from jaxrl_pref.annotation.backends import REFERENCE_GOALS, task_for_env
+        if task_for_env(env) not in REFERENCE_GOALS:
+            return (f"the reference set has no labels for {env}'s prompt ({task_for_env(env)}); it labels "
+                    f"{', '.join(REFERENCE_GOALS)}")
+    if method in ABLATIONS and method not in POOL_ARMS:
         if entry.host:
             return (f"the ablations are defined on the captioned JAX tasks (issue 36 item 2); {env} is a "
                     "NetHack/MiniHack pool task")
@@ -202,6 +273,11 @@ def method_args(cfg: StudyConfig, task: str, method: str) -> tuple[str, list[str
     if method == "shaping":
         return "experiments.ppo", ["--shaping-captions", *t["shaping"], "--shaping-reward", "1", "--shaping-once",
                                    "True"]
+    if method in ("oni-retrieval-llm", "oni-retrieval-reference"):  # ONI-retrieval, another annotator
+        llm = ["--llm-shots", str(LLM_SHOTS[method])] if method in LLM_SHOTS else []
+        return "experiments.oni", [*scale, "--reward-model", "retrieval", "--annotator", ANNOTATOR[method], *llm]
+    if method == "motif-reference":
+        return "experiments.oni", [*scale, *motif(method), "--annotator", "reference"]
     if method.startswith("oni-"):
         return "experiments.oni", [*scale, "--reward-model", method.split("-", 1)[1]]
     if method == "motif":
@@ -224,7 +300,7 @@ def method_args(cfg: StudyConfig, task: str, method: str) -> tuple[str, list[str
 def runs(cfg: StudyConfig, task: str, method: str) -> list[Run]:
     """The runs of one (task, method): one for a JAX task (seeds vmapped), one per seed on the pool."""
     t = TASKS[task]
-    steps = max(int(t["steps"] * cfg.scale), 1)
+    steps = cfg.budget(task)
     module, flags = method_args(cfg, task, method)
     base = ["--env", t["env"], "--total-timesteps", str(steps), *t["args"], "--log-every", "1", *flags,
             *shlex.split(cfg.extra_args)]
@@ -298,7 +374,8 @@ def check_commands(cfg: StudyConfig) -> list[str]:
                 msg = validate.check_argv(specs[run.module], run.command()[3:])
                 if msg is not None and not validate.machine_dependent(msg):
                     problems.setdefault((run.module, msg), []).append(run.name)
-    llm = [f"{t}/{m}" for t in cfg.tasks for m in cfg.methods if m in LLM_SHOTS and not not_applicable(t, m)]
+    named = [(t, m) for t in cfg.tasks for m in cfg.methods if not not_applicable(t, m)]
+    llm = [f"{t}/{m}" for t, m in named if ANNOTATOR.get(m) == "llm"]
     if llm and "--llm-model" not in cfg.extra_args:  # the LLM arms' model is installed (else they fail mid-study)
         from jaxrl_pref.annotation.config import check_llm_model
         from jaxrl_pref.config import ConfigError
@@ -306,20 +383,29 @@ def check_commands(cfg: StudyConfig) -> list[str]:
             check_llm_model("")
         except ConfigError as e:
             problems.setdefault(("experiments.oni", str(e)), []).extend(llm)
+    reference = [f"{t}/{m}" for t, m in named if ANNOTATOR.get(m) == "reference"]
+    if reference:  # the reference annotator's labels file is there and parses (else its service exits at start)
+        from jaxrl_pref.annotation.backends import REFERENCE_PATH, ReferenceBackend
+        try:
+            ReferenceBackend.load(REFERENCE_PATH)
+        except ValueError as e:
+            problems.setdefault(("experiments.oni", str(e)), []).extend(reference)
     extra = f" with --extra-args {shlex.quote(cfg.extra_args)}" if cfg.extra_args else ""
     return [f"run{'s' if len(w) > 1 else ''} {', '.join(w) if len(w) <= 4 else f'{w[0]} and {len(w) - 1} more'}"
             f" (python -m {module}{extra}): {msg}" for (module, msg), w in problems.items()]
 
 
-def curves(run_dirs: list[Path]) -> dict:
-    """Per seed: env steps, success rate, return and finished episodes per logged update (``[seeds, updates]``)."""
+def curves(run_dirs: list[Path], metric: tuple[str, float] = ("episode_success", 1.0)) -> dict:
+    """Per seed: env steps, success rate (``metric``: the logged key and its factor; Craftax: its episode_score
+    / 100), return and finished episodes per logged update (``[seeds, updates]``)."""
     from jaxrl_pref.logging import read_metrics
     out = {"env_steps": [], "success": [], "return": [], "episodes": []}
+    key, factor = metric
     for d in run_dirs:
         m = read_metrics(d / "metrics.csv")  # [seeds, updates]; env_steps [updates]
         n = m["episode_return"].shape[0]
         out["env_steps"] += [np.asarray(m["env_steps"], np.float64)] * n
-        out["success"] += list(np.asarray(m["episode_success"], np.float64))
+        out["success"] += list(np.asarray(m[key], np.float64) * factor)
         out["return"] += list(np.asarray(m["episode_return"], np.float64))
         eps = m.get("episodes", (~np.isnan(m["episode_return"])).astype(np.float64))
         out["episodes"] += list(np.nan_to_num(np.asarray(eps, np.float64)))
@@ -413,7 +499,9 @@ def report(cfg: StudyConfig, results: dict, all_curves: dict) -> str:
         lines.append(f"| {task} | {TASKS[task]['env']} | {method} | {r['budget'] / 1e3:.0f}k | {_fmt(r['success'])} | "
                      f"{_fmt(r['return'], 3)} | {t50 if r['reached_50'] else 'never'} | "
                      f"{r['reached_50']}/{r['seeds']} |")
-    lines += ["", "Runs that never reach 50% count at the budget in the steps column.", "",
+    lines += ["", "Runs that never reach 50% count at the budget in the steps column."
+              + "".join(f" {t}: 'success' is {TASKS[t]['metric'][0]} x {TASKS[t]['metric'][1]:g}." for t in cfg.tasks
+                        if "metric" in TASKS[t]), "",
               "Solved = the seed reached 50% success. Fisher's exact test on the solved counts against ppo on the same "
               "task (two-sided), Holm-adjusted over the table's comparisons; IQM and P(better) over the seeds' final "
               "success (rliable's estimators, stratified bootstrap).", "", *statistics(results)]
@@ -454,6 +542,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
+    if cfg.dry_run:
+        for task in cfg.tasks:
+            for method in cfg.methods:
+                why = not_applicable(task, method)
+                print(f"# skipping {method} on {task}: {why}" if why else
+                      "\n".join(shlex.join(r.command()) for r in runs(cfg, task, method)), flush=True)
+        return 0
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     grid = {}
     for task in cfg.tasks:
@@ -469,7 +564,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return study.failure_status(e)
     results, all_curves = {}, {}
     for (task, method), rs in grid.items():
-        all_curves[(task, method)] = c = curves([r.run_dir for r in rs])
+        all_curves[(task, method)] = c = curves([r.run_dir for r in rs], TASKS[task].get("metric",
+                                                                                     ("episode_success", 1.0)))
         results[(task, method)] = {**summarise(c), **arm_scale(cfg, task, method),
                                    "seed_keys": list(seed_keys(cfg, task))}
     print(report(cfg, results, all_curves))

