@@ -543,6 +543,76 @@ def prepare(cfg: MotifOptions, env_name: str, directory, *, collect: Callable[[]
     return Prepared(model, s["threshold"], info, ds, d)
 
 
+def prepare_ensemble(prepared: Prepared, cfg: MotifOptions, size: int, aggregation: str, lam: float, *,
+                     seed: int = 0, batch_size: int = 128, learning_rate: float = 3e-3, say=say) -> Prepared:
+    """Motif with an ensemble of ``size`` frozen reward models (``--rm-ensemble``): member 0 is ``prepared``'s
+    model, members 1.. are fitted as it was, each on a bootstrap resample of the answered pairs (drawn with
+    replacement, seed ``seed + i``) and its own initialisation; each is normalised over the dataset as Motif's
+    model is (its own mean and std), and the threshold is the ``--motif-quantile`` of the *aggregated* z over the
+    dataset's message steps. Members are kept in ``<motif-dir>/ensemble/<i>/`` (reused while the pairs are the
+    same)."""
+    import hashlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrl_pref.rewards.ensemble import Ensemble, aggregate
+    d = prepared.directory
+    saved = read_pairs(d / PAIRS_FILE)
+    pairs_sha = rm.file_sha(d / PAIRS_FILE)
+    a, b, pref = (np.asarray(x) for x in zip(*saved["pairs"]))
+    pref = pref.astype(np.float32)
+    params = [prepared.model.params]  # member 0: the model prepare() trained or loaded
+    infos = [prepared.info]
+    for i in range(1, size):
+        sub = d / "ensemble" / str(i)
+        info = None
+        if (sub / rm.STATS_FILE).exists():
+            try:
+                p_i, info = rm.load(sub)
+                if info.get("pairs_sha256") != pairs_sha or info.get("seed") != seed + i:
+                    info = None
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                say(f"cannot reuse the ensemble member in {sub} ({e}): training it again")
+                info = None
+        if info is None:
+            idx = np.random.default_rng(seed + i).integers(0, len(pref), len(pref))  # a bootstrap resample
+            t0 = time.monotonic()
+            fit = rm.fit(a[idx], b[idx], pref[idx], seed=seed + i, holdout=cfg.motif_holdout,
+                         epochs=cfg.motif_epochs, patience=cfg.motif_patience, batch_size=batch_size,
+                         learning_rate=learning_rate)
+            sub.mkdir(parents=True, exist_ok=True)
+            stats = rm.normalisation(fit.params, prepared.dataset.texts, prepared.dataset.counts, cfg.motif_quantile)
+            info = rm.save(sub, fit.params, {"pairs_sha256": pairs_sha, "seed": seed + i, "epochs": fit.epochs,
+                                             "train_acc": fit.train_acc, "heldout_acc": fit.heldout_acc,
+                                             "stats": stats, "bootstrap": True})
+            p_i = fit.params
+            say(f"ensemble member {i}: {fit.epochs} epochs in {time.monotonic() - t0:.1f} s on a bootstrap resample "
+                f"of the {len(pref)} pairs, held-out acc {fit.heldout_acc:.3f} -> {sub}")
+        else:
+            say(f"reusing the ensemble member {sub} (held-out acc {info['heldout_acc']:.3f})")
+        params.append(p_i)
+        infos.append(info)
+    mean = np.array([x["stats"]["mean"] for x in infos], np.float32)
+    std = np.array([x["stats"]["std"] for x in infos], np.float32)
+    texts = [t for t in prepared.dataset.texts if t]
+    w = np.asarray(prepared.dataset.counts, np.float64)[[bool(t) for t in prepared.dataset.texts]]
+    z = np.stack([(rm.rewards(p, texts) - mu) / sd for p, mu, sd in zip(params, mean, std)])
+    zagg = np.asarray(aggregate(jnp.asarray(z), aggregation, lam), np.float64)
+    thr = rm.weighted_quantile(zagg, w, cfg.motif_quantile)
+    stacked = {"params": jax.tree.map(lambda *x: jnp.stack(x), *params), "mean": jnp.asarray(mean),
+               "std": jnp.asarray(std)}
+    member = rm.FrozenRanking(params[0], mean[0], std[0])
+    model = Ensemble(member, size, aggregation, lam, states=stacked)
+    sha = hashlib.sha256("".join(x["model_sha256"] for x in infos).encode()).hexdigest()
+    paid = zagg > thr
+    say(f"Motif ensemble of {size} ({aggregation}{f', lam {lam:g}' if aggregation == 'lcb' else ''}): threshold z > "
+        f"{thr:.4f} pays {int(paid.sum())} of {len(texts)} messages, {w[paid].sum() / w.sum():.1%} of the message "
+        f"steps; member disagreement (std of z) {float(z.std(0).mean()):.3f} on average")
+    info = {**prepared.info, "model_sha256": sha, "ensemble": size, "aggregation": aggregation}
+    return Prepared(model, thr, info, prepared.dataset, d)
+
+
 # -- phase 4: PPO ----------------------------------------------------------------------------------------------------
 def make_reward(oni_cfg, prepared: Prepared, captions=None):
     """ONI's reward transform around the frozen model: ``ext_coef * r_ext + int_coef * normalise(r_int)``,

@@ -34,6 +34,7 @@ from jaxrl_pref.annotation.throttle import Throttle
 from jaxrl_pref.config import require
 from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
+from jaxrl_pref.rewards.ensemble import AGGREGATIONS, Ensemble
 from jaxrl_pref.rewards.ranking import Ranking
 from jaxrl_pref.rewards.retrieval import MessageTable, Retrieval, message_hash_np, update_rows
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
@@ -81,6 +82,22 @@ class ONIOptions:
     rarest (lowest count) unlabelled messages are evicted, with a warning; labelled messages never are (the table
     grows past the bound rather than drop a label). 0: no bound."""
 
+    rm_ensemble: int = 1
+    """Reward-model ensemble size K (classification, ranking, motif): K members that differ in their initialisation
+    and minibatches (and, with --rm-bootstrap < 1, their data), trained vmapped in one jit; the reward is their
+    --rm-aggregation (jaxrl_pref/rewards/ensemble.py, docs/guards.md). 1: one model."""
+    rm_aggregation: str = "mean"
+    """How the ensemble's K scores make one: mean, min (worst case) or lcb (mean - --rm-lcb-coef * std)."""
+    rm_lcb_coef: float = 1.0
+    """lam of --rm-aggregation lcb: mean - lam * std over the members."""
+    rm_bootstrap: float = 1.0
+    """Fraction of the training rows (labelled messages, pairs) each ensemble member trains on, drawn per member
+    (1: all, the members differ by their seeds only)."""
+    rpo_coef: float = 0.0
+    """RPO's reward penalty (docs/guards.md): the online reward model (classification, ranking) also minimises
+    rpo_coef * (its mean reward on the current policy's messages - its mean on the labelled data), lowering what the
+    policy does more often than the labels cover. 0: off."""
+
     def __post_init__(self):
         self.validate_oni()
 
@@ -92,6 +109,23 @@ class ONIOptions:
             require(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}", f"pass --{f.replace('_', '-')} 0 or more")
         for f in ("rm_steps", "rm_batch_size", "rm_learning_rate", "rm_capacity", "pairs_per_update"):
             require(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}", f"pass a positive --{f.replace('_', '-')}")
+        require(self.rm_ensemble >= 1, "rm_ensemble", f"must be >= 1, got {self.rm_ensemble}",
+                "pass --rm-ensemble 1 (one model) or e.g. 5")
+        require(self.rm_aggregation in AGGREGATIONS, "rm_aggregation", f"unknown aggregation {self.rm_aggregation!r}",
+                f"use one of {', '.join(AGGREGATIONS)}")
+        require(self.rm_lcb_coef >= 0, "rm_lcb_coef", f"must be >= 0, got {self.rm_lcb_coef}", "pass e.g. --rm-lcb-coef 1")
+        require(0 < self.rm_bootstrap <= 1, "rm_bootstrap", f"must be in (0, 1], got {self.rm_bootstrap}",
+                "pass e.g. --rm-bootstrap 0.8 (or 1: every member sees every row)")
+        require(self.rpo_coef >= 0, "rpo_coef", f"must be >= 0, got {self.rpo_coef}", "pass --rpo-coef 0 (off) or more")
+        learned = self.method == "motif" or (self.method == "oni" and self.reward_model != "retrieval")
+        require(self.rm_ensemble == 1 or learned, "rm_ensemble",
+                f"an ensemble needs a learned reward model; --method {self.method} --reward-model {self.reward_model} "
+                "looks labels up (retrieval: every member would hold the same table)",
+                "pass --reward-model classification or ranking (or --method motif), or --rm-ensemble 1")
+        require(self.rpo_coef == 0 or (self.method == "oni" and self.reward_model != "retrieval"), "rpo_coef",
+                f"RPO's penalty trains an online reward model; --method {self.method} --reward-model "
+                f"{self.reward_model} has none ({'Motif freezes its model' if self.method == 'motif' else 'retrieval looks labels up'})",
+                "pass --method oni --reward-model classification or ranking, or --rpo-coef 0")
         require(self.max_messages >= 0, "max_messages", f"must be >= 0, got {self.max_messages}",
                 "pass --max-messages 0 (no bound) or more")
         c = self.table_capacity
@@ -106,11 +140,16 @@ class ONIOptions:
 
 
 def make_model(cfg: ONIOptions):
+    """The reward model of ``--reward-model``, in an :class:`~jaxrl_pref.rewards.ensemble.Ensemble` of
+    ``--rm-ensemble`` members when more than one."""
     if cfg.reward_model == "retrieval":
         return Retrieval()
     kw = dict(capacity=cfg.rm_capacity, steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
-              learning_rate=cfg.rm_learning_rate)
-    return Classification(**kw) if cfg.reward_model == "classification" else Ranking(**kw)
+              learning_rate=cfg.rm_learning_rate, rpo_coef=cfg.rpo_coef)
+    model = Classification(**kw) if cfg.reward_model == "classification" else Ranking(**kw)
+    if cfg.rm_ensemble == 1:
+        return model
+    return Ensemble(model, cfg.rm_ensemble, cfg.rm_aggregation, cfg.rm_lcb_coef, cfg.rm_bootstrap)
 
 
 def make_reward(cfg: ONIOptions) -> ScaledSum:

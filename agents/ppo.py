@@ -34,6 +34,8 @@ from jaxrl_pref.config import build_hparams, hparams_class, in_range, positive, 
 from jaxrl_pref.networks import (ACTIVATIONS, ActorCritic, EncoderActorCritic, NetHackEncoder, RecurrentActorCritic,
                                  distribution)
 from jaxrl_pref.recurrent import RecurrentState
+from jaxrl_pref import language as _language
+from jaxrl_pref.language import LANGUAGES
 from jaxrl_pref.loop import LogFn, ScanLoop
 from jaxrl_pref.losses import gae, ppo_loss
 from jaxrl_pref.rewards import IdentityReward
@@ -87,6 +89,12 @@ class Config:
     normalize_reward: bool = False
     num_devices: int = 1
     """Data-parallel devices: each runs num_envs/num_devices envs; gradients are averaged across devices."""
+    language: str = "none"
+    """Language in the policy: none, or minilm: the frozen MiniLM sentence embedding of the step's message (captioned
+    JAX tasks, NetHack/MiniHack), projected by a Dense(language_dim) and fused into the torso input
+    (jaxrl_pref/language.py, docs/language.md)."""
+    language_dim: int = 32
+    """Width of the trained projection of the message embedding (--language minilm)."""
 
     def __post_init__(self):
         self.validate()
@@ -103,10 +111,12 @@ class Config:
                 f"layer sizes must be positive, got {self.hidden}", "pass e.g. --hidden 64 64")
         require(self.network in NETWORKS, "network", f"unknown network {self.network!r}",
                 f"use one of {', '.join(NETWORKS)}")
-        positive(self, "rnn_hidden")
+        positive(self, "rnn_hidden", "language_dim")
+        require(self.language in LANGUAGES, "language", f"unknown language {self.language!r}",
+                f"use one of {', '.join(LANGUAGES)}")
         require(self.critic in CRITICS, "critic", f"unknown critic {self.critic!r}", f"use one of {', '.join(CRITICS)}")
         require(self.network != "mlp" or self.critic == "auto", "critic",
-                f"applies to recurrent networks (gru, lstm); the mlp's critic always has its own layers",
+                "applies to recurrent networks (gru, lstm); the mlp's critic always has its own layers",
                 "drop --critic, or pass --network gru/lstm")
         positive(self, "bptt_len", strict=False)
         require(self.num_envs % self.num_devices == 0, "num_envs",
@@ -208,6 +218,7 @@ def hparams(cfg: Config, **overrides) -> HParams:
 def check_env(cfg: Config, host: bool = False) -> None:
     """Checks ``cfg`` against its env (a known name; a host env's limits); raises ConfigError naming the field."""
     envs.check_name(cfg.env_name)
+    _language.check(cfg.language, cfg.env_name, host, cfg.network)
     if host:
         for name in ("normalize_obs", "normalize_reward"):
             require(not getattr(cfg, name), name, f"not supported on the host env {cfg.env_name}",
@@ -263,6 +274,8 @@ class PPO:
         rnn = cfg.network != "mlp"
         if network is None and isinstance(spec.obs_shape, dict):
             network = EncoderActorCritic(spec.num_actions, NetHackEncoder())
+        if cfg.language != "none":  # the message embedding fused into the input (jaxrl_pref/language.py)
+            network = _language.network(cfg, spec, network)
         if rnn and isinstance(network, EncoderActorCritic):
             network = RecurrentActorCritic(network.num_actions, True, tuple(cfg.hidden), cfg.activation,
                                            cfg.network, cfg.rnn_hidden, encoder=network.encoder,
@@ -492,8 +505,9 @@ def make_env(cfg: Config, num_envs: int | None = None):
     """The env stack for ``cfg``; ``num_envs`` defaults to the per-device share of ``cfg.num_envs``."""
     n = cfg.envs_per_device if num_envs is None else num_envs
     axis = distributed.DATA_AXIS if cfg.num_devices > 1 else None  # normalisers share statistics across devices
-    return envs.make(cfg.env_name, num_envs=n, normalize_obs=cfg.normalize_obs,
-                     normalize_reward=cfg.normalize_reward, gamma=cfg.gamma, axis_name=axis)
+    env, params = envs.make(cfg.env_name, num_envs=n, normalize_obs=cfg.normalize_obs,
+                            normalize_reward=cfg.normalize_reward, gamma=cfg.gamma, axis_name=axis)
+    return _language.wrap_env(env, cfg), params  # --language: the message id appended to the obs
 
 
 class Trainer(ScanLoop):

@@ -20,6 +20,7 @@ from agents.ppo import PPO, Config, HParams, TrainState, hparams
 from envs.host import host_spec
 from envs.nethack import PoolConfig
 from envs.errors import require
+from jaxrl_pref.language import wrap_host_env
 from jaxrl_pref.loop import HostLoop, LogFn, env_groups, host_rollout
 from jaxrl_pref.networks import NetHackNetConfig
 from jaxrl_pref.recurrent import RecurrentState
@@ -60,6 +61,7 @@ class HostTrainer(HostLoop):
                  overlap: bool = False, network=None, host_hook: Optional[Callable] = None, actor_device: int = -1):
         require(env.num_envs == cfg.num_envs, "num_envs", f"the host env steps {env.num_envs} envs and the config says "
                 f"{cfg.num_envs}", f"make the env with num_envs={cfg.num_envs} (one number for the batch and the pool)")
+        env = wrap_host_env(env, cfg.language)  # --language: obs["language"], the message's embedding
         self.cfg, self.env = cfg, env
         # acting on another device than the learner's: parameters go there once per rollout, the rollout comes
         # back to the learner in one transfer per update

@@ -12,6 +12,13 @@ speed), one client per ONI method. Methods run in alternating rounds, their orde
 untimed warm-up that compiles and lets the first answers arrive), so load changes on a shared machine hit them
 alike. Reported: env-steps/s of each over all its rounds, and the median per-round ratio to PPO. Target: ONI >= 85%
 of PPO.
+
+The guards against reward hacking (docs/guards.md) are methods too: ``<model>+ens<K>`` (an ensemble of K, e.g.
+``classification+ens5``) and ``<model>+rpo`` (RPO's penalty, coefficient 0.5), each also compared with its single
+model (the ``vs the single model`` column; target for K = 5: >= 85%)::
+
+    python -m benchmarks.oni_jit_overhead --env KeyDoorLever-9 --methods ppo classification classification+ens5 \
+        classification+rpo ranking ranking+ens5
 """
 from __future__ import annotations
 
@@ -50,13 +57,25 @@ class Bench:
     methods: tuple[str, ...] = ("ppo", "retrieval", "classification", "ranking")
 
 
+def guarded_options(name: str) -> oni.ONIOptions:
+    """``classification`` / ``classification+ens5`` / ``ranking+rpo`` -> ONI's options for that model and guard."""
+    model, _, guard = name.partition("+")
+    if guard.startswith("ens"):
+        return oni.ONIOptions(reward_model=model, rm_ensemble=int(guard[3:]))
+    if guard == "rpo":
+        return oni.ONIOptions(reward_model=model, rpo_coef=0.5)
+    if guard:
+        raise SystemExit(f"error: methods: unknown guard {guard!r} in {name!r} (use +ens<K> or +rpo)")
+    return oni.ONIOptions(reward_model=model)
+
+
 class _Method:
     def __init__(self, name: str, cfg: ppo.Config, bench: Bench, url: str):
         self.name, self.bench = name, bench
         self.client, self.hook, reward = None, None, None
         if name != "ppo":
             table = captions.caption_table(cfg.env_name)
-            o = oni.ONIOptions(reward_model=name)
+            o = guarded_options(name)
             self.client = AnnotatorClient(url, task_for_env(cfg.env_name))
             self.hook = oni_captioned.CaptionLoop(o, table, self.client, every=bench.label_sync_every)
             reward = oni_captioned.make_reward(o, table)
@@ -119,15 +138,20 @@ def main(argv=None) -> int:
     print(f"\n{b.env_name}: {b.num_seeds} seeds vmapped x {b.num_envs} envs x {b.num_steps} steps, chunks of "
           f"{b.label_sync_every} updates + the hook; {b.rounds} rounds x {b.chunks} chunk(s) per method; annotator: "
           "scripted backend service")
-    print("| method | env-steps/s | vs PPO (all rounds) | median per-round ratio | labels / pairs at the end |")
-    print("|---|---|---|---|---|")
+    print("| method | env-steps/s | vs PPO (all rounds) | median per-round ratio | vs the single model (median "
+          "per-round) | labels / pairs at the end |")
+    print("|---|---|---|---|---|---|")
+    by_name = {m.name: m for m in methods}
     for m in methods:
         sps = steps * len(m.times) / sum(m.times)
         ratio = sum(base.times) / sum(m.times)
         paired = statistics.median(a / t for a, t in zip(base.times, m.times))
+        single = by_name.get(m.name.partition("+")[0]) if "+" in m.name else None
+        vs_single = "" if single is None else \
+            f"{statistics.median(a / t for a, t in zip(single.times, m.times)):.1%}"
         lab = m.metrics.get("labels/pairs", m.metrics.get("labels/labeled", float("nan")))
         print(f"| {'PPO' if m.name == 'ppo' else 'ONI-' + m.name} | {sps:,.0f} | {ratio:.1%} | {paired:.1%} | "
-              f"{'' if m.name == 'ppo' else f'{lab:.0f}'} |")
+              f"{vs_single} | {'' if m.name == 'ppo' else f'{lab:.0f}'} |")
     return 0
 
 

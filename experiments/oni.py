@@ -90,6 +90,10 @@ def train_motif(opts, run_dir):
         learning_rate=opts.oni.rm_learning_rate, annotator=opts.annotator.annotator,
         collect=lambda: motif.collect_dataset(env_name, m.motif_steps, opts.ppo.num_envs, opts.run.seed, opts.pool),
         connect=lambda: motif.service_client(opts.annotator, env_name, directory))
+    if opts.oni.rm_ensemble > 1:
+        prepared = motif.prepare_ensemble(prepared, m, opts.oni.rm_ensemble, opts.oni.rm_aggregation,
+                                          opts.oni.rm_lcb_coef, seed=opts.run.seed, batch_size=opts.oni.rm_batch_size,
+                                          learning_rate=opts.oni.rm_learning_rate)
     if not opts.run.no_resume:
         motif.check_resume(run_dir, prepared.sha, directory)
     info = {"motif_dir": str(directory), "motif_model_sha256": prepared.sha}

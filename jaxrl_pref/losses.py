@@ -122,3 +122,14 @@ def bradley_terry_loss(d, pref, weights):
     """:func:`bradley_terry_nll`'s ``weights``-weighted mean over pairs, ``sum w nll / max(sum w, 1)`` (weight 0
     leaves a pair out)."""
     return (bradley_terry_nll(d, pref) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def rpo_penalty(r_policy, w_policy, r_ref, w_ref):
+    """RPO's reward penalty (Liu et al., 2024: the adversarial term of its min-max objective), the reward model's
+    mean reward under the current policy's data minus its mean under the reference data, each
+    ``weights``-weighted: ``sum w_p r_p / sum w_p - sum w_r r_r / sum w_r`` (a side with no weight counts 0).
+    Added to the reward model's likelihood loss with a coefficient, it lowers the reward of what the policy does
+    more often than the reference data shows, as far as the labels let it."""
+    def wmean(r, w):
+        return (r * w).sum() / jnp.maximum(w.sum(), 1e-8)
+    return wmean(r_policy, w_policy) - wmean(r_ref, w_ref)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_pref.rewards.shaping import ShapedIntrinsic
+from jaxrl_pref.rewards.shaping import ShapedIntrinsic, rpo_enabled
 
 
 class CaptionedIntrinsic(ShapedIntrinsic):
@@ -89,7 +89,10 @@ class CaptionedIntrinsic(ShapedIntrinsic):
 
     def update(self, state, traj, key, axis_name=None):
         counts = self.count(state["counts"], traj.info[self.message_key], axis_name)
-        model, metrics = self.model.update(self._model_state(state), key)
+        kw = {}
+        if rpo_enabled(self.model):  # the policy's captions: this rollout's count of each (the empty one left out)
+            kw["policy"] = {"msgs": jnp.asarray(self.captions), "weight": (counts - state["counts"]).at[0].set(0.0)}
+        model, metrics = self.model.update(self._model_state(state), key, **kw)
         if isinstance(model, dict):
             model = {k: v for k, v in model.items() if k != "data"}
         return {**state, "counts": counts, "model": model}, metrics

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrl_pref.losses import rpo_penalty
+
 NGRAM_BUCKETS = 1 << 13
 
 
@@ -84,10 +86,11 @@ class Classification:
     name = "classification"
 
     def __init__(self, capacity: int = 4096, message_len: int = 256, steps: int = 2, batch_size: int = 128,
-                 learning_rate: float = 3e-3, net: MessageNet | None = None):
+                 learning_rate: float = 3e-3, net: MessageNet | None = None, rpo_coef: float = 0.0):
         self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
         self.net = net if net is not None else MessageNet()
         self.tx = optax.adam(learning_rate)
+        self.rpo_coef = rpo_coef
 
     def empty_data(self) -> dict:
         return {"bytes": jnp.zeros((self.capacity, self.message_len), jnp.uint8),
@@ -111,24 +114,41 @@ class Classification:
         logits = self.net.apply(params, data["bytes"][idx])
         return bce_loss(logits, data["label"][idx], data["valid"][idx].astype(jnp.float32)), logits
 
-    def update(self, state, key):
+    def update(self, state, key, policy=None):
+        """``steps`` Adam steps of BCE on minibatches of the buffer. ``policy`` (``{"msgs": uint8[M, L], "weight":
+        f32[M]}``, the messages the current policy produced) with ``rpo_coef`` > 0 adds RPO's penalty on the
+        logits: ``rpo_coef * (policy's weighted mean logit - the minibatch's mean logit)``
+        (:func:`~jaxrl_pref.losses.rpo_penalty`)."""
         data = state["data"]
         n = data["valid"].sum()
         p = data["valid"].astype(jnp.float32) / jnp.maximum(n, 1)
+        rpo = policy is not None and self.rpo_coef > 0
+
+        def objective(params, idx):
+            l, logits = self.loss(params, data, idx)
+            if not rpo:
+                return l, (l, logits, 0.0)
+            pen = rpo_penalty(self.net.apply(params, policy["msgs"]), policy["weight"], logits,
+                              data["valid"][idx].astype(jnp.float32))
+            return l + self.rpo_coef * pen, (l, logits, pen)
 
         def step(carry, k):
             params, opt = carry
             idx = jax.random.choice(k, self.capacity, (self.batch_size,), p=jnp.where(n > 0, p, 1.0 / self.capacity))
-            (l, logits), g = jax.value_and_grad(self.loss, has_aux=True)(params, data, idx)
+            (_, (l, logits, pen)), g = jax.value_and_grad(objective, has_aux=True)(params, idx)
             upd, opt = self.tx.update(g, opt, params)
             acc = ((logits > 0) == (data["label"][idx] > 0.5)).mean()
-            return (optax.apply_updates(params, upd), opt), (l, acc)
+            return (optax.apply_updates(params, upd), opt), (l, acc, pen)
 
-        (params, opt), (l, acc) = jax.lax.scan(step, (state["params"], state["opt"]), jax.random.split(key, self.steps))
+        (params, opt), (l, acc, pen) = jax.lax.scan(step, (state["params"], state["opt"]),
+                                                    jax.random.split(key, self.steps))
         # no data yet: keep the initial parameters (an all-masked loss has zero gradient anyway, Adam's state not)
         params = jax.tree.map(lambda a, b: jnp.where(n > 0, a, b), params, state["params"])
-        return {**state, "params": params, "opt": opt}, {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
-                                                         "reward_model/examples": n.astype(jnp.float32)}
+        metrics = {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
+                   "reward_model/examples": n.astype(jnp.float32)}
+        if rpo:
+            metrics["reward_model/rpo_penalty"] = jnp.mean(pen)
+        return {**state, "params": params, "opt": opt}, metrics
 
     def prob(self, state, msgs):
         return jax.nn.sigmoid(score_unique(lambda m: self.net.apply(state["params"], m), msgs))

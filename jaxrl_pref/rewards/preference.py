@@ -45,10 +45,11 @@ import optax
 from flax import struct
 
 from jaxrl_pref.config import ConfigError, in_range, positive, require
-from jaxrl_pref.losses import bradley_terry_nll
+from jaxrl_pref.losses import bradley_terry_nll, rpo_penalty
 from jaxrl_pref.networks import ACTIVATIONS, MLP
 from envs.factors import FactorSet
 from jaxrl_pref.rewards.factors import traj_factors
+from jaxrl_pref.rewards.ensemble import AGGREGATIONS, aggregate
 from jaxrl_pref.rewards.hierarchy import compare_all_pairs, random_margins, std_margins
 
 TIES = ("skip", "half")
@@ -89,6 +90,17 @@ class PreferenceConfig:
     """Normalise the model's reward by the running mean/std of its outputs on recent rollouts."""
     rm_norm_momentum: float = 0.9
     reward_scale: float = 1.0
+    rm_ensemble: int = 1
+    """Reward-model ensemble size K: K networks, differently initialised and each trained on its own minibatches
+    of the shared buffer (vmapped in one jit), each normalised by its own output statistics; the reward is their
+    --rm-aggregation (jaxrl_pref/rewards/ensemble.py, docs/guards.md). 1: one network."""
+    rm_aggregation: str = "mean"
+    """How the ensemble's K rewards make one: mean, min (worst case) or lcb (mean - --rm-lcb-coef * std)."""
+    rm_lcb_coef: float = 1.0
+    """lam of --rm-aggregation lcb."""
+    rpo_coef: float = 0.0
+    """RPO's reward penalty (docs/guards.md): the model also minimises rpo_coef * (its mean return on the current
+    rollout's segments - its mean on the buffer's minibatch). 0: off."""
 
     def __post_init__(self):
         self.validate_rm()
@@ -96,7 +108,11 @@ class PreferenceConfig:
     def validate_rm(self) -> None:
         positive(self, "segment_len", "buffer_segments", "rm_batch_size", "rm_updates", "rm_learning_rate",
                  "reward_scale")
-        positive(self, "min_segments", strict=False)
+        positive(self, "min_segments", "rm_lcb_coef", "rpo_coef", strict=False)
+        require(self.rm_ensemble >= 1, "rm_ensemble", f"must be >= 1, got {self.rm_ensemble}",
+                "pass --rm-ensemble 1 (one network) or e.g. 5")
+        require(self.rm_aggregation in AGGREGATIONS, "rm_aggregation", f"unknown aggregation {self.rm_aggregation!r}",
+                f"use one of {', '.join(AGGREGATIONS)}")
         in_range(self, "rm_norm_momentum", 0.0, 0.999999)
         require(self.rm_batch_size >= 2, "rm_batch_size",
                 f"need at least 2 segments to compare, got {self.rm_batch_size}", "pass e.g. --rm-batch-size 32")
@@ -285,11 +301,15 @@ class PreferenceReward:
         """Fresh state; ``spec`` is an :class:`envs.EnvSpec` (or anything with ``dummy_obs(batch)``)."""
         feat_dim = obs_features(spec.dummy_obs(1)).shape[-1]
         k = len(self.order)
-        params = self.net.init(key, self._feat(jnp.zeros((1, feat_dim))), jnp.zeros((1, k)))
+        K = self.cfg.rm_ensemble
+        net_init = lambda kk: self.net.init(kk, self._feat(jnp.zeros((1, feat_dim))), jnp.zeros((1, k)))  # noqa
+        params = net_init(key) if K == 1 else jax.vmap(net_init)(jax.random.split(key, K))
+        opt = self.tx.init(params) if K == 1 else jax.vmap(self.tx.init)(params)
+        stat = (lambda v: jnp.float32(v)) if K == 1 else (lambda v: jnp.full((K,), v, jnp.float32))
         c, L = self.cfg.buffer_segments, self.cfg.segment_len
-        return PreferenceState(params, self.tx.init(params), jnp.zeros((c, L, feat_dim), jnp.float32),
-                               jnp.zeros((c, L, k), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.float32(0.0),
-                               jnp.float32(1.0), jnp.int32(0))
+        return PreferenceState(params, opt, jnp.zeros((c, L, feat_dim), jnp.float32),
+                               jnp.zeros((c, L, k), jnp.float32), jnp.int32(0), jnp.int32(0), stat(0.0),
+                               stat(1.0), jnp.int32(0))
 
     def add_segments(self, state: PreferenceState, seg_obs, seg_factors, features: bool = False):
         """Appends segments (observations ``[S, L, ...]`` and the set's factors ``[S, L, K]``) to the buffer."""
@@ -303,12 +323,24 @@ class PreferenceReward:
         return state.replace(seg_obs=state.seg_obs.at[idx].set(feat), seg_factors=state.seg_factors.at[idx].set(ranked),
                              ptr=(state.ptr + s) % c, count=jnp.minimum(state.count + s, c))
 
-    def train(self, state: PreferenceState, key, axis_name: Optional[str] = None):
+    def train(self, state: PreferenceState, key, axis_name: Optional[str] = None, policy=None):
         """``rm_updates`` Adam steps on random minibatches of the buffer (skipped while it holds fewer than
-        ``min_segments``). Gradients are averaged over ``axis_name`` (data-parallel devices)."""
+        ``min_segments``). Gradients are averaged over ``axis_name`` (data-parallel devices). With ``rm_ensemble``
+        K > 1 each network takes its own minibatches (vmapped). ``policy`` (``(features, ranked factors)`` of the
+        current rollout's segments) with ``rpo_coef`` > 0 adds RPO's penalty: ``rpo_coef * (mean segment return on
+        the policy's segments - mean on the minibatch)``."""
         cfg = self.cfg
         margins = self.margins_now(state)
         ready = state.count >= max(cfg.min_segments, 2)
+        rpo = policy is not None and cfg.rpo_coef > 0
+
+        def objective(params, feat, fac, labels):
+            loss, m = self.loss(params, feat, fac, labels)
+            if not rpo:
+                return loss, m
+            ret = lambda f, x: self._apply_ranked(params, f, x).sum(-1)  # noqa: E731
+            pen = rpo_penalty(ret(*policy), jnp.ones(policy[0].shape[0]), ret(feat, fac), jnp.ones(feat.shape[0]))
+            return loss + cfg.rpo_coef * pen, {**m, "rpo_penalty": pen}
 
         def step(carry, k):
             params, opt_state = carry
@@ -316,7 +348,7 @@ class PreferenceReward:
             idx = jax.random.randint(k_idx, (cfg.rm_batch_size,), 0, jnp.maximum(state.count, 1))
             feat, fac = state.seg_obs[idx], state.seg_factors[idx]
             labels, levels = self.labels(fac, margins, k_m)
-            (loss, m), grads = jax.value_and_grad(self.loss, has_aux=True)(params, feat, fac, labels)
+            (loss, m), grads = jax.value_and_grad(objective, has_aux=True)(params, feat, fac, labels)
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
             updates, new_opt = self.tx.update(grads, opt_state, params)
@@ -324,9 +356,16 @@ class PreferenceReward:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ready, a, b), new, old)  # noqa: E731
             return (keep(new_params, params), keep(new_opt, opt_state)), {"loss": loss, **m}
 
-        (params, opt_state), metrics = jax.lax.scan(step, (state.params, state.opt_state),
-                                                    jax.random.split(key, cfg.rm_updates))
-        metrics = jax.tree.map(jnp.mean, metrics)
+        def fit(params, opt_state, k):
+            (params, opt_state), metrics = jax.lax.scan(step, (params, opt_state), jax.random.split(k, cfg.rm_updates))
+            return params, opt_state, jax.tree.map(lambda x: x.mean(0), metrics)
+
+        if cfg.rm_ensemble == 1:
+            params, opt_state, metrics = fit(state.params, state.opt_state, key)
+        else:  # per member: its own minibatches; the normalisation statistics per member, the rest averaged
+            params, opt_state, metrics = jax.vmap(fit)(state.params, state.opt_state,
+                                                       jax.random.split(key, cfg.rm_ensemble))
+            metrics = {k: v if k in ("out_mean", "out_sq") else v.mean(0) for k, v in metrics.items()}
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
         mean, sq = metrics.pop("out_mean"), metrics.pop("out_sq")
@@ -382,16 +421,31 @@ class PreferenceReward:
         if axis_name is not None:  # every device keeps the same buffer: all segments of all devices
             feat, fac = _gather_replicated(feat, axis_name), _gather_replicated(fac, axis_name)
         state = self.add_segments(state, feat, fac, features=True)
-        state, metrics = self.train(state, key, axis_name)
+        policy = None
+        if self.cfg.rpo_coef > 0:  # RPO: this rollout's segments (a sample of a minibatch's size) as the policy's
+            key, k = jax.random.split(key)
+            pick = jax.random.randint(k, (self.cfg.rm_batch_size,), 0, feat.shape[0])
+            policy = (feat[pick], self.ranked(fac[pick]))
+        state, metrics = self.train(state, key, axis_name, policy)
         ext = traj.reward.mean()
         if axis_name is not None:
             ext = jax.lax.pmean(ext, axis_name)
         # logged here rather than in __call__, which has no device axis to average over
-        return state, {**metrics, "reward/extrinsic": ext, "reward/heron_norm_mean": state.mean,
-                       "reward/heron_norm_std": jnp.sqrt(state.var)}
+        return state, {**metrics, "reward/extrinsic": ext, "reward/heron_norm_mean": jnp.mean(state.mean),
+                       "reward/heron_norm_std": jnp.mean(jnp.sqrt(state.var))}  # (over members: an ensemble's)
 
     def __call__(self, state: PreferenceState, traj):
-        r = self.apply(state.params, traj.obs, traj_factors(self.factor_set, traj))
+        factors = traj_factors(self.factor_set, traj)
+        if self.cfg.rm_ensemble == 1:
+            r = self.apply(state.params, traj.obs, factors)
+            if self.cfg.rm_normalize:
+                r = (r - state.mean) / jnp.sqrt(state.var + 1e-8)
+            return jnp.where(state.updates > 0, self.cfg.reward_scale * r, 0.0), {}
+        feat = obs_features(traj.obs)  # once, not per member
+        r = jax.vmap(lambda p: self.apply(p, feat, factors, features=True))(state.params)  # [K, T, N]
         if self.cfg.rm_normalize:
-            r = (r - state.mean) / jnp.sqrt(state.var + 1e-8)
-        return jnp.where(state.updates > 0, self.cfg.reward_scale * r, 0.0), {}
+            shape = (-1,) + (1,) * (r.ndim - 1)
+            r = (r - state.mean.reshape(shape)) / jnp.sqrt(state.var.reshape(shape) + 1e-8)
+        out = aggregate(r, self.cfg.rm_aggregation, self.cfg.rm_lcb_coef)
+        return (jnp.where(state.updates > 0, self.cfg.reward_scale * out, 0.0),
+                {"reward/heron_ensemble_std": r.std(0).mean()})

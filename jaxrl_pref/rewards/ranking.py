@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_pref.losses import bradley_terry_loss
+from jaxrl_pref.losses import bradley_terry_loss, rpo_penalty
 from jaxrl_pref.rewards.classification import MessageNet, score_unique
 
 
@@ -30,10 +30,11 @@ class Ranking:
     name = "ranking"
 
     def __init__(self, capacity: int = 8192, message_len: int = 256, steps: int = 2, batch_size: int = 128,
-                 learning_rate: float = 3e-3, net: MessageNet | None = None):
+                 learning_rate: float = 3e-3, net: MessageNet | None = None, rpo_coef: float = 0.0):
         self.capacity, self.message_len, self.steps, self.batch_size = capacity, message_len, steps, batch_size
         self.net = net if net is not None else MessageNet()
         self.tx = optax.adam(learning_rate)
+        self.rpo_coef = rpo_coef
 
     def empty_data(self) -> dict:
         z = jnp.zeros((self.capacity, self.message_len), jnp.uint8)
@@ -65,25 +66,43 @@ class Ranking:
         rb = self.reward(params, data["b"][idx])
         return bt_loss(ra, rb, data["pref"][idx], data["valid"][idx].astype(jnp.float32)), (ra, rb)
 
-    def update(self, state, key):
+    def update(self, state, key, policy=None):
+        """``steps`` Adam steps of the Bradley-Terry loss on minibatches of pairs. ``policy`` (``{"msgs":
+        uint8[M, L], "weight": f32[M]}``, the messages the current policy produced) with ``rpo_coef`` > 0 adds RPO's
+        penalty: ``rpo_coef * (policy's weighted mean reward - the mean reward of the minibatch's messages)``
+        (:func:`~jaxrl_pref.losses.rpo_penalty`; BT rewards are defined up to a constant, the difference is not)."""
         data = state["data"]
         n = data["valid"].sum()
         p = data["valid"].astype(jnp.float32) / jnp.maximum(n, 1)
+        rpo = policy is not None and self.rpo_coef > 0
+
+        def objective(params, idx):
+            l, (ra, rb) = self.loss(params, data, idx)
+            if not rpo:
+                return l, (l, ra, rb, 0.0)
+            w = data["valid"][idx].astype(jnp.float32)
+            pen = rpo_penalty(self.reward(params, policy["msgs"]), policy["weight"], jnp.concatenate([ra, rb]),
+                              jnp.concatenate([w, w]))
+            return l + self.rpo_coef * pen, (l, ra, rb, pen)
 
         def step(carry, k):
             params, opt = carry
             idx = jax.random.choice(k, self.capacity, (self.batch_size,), p=jnp.where(n > 0, p, 1.0 / self.capacity))
-            (l, (ra, rb)), g = jax.value_and_grad(self.loss, has_aux=True)(params, data, idx)
+            (_, (l, ra, rb, pen)), g = jax.value_and_grad(objective, has_aux=True)(params, idx)
             upd, opt = self.tx.update(g, opt, params)
             pref = data["pref"][idx]
             decided = (pref != 0.5).astype(jnp.float32)
             acc = (((ra > rb) == (pref > 0.5)) * decided).sum() / jnp.maximum(decided.sum(), 1.0)
-            return (optax.apply_updates(params, upd), opt), (l, acc)
+            return (optax.apply_updates(params, upd), opt), (l, acc, pen)
 
-        (params, opt), (l, acc) = jax.lax.scan(step, (state["params"], state["opt"]), jax.random.split(key, self.steps))
+        (params, opt), (l, acc, pen) = jax.lax.scan(step, (state["params"], state["opt"]),
+                                                    jax.random.split(key, self.steps))
         params = jax.tree.map(lambda a, b: jnp.where(n > 0, a, b), params, state["params"])
-        return {**state, "params": params, "opt": opt}, {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
-                                                         "reward_model/examples": n.astype(jnp.float32)}
+        metrics = {"reward_model/loss": l.mean(), "reward_model/train_acc": acc.mean(),
+                   "reward_model/examples": n.astype(jnp.float32)}
+        if rpo:
+            metrics["reward_model/rpo_penalty"] = jnp.mean(pen)
+        return {**state, "params": params, "opt": opt}, metrics
 
     def score(self, state, msgs, table):
         empty = jnp.zeros((1, msgs.shape[-1]), msgs.dtype)

@@ -27,6 +27,12 @@ import jax.numpy as jnp
 from jaxrl_pref.rewards.retrieval import MessageTable, lookup
 
 
+def rpo_enabled(model) -> bool:
+    """Whether ``model`` trains with RPO's penalty (:func:`~jaxrl_pref.losses.rpo_penalty`), so its ``update`` takes
+    the policy's messages."""
+    return getattr(model, "rpo_coef", 0.0) > 0
+
+
 class ShapedIntrinsic:
     """A :class:`~jaxrl_pref.rewards.transform.RewardTransform` around a message reward model."""
 
@@ -45,7 +51,14 @@ class ShapedIntrinsic:
         return {"table": MessageTable.empty_device(self.table_capacity), "model": jax.jit(self.model.init)(key)}
 
     def update(self, state, traj, key, axis_name=None):
-        model, metrics = self.model.update(state["model"], key)
+        kw = {}
+        if rpo_enabled(self.model):  # RPO's penalty needs the policy's messages: a uniform sample of the rollout's
+            key, k = jax.random.split(key)
+            msgs = traj.final_obs[self.message_key]
+            flat = msgs.reshape((-1, msgs.shape[-1]))
+            sel = flat[jax.random.randint(k, (self.model.batch_size,), 0, flat.shape[0])]
+            kw["policy"] = {"msgs": sel, "weight": (sel != 0).any(-1).astype(jnp.float32)}  # empty: never paid
+        model, metrics = self.model.update(state["model"], key, **kw)
         return {**state, "model": model}, metrics
 
     def shape(self, score, count, empty):
