@@ -193,9 +193,50 @@ def pytest_xdist_auto_num_workers(config):
 _XDIST_CONTROLLER = False
 
 
+# The default suite's marker expression (setup.cfg's addopts): the README's test command selects it.
+DEFAULT_TIER = "not slow and not nightly"
+
+
+def _quick_compiles(config) -> bool:
+    """Whether this session compiles with most of XLA's optimisation off (``jax_disable_most_optimizations``:
+    LLVM at level 0, no expensive passes). The default suite is compile-bound -- hundreds of small programs run for a
+    few updates each, in this process and in the CLI runs it starts -- and compiles 20-25% faster so (measured
+    2026-12-08 on 2 cores: tests/test_cli_documented.py + tests/test_guards.py 125 -> 102 s); the slow and nightly
+    tiers run long learning runs whose bounds were measured on optimised programs, which run up to 2x slower
+    unoptimised, so they keep XLA's defaults. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0|1`` set by the caller wins."""
+    if "JAX_DISABLE_MOST_OPTIMIZATIONS" in os.environ:
+        return os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true")
+    return (config.option.markexpr or "").strip() == DEFAULT_TIER
+
+
+_QUICK = False
+
+
+def _set_quick(on: bool) -> None:
+    import jax
+    jax.config.update("jax_disable_most_optimizations", on)  # this process (JAX reads the env only at import)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if on else "0"  # the CLI runs, services, workers it starts
+
+
 def pytest_configure(config):
-    global _XDIST_CONTROLLER
+    global _XDIST_CONTROLLER, _QUICK
     _XDIST_CONTROLLER = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    _QUICK = _quick_compiles(config)
+    if _QUICK:
+        _set_quick(True)
+
+
+@pytest.fixture(autouse=True)
+def _optimised_for_run_bound_tests(request):
+    """A ``run_bound`` test compiles with XLA's defaults even in the default suite (see :func:`_quick_compiles`)."""
+    if _QUICK and request.node.get_closest_marker("run_bound") is not None:
+        _set_quick(False)
+        try:
+            yield
+        finally:
+            _set_quick(True)
+    else:
+        yield
 
 
 def pytest_report_header(config):

@@ -177,6 +177,7 @@ def test_eval_cuts_episodes_at_the_horizon():
     np.testing.assert_allclose([m["episode_length"], m["episode_success"], m["episodes_finished"]], [2.5, 0.5, 0.5])
 
 
+@pytest.mark.run_bound  # its fitted-Q iterations run 2.5x slower unoptimised (21 s -> 52 s)
 def test_cli_on_minihack_through_the_pool(tmp_path, capsys):
     """`experiments.sqirl --env MiniHack-...` trains through the NetHack pool (host loop) with a given horizon and
     reports the greedy policy's success and return within that horizon."""
