@@ -193,20 +193,22 @@ def pytest_xdist_auto_num_workers(config):
 _XDIST_CONTROLLER = False
 
 
-# The default suite's marker expression (setup.cfg's addopts): the README's test command selects it.
-DEFAULT_TIER = "not slow and not nightly"
+# The marker expressions of the CI tiers that compile quickly: the default suite (setup.cfg's addopts, the README's
+# test command) and CI's slow pass (.ci/run).
+QUICK_TIERS = ("not slow and not nightly", "slow and not nightly")
 
 
 def _quick_compiles(config) -> bool:
     """Whether this session compiles with most of XLA's optimisation off (``jax_disable_most_optimizations``:
-    LLVM at level 0, no expensive passes). The default suite is compile-bound -- hundreds of small programs run for a
-    few updates each, in this process and in the CLI runs it starts -- and compiles 20-25% faster so (measured
-    2026-12-08 on 2 cores: tests/test_cli_documented.py + tests/test_guards.py 125 -> 102 s); the slow and nightly
-    tiers run long learning runs whose bounds were measured on optimised programs, which run up to 2x slower
-    unoptimised, so they keep XLA's defaults. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0|1`` set by the caller wins."""
+    LLVM at level 0, no expensive passes). CI's tiers are compile-bound -- hundreds of small programs run for a few
+    updates each, in this process and in the CLI runs it starts -- and compile 20-25% faster so (measured 2026-12-08
+    on 2 cores: tests/test_cli_documented.py + tests/test_guards.py 125 -> 102 s). A test whose time goes into
+    running programs (a learning run, an LLM answering) says so with ``@pytest.mark.run_bound`` and keeps XLA's
+    defaults: unoptimised it runs up to 3.5x slower, and the learning tests' bounds were measured optimised. The
+    nightly tier keeps the defaults throughout. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0|1`` set by the caller wins."""
     if "JAX_DISABLE_MOST_OPTIMIZATIONS" in os.environ:
         return os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true")
-    return (config.option.markexpr or "").strip() == DEFAULT_TIER
+    return (config.option.markexpr or "").strip() in QUICK_TIERS
 
 
 _QUICK = False
@@ -226,17 +228,18 @@ def pytest_configure(config):
         _set_quick(True)
 
 
-@pytest.fixture(autouse=True)
-def _optimised_for_run_bound_tests(request):
-    """A ``run_bound`` test compiles with XLA's defaults even in the default suite (see :func:`_quick_compiles`)."""
-    if _QUICK and request.node.get_closest_marker("run_bound") is not None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A ``run_bound`` test compiles with XLA's defaults in a quick tier (see :func:`_quick_compiles`): around its
+    whole protocol, so that the module fixtures its setup starts (an LLM server, a service) run optimised too."""
+    run_bound = _QUICK and item.get_closest_marker("run_bound") is not None
+    if run_bound:
         _set_quick(False)
-        try:
-            yield
-        finally:
-            _set_quick(True)
-    else:
+    try:
         yield
+    finally:
+        if run_bound:
+            _set_quick(True)
 
 
 def pytest_report_header(config):

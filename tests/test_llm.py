@@ -483,6 +483,7 @@ def test_smollm2_tokenizer_round_trips_nethack_messages_and_renders_chatml():
 
 @smol
 @pytest.mark.slow
+@pytest.mark.run_bound
 def test_smollm2_says_paris():
     llm = LLM.load()
     assert llm.name == "SmolLM2-135M-Instruct" and llm.cfg.num_layers == 30

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = ["The door opens.", "It's a wall.", "You pick up a key.", "You hear some noises in the distance.",
             "You see here a +0 dagger.", "Nothing happens."]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.run_bound]  # the LLM's answers: run-bound (tests/conftest.py)
 
 
 def need_default_llm():

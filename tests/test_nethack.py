@@ -642,6 +642,7 @@ def test_cli_trains_and_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.run_bound
 def test_stopped_run_resumes_from_cli(tmp_path):
     import jax
     from agents import ppo_host
@@ -679,6 +680,7 @@ def test_stopped_run_resumes_from_cli(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_groups", [1, 2])
+@pytest.mark.run_bound
 def test_ppo_learns_minihack_room_beats_random(env_groups):
     """Room-5x5: random play reaches the goal in ~55% of its 100-step episodes (mean return ~0.35); after
     20 updates (10k steps) PPO's episodes end at the goal quickly, with or without pipelined env groups.

@@ -26,6 +26,7 @@ def final_return(metrics, last=10):
 
 
 @pytest.mark.slow
+@pytest.mark.run_bound
 def test_cartpole_reaches_475_for_7_of_8_seeds():
     """The issue's bar: default config (4 envs x 128 steps, 500k steps), 8 seeds in one compiled call; k of n
     already, as fixed seeds do not fix the outcome across machines. Measured (``python -m
@@ -39,6 +40,7 @@ def test_cartpole_reaches_475_for_7_of_8_seeds():
 
 
 @pytest.mark.slow
+@pytest.mark.run_bound
 def test_pendulum_continuous_actions_learn():
     """Continuous actions (diagonal Gaussian): Pendulum-v1, 200k steps, 4 seeds in one call. A random policy scores
     about -1250. Bar: mean over the 4 seeds >= -320, each >= -400, each gains > 700 over its first update.

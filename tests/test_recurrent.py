@@ -246,6 +246,7 @@ def _core_output_spread(critic, steps):
 
 
 @pytest.mark.slow  # ~15 s: CI's slow pass (tests/conftest.py)
+@pytest.mark.run_bound
 def test_constant_value_targets_saturate_a_shared_core_and_leave_the_default_alone():
     """The cause of issue 32, pinned: regressing V = -100 through a shared GRU drives the core into saturation (the
     same output for every state: the policy reading it is blind; measured 0.097 -> 0.0009 in 1000 Adam steps); the
@@ -576,6 +577,7 @@ def _cli_success(tmp_path, network: str) -> np.ndarray:
 
 @pytest.mark.slow  # longer than the default suite affords; CI's slow pass or nightly: tests/conftest.py
 @pytest.mark.parametrize("network", ["gru", "lstm"])
+@pytest.mark.run_bound
 def test_memory_task_needs_a_recurrent_policy(network, tmp_path):
     """MemoryChain-10 from the CLI: the cue (+-1) is shown at the first step only and the answer is asked 10 steps
     later, so a feed-forward policy is right half the time whatever it learns; a recurrent one remembers. 100 updates
