@@ -36,7 +36,7 @@ from jaxrl_pref.rewards import ScaledSum
 from jaxrl_pref.rewards.classification import Classification
 from jaxrl_pref.rewards.ensemble import AGGREGATIONS, Ensemble
 from jaxrl_pref.rewards.ranking import Ranking
-from jaxrl_pref.rewards.retrieval import MessageTable, Retrieval, message_hash_np, update_rows
+from jaxrl_pref.rewards.retrieval import MessageTable, Retrieval, message_hash_np, message_key, update_rows
 from jaxrl_pref.rewards.shaping import ShapedIntrinsic
 
 REWARD_MODELS = ("retrieval", "classification", "ranking")
@@ -253,8 +253,7 @@ class ONILoop:
         msgs = np.asarray(traj.final_obs["message"])
         msgs = msgs.reshape(-1, msgs.shape[-1])
         h1, h2 = message_hash_np(msgs)
-        _, first, counts = np.unique((h1.astype(np.uint64) << np.uint64(32)) | h2, return_index=True,
-                                     return_counts=True)
+        _, first, counts = np.unique(message_key(h1, h2), return_index=True, return_counts=True)
         uniq = msgs[first]
         is_new = self.table.update(h1[first], h2[first], counts=counts.astype(np.float32))
         new = [t for t in decode_messages(uniq[is_new]) if t]

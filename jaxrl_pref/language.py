@@ -251,12 +251,12 @@ class MessageEmbeddingCache:
 
     def __call__(self, msgs: np.ndarray) -> np.ndarray:
         from envs.messages import decode_messages
-        from jaxrl_pref.rewards.retrieval import message_hash_np
+        from jaxrl_pref.rewards.retrieval import message_hash_np, message_key
         msgs = np.asarray(msgs, np.uint8)
         lead = msgs.shape[:-1]
         flat = msgs.reshape(-1, msgs.shape[-1])
         h1, h2 = message_hash_np(flat)
-        keys = (h1.astype(np.uint64) << np.uint64(32)) | h2.astype(np.uint64)
+        keys = message_key(h1, h2)
         new = {}
         for i, k in enumerate(keys.tolist()):
             if k not in self._rows and k not in new:

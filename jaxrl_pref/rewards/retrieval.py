@@ -99,6 +99,11 @@ def message_hash_np(msgs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     return h1.reshape(msgs.shape[:-1]), h2.reshape(msgs.shape[:-1])
 
 
+def message_key(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    """One ``uint64`` key per message from its two hashes (host side): for ``np.unique`` and dict lookups."""
+    return (np.asarray(h1).astype(np.uint64) << np.uint64(32)) | np.asarray(h2).astype(np.uint64)
+
+
 def message_hash(msgs) -> tuple[jax.Array, jax.Array]:
     """Same as :func:`message_hash_np`, in JAX (uint32 arithmetic wraps mod 2^32)."""
     m = canonical(msgs).astype(jnp.uint32)
